@@ -1,0 +1,1 @@
+"""primary_svc."""

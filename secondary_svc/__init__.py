@@ -1,0 +1,1 @@
+"""secondary_svc."""

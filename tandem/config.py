@@ -1,0 +1,172 @@
+"""Frozen configuration dataclasses shared by the library, the services and the CLI.
+
+This module imports neither JAX nor gRPC, so the orchestrator and the command line can read configs cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+# Modes the engine and the services run, per request.
+MODES = ("primary", "speed", "tandem", "tandem-speed")
+DEFAULT_MODE = "tandem-speed"
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shape of a Llama-architecture primary (RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
+
+    vocab_size: int = 49152  # tokenizer size; SmolLM2's byte-level BPE
+    d_model: int = 576  # residual stream width D
+    n_layers: int = 30  # decoder blocks L
+    n_heads: int = 9  # query heads N
+    n_kv_heads: int = 3  # key/value heads K (N % K == 0; each K head serves N / K query heads)
+    head_dim: int = 64  # H; d_model == n_heads * head_dim for SmolLM2 but not required
+    ffn_dim: int = 1536  # SwiGLU hidden width F
+    rope_theta: float = 100000.0  # RoPE base frequency
+    rms_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # output head reuses the token embedding matrix
+    max_seq_len: int = 8192  # longest position the model was trained for
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def default_layer_map(n_drafter_layers: int, n_primary_layers: int) -> tuple[int, ...]:
+    """PAPER.md's uniform spread l(j) = round((j+1) * L_L / L_S), 1-indexed primary layers.
+
+    Args:
+        n_drafter_layers: L_S.
+        n_primary_layers: L_L.
+
+    Returns:
+        A tuple of L_S primary layer indices in 1..L_L; the last drafter layer reads the last primary layer.
+    """
+    return tuple(
+        max(1, min(n_primary_layers, int((j + 1) * n_primary_layers / n_drafter_layers + 0.5)))
+        for j in range(n_drafter_layers)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterConfig:
+    """Shape of a secondary (drafter). With `tandem=True` it reads the primary's representations.
+
+    Attention at drafter layer j (0-indexed) takes keys/values for positions the primary has processed from
+    `proj[j] @ h_primary[layer_map[j]]`, and from the drafter's own residual stream for the positions the primary has
+    not processed yet (PAPER.md). With `tandem=False` every position uses the drafter's own states (the vanilla
+    baseline).
+    """
+
+    vocab_size: int = 49152  # must equal the primary's
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 64
+    ffn_dim: int = 768
+    rope_theta: float = 100000.0
+    rms_eps: float = 1e-5
+    tandem: bool = True  # False: the vanilla drafter, no primary inputs
+    primary_d_model: int = 576  # width of the primary's tapped hidden states
+    # 1-indexed primary layers feeding each drafter layer; empty = default_layer_map at construction.
+    layer_map: tuple[int, ...] = ()
+    primary_n_layers: int = 30
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if not self.layer_map:
+            object.__setattr__(self, "layer_map", default_layer_map(self.n_layers, self.primary_n_layers))
+        object.__setattr__(self, "layer_map", tuple(int(x) for x in self.layer_map))
+        if len(self.layer_map) != self.n_layers:
+            raise ValueError(f"layer_map has {len(self.layer_map)} entries, drafter has {self.n_layers} layers")
+        if any(not 1 <= x <= self.primary_n_layers for x in self.layer_map):
+            raise ValueError(f"layer_map {self.layer_map} must lie in 1..{self.primary_n_layers}")
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def tapped_layers(self) -> tuple[int, ...]:
+        """Distinct primary layers this drafter reads, sorted; the primary returns exactly these."""
+        return tuple(sorted(set(self.layer_map))) if self.tandem else ()
+
+    @property
+    def tap_index(self) -> tuple[int, ...]:
+        """For each drafter layer, its index into `tapped_layers`."""
+        taps = self.tapped_layers
+        return tuple(taps.index(x) for x in self.layer_map) if self.tandem else ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layer_map"] = list(self.layer_map)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DrafterConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if k == "layer_map" else v) for k, v in d.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding parameters. temperature == 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k truncation
+    top_p: float = 1.0  # nucleus mass in (0, 1]
+    seed: int | None = None  # None = nondeterministic
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+    """How a speculative round drafts."""
+
+    gamma_max: int = 7  # most tokens drafted per round
+    tau: float = 0.8  # keep drafting while the router's confidence >= tau; 0 drafts gamma_max every round
+    draft_top_k: int = 16  # the drafter samples from its top-K (renormalised); that truncated q is sent sparse
+
+    def __post_init__(self) -> None:
+        if self.gamma_max < 1:
+            raise ValueError(f"gamma_max must be >= 1, got {self.gamma_max}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau must lie in [0, 1], got {self.tau}")
+        if self.draft_top_k < 1:
+            raise ValueError(f"draft_top_k must be >= 1, got {self.draft_top_k}")
+
+
+def save_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,209 @@
+"""The primary: a Llama decoder run in block mode against a KV cache.
+
+A block call feeds T new tokens per row at once and returns their logits and the residual stream of the tapped layers
+(the representations the Tandem drafter reads). Read top to bottom: parameters, conversion from a Hugging Face state
+dict, the block forward, and `PrimaryRunner`, which owns a cache and compiles one function per shape bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from tandem.config import LlamaConfig
+from tandem.layers import LayerParams, cache_mask, causal_block_mask, decoder_stack, rms_norm, write_cache
+
+
+@struct.dataclass
+class LlamaParams:
+    """All primary weights. The output head is the embedding when tied (no copy is stored)."""
+
+    embed: jax.Array  # [V, D]
+    layers: LayerParams  # stacked, leading axis L
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array | None  # [V, D] when untied, else None
+
+
+def params_from_state_dict(cfg: LlamaConfig, sd: dict[str, np.ndarray], dtype: jnp.dtype = jnp.float32) -> LlamaParams:
+    """Converts Hugging Face Llama names and [out, in] layouts into stacked einsum-ready arrays.
+
+    Args:
+        cfg: the model's config.
+        sd: float arrays named like `model.layers.{i}.self_attn.q_proj.weight` (see tandem.checkpoints).
+        dtype: parameter dtype on device.
+
+    Returns:
+        LlamaParams with wq [L, D, K, G, H] etc. Query head n belongs to key/value head n // G, as in HF's repeat_kv.
+    """
+    d, k, g, h, f = cfg.d_model, cfg.n_kv_heads, cfg.group_size, cfg.head_dim, cfg.ffn_dim
+
+    def stack(name: str) -> np.ndarray:
+        return np.stack([sd[f"model.layers.{i}.{name}.weight"] for i in range(cfg.n_layers)])
+
+    def arr(x: np.ndarray) -> jax.Array:
+        return jnp.asarray(x, dtype=dtype)
+
+    layers = LayerParams(
+        attn_norm=arr(stack("input_layernorm")),
+        wq=arr(stack("self_attn.q_proj").reshape(-1, k, g, h, d).transpose(0, 4, 1, 2, 3)),  # [L,KGH,D]->[L,D,K,G,H]
+        wk=arr(stack("self_attn.k_proj").reshape(-1, k, h, d).transpose(0, 3, 1, 2)),  # [L,KH,D]->[L,D,K,H]
+        wv=arr(stack("self_attn.v_proj").reshape(-1, k, h, d).transpose(0, 3, 1, 2)),
+        wo=arr(stack("self_attn.o_proj").reshape(-1, d, k, g, h).transpose(0, 2, 3, 4, 1)),  # [L,D,KGH]->[L,K,G,H,D]
+        mlp_norm=arr(stack("post_attention_layernorm")),
+        w_gate=arr(stack("mlp.gate_proj").reshape(-1, f, d).transpose(0, 2, 1)),  # [L,F,D]->[L,D,F]
+        w_up=arr(stack("mlp.up_proj").reshape(-1, f, d).transpose(0, 2, 1)),
+        w_down=arr(stack("mlp.down_proj").reshape(-1, d, f).transpose(0, 2, 1)),  # [L,D,F]->[L,F,D]
+    )
+    head = None if cfg.tie_embeddings else arr(sd["lm_head.weight"])
+    return LlamaParams(
+        embed=arr(sd["model.embed_tokens.weight"]), layers=layers, final_norm=arr(sd["model.norm.weight"]), lm_head=head
+    )
+
+
+def output_logits(x: jax.Array, final_norm: jax.Array, head: jax.Array, eps: float) -> jax.Array:
+    """[B, T, D] residual stream -> [B, T, V] logits through the final norm and the [V, D] head."""
+    return jnp.einsum("BTD,VD->BTV", rms_norm(x, final_norm, eps), head)
+
+
+def forward_block(
+    params: LlamaParams,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    *,
+    cfg: LlamaConfig,
+    taps: tuple[int, ...],
+    attend_len: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One block pass: T new tokens per row after that row's cached prefix.
+
+    Args:
+        params: primary weights.
+        tokens: [B, T] token ids; row b's tokens sit at positions lengths[b] .. lengths[b] + T - 1.
+        lengths: [B] cached tokens per row (the cache holds positions < lengths[b]).
+        cache_k, cache_v: [L, B, S, K, H] the KV cache (donated by callers).
+        cfg: static config.
+        taps: static 1-indexed layers whose output residual stream is returned.
+        attend_len: static number of cache slots attended (a bucket >= max(lengths)).
+
+    Returns:
+        logits [B, T, V]; tapped hidden states [B, T, n_taps, D]; the cache with the block's keys/values written at
+        lengths .. lengths + T - 1 (the caller decides how many of them to keep by advancing its lengths).
+    """
+    batch, t = tokens.shape
+    positions = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    x = params.embed[tokens]  # [B, T, D]
+    ctx_k, ctx_v = cache_k[:, :, :attend_len], cache_v[:, :, :attend_len]  # [L, B, S', K, H]
+    x, hidden, new_k, new_v = decoder_stack(
+        params.layers,
+        x,
+        positions,
+        ctx_k,
+        ctx_v,
+        cache_mask(lengths, t, attend_len),
+        causal_block_mask(batch, t),
+        rope_theta=cfg.rope_theta,
+        eps=cfg.rms_eps,
+    )
+    head = params.embed if params.lm_head is None else params.lm_head
+    logits = output_logits(x, params.final_norm, head, cfg.rms_eps)
+    tapped = jnp.moveaxis(hidden[jnp.asarray([layer - 1 for layer in taps], dtype=jnp.int32)], 0, 2)  # [B,T,n,D]
+    return logits, tapped, write_cache(cache_k, new_k, lengths), write_cache(cache_v, new_v, lengths)
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum): the shape buckets compiled functions are keyed on."""
+    return 1 << max(0, (max(n, minimum) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class BlockOutput:
+    """Host copies of one block pass, cut to the tokens actually fed (padding removed)."""
+
+    logits: np.ndarray  # [B, T, V]
+    hidden: np.ndarray  # [B, T, n_taps, D]
+
+    def __repr__(self) -> str:
+        return f"BlockOutput(logits={self.logits.shape}, hidden={self.hidden.shape})"
+
+
+class PrimaryRunner:
+    """Owns a [L, B, S, K, H] KV cache with per-row lengths and runs block passes over it.
+
+    Token counts are padded up to a power of two and the attended cache length is bucketed the same way, so a
+    handful of compiled functions serve every call. Padding tokens sit after the real ones, so causal attention keeps
+    them from affecting real positions, and their cache writes lie beyond the row's length where the next call
+    overwrites them.
+    """
+
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        params: LlamaParams,
+        *,
+        taps: Sequence[int] = (),
+        batch: int = 1,
+        max_len: int = 2048,
+        dtype: jnp.dtype = jnp.float32,
+    ) -> None:
+        if any(not 1 <= t <= cfg.n_layers for t in taps):
+            raise ValueError(f"tapped layers {tuple(taps)} must lie in 1..{cfg.n_layers}")
+        self.cfg, self.params, self.taps = cfg, params, tuple(taps)
+        self.batch, self.max_len = batch, max_len
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        self.cache_k = jnp.zeros(shape, dtype)
+        self.cache_v = jnp.zeros(shape, dtype)
+        self.lengths = np.zeros(batch, dtype=np.int32)
+        self._fns: dict[tuple[int, int], object] = {}
+
+    def _fn(self, t: int, attend_len: int):  # noqa: ANN202 - a jitted callable
+        key = (t, attend_len)
+        if key not in self._fns:
+            self._fns[key] = jax.jit(
+                functools.partial(forward_block, cfg=self.cfg, taps=self.taps, attend_len=attend_len),
+                donate_argnums=(3, 4),
+            )
+        return self._fns[key]
+
+    def capacity_left(self, row: int = 0) -> int:
+        return self.max_len - int(self.lengths[row])
+
+    def forward(self, tokens: np.ndarray) -> BlockOutput:
+        """Runs one block of T tokens per row after each row's cached prefix; lengths are not advanced.
+
+        Args:
+            tokens: [B, T] int token ids.
+
+        Returns:
+            BlockOutput with logits [B, T, V] and tapped hidden states [B, T, n_taps, D].
+        """
+        tokens = np.asarray(tokens, dtype=np.int32)
+        if tokens.ndim != 2 or tokens.shape[0] != self.batch:
+            raise ValueError(f"tokens must be [{self.batch}, T], got {tokens.shape}")
+        t = tokens.shape[1]
+        t_pad = bucket(t)
+        longest = int(self.lengths.max())
+        if longest + t_pad > self.max_len:
+            raise ValueError(f"context full: {longest} cached + {t} new tokens exceed max_len {self.max_len}")
+        padded = np.zeros((self.batch, t_pad), np.int32)
+        padded[:, :t] = tokens
+        attend = min(bucket(longest, 16), self.max_len)
+        logits, hidden, self.cache_k, self.cache_v = self._fn(t_pad, attend)(
+            self.params, padded, jnp.asarray(self.lengths), self.cache_k, self.cache_v
+        )
+        return BlockOutput(logits=np.asarray(logits[:, :t]), hidden=np.asarray(hidden[:, :t]))
+
+    def commit(self, row: int, n: int) -> None:
+        """Keeps the first n tokens of the last block in `row`'s cache (a rollback drops the rest)."""
+        self.lengths[row] += n
+
+    def truncate(self, row: int, length: int) -> None:
+        """Forgets every cached position >= length in `row`."""
+        self.lengths[row] = min(int(self.lengths[row]), length)

@@ -1,0 +1,315 @@
+"""The secondary (drafter): a small Llama decoder that, in Tandem mode, attends to the primary's representations.
+
+Indexing convention (pinned here, reproduced by the training mask and by inference):
+    The drafter's position i holds token x_i and predicts x_{i+1}. Let b(i) be the last position the primary had
+    processed when x_{i+1} is drafted. At drafter layer j, query i reads keys/values computed from the projected
+    primary state  ŷ_p = proj[j] @ h_primary[layer_map[j]][p]  for positions p <= b(i), and from the drafter's own
+    residual stream for b(i) < p <= i. One source per position: replacement, not concatenation.
+
+    Inference: the primary has processed positions < m and emitted the token at position m (its free token, or a
+    verification's correction/bonus). The drafter feeds x_m, then its own drafts, so every query of the round has
+    b(i) = m - 1: the primary predicts the first token of each round and the drafter the rest.
+
+    Training with block length P: rounds start at multiples of P, so b(i) = floor(i / P) * P - 1. Query i reads the
+    primary's states for positions before its round and its own states for its round's positions up to i. The
+    parallel training forward and the incremental path agree exactly on this pattern (tests/test_secondary.py).
+
+Both paths run `tandem.layers.decoder_stack`: the primary's projected states form the attention context, the drafter's
+own tokens the block. At inference the context is a KV cache whose slots < m hold primary-derived keys/values and
+whose slots m.. hold the round's own keys/values until verification replaces them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from safetensors.numpy import load_file, save_file
+
+from tandem.config import DrafterConfig
+from tandem.layers import (
+    LayerParams,
+    cache_mask,
+    causal_block_mask,
+    decoder_stack,
+    kv_projection,
+    rms_norm,
+    rope_tables,
+    write_cache,
+)
+from tandem.primary import bucket, output_logits
+
+
+@struct.dataclass
+class DrafterParams:
+    """Drafter weights; the output head is tied to the embedding."""
+
+    embed: jax.Array  # [V, D]
+    layers: LayerParams  # stacked, leading axis L (drafter layers)
+    final_norm: jax.Array  # [D]
+    proj: jax.Array | None  # [L, P, D] per-layer projection from primary width P; None for the vanilla drafter
+
+
+def init_params(cfg: DrafterConfig, seed: int = 0, dtype: jnp.dtype = jnp.float32) -> DrafterParams:
+    """Random initialisation (normal, std 0.02; norms at 1; projections scaled by 1/sqrt(P))."""
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
+    n, d, k, g, h, f = cfg.n_layers, cfg.d_model, cfg.n_kv_heads, cfg.group_size, cfg.head_dim, cfg.ffn_dim
+
+    def normal(shape: tuple[int, ...], std: float = 0.02) -> jax.Array:
+        return (std * jax.random.normal(next(keys), shape)).astype(dtype)
+
+    layers = LayerParams(
+        attn_norm=jnp.ones((n, d), dtype),
+        wq=normal((n, d, k, g, h)),
+        wk=normal((n, d, k, h)),
+        wv=normal((n, d, k, h)),
+        wo=normal((n, k, g, h, d)),
+        mlp_norm=jnp.ones((n, d), dtype),
+        w_gate=normal((n, d, f)),
+        w_up=normal((n, d, f)),
+        w_down=normal((n, f, d)),
+    )
+    proj = normal((n, cfg.primary_d_model, d), cfg.primary_d_model**-0.5) if cfg.tandem else None
+    return DrafterParams(embed=normal((cfg.vocab_size, d)), layers=layers, final_norm=jnp.ones((d,), dtype), proj=proj)
+
+
+def primary_context_kv(
+    params: DrafterParams, cfg: DrafterConfig, primary_hidden: jax.Array, positions: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Keys/values every drafter layer derives from the primary's representations.
+
+    Args:
+        params: drafter weights (Tandem).
+        cfg: drafter config.
+        primary_hidden: [B, S, n_taps, P] the primary's tapped residual streams, taps ordered as cfg.tapped_layers.
+        positions: [B, S] their positions.
+
+    Returns:
+        (k, v), each [L, B, S, K, H]: layer j's attention norm and key/value projections applied to
+        ŷ = proj[j] @ h_primary[layer_map[j]].
+    """
+    assert params.proj is not None, "the vanilla drafter reads no primary states"
+    per_layer = primary_hidden[:, :, jnp.asarray(cfg.tap_index, dtype=jnp.int32)]  # [B, S, L, P]
+    y_hat = jnp.einsum("BSLP,LPD->LBSD", per_layer.astype(params.proj.dtype), params.proj)
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+    def one_layer(p: LayerParams, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return kv_projection(p, rms_norm(y, p.attn_norm, cfg.rms_eps), cos, sin)
+
+    return jax.vmap(one_layer)(params.layers, y_hat)
+
+
+def _logits(params: DrafterParams, cfg: DrafterConfig, x: jax.Array) -> jax.Array:
+    return output_logits(x, params.final_norm, params.embed, cfg.rms_eps)
+
+
+def train_forward(
+    params: DrafterParams, cfg: DrafterConfig, tokens: jax.Array, primary_hidden: jax.Array | None, block_len: int
+) -> jax.Array:
+    """Parallel forward over whole sequences with the round-structured mask (see the module docstring).
+
+    Args:
+        params: drafter weights.
+        cfg: drafter config.
+        tokens: [B, T] token ids at positions 0..T-1.
+        primary_hidden: [B, T, n_taps, P] the primary's tapped states for the same positions (None when vanilla).
+        block_len: P, the number of positions the drafter feeds per round (static).
+
+    Returns:
+        [B, T, V] logits; row i predicts token i + 1.
+    """
+    batch, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (batch, t))
+    i = jnp.arange(t)
+    last_seen = (i // block_len) * block_len - 1  # b(i), [T]
+    if cfg.tandem:
+        assert primary_hidden is not None, "a Tandem drafter needs the primary's states"
+        ctx_k, ctx_v = primary_context_kv(params, cfg, primary_hidden, positions)
+        ctx_mask = jnp.broadcast_to(i[None, :] <= last_seen[:, None], (batch, t, t))  # [B, T(query), S(=T)]
+        blk_mask = (i[None, :] > last_seen[:, None]) & (i[None, :] <= i[:, None])  # [T, T]
+        blk_mask = jnp.broadcast_to(blk_mask, (batch, t, t))
+    else:
+        kv_shape = (cfg.n_layers, batch, 0, cfg.n_kv_heads, cfg.head_dim)
+        ctx_k = ctx_v = jnp.zeros(kv_shape, params.embed.dtype)
+        ctx_mask = jnp.zeros((batch, t, 0), bool)
+        blk_mask = causal_block_mask(batch, t)
+    x, _, _, _ = decoder_stack(
+        params.layers,
+        params.embed[tokens],
+        positions,
+        ctx_k,
+        ctx_v,
+        ctx_mask,
+        blk_mask,
+        rope_theta=cfg.rope_theta,
+        eps=cfg.rms_eps,
+    )
+    return _logits(params, cfg, x)
+
+
+def step(
+    params: DrafterParams,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    *,
+    cfg: DrafterConfig,
+    attend_len: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Incremental forward of T new tokens per row against the cache (causal over cache slots < lengths).
+
+    Args:
+        params: drafter weights.
+        tokens: [B, T] ids at positions lengths .. lengths + T - 1.
+        lengths: [B] valid cache slots per row.
+        cache_k, cache_v: [L, B, S, K, H] (donated).
+        cfg: static config.
+        attend_len: static bucket of attended cache slots.
+
+    Returns:
+        (logits [B, T, V], cache_k, cache_v) with the tokens' own keys/values written at lengths.
+    """
+    batch, t = tokens.shape
+    positions = lengths[:, None] + jnp.arange(t)[None, :]
+    x, _, new_k, new_v = decoder_stack(
+        params.layers,
+        params.embed[tokens],
+        positions,
+        cache_k[:, :, :attend_len],
+        cache_v[:, :, :attend_len],
+        cache_mask(lengths, t, attend_len),
+        causal_block_mask(batch, t),
+        rope_theta=cfg.rope_theta,
+        eps=cfg.rms_eps,
+    )
+    return _logits(params, cfg, x), write_cache(cache_k, new_k, lengths), write_cache(cache_v, new_v, lengths)
+
+
+def ingest(
+    params: DrafterParams,
+    primary_hidden: jax.Array,
+    lengths: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    *,
+    cfg: DrafterConfig,
+) -> tuple[jax.Array, jax.Array]:
+    """Writes keys/values derived from the primary's states for T positions starting at lengths (replacing own ones).
+
+    Args:
+        params: drafter weights (Tandem).
+        primary_hidden: [B, T, n_taps, P].
+        lengths: [B] first position per row.
+        cache_k, cache_v: [L, B, S, K, H] (donated).
+        cfg: static config.
+
+    Returns:
+        The updated caches.
+    """
+    positions = lengths[:, None] + jnp.arange(primary_hidden.shape[1])[None, :]
+    k, v = primary_context_kv(params, cfg, primary_hidden, positions)
+    return write_cache(cache_k, k, lengths), write_cache(cache_v, v, lengths)
+
+
+class DrafterRunner:
+    """Owns a drafter KV cache with per-row lengths; compiles one function per (T, attended length) bucket.
+
+    Slots < lengths[b] are what the drafter may attend to: primary-derived keys/values for positions the primary has
+    processed (Tandem) and the drafter's own keys/values for the round in progress.
+    """
+
+    def __init__(
+        self, cfg: DrafterConfig, params: DrafterParams, *, batch: int = 1, max_len: int = 2048, dtype=jnp.float32
+    ) -> None:
+        self.cfg, self.params, self.batch, self.max_len = cfg, params, batch, max_len
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        self.cache_k = jnp.zeros(shape, dtype)
+        self.cache_v = jnp.zeros(shape, dtype)
+        self.lengths = np.zeros(batch, dtype=np.int32)
+        self._step_fns: dict[tuple[int, int], object] = {}
+        self._ingest_fns: dict[int, object] = {}
+
+    def _check_room(self, t_pad: int) -> None:
+        longest = int(self.lengths.max())
+        if longest + t_pad > self.max_len:
+            raise ValueError(f"drafter context full: {longest} cached + {t_pad} new exceed max_len {self.max_len}")
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feeds [B, T] tokens, advances lengths by T and returns the last real position's logits [B, V]."""
+        tokens = np.asarray(tokens, dtype=np.int32)
+        t = tokens.shape[1]
+        t_pad = bucket(t)
+        self._check_room(t_pad)
+        padded = np.zeros((self.batch, t_pad), np.int32)
+        padded[:, :t] = tokens
+        attend = min(bucket(int(self.lengths.max()), 16), self.max_len)
+        key = (t_pad, attend)
+        if key not in self._step_fns:
+            self._step_fns[key] = jax.jit(
+                functools.partial(step, cfg=self.cfg, attend_len=attend), donate_argnums=(3, 4)
+            )
+        logits, self.cache_k, self.cache_v = self._step_fns[key](
+            self.params, padded, jnp.asarray(self.lengths), self.cache_k, self.cache_v
+        )
+        self.lengths += t
+        return np.asarray(logits[:, t - 1])
+
+    def ingest(self, primary_hidden: np.ndarray) -> None:
+        """Replaces slots lengths .. lengths + T - 1 with primary-derived keys/values and advances lengths by T.
+
+        Args:
+            primary_hidden: [B, T, n_taps, P] the primary's tapped states for those positions.
+        """
+        t = primary_hidden.shape[1]
+        t_pad = bucket(t)
+        self._check_room(t_pad)
+        padded = np.zeros((self.batch, t_pad) + primary_hidden.shape[2:], np.float32)
+        padded[:, :t] = primary_hidden
+        if t_pad not in self._ingest_fns:
+            self._ingest_fns[t_pad] = jax.jit(functools.partial(ingest, cfg=self.cfg), donate_argnums=(3, 4))
+        self.cache_k, self.cache_v = self._ingest_fns[t_pad](
+            self.params, padded, jnp.asarray(self.lengths), self.cache_k, self.cache_v
+        )
+        self.lengths += t
+
+    def truncate(self, row: int, length: int) -> None:
+        """Forgets every slot >= length in `row` (rollback of rejected or superseded positions)."""
+        self.lengths[row] = min(int(self.lengths[row]), length)
+
+
+# --- checkpoints: safetensors weights + JSON config, no pickle ---
+
+_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerParams))
+
+
+def save_drafter(directory: Path, cfg: DrafterConfig, params: DrafterParams, dtype: str = "float32") -> None:
+    """Writes `config.json` and `model.safetensors` (float32 or float16 storage) into directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    tensors = {"embed": params.embed, "final_norm": params.final_norm}
+    tensors.update({f"layers.{name}": getattr(params.layers, name) for name in _LAYER_FIELDS})
+    if params.proj is not None:
+        tensors["proj"] = params.proj
+    save_file({k: np.asarray(v, dtype=dtype) for k, v in tensors.items()}, str(directory / "model.safetensors"))
+
+
+def load_drafter(directory: Path, dtype: jnp.dtype = jnp.float32) -> tuple[DrafterConfig, DrafterParams]:
+    """Reads a drafter written by `save_drafter`, casting to dtype."""
+    cfg = DrafterConfig.from_dict(json.loads((directory / "config.json").read_text()))
+    t = load_file(str(directory / "model.safetensors"))
+
+    def arr(name: str) -> jax.Array:
+        return jnp.asarray(t[name], dtype=dtype)
+
+    if cfg.tandem != ("proj" in t):
+        raise ValueError(f"{directory}: config says tandem={cfg.tandem} but projections are {'present' if 'proj' in t else 'absent'}")
+    layers = LayerParams(**{name: arr(f"layers.{name}") for name in _LAYER_FIELDS})
+    proj = arr("proj") if cfg.tandem else None
+    return cfg, DrafterParams(embed=arr("embed"), layers=layers, final_norm=arr("final_norm"), proj=proj)
