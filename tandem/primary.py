@@ -8,7 +8,6 @@ dict, the block forward, and `PrimaryRunner`, which owns a cache and compiles on
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -118,6 +117,10 @@ def forward_block(
     return logits, tapped, write_cache(cache_k, new_k, lengths), write_cache(cache_v, new_v, lengths)
 
 
+# One compiled function per (shapes, cfg, taps, attend_len), shared by every runner in the process.
+_forward_block_jit = jax.jit(forward_block, static_argnames=("cfg", "taps", "attend_len"), donate_argnums=(3, 4))
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum): the shape buckets compiled functions are keyed on."""
     return 1 << max(0, (max(n, minimum) - 1).bit_length())
@@ -161,16 +164,6 @@ class PrimaryRunner:
         self.cache_k = jnp.zeros(shape, dtype)
         self.cache_v = jnp.zeros(shape, dtype)
         self.lengths = np.zeros(batch, dtype=np.int32)
-        self._fns: dict[tuple[int, int], object] = {}
-
-    def _fn(self, t: int, attend_len: int):  # noqa: ANN202 - a jitted callable
-        key = (t, attend_len)
-        if key not in self._fns:
-            self._fns[key] = jax.jit(
-                functools.partial(forward_block, cfg=self.cfg, taps=self.taps, attend_len=attend_len),
-                donate_argnums=(3, 4),
-            )
-        return self._fns[key]
 
     def capacity_left(self, row: int = 0) -> int:
         return self.max_len - int(self.lengths[row])
@@ -195,8 +188,9 @@ class PrimaryRunner:
         padded = np.zeros((self.batch, t_pad), np.int32)
         padded[:, :t] = tokens
         attend = min(bucket(longest, 16), self.max_len)
-        logits, hidden, self.cache_k, self.cache_v = self._fn(t_pad, attend)(
-            self.params, padded, jnp.asarray(self.lengths), self.cache_k, self.cache_v
+        logits, hidden, self.cache_k, self.cache_v = _forward_block_jit(
+            self.params, padded, jnp.asarray(self.lengths), self.cache_k, self.cache_v,
+            cfg=self.cfg, taps=self.taps, attend_len=attend,
         )
         return BlockOutput(logits=np.asarray(logits[:, :t]), hidden=np.asarray(hidden[:, :t]))
 

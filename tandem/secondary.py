@@ -22,7 +22,6 @@ whose slots m.. hold the round's own keys/values until verification replaces the
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 
@@ -218,6 +217,10 @@ def ingest(
     return write_cache(cache_k, k, lengths), write_cache(cache_v, v, lengths)
 
 
+_step_jit = jax.jit(step, static_argnames=("cfg", "attend_len"), donate_argnums=(3, 4))
+_ingest_jit = jax.jit(ingest, static_argnames=("cfg",), donate_argnums=(3, 4))
+
+
 class DrafterRunner:
     """Owns a drafter KV cache with per-row lengths; compiles one function per (T, attended length) bucket.
 
@@ -233,8 +236,6 @@ class DrafterRunner:
         self.cache_k = jnp.zeros(shape, dtype)
         self.cache_v = jnp.zeros(shape, dtype)
         self.lengths = np.zeros(batch, dtype=np.int32)
-        self._step_fns: dict[tuple[int, int], object] = {}
-        self._ingest_fns: dict[int, object] = {}
 
     def _check_room(self, t_pad: int) -> None:
         longest = int(self.lengths.max())
@@ -250,13 +251,8 @@ class DrafterRunner:
         padded = np.zeros((self.batch, t_pad), np.int32)
         padded[:, :t] = tokens
         attend = min(bucket(int(self.lengths.max()), 16), self.max_len)
-        key = (t_pad, attend)
-        if key not in self._step_fns:
-            self._step_fns[key] = jax.jit(
-                functools.partial(step, cfg=self.cfg, attend_len=attend), donate_argnums=(3, 4)
-            )
-        logits, self.cache_k, self.cache_v = self._step_fns[key](
-            self.params, padded, jnp.asarray(self.lengths), self.cache_k, self.cache_v
+        logits, self.cache_k, self.cache_v = _step_jit(
+            self.params, padded, jnp.asarray(self.lengths), self.cache_k, self.cache_v, cfg=self.cfg, attend_len=attend
         )
         self.lengths += t
         return np.asarray(logits[:, t - 1])
@@ -272,10 +268,8 @@ class DrafterRunner:
         self._check_room(t_pad)
         padded = np.zeros((self.batch, t_pad) + primary_hidden.shape[2:], np.float32)
         padded[:, :t] = primary_hidden
-        if t_pad not in self._ingest_fns:
-            self._ingest_fns[t_pad] = jax.jit(functools.partial(ingest, cfg=self.cfg), donate_argnums=(3, 4))
-        self.cache_k, self.cache_v = self._ingest_fns[t_pad](
-            self.params, padded, jnp.asarray(self.lengths), self.cache_k, self.cache_v
+        self.cache_k, self.cache_v = _ingest_jit(
+            self.params, padded, jnp.asarray(self.lengths), self.cache_k, self.cache_v, cfg=self.cfg
         )
         self.lengths += t
 

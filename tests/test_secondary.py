@@ -1,0 +1,91 @@
+"""The drafter: one code path for training (parallel, round mask) and inference (incremental, cache)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY, drafter_config
+
+from tandem import secondary
+from tandem.config import DrafterConfig, default_layer_map
+
+T = 11
+
+
+def _inputs(cfg: DrafterConfig, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.vocab_size, size=(2, T))
+    hidden = rng.standard_normal((2, T, len(cfg.tapped_layers) or 1, cfg.primary_d_model)).astype(np.float32)
+    return tokens, hidden
+
+
+def _incremental_tandem(cfg, params, tokens, hidden, block_len: int) -> np.ndarray:
+    """Replays inference: per round, the primary's states for earlier positions are ingested, then the drafter feeds
+    the round's tokens one at a time (its own keys/values), exactly as the engine does between verifications."""
+    runner = secondary.DrafterRunner(cfg, params, batch=tokens.shape[0], max_len=64)
+    logits = []
+    for start in range(0, T, block_len):
+        if start:
+            runner.truncate(0, start - block_len)
+            runner.truncate(1, start - block_len)
+            runner.ingest(hidden[:, start - block_len : start])
+        for i in range(start, min(start + block_len, T)):
+            logits.append(runner.step(tokens[:, i : i + 1]))
+    return np.stack(logits, axis=1)
+
+
+@pytest.mark.parametrize("block_len", [1, 2, 3])
+def test_tandem_training_forward_equals_incremental(block_len: int) -> None:
+    cfg = drafter_config(True)
+    params = secondary.init_params(cfg, seed=block_len)
+    tokens, hidden = _inputs(cfg)
+    parallel = np.asarray(secondary.train_forward(params, cfg, jnp.asarray(tokens), jnp.asarray(hidden), block_len))
+    incremental = _incremental_tandem(cfg, params, tokens, hidden, block_len)
+    np.testing.assert_allclose(incremental, parallel, atol=1e-5)
+
+
+def test_vanilla_training_forward_equals_incremental() -> None:
+    cfg = drafter_config(False)
+    params = secondary.init_params(cfg, seed=3)
+    tokens, _ = _inputs(cfg)
+    parallel = np.asarray(secondary.train_forward(params, cfg, jnp.asarray(tokens), None, 2))
+    runner = secondary.DrafterRunner(cfg, params, batch=2, max_len=64)
+    first = runner.step(tokens[:, :4])  # a multi-token step (the engine's backlog) then single tokens
+    rest = [runner.step(tokens[:, i : i + 1]) for i in range(4, T)]
+    np.testing.assert_allclose(np.stack([first, *rest], axis=1), parallel[:, 3:], atol=1e-5)
+
+
+def test_tandem_reads_primary_states_and_vanilla_does_not() -> None:
+    tcfg, vcfg = drafter_config(True), drafter_config(False)
+    tokens, hidden = _inputs(tcfg)
+    other = hidden[::-1]  # different primary states (a mere rescale would vanish in the RMSNorm)
+    for cfg, should_change in ((tcfg, True), (vcfg, False)):
+        params = secondary.init_params(cfg, seed=5)
+        a = secondary.train_forward(params, cfg, jnp.asarray(tokens), jnp.asarray(hidden) if cfg.tandem else None, 2)
+        b = secondary.train_forward(params, cfg, jnp.asarray(tokens), jnp.asarray(other) if cfg.tandem else None, 2)
+        assert bool(jnp.any(jnp.abs(a - b) > 1e-4)) == should_change
+        # Position 0 and 1 (the first round, b(i) = -1) never see primary states.
+        np.testing.assert_allclose(np.asarray(a[:, :2]), np.asarray(b[:, :2]), atol=1e-6)
+
+
+def test_layer_map() -> None:
+    assert default_layer_map(4, 30) == (8, 15, 23, 30)
+    cfg = drafter_config(True, layer_map=(4, 4))
+    assert cfg.tapped_layers == (4,) and cfg.tap_index == (0, 0)
+    with pytest.raises(ValueError, match="layer_map"):
+        drafter_config(True, layer_map=(1, 9))
+    assert drafter_config(False).tapped_layers == ()
+
+
+@pytest.mark.parametrize(("tandem_mode", "dtype"), [(True, "float32"), (False, "float16")])
+def test_save_load_round_trip(tmp_path, tandem_mode: bool, dtype: str) -> None:
+    cfg = drafter_config(tandem_mode)
+    params = secondary.init_params(cfg, seed=7)
+    secondary.save_drafter(tmp_path, cfg, params, dtype=dtype)
+    cfg2, params2 = secondary.load_drafter(tmp_path)
+    assert cfg2 == cfg
+    tol = 0 if dtype == "float32" else 1e-3
+    np.testing.assert_allclose(np.asarray(params2.layers.wq), np.asarray(params.layers.wq), atol=tol)
+    assert (params2.proj is None) == (not tandem_mode)
+    assert TINY.vocab_size == cfg2.vocab_size
