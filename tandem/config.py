@@ -126,7 +126,8 @@ class DrafterConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DrafterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if k == "layer_map" else v) for k, v in d.items() if k in names})
+        kwargs: dict[str, Any] = {k: (tuple(v) if k == "layer_map" else v) for k, v in d.items() if k in names}
+        return cls(**kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 
 import numpy as np
 
@@ -157,7 +157,7 @@ class Engine:
         max_tokens: int = 64,
         sampling: SamplingParams = SamplingParams(),
         spec: SpecConfig = SpecConfig(),
-    ) -> Iterator[list[int]]:
+    ) -> Generator[list[int], None, GenerationResult]:
         """Yields the tokens each pass commits; returns the GenerationResult (without token_ids) at StopIteration.
 
         Args:

@@ -106,7 +106,7 @@ def two_part_attention(
 
 
 def kv_projection(p: LayerParams, x_normed: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys (RoPE applied) and values of one layer. x_normed: [B, T, D] after the attention norm; -> 2 x [B, T, K, H]."""
+    """Keys (RoPE applied) and values of one layer: x_normed [B, T, D] after the attention norm -> 2 x [B, T, K, H]."""
     k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x_normed, p.wk), cos, sin)
     v = jnp.einsum("BTD,DKH->BTKH", x_normed, p.wv)
     return k, v

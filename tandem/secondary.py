@@ -266,7 +266,7 @@ class DrafterRunner:
         t = primary_hidden.shape[1]
         t_pad = bucket(t)
         self._check_room(t_pad)
-        padded = np.zeros((self.batch, t_pad) + primary_hidden.shape[2:], np.float32)
+        padded = np.zeros((self.batch, t_pad, *primary_hidden.shape[2:]), np.float32)
         padded[:, :t] = primary_hidden
         self.cache_k, self.cache_v = _ingest_jit(
             self.params, padded, jnp.asarray(self.lengths), self.cache_k, self.cache_v, cfg=self.cfg
@@ -303,7 +303,9 @@ def load_drafter(directory: Path, dtype: jnp.dtype = jnp.float32) -> tuple[Draft
         return jnp.asarray(t[name], dtype=dtype)
 
     if cfg.tandem != ("proj" in t):
-        raise ValueError(f"{directory}: config says tandem={cfg.tandem} but projections are {'present' if 'proj' in t else 'absent'}")
+        raise ValueError(
+            f"{directory}: config says tandem={cfg.tandem} but projections are {'present' if 'proj' in t else 'absent'}"
+        )
     layers = LayerParams(**{name: arr(f"layers.{name}") for name in _LAYER_FIELDS})
     proj = arr("proj") if cfg.tandem else None
     return cfg, DrafterParams(embed=arr("embed"), layers=layers, final_norm=arr("final_norm"), proj=proj)

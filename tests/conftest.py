@@ -28,8 +28,16 @@ def tiny_state(cfg: LlamaConfig = TINY, seed: int = 0) -> dict[str, np.ndarray]:
 
 def drafter_config(tandem_mode: bool, cfg: LlamaConfig = TINY, **kw) -> DrafterConfig:
     base = dict(
-        vocab_size=cfg.vocab_size, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, ffn_dim=32,
-        primary_d_model=cfg.d_model, primary_n_layers=cfg.n_layers, tandem=tandem_mode,
+        vocab_size=cfg.vocab_size,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=8,
+        ffn_dim=32,
+        primary_d_model=cfg.d_model,
+        primary_n_layers=cfg.n_layers,
+        tandem=tandem_mode,
     )
     base.update(kw)
     return DrafterConfig(**base)

@@ -26,7 +26,9 @@ def test_target_probs_truncation() -> None:
     np.testing.assert_allclose(target_probs(logits, SamplingParams(temperature=1.0)), [0.5, 0.2, 0.15, 0.1, 0.05])
     np.testing.assert_allclose(target_probs(logits, SamplingParams(temperature=1.0, top_k=2)), [5 / 7, 2 / 7, 0, 0, 0])
     # top_p = 0.65: 0.5 alone is short of it, 0.5 + 0.2 reaches it -> keep two tokens; 0.75 needs a third
-    np.testing.assert_allclose(target_probs(logits, SamplingParams(temperature=1.0, top_p=0.65)), [5 / 7, 2 / 7, 0, 0, 0])
+    np.testing.assert_allclose(
+        target_probs(logits, SamplingParams(temperature=1.0, top_p=0.65)), [5 / 7, 2 / 7, 0, 0, 0]
+    )
     three = np.array([0.5, 0.2, 0.15, 0, 0]) / 0.85
     np.testing.assert_allclose(target_probs(logits, SamplingParams(temperature=1.0, top_p=0.75)), three)
     np.testing.assert_array_equal(target_probs(logits, SamplingParams()), [1, 0, 0, 0, 0])

@@ -1,0 +1,26 @@
+# Two commands on a fresh machine (Python 3.11 with venv): `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROMPT ?= The capital of France is
+
+.PHONY: setup demo test lint
+setup: $(BIN)/tandem
+
+$(BIN)/tandem: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+# The main job: SmolLM2-135M-Instruct verifying a Tandem drafter's blocks, streamed to the terminal.
+demo: setup
+	$(BIN)/tandem generate "$(PROMPT)" --in-process --max-tokens 48
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q
