@@ -22,5 +22,6 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# pytest exits 5 when a selection collects no tests; that is not a failure of the code under test.
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q || [ $$? -eq 5 ]

@@ -189,8 +189,14 @@ class PrimaryRunner:
         padded[:, :t] = tokens
         attend = min(bucket(longest, 16), self.max_len)
         logits, hidden, self.cache_k, self.cache_v = _forward_block_jit(
-            self.params, padded, jnp.asarray(self.lengths), self.cache_k, self.cache_v,
-            cfg=self.cfg, taps=self.taps, attend_len=attend,
+            self.params,
+            padded,
+            jnp.asarray(self.lengths),
+            self.cache_k,
+            self.cache_v,
+            cfg=self.cfg,
+            taps=self.taps,
+            attend_len=attend,
         )
         return BlockOutput(logits=np.asarray(logits[:, :t]), hidden=np.asarray(hidden[:, :t]))
 
