@@ -213,3 +213,44 @@ def write_cache(cache: jax.Array, new: jax.Array, lengths: jax.Array) -> jax.Arr
         return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, start, 0, 0))
 
     return jax.vmap(row, in_axes=(1, 1, 0), out_axes=1)(cache, new, lengths)
+
+
+def cached_decoder_stack(
+    layers: LayerParams,
+    x: jax.Array,
+    lengths: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    *,
+    attend_len: int,
+    rope_theta: float,
+    eps: float,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Runs the stack over a block that follows each row's cached prefix, then writes the block into the cache.
+
+    Args:
+        layers: stacked weights.
+        x: [B, T, D] embeddings of the block, row b's tokens at positions lengths[b] .. lengths[b] + T - 1.
+        lengths: [B] cached slots per row.
+        cache_k, cache_v: [L, B, S, K, H] (donated by callers).
+        attend_len: static bucket of attended slots (>= max(lengths)).
+        rope_theta: RoPE base.
+        eps: RMSNorm epsilon.
+
+    Returns:
+        (x_out [B, T, D], hidden [L, B, T, D], cache_k, cache_v with the block written at lengths).
+    """
+    batch, t = x.shape[:2]
+    positions = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    x, hidden, new_k, new_v = decoder_stack(
+        layers,
+        x,
+        positions,
+        cache_k[:, :, :attend_len],
+        cache_v[:, :, :attend_len],
+        cache_mask(lengths, t, attend_len),
+        causal_block_mask(batch, t),
+        rope_theta=rope_theta,
+        eps=eps,
+    )
+    return x, hidden, write_cache(cache_k, new_k, lengths), write_cache(cache_v, new_v, lengths)

@@ -16,7 +16,8 @@ import numpy as np
 from flax import struct
 
 from tandem.config import LlamaConfig
-from tandem.layers import LayerParams, cache_mask, causal_block_mask, decoder_stack, rms_norm, write_cache
+from tandem.kvcache import KVCache
+from tandem.layers import LayerParams, cached_decoder_stack, rms_norm
 
 
 @struct.dataclass
@@ -96,34 +97,24 @@ def forward_block(
         logits [B, T, V]; tapped hidden states [B, T, n_taps, D]; the cache with the block's keys/values written at
         lengths .. lengths + T - 1 (the caller decides how many of them to keep by advancing its lengths).
     """
-    batch, t = tokens.shape
-    positions = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    x = params.embed[tokens]  # [B, T, D]
-    ctx_k, ctx_v = cache_k[:, :, :attend_len], cache_v[:, :, :attend_len]  # [L, B, S', K, H]
-    x, hidden, new_k, new_v = decoder_stack(
+    x, hidden, cache_k, cache_v = cached_decoder_stack(
         params.layers,
-        x,
-        positions,
-        ctx_k,
-        ctx_v,
-        cache_mask(lengths, t, attend_len),
-        causal_block_mask(batch, t),
+        params.embed[tokens],  # [B, T, D]
+        lengths,
+        cache_k,
+        cache_v,
+        attend_len=attend_len,
         rope_theta=cfg.rope_theta,
         eps=cfg.rms_eps,
     )
     head = params.embed if params.lm_head is None else params.lm_head
     logits = output_logits(x, params.final_norm, head, cfg.rms_eps)
     tapped = jnp.moveaxis(hidden[jnp.asarray([layer - 1 for layer in taps], dtype=jnp.int32)], 0, 2)  # [B,T,n,D]
-    return logits, tapped, write_cache(cache_k, new_k, lengths), write_cache(cache_v, new_v, lengths)
+    return logits, tapped, cache_k, cache_v
 
 
 # One compiled function per (shapes, cfg, taps, attend_len), shared by every runner in the process.
 _forward_block_jit = jax.jit(forward_block, static_argnames=("cfg", "taps", "attend_len"), donate_argnums=(3, 4))
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum): the shape buckets compiled functions are keyed on."""
-    return 1 << max(0, (max(n, minimum) - 1).bit_length())
 
 
 @dataclasses.dataclass
@@ -138,13 +129,7 @@ class BlockOutput:
 
 
 class PrimaryRunner:
-    """Owns a [L, B, S, K, H] KV cache with per-row lengths and runs block passes over it.
-
-    Token counts are padded up to a power of two and the attended cache length is bucketed the same way, so a
-    handful of compiled functions serve every call. Padding tokens sit after the real ones, so causal attention keeps
-    them from affecting real positions, and their cache writes lie beyond the row's length where the next call
-    overwrites them.
-    """
+    """Runs block passes of the primary against its own KV cache (see `tandem.kvcache.KVCache` for the buckets)."""
 
     def __init__(
         self,
@@ -159,14 +144,12 @@ class PrimaryRunner:
         if any(not 1 <= t <= cfg.n_layers for t in taps):
             raise ValueError(f"tapped layers {tuple(taps)} must lie in 1..{cfg.n_layers}")
         self.cfg, self.params, self.taps = cfg, params, tuple(taps)
+        self.cache = KVCache(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
         self.batch, self.max_len = batch, max_len
-        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        self.cache_k = jnp.zeros(shape, dtype)
-        self.cache_v = jnp.zeros(shape, dtype)
-        self.lengths = np.zeros(batch, dtype=np.int32)
 
-    def capacity_left(self, row: int = 0) -> int:
-        return self.max_len - int(self.lengths[row])
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.cache.lengths
 
     def forward(self, tokens: np.ndarray) -> BlockOutput:
         """Runs one block of T tokens per row after each row's cached prefix; lengths are not advanced.
@@ -177,33 +160,25 @@ class PrimaryRunner:
         Returns:
             BlockOutput with logits [B, T, V] and tapped hidden states [B, T, n_taps, D].
         """
-        tokens = np.asarray(tokens, dtype=np.int32)
-        if tokens.ndim != 2 or tokens.shape[0] != self.batch:
-            raise ValueError(f"tokens must be [{self.batch}, T], got {tokens.shape}")
-        t = tokens.shape[1]
-        t_pad = bucket(t)
-        longest = int(self.lengths.max())
-        if longest + t_pad > self.max_len:
-            raise ValueError(f"context full: {longest} cached + {t} new tokens exceed max_len {self.max_len}")
-        padded = np.zeros((self.batch, t_pad), np.int32)
-        padded[:, :t] = tokens
-        attend = min(bucket(longest, 16), self.max_len)
-        logits, hidden, self.cache_k, self.cache_v = _forward_block_jit(
+        tokens = np.asarray(tokens)
+        cache, t = self.cache, tokens.shape[-1]
+        padded = cache.pad_block(tokens)
+        logits, hidden, cache.k, cache.v = _forward_block_jit(
             self.params,
             padded,
-            jnp.asarray(self.lengths),
-            self.cache_k,
-            self.cache_v,
+            jnp.asarray(cache.lengths),
+            cache.k,
+            cache.v,
             cfg=self.cfg,
             taps=self.taps,
-            attend_len=attend,
+            attend_len=cache.attend_len(),
         )
         return BlockOutput(logits=np.asarray(logits[:, :t]), hidden=np.asarray(hidden[:, :t]))
 
     def commit(self, row: int, n: int) -> None:
         """Keeps the first n tokens of the last block in `row`'s cache (a rollback drops the rest)."""
-        self.lengths[row] += n
+        self.cache.advance(row, n)
 
     def truncate(self, row: int, length: int) -> None:
         """Forgets every cached position >= length in `row`."""
-        self.lengths[row] = min(int(self.lengths[row]), length)
+        self.cache.truncate(row, length)

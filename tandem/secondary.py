@@ -32,9 +32,10 @@ from flax import struct
 from safetensors.numpy import load_file, save_file
 
 from tandem.config import DrafterConfig
+from tandem.kvcache import KVCache
 from tandem.layers import (
     LayerParams,
-    cache_mask,
+    cached_decoder_stack,
     causal_block_mask,
     decoder_stack,
     kv_projection,
@@ -42,7 +43,7 @@ from tandem.layers import (
     rope_tables,
     write_cache,
 )
-from tandem.primary import bucket, output_logits
+from tandem.primary import output_logits
 
 
 @struct.dataclass
@@ -175,20 +176,17 @@ def step(
     Returns:
         (logits [B, T, V], cache_k, cache_v) with the tokens' own keys/values written at lengths.
     """
-    batch, t = tokens.shape
-    positions = lengths[:, None] + jnp.arange(t)[None, :]
-    x, _, new_k, new_v = decoder_stack(
+    x, _, cache_k, cache_v = cached_decoder_stack(
         params.layers,
         params.embed[tokens],
-        positions,
-        cache_k[:, :, :attend_len],
-        cache_v[:, :, :attend_len],
-        cache_mask(lengths, t, attend_len),
-        causal_block_mask(batch, t),
+        lengths,
+        cache_k,
+        cache_v,
+        attend_len=attend_len,
         rope_theta=cfg.rope_theta,
         eps=cfg.rms_eps,
     )
-    return _logits(params, cfg, x), write_cache(cache_k, new_k, lengths), write_cache(cache_v, new_v, lengths)
+    return _logits(params, cfg, x), cache_k, cache_v
 
 
 def ingest(
@@ -222,7 +220,7 @@ _ingest_jit = jax.jit(ingest, static_argnames=("cfg",), donate_argnums=(3, 4))
 
 
 class DrafterRunner:
-    """Owns a drafter KV cache with per-row lengths; compiles one function per (T, attended length) bucket.
+    """Runs the drafter against its own KV cache (see `tandem.kvcache.KVCache` for the buckets).
 
     Slots < lengths[b] are what the drafter may attend to: primary-derived keys/values for positions the primary has
     processed (Tandem) and the drafter's own keys/values for the round in progress.
@@ -232,29 +230,27 @@ class DrafterRunner:
         self, cfg: DrafterConfig, params: DrafterParams, *, batch: int = 1, max_len: int = 2048, dtype=jnp.float32
     ) -> None:
         self.cfg, self.params, self.batch, self.max_len = cfg, params, batch, max_len
-        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        self.cache_k = jnp.zeros(shape, dtype)
-        self.cache_v = jnp.zeros(shape, dtype)
-        self.lengths = np.zeros(batch, dtype=np.int32)
+        self.cache = KVCache(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
 
-    def _check_room(self, t_pad: int) -> None:
-        longest = int(self.lengths.max())
-        if longest + t_pad > self.max_len:
-            raise ValueError(f"drafter context full: {longest} cached + {t_pad} new exceed max_len {self.max_len}")
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.cache.lengths
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feeds [B, T] tokens, advances lengths by T and returns the last real position's logits [B, V]."""
-        tokens = np.asarray(tokens, dtype=np.int32)
-        t = tokens.shape[1]
-        t_pad = bucket(t)
-        self._check_room(t_pad)
-        padded = np.zeros((self.batch, t_pad), np.int32)
-        padded[:, :t] = tokens
-        attend = min(bucket(int(self.lengths.max()), 16), self.max_len)
-        logits, self.cache_k, self.cache_v = _step_jit(
-            self.params, padded, jnp.asarray(self.lengths), self.cache_k, self.cache_v, cfg=self.cfg, attend_len=attend
+        tokens = np.asarray(tokens)
+        cache, t = self.cache, tokens.shape[1]
+        padded = cache.pad_block(tokens)
+        logits, cache.k, cache.v = _step_jit(
+            self.params,
+            padded,
+            jnp.asarray(cache.lengths),
+            cache.k,
+            cache.v,
+            cfg=self.cfg,
+            attend_len=cache.attend_len(),
         )
-        self.lengths += t
+        cache.lengths += t
         return np.asarray(logits[:, t - 1])
 
     def ingest(self, primary_hidden: np.ndarray) -> None:
@@ -263,19 +259,14 @@ class DrafterRunner:
         Args:
             primary_hidden: [B, T, n_taps, P] the primary's tapped states for those positions.
         """
-        t = primary_hidden.shape[1]
-        t_pad = bucket(t)
-        self._check_room(t_pad)
-        padded = np.zeros((self.batch, t_pad, *primary_hidden.shape[2:]), np.float32)
-        padded[:, :t] = primary_hidden
-        self.cache_k, self.cache_v = _ingest_jit(
-            self.params, padded, jnp.asarray(self.lengths), self.cache_k, self.cache_v, cfg=self.cfg
-        )
-        self.lengths += t
+        cache = self.cache
+        padded = cache.pad_block(primary_hidden, np.float32)
+        cache.k, cache.v = _ingest_jit(self.params, padded, jnp.asarray(cache.lengths), cache.k, cache.v, cfg=self.cfg)
+        cache.lengths += primary_hidden.shape[1]
 
     def truncate(self, row: int, length: int) -> None:
         """Forgets every slot >= length in `row` (rollback of rejected or superseded positions)."""
-        self.lengths[row] = min(int(self.lengths[row]), length)
+        self.cache.truncate(row, length)
 
 
 # --- checkpoints: safetensors weights + JSON config, no pickle ---

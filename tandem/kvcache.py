@@ -1,0 +1,55 @@
+"""Host-side bookkeeping for a slot-shaped KV cache: arrays, per-row lengths and shape buckets."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum): the shape buckets compiled functions are keyed on."""
+    return 1 << max(0, (max(n, minimum) - 1).bit_length())
+
+
+class KVCache:
+    """Keys and values [L, B, S, K, H] plus lengths [B]: row b attends to slots < lengths[b].
+
+    Blocks are padded to a power of two along T and the attended length is bucketed the same way (at least 16 slots),
+    so a few compiled shapes serve every call. Padding sits after the real tokens, so causal attention keeps it from
+    touching real positions, and its writes land beyond the row's length where the next call overwrites them.
+    """
+
+    def __init__(
+        self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: jnp.dtype
+    ) -> None:
+        shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
+        self.k: jax.Array = jnp.zeros(shape, dtype)
+        self.v: jax.Array = jnp.zeros(shape, dtype)
+        self.lengths = np.zeros(batch, dtype=np.int32)
+        self.batch, self.max_len = batch, max_len
+
+    def pad_block(self, block: np.ndarray, dtype: type = np.int32) -> np.ndarray:
+        """Pads a [B, T, ...] block along T to its bucket, after checking that every row has room for it."""
+        if block.ndim < 2 or block.shape[0] != self.batch:
+            raise ValueError(f"block must be [{self.batch}, T, ...], got {block.shape}")
+        t = block.shape[1]
+        t_pad = bucket(t)
+        longest = int(self.lengths.max())
+        if longest + t_pad > self.max_len:
+            raise ValueError(f"context full: {longest} cached + {t} new tokens exceed max_len {self.max_len}")
+        padded = np.zeros((self.batch, t_pad, *block.shape[2:]), dtype)
+        padded[:, :t] = block
+        return padded
+
+    def attend_len(self) -> int:
+        """Cache slots the next call reads: a bucket covering the longest row."""
+        return min(bucket(int(self.lengths.max()), 16), self.max_len)
+
+    def advance(self, row: int, n: int) -> None:
+        """Keeps n more slots of `row` (the first n tokens of the last block)."""
+        self.lengths[row] += n
+
+    def truncate(self, row: int, length: int) -> None:
+        """Forgets every slot >= length in `row` (rollback)."""
+        self.lengths[row] = min(int(self.lengths[row]), length)
