@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tandem.errors import ContextFullError
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -17,7 +21,8 @@ class KVCache:
 
     Blocks are padded to a power of two along T and the attended length is bucketed the same way (at least 16 slots),
     so a few compiled shapes serve every call. Padding sits after the real tokens, so causal attention keeps it from
-    touching real positions, and its writes land beyond the row's length where the next call overwrites them.
+    touching real positions; its writes land beyond the row's length (or past the cache's end, where they are
+    dropped) and the next call overwrites them.
     """
 
     def __init__(
@@ -29,22 +34,31 @@ class KVCache:
         self.lengths = np.zeros(batch, dtype=np.int32)
         self.batch, self.max_len = batch, max_len
 
-    def pad_block(self, block: np.ndarray, dtype: type = np.int32) -> np.ndarray:
-        """Pads a [B, T, ...] block along T to its bucket, after checking that every row has room for it."""
-        if block.ndim < 2 or block.shape[0] != self.batch:
-            raise ValueError(f"block must be [{self.batch}, T, ...], got {block.shape}")
+    def rows(self, rows: Sequence[int] | None) -> np.ndarray:
+        """The selected slots as an int32 array (all slots when None)."""
+        if rows is None:
+            return np.arange(self.batch, dtype=np.int32)
+        out = np.asarray(rows, dtype=np.int32)
+        if out.ndim != 1 or out.size == 0 or out.min() < 0 or out.max() >= self.batch:
+            raise ValueError(f"rows must be distinct slots in [0, {self.batch}), got {rows}")
+        return out
+
+    def pad_block(self, block: np.ndarray, rows: np.ndarray, dtype: type = np.int32) -> np.ndarray:
+        """Pads a [B, T, ...] block for `rows` along T to its bucket, after checking every row has room for it."""
+        if block.ndim < 2 or block.shape[0] != rows.shape[0]:
+            raise ValueError(f"block must be [{rows.shape[0]}, T, ...] for rows {rows.tolist()}, got {block.shape}")
         t = block.shape[1]
         t_pad = bucket(t)
-        longest = int(self.lengths.max())
-        if longest + t_pad > self.max_len:
-            raise ValueError(f"context full: {longest} cached + {t} new tokens exceed max_len {self.max_len}")
-        padded = np.zeros((self.batch, t_pad, *block.shape[2:]), dtype)
+        longest = int(self.lengths[rows].max())
+        if longest + t > self.max_len:
+            raise ContextFullError(f"context full: {longest} cached + {t} new tokens exceed max_len {self.max_len}")
+        padded = np.zeros((rows.shape[0], t_pad, *block.shape[2:]), dtype)
         padded[:, :t] = block
         return padded
 
-    def attend_len(self) -> int:
-        """Cache slots the next call reads: a bucket covering the longest row."""
-        return min(bucket(int(self.lengths.max()), 16), self.max_len)
+    def attend_len(self, rows: np.ndarray) -> int:
+        """Cache slots the next call reads: a bucket covering the longest selected row."""
+        return min(bucket(int(self.lengths[rows].max()), 16), self.max_len)
 
     def advance(self, row: int, n: int) -> None:
         """Keeps n more slots of `row` (the first n tokens of the last block)."""

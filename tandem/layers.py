@@ -197,27 +197,26 @@ def cache_mask(lengths: jax.Array, t: int, s: int) -> jax.Array:
     return jnp.broadcast_to((jnp.arange(s)[None, :] < lengths[:, None])[:, None, :], (lengths.shape[0], t, s))
 
 
-def write_cache(cache: jax.Array, new: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Writes each row's block at its own offset.
+def write_cache(cache: jax.Array, new: jax.Array, rows: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Writes each selected row's block at its own offset.
 
     Args:
-        cache: [L, B, S, K, H].
-        new: [L, B, T, K, H].
-        lengths: [B] first slot to write per row; the caller guarantees lengths + T <= S.
+        cache: [L, R, S, K, H] over all R slots of the pool.
+        new: [L, B, T, K, H] the block's keys or values.
+        rows: [B] slot of each block row.
+        lengths: [B] first position to write per row; positions past S are dropped.
 
     Returns:
         The updated cache (in place when the caller donates it).
     """
-
-    def row(c: jax.Array, n: jax.Array, start: jax.Array) -> jax.Array:  # c: [L, S, K, H], n: [L, T, K, H]
-        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, start, 0, 0))
-
-    return jax.vmap(row, in_axes=(1, 1, 0), out_axes=1)(cache, new, lengths)
+    positions = lengths[:, None] + jnp.arange(new.shape[2])[None, :]  # [B, T]
+    return cache.at[:, rows[:, None], positions].set(new.astype(cache.dtype), mode="drop")
 
 
 def cached_decoder_stack(
     layers: LayerParams,
     x: jax.Array,
+    rows: jax.Array,
     lengths: jax.Array,
     cache_k: jax.Array,
     cache_v: jax.Array,
@@ -231,8 +230,9 @@ def cached_decoder_stack(
     Args:
         layers: stacked weights.
         x: [B, T, D] embeddings of the block, row b's tokens at positions lengths[b] .. lengths[b] + T - 1.
-        lengths: [B] cached slots per row.
-        cache_k, cache_v: [L, B, S, K, H] (donated by callers).
+        rows: [B] cache slot of each block row (a subset of the pool, in any order).
+        lengths: [B] cached positions of each row.
+        cache_k, cache_v: [L, R, S, K, H] the whole pool (donated by callers).
         attend_len: static bucket of attended slots (>= max(lengths)).
         rope_theta: RoPE base.
         eps: RMSNorm epsilon.
@@ -246,11 +246,11 @@ def cached_decoder_stack(
         layers,
         x,
         positions,
-        cache_k[:, :, :attend_len],
-        cache_v[:, :, :attend_len],
+        cache_k[:, rows, :attend_len],  # [L, B, S', K, H]
+        cache_v[:, rows, :attend_len],
         cache_mask(lengths, t, attend_len),
         causal_block_mask(batch, t),
         rope_theta=rope_theta,
         eps=eps,
     )
-    return x, hidden, write_cache(cache_k, new_k, lengths), write_cache(cache_v, new_v, lengths)
+    return x, hidden, write_cache(cache_k, new_k, rows, lengths), write_cache(cache_v, new_v, rows, lengths)

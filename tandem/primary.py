@@ -74,6 +74,7 @@ def output_logits(x: jax.Array, final_norm: jax.Array, head: jax.Array, eps: flo
 def forward_block(
     params: LlamaParams,
     tokens: jax.Array,
+    rows: jax.Array,
     lengths: jax.Array,
     cache_k: jax.Array,
     cache_v: jax.Array,
@@ -87,8 +88,9 @@ def forward_block(
     Args:
         params: primary weights.
         tokens: [B, T] token ids; row b's tokens sit at positions lengths[b] .. lengths[b] + T - 1.
-        lengths: [B] cached tokens per row (the cache holds positions < lengths[b]).
-        cache_k, cache_v: [L, B, S, K, H] the KV cache (donated by callers).
+        rows: [B] cache slot of each row.
+        lengths: [B] cached tokens per row (its slot holds positions < lengths[b]).
+        cache_k, cache_v: [L, R, S, K, H] the KV cache pool (donated by callers).
         cfg: static config.
         taps: static 1-indexed layers whose output residual stream is returned.
         attend_len: static number of cache slots attended (a bucket >= max(lengths)).
@@ -100,6 +102,7 @@ def forward_block(
     x, hidden, cache_k, cache_v = cached_decoder_stack(
         params.layers,
         params.embed[tokens],  # [B, T, D]
+        rows,
         lengths,
         cache_k,
         cache_v,
@@ -114,7 +117,7 @@ def forward_block(
 
 
 # One compiled function per (shapes, cfg, taps, attend_len), shared by every runner in the process.
-_forward_block_jit = jax.jit(forward_block, static_argnames=("cfg", "taps", "attend_len"), donate_argnums=(3, 4))
+_forward_block_jit = jax.jit(forward_block, static_argnames=("cfg", "taps", "attend_len"), donate_argnums=(4, 5))
 
 
 @dataclasses.dataclass
@@ -151,27 +154,30 @@ class PrimaryRunner:
     def lengths(self) -> np.ndarray:
         return self.cache.lengths
 
-    def forward(self, tokens: np.ndarray) -> BlockOutput:
+    def forward(self, tokens: np.ndarray, rows: Sequence[int] | None = None) -> BlockOutput:
         """Runs one block of T tokens per row after each row's cached prefix; lengths are not advanced.
 
         Args:
             tokens: [B, T] int token ids.
+            rows: the B cache slots the rows belong to (default: every slot, in order).
 
         Returns:
             BlockOutput with logits [B, T, V] and tapped hidden states [B, T, n_taps, D].
         """
         tokens = np.asarray(tokens)
         cache, t = self.cache, tokens.shape[-1]
-        padded = cache.pad_block(tokens)
+        slots = cache.rows(rows)
+        padded = cache.pad_block(tokens, slots)
         logits, hidden, cache.k, cache.v = _forward_block_jit(
             self.params,
             padded,
-            jnp.asarray(cache.lengths),
+            jnp.asarray(slots),
+            jnp.asarray(cache.lengths[slots]),
             cache.k,
             cache.v,
             cfg=self.cfg,
             taps=self.taps,
-            attend_len=cache.attend_len(),
+            attend_len=cache.attend_len(slots),
         )
         return BlockOutput(logits=np.asarray(logits[:, :t]), hidden=np.asarray(hidden[:, :t]))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -156,6 +157,7 @@ def train_forward(
 def step(
     params: DrafterParams,
     tokens: jax.Array,
+    rows: jax.Array,
     lengths: jax.Array,
     cache_k: jax.Array,
     cache_v: jax.Array,
@@ -168,8 +170,9 @@ def step(
     Args:
         params: drafter weights.
         tokens: [B, T] ids at positions lengths .. lengths + T - 1.
-        lengths: [B] valid cache slots per row.
-        cache_k, cache_v: [L, B, S, K, H] (donated).
+        rows: [B] cache slot of each row.
+        lengths: [B] valid cache positions per row.
+        cache_k, cache_v: [L, R, S, K, H] the pool (donated).
         cfg: static config.
         attend_len: static bucket of attended cache slots.
 
@@ -179,6 +182,7 @@ def step(
     x, _, cache_k, cache_v = cached_decoder_stack(
         params.layers,
         params.embed[tokens],
+        rows,
         lengths,
         cache_k,
         cache_v,
@@ -192,6 +196,7 @@ def step(
 def ingest(
     params: DrafterParams,
     primary_hidden: jax.Array,
+    rows: jax.Array,
     lengths: jax.Array,
     cache_k: jax.Array,
     cache_v: jax.Array,
@@ -203,8 +208,9 @@ def ingest(
     Args:
         params: drafter weights (Tandem).
         primary_hidden: [B, T, n_taps, P].
+        rows: [B] cache slot of each row.
         lengths: [B] first position per row.
-        cache_k, cache_v: [L, B, S, K, H] (donated).
+        cache_k, cache_v: [L, R, S, K, H] the pool (donated).
         cfg: static config.
 
     Returns:
@@ -212,11 +218,11 @@ def ingest(
     """
     positions = lengths[:, None] + jnp.arange(primary_hidden.shape[1])[None, :]
     k, v = primary_context_kv(params, cfg, primary_hidden, positions)
-    return write_cache(cache_k, k, lengths), write_cache(cache_v, v, lengths)
+    return write_cache(cache_k, k, rows, lengths), write_cache(cache_v, v, rows, lengths)
 
 
-_step_jit = jax.jit(step, static_argnames=("cfg", "attend_len"), donate_argnums=(3, 4))
-_ingest_jit = jax.jit(ingest, static_argnames=("cfg",), donate_argnums=(3, 4))
+_step_jit = jax.jit(step, static_argnames=("cfg", "attend_len"), donate_argnums=(4, 5))
+_ingest_jit = jax.jit(ingest, static_argnames=("cfg",), donate_argnums=(4, 5))
 
 
 class DrafterRunner:
@@ -236,33 +242,43 @@ class DrafterRunner:
     def lengths(self) -> np.ndarray:
         return self.cache.lengths
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        """Feeds [B, T] tokens, advances lengths by T and returns the last real position's logits [B, V]."""
+    def step(self, tokens: np.ndarray, rows: Sequence[int] | None = None) -> np.ndarray:
+        """Feeds [B, T] tokens to `rows` (default: all slots) and advances their lengths by T.
+
+        Returns:
+            [B, V] logits of each row's last token.
+        """
         tokens = np.asarray(tokens)
         cache, t = self.cache, tokens.shape[1]
-        padded = cache.pad_block(tokens)
+        slots = cache.rows(rows)
+        padded = cache.pad_block(tokens, slots)
         logits, cache.k, cache.v = _step_jit(
             self.params,
             padded,
-            jnp.asarray(cache.lengths),
+            jnp.asarray(slots),
+            jnp.asarray(cache.lengths[slots]),
             cache.k,
             cache.v,
             cfg=self.cfg,
-            attend_len=cache.attend_len(),
+            attend_len=cache.attend_len(slots),
         )
-        cache.lengths += t
+        cache.lengths[slots] += t
         return np.asarray(logits[:, t - 1])
 
-    def ingest(self, primary_hidden: np.ndarray) -> None:
-        """Replaces slots lengths .. lengths + T - 1 with primary-derived keys/values and advances lengths by T.
+    def ingest(self, primary_hidden: np.ndarray, rows: Sequence[int] | None = None) -> None:
+        """Replaces positions lengths .. lengths + T - 1 of `rows` with primary-derived keys/values; advances by T.
 
         Args:
             primary_hidden: [B, T, n_taps, P] the primary's tapped states for those positions.
+            rows: the B slots (default: all slots).
         """
         cache = self.cache
-        padded = cache.pad_block(primary_hidden, np.float32)
-        cache.k, cache.v = _ingest_jit(self.params, padded, jnp.asarray(cache.lengths), cache.k, cache.v, cfg=self.cfg)
-        cache.lengths += primary_hidden.shape[1]
+        slots = cache.rows(rows)
+        padded = cache.pad_block(primary_hidden, slots, np.float32)
+        cache.k, cache.v = _ingest_jit(
+            self.params, padded, jnp.asarray(slots), jnp.asarray(cache.lengths[slots]), cache.k, cache.v, cfg=self.cfg
+        )
+        cache.lengths[slots] += primary_hidden.shape[1]
 
     def truncate(self, row: int, length: int) -> None:
         """Forgets every slot >= length in `row` (rollback of rejected or superseded positions)."""

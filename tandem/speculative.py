@@ -24,6 +24,17 @@ def make_rng(seed: int | None) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def request_rngs(seed: int | None) -> tuple[np.random.Generator, np.random.Generator]:
+    """Independent (primary, drafter) generators for one request.
+
+    The primary (verification, its own sampling) and the drafter (drawing drafts) may run in different processes;
+    each derives its own stream from the request's seed, so a seeded request gives the same tokens in process and
+    through the services.
+    """
+    primary, drafter = np.random.SeedSequence(seed).spawn(2)
+    return np.random.default_rng(primary), np.random.default_rng(drafter)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Numerically stable softmax over the last axis, in float64."""
     z = logits.astype(np.float64)

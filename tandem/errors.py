@@ -1,0 +1,36 @@
+"""Errors the library raises for problems a caller can act on. JAX-free; the services map each to a gRPC status.
+
+InvalidRequestError   -> INVALID_ARGUMENT    (bad parameters, bad tensors, prompt too long)
+SessionNotFoundError  -> NOT_FOUND           (unknown, released or expired session)
+SessionStateError     -> FAILED_PRECONDITION (a call out of order for the session's state)
+PoolExhaustedError    -> RESOURCE_EXHAUSTED  (every cache slot is taken; retry later)
+"""
+
+from __future__ import annotations
+
+
+class TandemError(Exception):
+    """Base class of the errors below."""
+
+
+class InvalidRequestError(TandemError, ValueError):
+    """The request itself is wrong; retrying it unchanged cannot succeed."""
+
+
+class ContextFullError(InvalidRequestError):
+    """A block does not fit in the remaining cache positions of a sequence."""
+
+
+class SessionNotFoundError(TandemError, KeyError):
+    """No live session has this id (never opened, released, or expired)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "session not found"
+
+
+class SessionStateError(TandemError):
+    """The call does not fit the session's state (for example a round before the session started)."""
+
+
+class PoolExhaustedError(TandemError):
+    """Every cache slot is in use."""

@@ -1,0 +1,249 @@
+"""The request loop: SPEED rounds between a primary and a drafter, independent of where they run.
+
+The same `run_request` drives the in-process engine (workers called directly) and the orchestrator service (workers
+behind gRPC stubs), so the two produce the same tokens and the microservice tax is a plain ratio. JAX-free.
+
+Modes (DESIGN.md):
+    primary       the primary alone, one token per block pass.
+    speed         speculative decoding with the vanilla drafter.
+    tandem        standalone Tandem: drafts are kept unverified; the primary's block pass over them yields the
+                  representations the drafter needs next and a free token.
+    tandem-speed  speculative decoding with the Tandem drafter (default); the verify pass is exactly the pass that
+                  produces the representations for the next round.
+
+A round: the drafter proposes d_1..d_k after the pending token t_0 (τ stopping, at most γ_max), the primary scores
+[t_0, d_1..d_k] in one block, keeps d_1..d_a and emits t' (correction or bonus); the drafter then learns a, t' and
+(Tandem) the primary's states of t_0, d_1..d_a.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Generator, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from tandem.config import MODES, SamplingParams, SpecConfig
+from tandem.errors import InvalidRequestError
+from tandem.speculative import SparseDist
+
+
+@dataclasses.dataclass(frozen=True)
+class PrimaryStep:
+    """What the primary returns for a prefill or a verify pass."""
+
+    accepted: int  # drafts kept (0 for a prefill or a primary-only step)
+    next_token: int  # the primary's token after them: first token, correction, bonus or free token
+    hidden: np.ndarray | None  # [n, n_taps, D] states of the positions it committed (None unless asked for)
+
+    def __repr__(self) -> str:
+        shape = None if self.hidden is None else self.hidden.shape
+        return f"PrimaryStep(accepted={self.accepted}, next_token={self.next_token}, hidden={shape})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Drafts:
+    """A drafter's proposal for one round."""
+
+    tokens: list[int]  # d_1..d_k
+    proposals: list[SparseDist]  # q_1..q_k (empty for greedy requests)
+
+
+class PrimaryAPI(Protocol):
+    """The primary's side of a request (a worker in process, or the Primary service)."""
+
+    def prefill(
+        self, session: str, prompt_ids: Sequence[int], sampling: SamplingParams, want_hidden: bool
+    ) -> PrimaryStep: ...
+
+    def verify(
+        self, session: str, tokens: Sequence[int], proposals: Sequence[SparseDist], verify: bool, want_hidden: bool
+    ) -> PrimaryStep: ...
+
+    def release(self, session: str) -> bool: ...
+
+
+class DrafterAPI(Protocol):
+    """The drafter's side of a request (a worker in process, or a Secondary service stream)."""
+
+    def start(
+        self,
+        prompt_ids: Sequence[int],
+        hidden: np.ndarray | None,
+        first_token: int,
+        max_drafts: int,
+    ) -> Drafts: ...
+
+    def advance(self, accepted: int, hidden: np.ndarray | None, next_token: int, max_drafts: int) -> Drafts: ...
+
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Per-request speculation statistics (ANCHORS.md definitions)."""
+
+    rounds: int = 0  # speculative rounds (verify passes after the prefill)
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: list[int] = dataclasses.field(default_factory=list)  # [j]: rounds accepting draft j+1
+    drafted_per_position: list[int] = dataclasses.field(default_factory=list)  # [j]: rounds drafting >= j+1 tokens
+    primary_calls: int = 0
+    drafter_calls: int = 0  # drafting requests (one per round)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft_s: float = 0.0
+    elapsed_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """1 + accepted / rounds: tokens emitted per verify pass, counting the primary's own token."""
+        return 1.0 + self.accepted_tokens / self.rounds if self.rounds else 0.0
+
+    def record_round(self, drafted: int, accepted: int) -> None:
+        self.rounds += 1
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        for counts, n in ((self.drafted_per_position, drafted), (self.accepted_per_position, accepted)):
+            counts.extend([0] * (n - len(counts)))
+            for j in range(n):
+                counts[j] += 1
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(
+            tokens_per_s=self.tokens_per_s,
+            acceptance_rate=self.acceptance_rate,
+            mean_acceptance_length=self.mean_acceptance_length,
+        )
+        return d
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    token_ids: list[int]
+    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens or the context limit)
+    stats: GenerationStats
+    mode: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation request, validated."""
+
+    prompt_ids: tuple[int, ...]
+    mode: str = "tandem-speed"
+    max_tokens: int = 64
+    sampling: SamplingParams = SamplingParams()
+    spec: SpecConfig = SpecConfig()
+
+    def validate(self, vocab_size: int, max_len: int, max_tokens_limit: int | None = None) -> int:
+        """Checks the request against the model and returns the tokens it may generate within max_len.
+
+        Raises:
+            InvalidRequestError: with a message a person can act on.
+        """
+        if self.mode not in MODES:
+            raise InvalidRequestError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if not self.prompt_ids:
+            raise InvalidRequestError("the prompt is empty")
+        if self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if max_tokens_limit is not None and self.max_tokens > max_tokens_limit:
+            raise InvalidRequestError(f"max_tokens {self.max_tokens} exceeds this server's limit {max_tokens_limit}")
+        if any(not 0 <= t < vocab_size for t in self.prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab_size})")
+        budget = max_len - (self.spec.gamma_max + 1)  # room for the last round's block
+        if len(self.prompt_ids) >= budget:
+            raise InvalidRequestError(
+                f"prompt of {len(self.prompt_ids)} tokens leaves no room in a context of {max_len} tokens"
+            )
+        return min(self.max_tokens, budget - len(self.prompt_ids))
+
+
+def run_request(
+    req: Request,
+    session: str,
+    primary: PrimaryAPI,
+    drafter: DrafterAPI | None,
+    *,
+    max_tokens: int,
+    stop_token_ids: frozenset[int] = frozenset(),
+) -> Generator[list[int], None, GenerationResult]:
+    """Runs a validated request; yields the tokens each primary pass commits, returns the result (token_ids empty).
+
+    Both sessions are released when the generator finishes, fails or is closed (client cancellation).
+
+    Args:
+        req: the request (see Request.validate).
+        session: id of the request's sessions on both workers.
+        primary: the primary's side.
+        drafter: the drafter's side, opened for this request (None in primary mode).
+        max_tokens: tokens to generate, as returned by Request.validate.
+        stop_token_ids: tokens that end the request (not emitted).
+    """
+    stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
+    start = time.perf_counter()
+    emitted: list[int] = []
+    want_hidden = req.mode in ("tandem", "tandem-speed")
+
+    def emit(new: list[int]) -> tuple[list[int], str | None]:
+        """Cuts new tokens at a stop token or max_tokens; returns (kept tokens, finish reason or None)."""
+        kept: list[int] = []
+        for t in new:
+            if t in stop_token_ids:
+                return kept, "stop"
+            kept.append(t)
+            if len(emitted) + len(kept) >= max_tokens:
+                return kept, "length"
+        return kept, None
+
+    def round_budget() -> int:
+        return max(1, min(req.spec.gamma_max, max_tokens - len(emitted) - 1))  # a round emits accepted + 1
+
+    try:
+        step = primary.prefill(session, req.prompt_ids, req.sampling, want_hidden)
+        stats.primary_calls += 1
+        stats.ttft_s = time.perf_counter() - start
+        kept, finish = emit([step.next_token])
+        drafts: Drafts | None = None
+        while True:
+            emitted.extend(kept)
+            if kept:
+                yield kept
+            if finish is not None:
+                break
+            pending = step.next_token
+            if drafter is None:  # primary mode: a block of one token
+                step = primary.verify(session, [pending], [], True, False)
+                stats.primary_calls += 1
+                kept, finish = emit([step.next_token])
+                continue
+            if drafts is None:
+                drafts = drafter.start(req.prompt_ids, step.hidden, pending, round_budget())
+            else:
+                drafts = drafter.advance(step.accepted, step.hidden, pending, round_budget())
+            stats.drafter_calls += 1
+            step = primary.verify(
+                session, [pending, *drafts.tokens], drafts.proposals, req.mode != "tandem", want_hidden
+            )
+            stats.primary_calls += 1
+            stats.record_round(len(drafts.tokens), step.accepted)
+            kept, finish = emit([*drafts.tokens[: step.accepted], step.next_token])
+    finally:
+        primary.release(session)
+        if drafter is not None:
+            drafter.close()
+    stats.output_tokens = len(emitted)
+    stats.elapsed_s = time.perf_counter() - start
+    return GenerationResult(token_ids=[], finish_reason=finish, stats=stats, mode=req.mode)
