@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= The capital of France is
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint protos
 setup: $(BIN)/tandem
 
 $(BIN)/tandem: pyproject.toml
@@ -25,3 +25,7 @@ lint: setup
 # pytest exits 5 when a selection collects no tests; that is not a failure of the code under test.
 test: lint
 	$(BIN)/python -m pytest -q || [ $$? -eq 5 ]
+
+# Regenerate the checked-in stubs from protos/ (grpcio-tools is pinned in pyproject.toml; tests/test_protos.py diffs).
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/tandemrpc/v1/tandem.proto

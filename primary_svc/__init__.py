@@ -1,1 +1,1 @@
-"""primary_svc."""
+"""The Primary gRPC service: the large model in block mode (prefill, verify, release)."""

@@ -1,1 +1,1 @@
-"""secondary_svc."""
+"""The Secondary gRPC service: the drafters, one bidirectional stream per request."""

@@ -1,12 +1,14 @@
-"""The bundled models: the real SmolLM2 primary plus the Tandem and vanilla drafters, assembled into an Engine.
+"""The bundled models: the real SmolLM2 primary plus the Tandem and vanilla drafters.
 
 Drafter weights shipped inside the package (`tandem/weights/<name>/`) are used when present; until the training issue
-ships them, drafters are initialised randomly from a fixed seed (SPEED stays lossless, only slower).
+ships them, drafters are initialised randomly from a fixed seed (SPEED stays lossless, only slower). The services
+load their halves with `load_primary` / `load_drafters`; the in-process engine takes both through `load_bundle`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import gguf
@@ -14,24 +16,29 @@ import jax.numpy as jnp
 
 from tandem import secondary
 from tandem.assets import smollm2_gguf_path
-from tandem.checkpoints import load_gguf
+from tandem.checkpoints import gguf_config, load_gguf
 from tandem.config import DrafterConfig, LlamaConfig
 from tandem.engine import Engine
 from tandem.primary import PrimaryRunner, params_from_state_dict
 from tandem.tokenizer import Tokenizer
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+DRAFTERS = {"tandem": True, "vanilla": False}  # name -> reads the primary's states
 
 
 @dataclasses.dataclass(frozen=True)
 class BundleConfig:
-    """What `load_bundle` builds."""
+    """Which models to load and how large their caches are."""
 
     gguf_path: Path | None = None  # None: the SmolLM2 GGUF fetched into the cache by tandem.assets
-    max_len: int = 2048  # KV cache slots per sequence (prompt + generated + one padded block)
+    max_len: int = 2048  # KV cache positions per sequence (prompt + generated + one block)
+    slots: int = 1  # concurrent sequences per cache
     drafter_d_model: int = 256  # shape of randomly initialised drafters (shipped ones carry their own config)
     drafter_layers: int = 4
     drafter_seed: int = 0
+
+    def resolved_gguf(self) -> Path:
+        return self.gguf_path or smollm2_gguf_path()
 
 
 @dataclasses.dataclass
@@ -59,33 +66,48 @@ def default_drafter_config(primary: LlamaConfig, tandem: bool, d_model: int = 25
     )
 
 
-def _drafter(
-    primary: LlamaConfig, name: str, tandem: bool, cfg: BundleConfig
-) -> tuple[DrafterConfig, secondary.DrafterParams, str]:
-    shipped = WEIGHTS_DIR / name
-    if (shipped / "config.json").exists():
-        dcfg, params = secondary.load_drafter(shipped)
-        return dcfg, params, f"shipped {shipped}"
-    dcfg = default_drafter_config(primary, tandem, cfg.drafter_d_model, cfg.drafter_layers)
-    seed = cfg.drafter_seed + (0 if tandem else 1)
-    return dcfg, secondary.init_params(dcfg, seed), f"random seed {seed}"
+def drafter_config(primary: LlamaConfig, name: str, cfg: BundleConfig) -> DrafterConfig:
+    """The config of drafter `name` ("tandem" or "vanilla"): the shipped one, else the default shape."""
+    shipped = WEIGHTS_DIR / name / "config.json"
+    if shipped.exists():
+        return DrafterConfig.from_dict(json.loads(shipped.read_text()))
+    return default_drafter_config(primary, DRAFTERS[name], cfg.drafter_d_model, cfg.drafter_layers)
+
+
+def primary_config(cfg: BundleConfig) -> LlamaConfig:
+    """The primary's config from the GGUF metadata alone (no weights read)."""
+    return gguf_config(gguf.GGUFReader(cfg.resolved_gguf()))
+
+
+def load_primary(cfg: BundleConfig) -> tuple[PrimaryRunner, Tokenizer]:
+    """The primary with one cache slot per concurrent sequence, tapping the layers the Tandem drafter reads."""
+    reader = gguf.GGUFReader(cfg.resolved_gguf())
+    pcfg, state = load_gguf(reader)
+    taps = drafter_config(pcfg, "tandem", cfg).tapped_layers
+    params = params_from_state_dict(pcfg, state, jnp.float32)
+    runner = PrimaryRunner(pcfg, params, taps=taps, batch=cfg.slots, max_len=cfg.max_len)
+    return runner, Tokenizer.from_gguf(reader)
+
+
+def load_drafters(primary: LlamaConfig, cfg: BundleConfig) -> tuple[dict[str, secondary.DrafterRunner], dict[str, str]]:
+    """Both drafters with their caches, and where each one's weights came from."""
+    runners, sources = {}, {}
+    for i, name in enumerate(DRAFTERS):
+        shipped = WEIGHTS_DIR / name
+        if (shipped / "config.json").exists():
+            dcfg, params = secondary.load_drafter(shipped)
+            sources[name] = f"shipped {shipped}"
+        else:
+            dcfg = drafter_config(primary, name, cfg)
+            params = secondary.init_params(dcfg, cfg.drafter_seed + i)
+            sources[name] = f"random seed {cfg.drafter_seed + i}"
+        runners[name] = secondary.DrafterRunner(dcfg, params, batch=cfg.slots, max_len=cfg.max_len)
+    return runners, sources
 
 
 def load_bundle(cfg: BundleConfig = BundleConfig()) -> Bundle:
-    """Loads the primary from GGUF, its tokenizer, and both drafters; returns a ready in-process engine."""
-    path = cfg.gguf_path or smollm2_gguf_path()
-    reader = gguf.GGUFReader(path)
-    pcfg, state = load_gguf(reader)
-    tokenizer = Tokenizer.from_gguf(reader)
-    tcfg, tparams, tsrc = _drafter(pcfg, "tandem", True, cfg)
-    vcfg, vparams, vsrc = _drafter(pcfg, "vanilla", False, cfg)
-    primary = PrimaryRunner(
-        pcfg, params_from_state_dict(pcfg, state, jnp.float32), taps=tcfg.tapped_layers, max_len=cfg.max_len
-    )
-    engine = Engine(
-        primary,
-        secondary.DrafterRunner(tcfg, tparams, max_len=cfg.max_len),
-        secondary.DrafterRunner(vcfg, vparams, max_len=cfg.max_len),
-        stop_token_ids=tokenizer.stop_token_ids,
-    )
-    return Bundle(engine, tokenizer, pcfg, {"tandem": tsrc, "vanilla": vsrc})
+    """The primary, its tokenizer and both drafters as one in-process engine."""
+    primary, tokenizer = load_primary(cfg)
+    drafters, sources = load_drafters(primary.cfg, cfg)
+    engine = Engine(primary, drafters["tandem"], drafters["vanilla"], stop_token_ids=tokenizer.stop_token_ids)
+    return Bundle(engine, tokenizer, primary.cfg, sources)

@@ -179,6 +179,7 @@ def run_request(
     *,
     max_tokens: int,
     stop_token_ids: frozenset[int] = frozenset(),
+    stats: GenerationStats | None = None,
 ) -> Generator[list[int], None, GenerationResult]:
     """Runs a validated request; yields the tokens each primary pass commits, returns the result (token_ids empty).
 
@@ -191,8 +192,10 @@ def run_request(
         drafter: the drafter's side, opened for this request (None in primary mode).
         max_tokens: tokens to generate, as returned by Request.validate.
         stop_token_ids: tokens that end the request (not emitted).
+        stats: filled in as the request runs (pass one to read it after closing the generator early).
     """
-    stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(req.prompt_ids)
     start = time.perf_counter()
     emitted: list[int] = []
     want_hidden = req.mode in ("tandem", "tandem-speed")
@@ -241,9 +244,9 @@ def run_request(
             stats.record_round(len(drafts.tokens), step.accepted)
             kept, finish = emit([*drafts.tokens[: step.accepted], step.next_token])
     finally:
+        stats.output_tokens = len(emitted)
+        stats.elapsed_s = time.perf_counter() - start
         primary.release(session)
         if drafter is not None:
             drafter.close()
-    stats.output_tokens = len(emitted)
-    stats.elapsed_s = time.perf_counter() - start
     return GenerationResult(token_ids=[], finish_reason=finish, stats=stats, mode=req.mode)

@@ -48,16 +48,18 @@ def tiny_params() -> LlamaParams:
     return params_from_state_dict(TINY, tiny_state())
 
 
-def make_engine(tiny_params: LlamaParams, seed: int = 0, max_len: int = 256, vocab_embed_scale: float = 20.0) -> Engine:
-    """A tiny primary with a random Tandem drafter and a random vanilla drafter."""
+def make_engine(
+    tiny_params: LlamaParams, seed: int = 0, max_len: int = 256, vocab_embed_scale: float = 20.0, slots: int = 1
+) -> Engine:
+    """A tiny primary with a random Tandem drafter and a random vanilla drafter, `slots` sessions each."""
     tcfg, vcfg = drafter_config(True), drafter_config(False)
 
     def drafter(cfg: DrafterConfig, s: int) -> secondary.DrafterRunner:
         p = secondary.init_params(cfg, s)
         p = p.replace(embed=p.embed * vocab_embed_scale)  # peaked drafter distributions, like a trained one
-        return secondary.DrafterRunner(cfg, p, max_len=max_len)
+        return secondary.DrafterRunner(cfg, p, batch=slots, max_len=max_len)
 
-    primary = PrimaryRunner(TINY, tiny_params, taps=tcfg.tapped_layers, max_len=max_len)
+    primary = PrimaryRunner(TINY, tiny_params, taps=tcfg.tapped_layers, batch=slots, max_len=max_len)
     return Engine(primary, drafter(tcfg, seed + 1), drafter(vcfg, seed + 2))
 
 

@@ -1,0 +1,153 @@
+"""The model services seen through `tandem.rounds`' PrimaryAPI / DrafterAPI: what lets the orchestrator run the
+same request loop as the in-process engine."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from tandem.config import SamplingParams, SpecConfig
+from tandem.errors import InvalidRequestError, SessionNotFoundError, TandemError
+from tandem.rounds import Drafts, PrimaryStep
+from tandem.speculative import SparseDist
+from tandemrpc.convert import numpy_to_tensor, optional_tensor, sampling_to_proto, sparse_from_proto, sparse_to_proto
+from tandemrpc.v1 import tandem_pb2 as pb
+from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
+
+
+class ModelServiceError(TandemError):
+    """A model service answered with an error status; the orchestrator passes the status on."""
+
+    def __init__(self, service: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{service}: {details}")
+        self.code = code
+
+
+def _raise_from(service: str, e: grpc.RpcError) -> None:
+    code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = e.details() if isinstance(e, grpc.Call) else str(e)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        raise InvalidRequestError(f"{service}: {details}") from None
+    if code == grpc.StatusCode.NOT_FOUND:
+        raise SessionNotFoundError(f"{service}: {details}") from None
+    raise ModelServiceError(service, code, details or code.name) from None
+
+
+class RemotePrimary:
+    """PrimaryAPI over the Primary service."""
+
+    def __init__(self, channel: grpc.Channel, vocab_size: int, timeout_s: float = 60.0) -> None:
+        self.stub = pb_grpc.PrimaryStub(channel)
+        self.vocab_size, self.timeout_s = vocab_size, timeout_s
+
+    def _step(self, resp: pb.PrimaryStep) -> PrimaryStep:
+        hidden = optional_tensor(resp.hidden, resp.HasField("hidden"), "primary hidden states")
+        return PrimaryStep(resp.accepted, resp.next_token, hidden)
+
+    def prefill(
+        self, session: str, prompt_ids: Sequence[int], sampling: SamplingParams, want_hidden: bool
+    ) -> PrimaryStep:
+        req = pb.PrefillRequest(
+            session_id=session,
+            prompt_ids=list(prompt_ids),
+            sampling=sampling_to_proto(sampling),
+            want_hidden=want_hidden,
+        )
+        try:
+            return self._step(self.stub.Prefill(req, timeout=self.timeout_s))
+        except grpc.RpcError as e:
+            _raise_from("primary", e)
+            raise
+
+    def verify(
+        self, session: str, tokens: Sequence[int], proposals: Sequence[SparseDist], verify: bool, want_hidden: bool
+    ) -> PrimaryStep:
+        req = pb.VerifyRequest(
+            session_id=session,
+            tokens=list(tokens),
+            proposals=[sparse_to_proto(q) for q in proposals],
+            standalone=not verify,
+            want_hidden=want_hidden,
+        )
+        try:
+            return self._step(self.stub.Verify(req, timeout=self.timeout_s))
+        except grpc.RpcError as e:
+            _raise_from("primary", e)
+            raise
+
+    def release(self, session: str) -> bool:
+        try:
+            return self.stub.Release(pb.ReleaseRequest(session_id=session), timeout=self.timeout_s).released
+        except grpc.RpcError:
+            return False  # the primary's session TTL frees it if this call cannot
+
+
+_END = object()
+
+
+class RemoteDrafter:
+    """DrafterAPI over one Secondary.Draft stream (one per request)."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        session: str,
+        drafter: pb.Drafter,
+        sampling: SamplingParams,
+        spec: SpecConfig,
+        vocab_size: int,
+        timeout_s: float = 600.0,
+    ) -> None:
+        self._requests: queue.Queue[object] = queue.Queue()
+        self._call = pb_grpc.SecondaryStub(channel).Draft(iter(self._requests.get, _END), timeout=timeout_s)
+        self._responses: Iterator[pb.DraftResponse] = self._call
+        self.session, self.drafter, self.sampling, self.spec, self.vocab_size = (
+            session,
+            drafter,
+            sampling,
+            spec,
+            vocab_size,
+        )
+
+    def _exchange(self, req: pb.DraftRequest) -> Drafts:
+        self._requests.put(req)
+        try:
+            resp = next(self._responses)
+        except grpc.RpcError as e:
+            _raise_from("secondary", e)
+            raise
+        except StopIteration:
+            raise ModelServiceError("secondary", grpc.StatusCode.UNAVAILABLE, "draft stream ended early") from None
+        return Drafts(list(resp.tokens), [sparse_from_proto(q, self.vocab_size) for q in resp.proposals])
+
+    @staticmethod
+    def _hidden(hidden: np.ndarray | None) -> pb.Tensor | None:
+        return None if hidden is None else numpy_to_tensor(hidden)
+
+    def start(self, prompt_ids: Sequence[int], hidden: np.ndarray | None, first_token: int, max_drafts: int) -> Drafts:
+        start = pb.DraftStart(
+            session_id=self.session,
+            drafter=self.drafter,
+            prompt_ids=list(prompt_ids),
+            hidden=self._hidden(hidden),
+            first_token=first_token,
+            sampling=sampling_to_proto(self.sampling),
+            gamma_max=self.spec.gamma_max,
+            tau=self.spec.tau,
+            max_drafts=max_drafts,
+            draft_top_k=self.spec.draft_top_k,
+        )
+        return self._exchange(pb.DraftRequest(start=start))
+
+    def advance(self, accepted: int, hidden: np.ndarray | None, next_token: int, max_drafts: int) -> Drafts:
+        adv = pb.DraftAdvance(
+            accepted=accepted, hidden=self._hidden(hidden), next_token=next_token, max_drafts=max_drafts
+        )
+        return self._exchange(pb.DraftRequest(advance=adv))
+
+    def close(self) -> None:
+        self._requests.put(_END)  # ends the stream; the service's finally releases the session
+        self._call.cancel()

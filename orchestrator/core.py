@@ -1,0 +1,196 @@
+"""The orchestrator's logic: turns a public request into SPEED rounds between the model services and a stream of
+text chunks. The servicer only translates protos to and from these dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import Generator, Sequence
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from orchestrator.clients import RemoteDrafter, RemotePrimary
+from tandem.config import DEFAULT_MODE, SamplingParams, SpecConfig
+from tandem.errors import InvalidRequestError
+from tandem.rounds import GenerationResult, GenerationStats, Request, run_request
+from tandem.text import StopStringFilter
+from tandem.tokenizer import Tokenizer
+from tandemrpc.v1 import tandem_pb2 as pb
+
+log = logging.getLogger("orchestrator")
+
+
+@dataclasses.dataclass(frozen=True)
+class OrchestratorConfig:
+    primary_target: str = "127.0.0.1:50051"
+    secondary_target: str = "127.0.0.1:50052"
+    vocab_size: int = 49152  # the primary's
+    max_len: int = 2048  # the model services' positions per session
+    max_tokens_limit: int = 1024  # most tokens one request may ask for
+    gamma_max_limit: int = 16  # most drafts per round a request may ask for
+    default_spec: SpecConfig = SpecConfig()
+    call_timeout_s: float = 60.0  # per model-service call
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateParams:
+    """A public request after decoding the proto (input still untokenized)."""
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    chat: tuple[tuple[str, str], ...] | None = None
+    sampling: SamplingParams = SamplingParams()
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    mode: str = DEFAULT_MODE
+    gamma_max: int = 0  # 0 = server default
+    tau: float | None = None
+    request_id: str = ""
+
+
+@dataclasses.dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" / "length" on the last chunk
+    result: GenerationResult | None = None  # on the last chunk
+
+
+class Metrics:
+    """The orchestrator's Prometheus series (speculation counters named like vLLM's)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.drafts = Counter("tandem_spec_num_drafts", "speculative rounds", registry=registry)
+        self.draft_tokens = Counter("tandem_spec_num_draft_tokens", "drafted tokens", registry=registry)
+        self.accepted_tokens = Counter("tandem_spec_num_accepted_tokens", "accepted drafted tokens", registry=registry)
+        self.accepted_per_pos = Counter(
+            "tandem_spec_num_accepted_tokens_per_pos", "accepted drafts by position", ["position"], registry=registry
+        )
+        self.ttft = Histogram("tandem_time_to_first_token_seconds", "TTFT", registry=registry)
+        self.tpot = Histogram("tandem_time_per_output_token_seconds", "TPOT", registry=registry)
+        self.requests = Counter("tandem_requests", "finished requests", ["mode", "finish_reason"], registry=registry)
+        self.running = Gauge("tandem_requests_running", "requests in flight", registry=registry)
+
+    def observe(self, result: GenerationResult, finish: str, first_token_s: float) -> None:
+        s = result.stats
+        self.drafts.inc(s.rounds)
+        self.draft_tokens.inc(s.drafted_tokens)
+        self.accepted_tokens.inc(s.accepted_tokens)
+        for pos, n in enumerate(s.accepted_per_position):
+            self.accepted_per_pos.labels(position=str(pos)).inc(n)
+        self.ttft.observe(first_token_s)
+        if s.output_tokens > 1:
+            self.tpot.observe((s.elapsed_s - s.ttft_s) / (s.output_tokens - 1))
+        self.requests.labels(mode=result.mode, finish_reason=finish).inc()
+
+
+class Orchestrator:
+    """Runs public requests over the Primary and Secondary services."""
+
+    def __init__(self, cfg: OrchestratorConfig, tokenizer: Tokenizer | None, registry: CollectorRegistry) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.primary_channel = grpc.insecure_channel(cfg.primary_target, options=_CHANNEL_OPTIONS)
+        self.secondary_channel = grpc.insecure_channel(cfg.secondary_target, options=_CHANNEL_OPTIONS)
+        self.primary = RemotePrimary(self.primary_channel, cfg.vocab_size, cfg.call_timeout_s)
+        self.metrics = Metrics(registry)
+        self.stop_token_ids = frozenset(tokenizer.stop_token_ids) if tokenizer else frozenset()
+
+    def close(self) -> None:
+        self.primary_channel.close()
+        self.secondary_channel.close()
+
+    def _prompt_ids(self, p: GenerateParams) -> tuple[int, ...]:
+        if p.token_ids is not None:
+            return p.token_ids
+        if self.tokenizer is None:
+            raise InvalidRequestError("this server has no tokenizer; send token_ids")
+        if p.chat is not None:
+            if not p.chat:
+                raise InvalidRequestError("the chat has no messages")
+            text = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in p.chat])
+            return tuple(self.tokenizer.encode(text))
+        return tuple(self.tokenizer.encode(p.text or ""))
+
+    def _spec(self, p: GenerateParams) -> SpecConfig:
+        d = self.cfg.default_spec
+        if not 0 <= p.gamma_max <= self.cfg.gamma_max_limit:
+            raise InvalidRequestError(f"gamma_max must lie in [0, {self.cfg.gamma_max_limit}], got {p.gamma_max}")
+        try:
+            return SpecConfig(
+                gamma_max=p.gamma_max or d.gamma_max, tau=d.tau if p.tau is None else p.tau, draft_top_k=d.draft_top_k
+            )
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+
+    def generate(self, p: GenerateParams) -> Generator[Chunk, None, None]:
+        """Validates now, then yields chunks; closing the iterator (client cancellation) releases both sessions."""
+        if len(p.stop) > 16 or any(len(s) > 256 for s in p.stop):
+            raise InvalidRequestError("at most 16 stop strings of at most 256 characters each")
+        req = Request(self._prompt_ids(p), p.mode, p.max_tokens, p.sampling, self._spec(p))
+        limit = req.validate(self.cfg.vocab_size, self.cfg.max_len, self.cfg.max_tokens_limit)
+        return self._run(p, req, limit)
+
+    def _run(self, p: GenerateParams, req: Request, limit: int) -> Generator[Chunk, None, None]:
+        session = uuid.uuid4().hex
+        drafter = None
+        if req.mode != "primary":
+            kind = pb.DRAFTER_TANDEM if req.mode.startswith("tandem") else pb.DRAFTER_VANILLA
+            drafter = RemoteDrafter(self.secondary_channel, session, kind, req.sampling, req.spec, self.cfg.vocab_size)
+        stats = GenerationStats()
+        rounds = run_request(
+            req, session, self.primary, drafter, max_tokens=limit, stop_token_ids=self.stop_token_ids, stats=stats
+        )
+        decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True) if self.tokenizer else None
+        stops = StopStringFilter(p.stop)
+        start, first_s = time.perf_counter(), 0.0
+        self.metrics.running.inc()
+        try:
+            while True:
+                try:
+                    tokens = next(rounds)
+                except StopIteration as done:
+                    result: GenerationResult = done.value
+                    break
+                first_s = first_s or time.perf_counter() - start
+                text = stops.push(decoder.push(tokens)) if decoder else ""
+                if stops.stopped:  # a stop string: end the rounds now, which releases both sessions
+                    rounds.close()
+                    result = GenerationResult([], "stop", stats, req.mode)
+                yield Chunk(text, tokens)
+                if stops.stopped:
+                    break
+            tail = stops.push(decoder.flush()) + stops.flush() if decoder and not stops.stopped else ""
+            finish = result.finish_reason
+            yield Chunk(tail, [], finish, result)
+            self.metrics.observe(result, finish, first_s)
+            s = result.stats
+            log.info(
+                json.dumps(
+                    {
+                        "event": "request",
+                        "request_id": p.request_id or session,
+                        "mode": req.mode,
+                        "prompt_tokens": len(req.prompt_ids),
+                        "output_tokens": s.output_tokens,
+                        "rounds": s.rounds,
+                        "acceptance_rate": round(s.acceptance_rate, 4),
+                        "mean_acceptance_length": round(s.mean_acceptance_length, 4),
+                        "ttft_s": round(first_s, 4),
+                        "latency_s": round(time.perf_counter() - start, 4),
+                        "finish_reason": finish,
+                    }
+                )
+            )
+        finally:
+            self.metrics.running.dec()
+            rounds.close()
+
+
+_CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+)

@@ -1,0 +1,84 @@
+"""Builds and runs the Orchestrator service. `python -m orchestrator --help` lists the flags (each also an env var)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from orchestrator.core import Orchestrator, OrchestratorConfig
+from orchestrator.servicer import OrchestratorServicer
+from tandem.tokenizer import Tokenizer
+from tandemrpc.server import ServiceServer
+from tandemrpc.v1 import tandem_pb2 as pb
+from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
+
+
+@dataclasses.dataclass(frozen=True)
+class OrchestratorServiceConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = None
+    core: OrchestratorConfig = OrchestratorConfig()
+
+
+def build_server(cfg: OrchestratorServiceConfig, tokenizer: Tokenizer | None) -> tuple[ServiceServer, Orchestrator]:
+    registry = CollectorRegistry()
+    core = Orchestrator(cfg.core, tokenizer, registry)
+    server = ServiceServer(
+        lambda s: pb_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(core), s),
+        [SERVICE_NAME],
+        host=cfg.host,
+        port=cfg.port,
+        metrics_port=cfg.metrics_port,
+        registry=registry,
+    )
+    return server, core
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceConfig, Path | None]:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m orchestrator", description="Tandem orchestrator (public API)")
+    p.add_argument("--host", default=env("TANDEM_ORCHESTRATOR_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("TANDEM_ORCHESTRATOR_PORT", "50050")))
+    p.add_argument("--metrics-port", type=int, default=int(env("TANDEM_ORCHESTRATOR_METRICS_PORT", "9090")))
+    p.add_argument("--primary", default=env("TANDEM_PRIMARY_TARGET", "127.0.0.1:50051"), help="HOST:PORT")
+    p.add_argument("--secondary", default=env("TANDEM_SECONDARY_TARGET", "127.0.0.1:50052"), help="HOST:PORT")
+    p.add_argument("--max-len", type=int, default=int(env("TANDEM_MAX_LEN", "2048")))
+    p.add_argument("--max-tokens-limit", type=int, default=int(env("TANDEM_MAX_TOKENS_LIMIT", "1024")))
+    p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="tokenizer source (default: SmolLM2)")
+    a = p.parse_args(argv)
+    core = OrchestratorConfig(
+        primary_target=a.primary, secondary_target=a.secondary, max_len=a.max_len, max_tokens_limit=a.max_tokens_limit
+    )
+    return OrchestratorServiceConfig(a.host, a.port, a.metrics_port, core), a.gguf
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg, gguf_path = parse_args(argv)
+    from tandem.assets import smollm2_gguf_path
+
+    tokenizer = Tokenizer.from_gguf(gguf_path or smollm2_gguf_path())
+    cfg = dataclasses.replace(cfg, core=dataclasses.replace(cfg.core, vocab_size=tokenizer.vocab_size))
+    server, core = build_server(cfg, tokenizer)
+    server.start()
+    logging.getLogger("orchestrator").info(
+        "serving %s on %s (metrics :%s) -> primary %s, secondary %s",
+        SERVICE_NAME,
+        server.address,
+        server.metrics_port,
+        cfg.core.primary_target,
+        cfg.core.secondary_target,
+    )
+    try:
+        server.serve_until_signalled()
+    finally:
+        core.close()

@@ -1,0 +1,74 @@
+"""The public Orchestrator servicer: translates GenerateRequest/GenerateResponse around `orchestrator.core`."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+
+import grpc
+
+from orchestrator.clients import ModelServiceError
+from orchestrator.core import Chunk, GenerateParams, Orchestrator
+from tandem.errors import TandemError
+from tandemrpc.convert import mode_name, sampling_from_proto
+from tandemrpc.server import status_for
+from tandemrpc.v1 import tandem_pb2 as pb
+from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
+
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+def params_from_proto(r: pb.GenerateRequest) -> GenerateParams:
+    which = r.WhichOneof("input")
+    return GenerateParams(
+        text=r.text if which == "text" else None,
+        token_ids=tuple(r.token_ids.ids) if which == "token_ids" else None,
+        chat=tuple((m.role, m.content) for m in r.chat.messages) if which == "chat" else None,
+        sampling=sampling_from_proto(r.sampling),
+        max_tokens=r.max_tokens,
+        stop=tuple(r.stop),
+        mode=mode_name(r.mode),
+        gamma_max=r.gamma_max,
+        tau=r.tau if r.HasField("tau") else None,
+        request_id=r.request_id,
+    )
+
+
+def chunk_to_proto(c: Chunk, request_id: str) -> pb.GenerateResponse:
+    out = pb.GenerateResponse(text=c.text, token_ids=c.token_ids, request_id=request_id)
+    if c.finish_reason is not None and c.result is not None:
+        s = c.result.stats
+        out.finish_reason = _FINISH[c.finish_reason]
+        out.usage.CopyFrom(pb.Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.output_tokens))
+        out.stats.CopyFrom(
+            pb.SpeculationStats(
+                rounds=s.rounds,
+                drafted_tokens=s.drafted_tokens,
+                accepted_tokens=s.accepted_tokens,
+                accepted_per_position=s.accepted_per_position,
+                mean_acceptance_length=s.mean_acceptance_length,
+                ttft_s=s.ttft_s,
+                elapsed_s=s.elapsed_s,
+            )
+        )
+    return out
+
+
+class OrchestratorServicer(pb_grpc.OrchestratorServicer):
+    def __init__(self, core: Orchestrator) -> None:
+        self.core = core
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+        chunks: Generator[Chunk, None, None] | None = None
+        try:
+            chunks = self.core.generate(params_from_proto(request))
+            for chunk in chunks:
+                if not context.is_active():  # cancelled or past its deadline: stop after this round
+                    break
+                yield chunk_to_proto(chunk, request.request_id)
+        except ModelServiceError as e:
+            context.abort(e.code, str(e))
+        except TandemError as e:
+            context.abort(status_for(e), str(e))
+        finally:
+            if chunks is not None:
+                chunks.close()  # releases both sessions

@@ -1,0 +1,3 @@
+from primary_svc.server import main
+
+main()

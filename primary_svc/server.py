@@ -1,0 +1,76 @@
+"""Builds and runs the Primary service. `python -m primary_svc --help` lists the flags (each also an env var)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from primary_svc.servicer import PrimaryServicer
+from tandem.workers import PrimaryWorker
+from tandemrpc.server import ServiceServer
+from tandemrpc.v1 import tandem_pb2 as pb
+from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Primary"].full_name
+
+
+@dataclasses.dataclass(frozen=True)
+class PrimaryServiceConfig:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = a free port
+    metrics_port: int | None = None  # Prometheus endpoint; None = off, 0 = a free port
+    slots: int = 8  # concurrent sessions (KV cache slots)
+    max_len: int = 2048  # positions per session
+    session_ttl_s: float = 120.0  # idle sessions are released after this long
+    gguf_path: Path | None = None  # None: the bundled SmolLM2
+
+
+def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceServer:
+    """The Primary service around a worker (tests pass a tiny one)."""
+    registry = CollectorRegistry()
+    used = Gauge("tandem_primary_slots_used", "KV cache slots held by live sessions", registry=registry)
+    used.set_function(lambda: len(worker.pool))
+    total = Gauge("tandem_primary_slots_total", "KV cache slots", registry=registry)
+    total.set(worker.pool.capacity)
+    return ServiceServer(
+        lambda server: pb_grpc.add_PrimaryServicer_to_server(PrimaryServicer(worker), server),
+        [SERVICE_NAME],
+        host=cfg.host,
+        port=cfg.port,
+        metrics_port=cfg.metrics_port,
+        registry=registry,
+        housekeeping=[(min(5.0, cfg.session_ttl_s / 2), lambda: worker.expire_idle(cfg.session_ttl_s))],
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m primary_svc", description="Tandem primary service (block verify)")
+    p.add_argument("--host", default=env("TANDEM_PRIMARY_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("TANDEM_PRIMARY_PORT", "50051")))
+    p.add_argument("--metrics-port", type=int, default=int(env("TANDEM_PRIMARY_METRICS_PORT", "9091")))
+    p.add_argument("--slots", type=int, default=int(env("TANDEM_PRIMARY_SLOTS", "8")))
+    p.add_argument("--max-len", type=int, default=int(env("TANDEM_MAX_LEN", "2048")))
+    p.add_argument("--session-ttl-s", type=float, default=float(env("TANDEM_SESSION_TTL_S", "120")))
+    p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="primary GGUF (default: SmolLM2)")
+    a = p.parse_args(argv)
+    return PrimaryServiceConfig(a.host, a.port, a.metrics_port, a.slots, a.max_len, a.session_ttl_s, a.gguf)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = parse_args(argv)
+    from tandem.models import BundleConfig, load_primary  # loads JAX
+
+    runner, _ = load_primary(BundleConfig(gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots))
+    server = build_server(PrimaryWorker(runner), cfg).start()
+    logging.getLogger("primary_svc").info(
+        "serving %s on %s (metrics :%s, %d slots)", SERVICE_NAME, server.address, server.metrics_port, cfg.slots
+    )
+    server.serve_until_signalled()

@@ -1,0 +1,3 @@
+from secondary_svc.server import main
+
+main()

@@ -1,0 +1,83 @@
+"""Builds and runs the Secondary service. `python -m secondary_svc --help` lists the flags (each also an env var)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from secondary_svc.servicer import SecondaryServicer
+from tandem.workers import DrafterWorker
+from tandemrpc.server import ServiceServer
+from tandemrpc.v1 import tandem_pb2 as pb
+from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Secondary"].full_name
+
+
+@dataclasses.dataclass(frozen=True)
+class SecondaryServiceConfig:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = a free port
+    metrics_port: int | None = None  # Prometheus endpoint; None = off, 0 = a free port
+    slots: int = 8  # concurrent sessions per drafter
+    max_len: int = 2048
+    session_ttl_s: float = 120.0
+    gguf_path: Path | None = None  # the primary whose shape the drafters follow (None: the bundled SmolLM2)
+
+
+def build_server(workers: dict[str, DrafterWorker], cfg: SecondaryServiceConfig) -> ServiceServer:
+    """The Secondary service around drafter workers keyed "tandem" / "vanilla" (tests pass tiny ones)."""
+    registry = CollectorRegistry()
+    used = Gauge("tandem_secondary_slots_used", "drafter cache slots held", ["drafter"], registry=registry)
+    total = Gauge("tandem_secondary_slots_total", "drafter cache slots", ["drafter"], registry=registry)
+    for name, w in workers.items():
+        used.labels(drafter=name).set_function(w.pool.__len__)
+        total.labels(drafter=name).set(w.pool.capacity)
+
+    def expire() -> None:
+        for w in workers.values():
+            w.expire_idle(cfg.session_ttl_s)
+
+    return ServiceServer(
+        lambda server: pb_grpc.add_SecondaryServicer_to_server(SecondaryServicer(workers), server),
+        [SERVICE_NAME],
+        host=cfg.host,
+        port=cfg.port,
+        metrics_port=cfg.metrics_port,
+        registry=registry,
+        housekeeping=[(min(5.0, cfg.session_ttl_s / 2), expire)],
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SecondaryServiceConfig:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m secondary_svc", description="Tandem drafter service")
+    p.add_argument("--host", default=env("TANDEM_SECONDARY_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("TANDEM_SECONDARY_PORT", "50052")))
+    p.add_argument("--metrics-port", type=int, default=int(env("TANDEM_SECONDARY_METRICS_PORT", "9092")))
+    p.add_argument("--slots", type=int, default=int(env("TANDEM_SECONDARY_SLOTS", "8")))
+    p.add_argument("--max-len", type=int, default=int(env("TANDEM_MAX_LEN", "2048")))
+    p.add_argument("--session-ttl-s", type=float, default=float(env("TANDEM_SESSION_TTL_S", "120")))
+    p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="primary GGUF (default: SmolLM2)")
+    a = p.parse_args(argv)
+    return SecondaryServiceConfig(a.host, a.port, a.metrics_port, a.slots, a.max_len, a.session_ttl_s, a.gguf)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = parse_args(argv)
+    from tandem.models import BundleConfig, load_drafters, primary_config  # loads JAX
+
+    bundle = BundleConfig(gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots)
+    runners, sources = load_drafters(primary_config(bundle), bundle)
+    server = build_server({name: DrafterWorker(r) for name, r in runners.items()}, cfg).start()
+    logging.getLogger("secondary_svc").info(
+        "serving %s on %s (metrics :%s, drafters %s)", SERVICE_NAME, server.address, server.metrics_port, sources
+    )
+    server.serve_until_signalled()

@@ -1,0 +1,101 @@
+"""A Python client for the public Orchestrator API, sync and asyncio.
+
+from tandemrpc.client import TandemClient
+with TandemClient("127.0.0.1:50050") as client:
+    for chunk in client.generate("The capital of France is", max_tokens=16):
+        print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import grpc
+
+from tandemrpc.convert import MODE_ENUMS
+from tandemrpc.server import GRPC_OPTIONS
+from tandemrpc.v1 import tandem_pb2 as pb
+from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
+
+
+def build_request(
+    prompt: str | Sequence[int] | Sequence[dict[str, str]],
+    *,
+    max_tokens: int = 64,
+    mode: str = "tandem-speed",
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    gamma_max: int = 0,
+    tau: float | None = None,
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    """A GenerateRequest from text, token ids, or chat messages ([{"role": ..., "content": ...}])."""
+    if mode not in MODE_ENUMS:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODE_ENUMS)}")
+    req = pb.GenerateRequest(
+        sampling=pb.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k),
+        max_tokens=max_tokens,
+        stop=list(stop),
+        mode=pb.Mode.Name(MODE_ENUMS[mode]),
+        gamma_max=gamma_max,
+        request_id=request_id,
+    )
+    if seed is not None:
+        req.sampling.seed = seed
+    if tau is not None:
+        req.tau = tau
+    if isinstance(prompt, str):
+        req.text = prompt
+    elif prompt and isinstance(prompt[0], dict):
+        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)  # type: ignore[index]
+    else:
+        req.token_ids.ids.extend(int(t) for t in prompt)  # type: ignore[arg-type]
+    return req
+
+
+class TandemClient:
+    """Blocking client; `generate` yields GenerateResponse chunks as the server streams them."""
+
+    def __init__(self, target: str, timeout_s: float | None = None) -> None:
+        self.channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        self.stub = pb_grpc.OrchestratorStub(self.channel)
+        self.timeout_s = timeout_s
+
+    def generate(self, prompt: str | Sequence[int] | Sequence[dict[str, str]], **kw) -> Iterator[pb.GenerateResponse]:
+        yield from self.stub.Generate(build_request(prompt, **kw), timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> TandemClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncTandemClient:
+    """asyncio client; `generate` is an async iterator of GenerateResponse chunks."""
+
+    def __init__(self, target: str, timeout_s: float | None = None) -> None:
+        self.channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+        self.stub = pb_grpc.OrchestratorStub(self.channel)
+        self.timeout_s = timeout_s
+
+    async def generate(
+        self, prompt: str | Sequence[int] | Sequence[dict[str, str]], **kw
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        async for chunk in self.stub.Generate(build_request(prompt, **kw), timeout=self.timeout_s):
+            yield chunk
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncTandemClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,156 @@
+"""What every Tandem service shares: error -> status mapping and a server lifecycle object that tests start
+in-process on a free loopback port (health service, reflection, Prometheus endpoint, message size limits)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from tandem.errors import (
+    InvalidRequestError,
+    PoolExhaustedError,
+    SessionNotFoundError,
+    SessionStateError,
+    TandemError,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20  # a prefill's states for a 4k-token prompt are ~28 MB of float32 on SmolLM2
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+_STATUS = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (SessionNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (SessionStateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (PoolExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+)
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status a library error maps to (INTERNAL for anything unexpected)."""
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def translate_errors(method: F) -> F:
+    """Wraps a unary servicer method: library errors abort the call with their status and message."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except TandemError as e:
+            context.abort(status_for(e), str(e))
+        except Exception as e:  # a bug: say so, keep serving others
+            log.exception("internal error in %s", method.__qualname__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+class ServiceServer:
+    """Lifecycle of one gRPC service: start() / stop(grace) / wait().
+
+    Args:
+        register: adds the service's servicers to a grpc.Server.
+        service_names: full names of the registered services (health and reflection list them).
+        host, port: where to listen; port 0 picks a free one (read `port` after start()).
+        metrics_port: Prometheus endpoint port (None: no endpoint, 0: a free one).
+        registry: the metrics registry the service writes to.
+        max_workers: handler threads.
+        housekeeping: (interval_s, fn) pairs run on a background thread while serving (session expiry).
+    """
+
+    def __init__(
+        self,
+        register: Callable[[grpc.Server], None],
+        service_names: Sequence[str],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        metrics_port: int | None = None,
+        registry: CollectorRegistry | None = None,
+        max_workers: int = 32,
+        housekeeping: Sequence[tuple[float, Callable[[], object]]] = (),
+    ) -> None:
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+        register(self._server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self.service_names = tuple(service_names)
+        reflection.enable_server_reflection(
+            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self.host = host
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {host}:{port}")
+        self._metrics_port, self.registry = metrics_port, registry or CollectorRegistry()
+        self._metrics_http: Any = None
+        self.metrics_port: int | None = None
+        self._housekeeping = tuple(housekeeping)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> ServiceServer:
+        self._server.start()
+        if self._metrics_port is not None:
+            self._metrics_http, _ = start_http_server(self._metrics_port, addr=self.host, registry=self.registry)
+            self.metrics_port = int(self._metrics_http.server_port)
+        for interval, fn in self._housekeeping:
+            t = threading.Thread(target=self._every, args=(interval, fn), daemon=True)
+            t.start()
+            self._threads.append(t)
+        for name in ("", *self.service_names):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def _every(self, interval: float, fn: Callable[[], object]) -> None:
+        while not self._stopping.wait(interval):
+            try:
+                fn()
+            except Exception:
+                log.exception("housekeeping task failed")
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self._stopping.set()
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def serve_until_signalled(self, grace: float = 5.0) -> None:
+        """Blocks until SIGTERM or SIGINT, then stops gracefully (what a container entrypoint wants)."""
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        done.wait()
+        self.stop(grace)

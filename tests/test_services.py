@@ -1,0 +1,205 @@
+"""The three services in this process on loopback ports, with tiny random models: losslessness through gRPC,
+cancellation, health, reflection and error statuses."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from conftest import TINY, make_engine
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from orchestrator.core import OrchestratorConfig
+from orchestrator.server import OrchestratorServiceConfig
+from orchestrator.server import build_server as build_orchestrator
+from primary_svc.server import PrimaryServiceConfig
+from primary_svc.server import build_server as build_primary
+from secondary_svc.server import SecondaryServiceConfig
+from secondary_svc.server import build_server as build_secondary
+from tandem.config import SamplingParams, SpecConfig
+from tandem.workers import DrafterWorker, PrimaryWorker
+from tandemrpc.client import TandemClient, build_request
+from tandemrpc.convert import numpy_to_tensor
+from tandemrpc.v1 import tandem_pb2 as pb
+from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
+
+MAX_LEN = 256
+
+
+class Stack:
+    """Primary, Secondary and Orchestrator servers around tiny models, plus the same models in process."""
+
+    def __init__(self, tiny_params) -> None:
+        served = make_engine(tiny_params, max_len=MAX_LEN, slots=4)  # the services' models
+        self.reference = make_engine(tiny_params, max_len=MAX_LEN)  # identical weights, in process
+        self.primary_worker = PrimaryWorker(served.primary)
+        self.drafters = {
+            "tandem": DrafterWorker(served.drafters["tandem"].runner),
+            "vanilla": DrafterWorker(served.drafters["speed"].runner),
+        }
+        self.primary = build_primary(self.primary_worker, PrimaryServiceConfig(metrics_port=0)).start()
+        self.secondary = build_secondary(self.drafters, SecondaryServiceConfig(metrics_port=0)).start()
+        core = OrchestratorConfig(
+            primary_target=self.primary.address,
+            secondary_target=self.secondary.address,
+            vocab_size=TINY.vocab_size,
+            max_len=MAX_LEN,
+            max_tokens_limit=128,
+            default_spec=SpecConfig(gamma_max=4, tau=0.0),
+        )
+        self.orchestrator, self.core = build_orchestrator(OrchestratorServiceConfig(metrics_port=0, core=core), None)
+        self.orchestrator.start()
+        self.client = TandemClient(self.orchestrator.address, timeout_s=60)
+
+    def live_sessions(self) -> int:
+        return len(self.primary_worker.pool) + sum(len(w.pool) for w in self.drafters.values())
+
+    def close(self) -> None:
+        self.client.close()
+        for s in (self.orchestrator, self.secondary, self.primary):
+            s.stop(0)
+        self.core.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_params) -> Iterator[Stack]:
+    s = Stack(tiny_params)
+    yield s
+    s.close()
+
+
+def _tokens(chunks) -> tuple[list[int], list[pb.GenerateResponse]]:
+    chunks = list(chunks)
+    return [t for c in chunks for t in c.token_ids], chunks
+
+
+PROMPTS = [[3, 17, 9], [40, 2, 11, 5, 23], [8, 1, 30, 30, 12, 44, 7]]
+
+
+def test_grpc_output_equals_in_process(stack: Stack) -> None:
+    spec = SpecConfig(gamma_max=4, tau=0.0)
+    for prompt in PROMPTS:
+        want = stack.reference.generate(prompt, mode="primary", max_tokens=40).token_ids
+        for mode in ("primary", "speed", "tandem-speed"):
+            got, chunks = _tokens(stack.client.generate(prompt, mode=mode, max_tokens=40))
+            assert got == want, mode
+            last = chunks[-1]
+            assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == 40
+            if mode != "primary":
+                assert last.stats.rounds > 0 and last.stats.drafted_tokens >= last.stats.rounds
+        standalone = stack.reference.generate(prompt, mode="tandem", max_tokens=40, spec=spec).token_ids
+        assert _tokens(stack.client.generate(prompt, mode="tandem", max_tokens=40))[0] == standalone
+    assert stack.live_sessions() == 0
+
+
+def test_seeded_sampling_matches_in_process(stack: Stack) -> None:
+    spec = SpecConfig(gamma_max=4, tau=0.0)
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, seed=5)
+    for mode in ("speed", "tandem-speed"):
+        want = stack.reference.generate(PROMPTS[0], mode=mode, max_tokens=30, sampling=sampling, spec=spec).token_ids
+        got, _ = _tokens(
+            stack.client.generate(PROMPTS[0], mode=mode, max_tokens=30, temperature=1.0, top_p=0.9, seed=5)
+        )
+        assert got == want, mode
+
+
+def test_cancel_releases_every_session(stack: Stack) -> None:
+    call = stack.client.stub.Generate(build_request(PROMPTS[1], max_tokens=120, mode="tandem-speed"))
+    next(call), next(call)  # the prefill's token, then a round's: both model services hold the session
+    assert stack.live_sessions() == 2
+    call.cancel()
+    deadline = time.monotonic() + 1.0
+    while stack.live_sessions() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stack.live_sessions() == 0
+
+
+def test_health_and_reflection(stack: Stack) -> None:
+    for server in (stack.primary, stack.secondary, stack.orchestrator):
+        with grpc.insecure_channel(server.address) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            listed = next(
+                reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+                )
+            )
+            names = {s.name for s in listed.list_services_response.service}
+            assert server.service_names[0] in names and "grpc.health.v1.Health" in names
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "message"),
+    [
+        (dict(prompt=[]), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (dict(prompt=[1, 2], max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (dict(prompt=[1, 2], max_tokens=100_000), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+        (dict(prompt=[1, 2], temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (dict(prompt=[1, 2], temperature=1.0, top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (dict(prompt=[1, 2], gamma_max=99), grpc.StatusCode.INVALID_ARGUMENT, "gamma_max"),
+        (dict(prompt=[1, TINY.vocab_size]), grpc.StatusCode.INVALID_ARGUMENT, "token ids"),
+        (dict(prompt="hello"), grpc.StatusCode.INVALID_ARGUMENT, "tokenizer"),
+    ],
+)
+def test_bad_public_requests(stack: Stack, kwargs: dict, code: grpc.StatusCode, message: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        list(stack.client.generate(**kwargs))
+    assert err.value.code() == code and message in err.value.details()
+    assert len(_tokens(stack.client.generate([1, 2], max_tokens=3))[0]) == 3  # still serving
+
+
+def test_unknown_mode(stack: Stack) -> None:
+    req = build_request([1, 2], max_tokens=3)
+    req.mode = 99  # type: ignore[assignment]
+    with pytest.raises(grpc.RpcError) as err:
+        list(stack.client.stub.Generate(req))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown mode" in err.value.details()
+
+
+def test_internal_api_errors(stack: Stack) -> None:
+    with grpc.insecure_channel(stack.primary.address) as ch:
+        primary = pb_grpc.PrimaryStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            primary.Verify(pb.VerifyRequest(session_id="nope", tokens=[1]))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert not primary.Release(pb.ReleaseRequest(session_id="nope")).released
+        with pytest.raises(grpc.RpcError) as err:
+            primary.Prefill(pb.PrefillRequest(session_id="", prompt_ids=[1]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with grpc.insecure_channel(stack.secondary.address) as ch:
+        secondary = pb_grpc.SecondaryStub(ch)
+        bad_tensors = [
+            pb.Tensor(dtype=pb.Tensor.FLOAT32, shape=[3, 2, 32], data=b"\0" * 10),  # wrong byte length
+            pb.Tensor(dtype=7, shape=[3, 2, 32], data=b""),  # unknown dtype
+            numpy_to_tensor(np.full((3, 2, TINY.d_model), np.nan, np.float32)),  # NaN
+            numpy_to_tensor(np.zeros((2, 2, TINY.d_model), np.float32)),  # wrong shape for a 3-token prompt
+        ]
+        for t in bad_tensors:
+            start = pb.DraftStart(session_id="s1", prompt_ids=[1, 2, 3], hidden=t, first_token=4, gamma_max=2)
+            with pytest.raises(grpc.RpcError) as err:
+                list(secondary.Draft(iter([pb.DraftRequest(start=start)])))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, t.shape
+        adv = pb.DraftRequest(advance=pb.DraftAdvance(accepted=0, next_token=1))
+        with pytest.raises(grpc.RpcError) as err:
+            list(secondary.Draft(iter([adv])))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert stack.live_sessions() == 0
+
+
+def test_pool_exhaustion_is_resource_exhausted(stack: Stack) -> None:
+    calls = [stack.client.stub.Generate(build_request(PROMPTS[0], max_tokens=100, mode="primary")) for _ in range(4)]
+    for c in calls:
+        next(c)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stack.client.generate(PROMPTS[0], max_tokens=5, mode="primary"))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for c in calls:
+        c.cancel()
+    deadline = time.monotonic() + 1.0
+    while stack.live_sessions() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stack.live_sessions() == 0
