@@ -4,6 +4,7 @@ cancellation, health, reflection and error statuses."""
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -58,6 +59,13 @@ class Stack:
     def live_sessions(self) -> int:
         return len(self.primary_worker.pool) + sum(len(w.pool) for w in self.drafters.values())
 
+    def settled_sessions(self, within_s: float = 1.0) -> int:
+        """Live sessions once releases in flight have landed (the secondary closes when its stream ends)."""
+        deadline = time.monotonic() + within_s
+        while self.live_sessions() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.live_sessions()
+
     def close(self) -> None:
         self.client.close()
         for s in (self.orchestrator, self.secondary, self.primary):
@@ -93,7 +101,7 @@ def test_grpc_output_equals_in_process(stack: Stack) -> None:
                 assert last.stats.rounds > 0 and last.stats.drafted_tokens >= last.stats.rounds
         standalone = stack.reference.generate(prompt, mode="tandem", max_tokens=40, spec=spec).token_ids
         assert _tokens(stack.client.generate(prompt, mode="tandem", max_tokens=40))[0] == standalone
-    assert stack.live_sessions() == 0
+    assert stack.settled_sessions() == 0
 
 
 def test_seeded_sampling_matches_in_process(stack: Stack) -> None:
@@ -112,10 +120,28 @@ def test_cancel_releases_every_session(stack: Stack) -> None:
     next(call), next(call)  # the prefill's token, then a round's: both model services hold the session
     assert stack.live_sessions() == 2
     call.cancel()
-    deadline = time.monotonic() + 1.0
-    while stack.live_sessions() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert stack.live_sessions() == 0
+    assert stack.settled_sessions() == 0
+    # ... and the services' own metrics say so
+    assert _metric(stack.primary.metrics_port, "tandem_primary_slots_used") == 0
+    assert _metric(stack.secondary.metrics_port, 'tandem_secondary_slots_used{drafter="tandem"}') == 0
+    assert _metric(stack.orchestrator.metrics_port, "tandem_requests_running") == 0
+
+
+def _metric(port: int | None, series: str) -> float:
+    """One sample from a service's Prometheus page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        for line in page.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+    raise AssertionError(f"{series} not exported on :{port}")
+
+
+def test_speculation_counters_are_exported(stack: Stack) -> None:
+    before = _metric(stack.orchestrator.metrics_port, "tandem_spec_num_drafts_total")
+    _, chunks = _tokens(stack.client.generate(PROMPTS[2], mode="tandem-speed", max_tokens=20))
+    rounds = chunks[-1].stats.rounds
+    assert _metric(stack.orchestrator.metrics_port, "tandem_spec_num_drafts_total") == before + rounds
+    assert _metric(stack.orchestrator.metrics_port, "tandem_spec_num_draft_tokens_total") >= rounds
 
 
 def test_health_and_reflection(stack: Stack) -> None:
@@ -187,7 +213,7 @@ def test_internal_api_errors(stack: Stack) -> None:
         with pytest.raises(grpc.RpcError) as err:
             list(secondary.Draft(iter([adv])))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert stack.live_sessions() == 0
+    assert stack.settled_sessions() == 0
 
 
 def test_pool_exhaustion_is_resource_exhausted(stack: Stack) -> None:
@@ -199,7 +225,4 @@ def test_pool_exhaustion_is_resource_exhausted(stack: Stack) -> None:
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     for c in calls:
         c.cancel()
-    deadline = time.monotonic() + 1.0
-    while stack.live_sessions() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert stack.live_sessions() == 0
+    assert stack.settled_sessions() == 0
