@@ -3,9 +3,14 @@ cancellation, health, reflection and error statuses."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -226,3 +231,24 @@ def test_pool_exhaustion_is_resource_exhausted(stack: Stack) -> None:
     for c in calls:
         c.cancel()
     assert stack.settled_sessions() == 0
+
+
+def _grpcurl() -> str:
+    exe = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    if not Path(exe).exists():
+        pytest.skip("grpcurl is not installed (dev extra, x86_64 only)")
+    return exe
+
+
+def test_grpcurl_lists_and_calls_the_public_api(stack: Stack) -> None:
+    exe, addr = _grpcurl(), stack.orchestrator.address
+    listed = subprocess.run([exe, "-plaintext", addr, "list"], capture_output=True, text=True, timeout=30, check=True)
+    assert "tandem.v1.Orchestrator" in listed.stdout.split()
+    body = json.dumps({"token_ids": {"ids": PROMPTS[0]}, "max_tokens": 6, "mode": "MODE_TANDEM_SPEED"})
+    out = subprocess.run(
+        [exe, "-plaintext", "-d", body, addr, "tandem.v1.Orchestrator/Generate"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    chunks = [json.loads(c) for c in out.stdout.replace("}\n{", "}\x00{").split("\x00") if c.strip()]
+    assert sum(len(c.get("token_ids", [])) for c in chunks) == 6  # grpcurl 1.8 prints proto field names
+    assert chunks[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
