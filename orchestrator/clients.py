@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 import grpc
 import numpy as np
@@ -26,7 +27,7 @@ class ModelServiceError(TandemError):
         self.code = code
 
 
-def _raise_from(service: str, e: grpc.RpcError) -> None:
+def _raise_from(service: str, e: grpc.RpcError) -> NoReturn:
     code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = e.details() if isinstance(e, grpc.Call) else str(e)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -60,7 +61,6 @@ class RemotePrimary:
             return self._step(self.stub.Prefill(req, timeout=self.timeout_s))
         except grpc.RpcError as e:
             _raise_from("primary", e)
-            raise
 
     def verify(
         self, session: str, tokens: Sequence[int], proposals: Sequence[SparseDist], verify: bool, want_hidden: bool
@@ -76,7 +76,6 @@ class RemotePrimary:
             return self._step(self.stub.Verify(req, timeout=self.timeout_s))
         except grpc.RpcError as e:
             _raise_from("primary", e)
-            raise
 
     def release(self, session: str) -> bool:
         try:
@@ -104,13 +103,8 @@ class RemoteDrafter:
         self._requests: queue.Queue[object] = queue.Queue()
         self._call = pb_grpc.SecondaryStub(channel).Draft(iter(self._requests.get, _END), timeout=timeout_s)
         self._responses: Iterator[pb.DraftResponse] = self._call
-        self.session, self.drafter, self.sampling, self.spec, self.vocab_size = (
-            session,
-            drafter,
-            sampling,
-            spec,
-            vocab_size,
-        )
+        self.session, self.drafter, self.vocab_size = session, drafter, vocab_size
+        self.sampling, self.spec = sampling, spec
 
     def _exchange(self, req: pb.DraftRequest) -> Drafts:
         self._requests.put(req)
@@ -118,7 +112,6 @@ class RemoteDrafter:
             resp = next(self._responses)
         except grpc.RpcError as e:
             _raise_from("secondary", e)
-            raise
         except StopIteration:
             raise ModelServiceError("secondary", grpc.StatusCode.UNAVAILABLE, "draft stream ended early") from None
         return Drafts(list(resp.tokens), [sparse_from_proto(q, self.vocab_size) for q in resp.proposals])
