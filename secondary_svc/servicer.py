@@ -70,4 +70,4 @@ class SecondaryServicer(pb_grpc.SecondaryServicer):
             context.abort(status_for(e), str(e))
         finally:
             if session is not None and worker is not None:
-                worker.close(session)
+                worker.release(session)

@@ -83,6 +83,26 @@ class _SlotPool:
         return len(self.sessions)
 
 
+class _SessionWorker:
+    """What both workers share: a slot pool, a lock serialising model calls, release and idle expiry."""
+
+    def __init__(self, slots: int) -> None:
+        self.pool = _SlotPool(slots)
+        self.lock = threading.Lock()
+
+    def release(self, session: str) -> bool:
+        """Frees the session's slot; returns False if it was not live."""
+        with self.lock:
+            return self.pool.close(session)
+
+    def expire_idle(self, ttl_s: float) -> list[str]:
+        """Releases sessions idle for longer than ttl_s; returns their ids."""
+        expired = self.pool.idle(ttl_s)
+        for s in expired:
+            self.release(s)
+        return expired
+
+
 def _pick(logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator) -> int:
     """The primary's own token from [V] logits: argmax when greedy, else a draw from the request's distribution."""
     if sampling.greedy:
@@ -96,13 +116,12 @@ class _PrimarySession(_Session):
     rng: np.random.Generator
 
 
-class PrimaryWorker:
+class PrimaryWorker(_SessionWorker):
     """The primary's side of requests: prefill, block verify (or standalone processing) and release."""
 
     def __init__(self, runner: PrimaryRunner) -> None:
+        super().__init__(runner.batch)
         self.runner = runner
-        self.pool = _SlotPool(runner.batch)
-        self.lock = threading.Lock()
 
     @property
     def vocab_size(self) -> int:
@@ -173,18 +192,6 @@ class PrimaryWorker:
             self.runner.commit(state.slot, 1 + accepted)
         return PrimaryStep(accepted, nxt, out.hidden[0, : 1 + accepted] if want_hidden else None)
 
-    def release(self, session: str) -> bool:
-        """Frees the session's slot; returns False if it was not live."""
-        with self.lock:
-            return self.pool.close(session)
-
-    def expire_idle(self, ttl_s: float) -> list[str]:
-        """Releases sessions idle for longer than ttl_s; returns their ids."""
-        expired = self.pool.idle(ttl_s)
-        for s in expired:
-            self.release(s)
-        return expired
-
 
 @dataclasses.dataclass
 class _DrafterSession(_Session):
@@ -196,14 +203,13 @@ class _DrafterSession(_Session):
     drafts: list[int] = dataclasses.field(default_factory=list)  # the last round's drafts
 
 
-class DrafterWorker:
+class DrafterWorker(_SessionWorker):
     """The drafter's side of requests. A Tandem worker ingests the primary's states; a vanilla one reads tokens only."""
 
     def __init__(self, runner: DrafterRunner, router: Router | None = None) -> None:
+        super().__init__(runner.batch)
         self.runner = runner
         self.router = router or MaxProbRouter()
-        self.pool = _SlotPool(runner.batch)
-        self.lock = threading.Lock()
 
     @property
     def tandem(self) -> bool:
@@ -287,17 +293,6 @@ class DrafterWorker:
         st.drafts = drafts
         return Drafts(drafts, [] if st.sampling.greedy else proposals)
 
-    def close(self, session: str) -> bool:
-        """Frees the session's slot; returns False if it was not live."""
-        with self.lock:
-            return self.pool.close(session)
-
-    def expire_idle(self, ttl_s: float) -> list[str]:
-        expired = self.pool.idle(ttl_s)
-        for s in expired:
-            self.close(s)
-        return expired
-
 
 class LocalDrafter:
     """A DrafterAPI for one session of an in-process DrafterWorker."""
@@ -312,4 +307,4 @@ class LocalDrafter:
         return self.worker.advance(self.session, accepted, hidden, next_token, max_drafts)
 
     def close(self) -> None:
-        self.worker.close(self.session)
+        self.worker.release(self.session)
