@@ -132,6 +132,14 @@ def test_cancel_releases_every_session(stack: Stack) -> None:
     assert _metric(stack.orchestrator.metrics_port, "tandem_requests_running") == 0
 
 
+def test_deadline_releases_every_session(stack: Stack) -> None:
+    call = stack.client.stub.Generate(build_request(PROMPTS[1], max_tokens=128, mode="speed"), timeout=0.1)
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert stack.settled_sessions() == 0
+
+
 def _metric(port: int | None, series: str) -> float:
     """One sample from a service's Prometheus page."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
