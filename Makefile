@@ -13,9 +13,9 @@ $(BIN)/tandem: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-# The main job: SmolLM2-135M-Instruct verifying a Tandem drafter's blocks, streamed to the terminal.
+# The main job: the three services as processes, SmolLM2-135M-Instruct verifying a Tandem drafter's blocks, streamed.
 demo: setup
-	$(BIN)/tandem generate "$(PROMPT)" --in-process --max-tokens 48
+	$(BIN)/tandem demo "$(PROMPT)"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -10,9 +10,14 @@ from typing import Any
 
 from tandem.config import DEFAULT_MODE, MODES, SamplingParams, SpecConfig
 
+DEFAULT_PORT = 50050
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
+
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate a completion with the bundled models")
+    p = sub.add_parser(
+        "generate", help="generate a completion through a running orchestrator (or --in-process with the models here)"
+    )
     p.add_argument("prompt", nargs="?", help="prompt text (or use --prompts)")
     p.add_argument("--prompts", metavar="FILE.jsonl", help='one JSON object per line with a "prompt" key')
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
@@ -22,17 +27,46 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k truncation")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--gamma-max", type=int, default=SpecConfig.gamma_max, help="most tokens drafted per round")
-    p.add_argument("--tau", type=float, default=SpecConfig.tau, help="keep drafting while confidence >= tau")
+    p.add_argument(
+        "--gamma-max", type=int, default=None, help=f"most tokens drafted per round (default: {SpecConfig.gamma_max})"
+    )
+    p.add_argument(
+        "--tau", type=float, default=None, help=f"keep drafting while confidence >= tau (default: {SpecConfig.tau})"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    p.add_argument("--in-process", action="store_true", help="run the models in this process (the only path so far)")
-    p.add_argument("--max-len", type=int, default=2048, help="context slots per sequence")
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"orchestrator HOST:PORT (default: {DEFAULT_TARGET})")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline per request (default: none)")
+    p.add_argument("--in-process", action="store_true", help="run the models in this process instead of --target")
+    p.add_argument("--max-len", type=int, default=2048, help="context slots per sequence (--in-process only)")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run primary, secondary and orchestrator as local processes until interrupted")
+    p.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"orchestrator port, 0 = a free one (default: {DEFAULT_PORT})"
+    )
+    p.add_argument("--state-file", metavar="FILE", help="write addresses, pids and metrics URLs here as JSON")
+    p.add_argument("--slots", type=int, default=4, help="concurrent sessions per model service (default: 4)")
+    p.add_argument("--max-len", type=int, default=2048, help="positions per session (default: 2048)")
+    p.add_argument("--log-dir", metavar="DIR", help="service logs go here (default: a new temporary directory)")
+    p.add_argument(
+        "--startup-timeout", type=float, default=600.0, metavar="S", help="wait this long for SERVING (default: 600)"
+    )
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="start the three services, stream one generation through gRPC, stop")
+    p.add_argument("prompt", nargs="?", default="The capital of France is")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem Transformers + SPEED serving")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -51,12 +85,80 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def generate(args: argparse.Namespace) -> int:
     try:
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        spec = SpecConfig(gamma_max=args.gamma_max, tau=args.tau)
+        given = {k: v for k, v in (("gamma_max", args.gamma_max), ("tau", args.tau)) if v is not None}
+        spec = SpecConfig(**given)
     except ValueError as e:
         raise SystemExit(f"tandem generate: {e}") from None
     if args.max_tokens < 1:
         raise SystemExit("tandem generate: --max-tokens must be >= 1")
     prompts = _prompts(args)
+    if args.in_process:
+        return _generate_in_process(args, prompts, sampling, spec)
+    return _generate_remote(args, prompts)
+
+
+def _generate_remote(args: argparse.Namespace, prompts: list[str]) -> int:
+    import grpc
+
+    from tandem.serve import ServeError, stream_remote
+    from tandemrpc.client import TandemClient
+
+    kw: dict[str, Any] = dict(
+        mode=args.mode,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        gamma_max=args.gamma_max or 0,  # 0 / None: the server's defaults
+        tau=args.tau,
+    )
+    with TandemClient(args.target, timeout_s=args.timeout) as client:
+        for prompt in prompts:
+            request = [{"role": "user", "content": prompt}] if args.chat else prompt
+            stream = stream_remote(client, request, **kw)
+            printed = False
+            try:
+                while True:
+                    delta = next(stream)
+                    if not args.json:
+                        print(delta, end="", flush=True)
+                        printed = printed or bool(delta)
+            except StopIteration as done:
+                result = done.value
+            except KeyboardInterrupt:
+                print(flush=True)
+                return 130
+            except (grpc.RpcError, ServeError) as e:
+                if printed:
+                    print(flush=True)
+                # a failed streaming call is also a grpc.Call: it has the status code and details
+                msg = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
+                print(f"tandem generate: {msg}", file=sys.stderr, flush=True)
+                if isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE:
+                    print(f"(is `tandem serve` running at {args.target}? or use --in-process)", file=sys.stderr)
+                return 1
+            if args.json:
+                out = {
+                    "prompt": prompt,
+                    "text": result.text,
+                    "token_ids": result.token_ids,
+                    "mode": args.mode,
+                    "finish_reason": result.finish_reason,
+                    "stats": result.stats,
+                }
+                print(json.dumps(out, ensure_ascii=False), flush=True)
+            else:
+                print(flush=True)
+                print(
+                    f"[{args.mode}] {_summary(result.stats)} finish={result.finish_reason}", file=sys.stderr, flush=True
+                )
+    return 0
+
+
+def _generate_in_process(
+    args: argparse.Namespace, prompts: list[str], sampling: SamplingParams, spec: SpecConfig
+) -> int:
     from tandem.models import BundleConfig, load_bundle  # JAX loads only once the flags are valid
 
     bundle = load_bundle(BundleConfig(max_len=args.max_len))
@@ -82,6 +184,7 @@ def generate(args: argparse.Namespace) -> int:
             raise SystemExit(f"tandem generate: {e}") from None
         tail = decoder.flush()
         pieces.append(tail)
+        stats = result.stats.to_dict()
         if args.json:
             out: dict[str, Any] = {
                 "prompt": prompt,
@@ -89,19 +192,86 @@ def generate(args: argparse.Namespace) -> int:
                 "token_ids": token_ids,
                 "mode": args.mode,
                 "finish_reason": result.finish_reason,
-                "stats": result.stats.to_dict(),
+                "stats": stats,
             }
             print(json.dumps(out, ensure_ascii=False), flush=True)
         else:
             print(tail, flush=True)
-            print(f"[{args.mode}] {_summary(result.stats)} finish={result.finish_reason}", file=sys.stderr, flush=True)
+            print(f"[{args.mode}] {_summary(stats)} finish={result.finish_reason}", file=sys.stderr, flush=True)
     return 0
 
 
-def _summary(s: Any) -> str:
+def serve(args: argparse.Namespace) -> int:
+    from tandem.serve import ServeError, ServeStack, interrupt_on_signals
+
+    def say(msg: str) -> None:
+        print(f"tandem serve: {msg}", file=sys.stderr, flush=True)
+
+    try:
+        stack = ServeStack(
+            port=args.port,
+            slots=args.slots,
+            max_len=args.max_len,
+            log_dir=args.log_dir,
+            startup_timeout_s=args.startup_timeout,
+        )
+    except ValueError as e:
+        raise SystemExit(f"tandem serve: {e}") from None
+    say(f"starting primary, secondary and orchestrator; logs in {stack.log_dir}")
+    with interrupt_on_signals():
+        try:
+            stack.start(on_ready=lambda name, s: say(f"{name} serving after {s:.1f}s"))
+        except (ServeError, OSError) as e:
+            say(str(e))
+            return 1
+        except KeyboardInterrupt:
+            say("interrupted while starting; stopped")
+            return 130
+        try:
+            if args.state_file:
+                stack.write_state(args.state_file)
+            print(f"orchestrator {stack.orchestrator_address}", flush=True)
+            print(json.dumps(stack.state()), flush=True)
+            say(f'try: tandem generate "The capital of France is" --target {stack.orchestrator_address}')
+            stack.wait()
+        except KeyboardInterrupt:
+            say("stopping")
+            return 0
+        except (ServeError, OSError) as e:
+            say(str(e))
+            return 1
+        finally:
+            stack.stop()
+
+
+def demo(args: argparse.Namespace) -> int:
+    """The main job: the services as separate processes, one streamed generation through the public API."""
+    from tandem.serve import ServeStack, stream_remote
+    from tandemrpc.client import TandemClient
+
+    print("tandem demo: starting primary, secondary and orchestrator (first start loads and compiles)", file=sys.stderr)
+    stack = ServeStack(port=0, slots=1, max_len=1024)
+    try:
+        stack.start(on_ready=lambda name, s: print(f"tandem demo: {name} serving after {s:.1f}s", file=sys.stderr))
+        print(f"tandem demo: {args.mode} via {stack.orchestrator_address}\n{args.prompt}", end="", flush=True)
+        with TandemClient(stack.orchestrator_address) as client:
+            stream = stream_remote(client, args.prompt, mode=args.mode, max_tokens=args.max_tokens)
+            try:
+                while True:
+                    print(next(stream), end="", flush=True)
+            except StopIteration as done:
+                result = done.value
+        print(flush=True)
+        print(f"[{args.mode}] {_summary(result.stats)} finish={result.finish_reason}", file=sys.stderr, flush=True)
+    finally:
+        stack.stop()
+    return 0
+
+
+def _summary(s: dict[str, Any]) -> str:
     return (
-        f"{s.output_tokens} tokens in {s.elapsed_s:.2f}s ({s.tokens_per_s:.1f} tok/s), rounds={s.rounds}, "
-        f"accepted {s.accepted_tokens}/{s.drafted_tokens} drafts"
+        f"{s['output_tokens']} tokens in {s['elapsed_s']:.2f}s ({s['tokens_per_s']:.1f} tok/s), rounds={s['rounds']}, "
+        f"accepted {s['accepted_tokens']}/{s['drafted_tokens']} drafts"
     )
 
 
@@ -109,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return generate(args)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "demo":
+        return demo(args)
     return 2
 
 

@@ -93,7 +93,9 @@ class ServiceServer:
         max_workers: int = 32,
         housekeeping: Sequence[tuple[float, Callable[[], object]]] = (),
     ) -> None:
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+        # No SO_REUSEPORT: a second server on a taken port must fail, not silently share its traffic.
+        options = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
         register(self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
