@@ -103,6 +103,7 @@ class RemoteDrafter:
         self._requests: queue.Queue[object] = queue.Queue()
         self._call = pb_grpc.SecondaryStub(channel).Draft(iter(self._requests.get, _END), timeout=timeout_s)
         self._responses: Iterator[pb.DraftResponse] = self._call
+        self._closed = False
         self.session, self.drafter, self.vocab_size = session, drafter, vocab_size
         self.sampling, self.spec = sampling, spec
 
@@ -142,5 +143,8 @@ class RemoteDrafter:
         return self._exchange(pb.DraftRequest(advance=adv))
 
     def close(self) -> None:
-        self._requests.put(_END)  # ends the stream; the service's finally releases the session
-        self._call.cancel()
+        """Ends the stream (the service's finally releases the session). Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._requests.put(_END)
+            self._call.cancel()

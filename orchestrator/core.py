@@ -8,7 +8,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,6 +19,7 @@ from tandem.errors import InvalidRequestError
 from tandem.rounds import GenerationResult, GenerationStats, Request, run_request
 from tandem.text import StopStringFilter
 from tandem.tokenizer import Tokenizer
+from tandemrpc.server import GRPC_OPTIONS
 from tandemrpc.v1 import tandem_pb2 as pb
 
 log = logging.getLogger("orchestrator")
@@ -88,13 +89,44 @@ class Metrics:
         self.requests.labels(mode=result.mode, finish_reason=finish).inc()
 
 
+class Generation:
+    """One request in flight: iterate for chunks; `close()` from the consuming thread, `cancel()` from any thread.
+
+    A cancelled or expired RPC leaves its response generator suspended (gRPC stops pulling from it), so the
+    generator's own cleanup would wait for garbage collection. `cancel()` releases both sessions directly instead.
+    """
+
+    def __init__(
+        self, chunks: Generator[Chunk, None, None], session: str, primary: RemotePrimary, drafter: RemoteDrafter | None
+    ) -> None:
+        self.chunks, self.session, self._primary, self._drafter = chunks, session, primary, drafter
+        self.finished = False
+
+    def __iter__(self) -> Generator[Chunk, None, None]:
+        for chunk in self.chunks:
+            yield chunk
+            if chunk.finish_reason is not None:
+                self.finished = True
+
+    def close(self) -> None:
+        self.chunks.close()
+        if self._drafter is not None:
+            self._drafter.close()  # the stream exists even if the loop never started
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self._primary.release(self.session)
+            if self._drafter is not None:
+                self._drafter.close()
+
+
 class Orchestrator:
     """Runs public requests over the Primary and Secondary services."""
 
     def __init__(self, cfg: OrchestratorConfig, tokenizer: Tokenizer | None, registry: CollectorRegistry) -> None:
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.primary_channel = grpc.insecure_channel(cfg.primary_target, options=_CHANNEL_OPTIONS)
-        self.secondary_channel = grpc.insecure_channel(cfg.secondary_target, options=_CHANNEL_OPTIONS)
+        self.primary_channel = grpc.insecure_channel(cfg.primary_target, options=GRPC_OPTIONS)
+        self.secondary_channel = grpc.insecure_channel(cfg.secondary_target, options=GRPC_OPTIONS)
         self.primary = RemotePrimary(self.primary_channel, cfg.vocab_size, cfg.call_timeout_s)
         self.metrics = Metrics(registry)
         self.stop_token_ids = frozenset(tokenizer.stop_token_ids) if tokenizer else frozenset()
@@ -126,20 +158,22 @@ class Orchestrator:
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
 
-    def generate(self, p: GenerateParams) -> Generator[Chunk, None, None]:
-        """Validates now, then yields chunks; closing the iterator (client cancellation) releases both sessions."""
+    def generate(self, p: GenerateParams) -> Generation:
+        """Validates now; the returned Generation yields chunks (see Generation for cancellation)."""
         if len(p.stop) > 16 or any(len(s) > 256 for s in p.stop):
             raise InvalidRequestError("at most 16 stop strings of at most 256 characters each")
         req = Request(self._prompt_ids(p), p.mode, p.max_tokens, p.sampling, self._spec(p))
         limit = req.validate(self.cfg.vocab_size, self.cfg.max_len, self.cfg.max_tokens_limit)
-        return self._run(p, req, limit)
-
-    def _run(self, p: GenerateParams, req: Request, limit: int) -> Generator[Chunk, None, None]:
         session = uuid.uuid4().hex
         drafter = None
         if req.mode != "primary":
             kind = pb.DRAFTER_TANDEM if req.mode.startswith("tandem") else pb.DRAFTER_VANILLA
             drafter = RemoteDrafter(self.secondary_channel, session, kind, req.sampling, req.spec, self.cfg.vocab_size)
+        return Generation(self._run(p, req, limit, session, drafter), session, self.primary, drafter)
+
+    def _run(
+        self, p: GenerateParams, req: Request, limit: int, session: str, drafter: RemoteDrafter | None
+    ) -> Generator[Chunk, None, None]:
         stats = GenerationStats()
         rounds = run_request(
             req, session, self.primary, drafter, max_tokens=limit, stop_token_ids=self.stop_token_ids, stats=stats
@@ -164,33 +198,29 @@ class Orchestrator:
                 if stops.stopped:
                     break
             tail = stops.push(decoder.flush()) + stops.flush() if decoder and not stops.stopped else ""
-            finish = result.finish_reason
-            yield Chunk(tail, [], finish, result)
-            self.metrics.observe(result, finish, first_s)
-            s = result.stats
-            log.info(
-                json.dumps(
-                    {
-                        "event": "request",
-                        "request_id": p.request_id or session,
-                        "mode": req.mode,
-                        "prompt_tokens": len(req.prompt_ids),
-                        "output_tokens": s.output_tokens,
-                        "rounds": s.rounds,
-                        "acceptance_rate": round(s.acceptance_rate, 4),
-                        "mean_acceptance_length": round(s.mean_acceptance_length, 4),
-                        "ttft_s": round(first_s, 4),
-                        "latency_s": round(time.perf_counter() - start, 4),
-                        "finish_reason": finish,
-                    }
-                )
-            )
+            self._record(p, req, session, result, first_s, time.perf_counter() - start)
+            yield Chunk(tail, [], result.finish_reason, result)
         finally:
             self.metrics.running.dec()
-            rounds.close()
+            rounds.close()  # releases both sessions if the loop ran
 
-
-_CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-)
+    def _record(
+        self, p: GenerateParams, req: Request, session: str, result: GenerationResult, first_s: float, latency_s: float
+    ) -> None:
+        """Metrics and the one structured log line per request."""
+        self.metrics.observe(result, result.finish_reason, first_s)
+        s = result.stats
+        line = {
+            "event": "request",
+            "request_id": p.request_id or session,
+            "mode": req.mode,
+            "prompt_tokens": len(req.prompt_ids),
+            "output_tokens": s.output_tokens,
+            "rounds": s.rounds,
+            "acceptance_rate": round(s.acceptance_rate, 4),
+            "mean_acceptance_length": round(s.mean_acceptance_length, 4),
+            "ttft_s": round(first_s, 4),
+            "latency_s": round(latency_s, 4),
+            "finish_reason": result.finish_reason,
+        }
+        log.info(json.dumps(line))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 
 import grpc
 
 from orchestrator.clients import ModelServiceError
-from orchestrator.core import Chunk, GenerateParams, Orchestrator
+from orchestrator.core import Chunk, GenerateParams, Generation, Orchestrator
 from tandem.errors import TandemError
 from tandemrpc.convert import mode_name, sampling_from_proto
 from tandemrpc.server import status_for
@@ -58,11 +58,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self.core = core
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
-        chunks: Generator[Chunk, None, None] | None = None
+        generation: Generation | None = None
         try:
-            chunks = self.core.generate(params_from_proto(request))
-            for chunk in chunks:
-                if not context.is_active():  # cancelled or past its deadline: stop after this round
+            generation = self.core.generate(params_from_proto(request))
+            context.add_callback(generation.cancel)  # cancellation or deadline: release both sessions at once
+            for chunk in generation:
+                if not context.is_active():
                     break
                 yield chunk_to_proto(chunk, request.request_id)
         except ModelServiceError as e:
@@ -70,5 +71,5 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         except TandemError as e:
             context.abort(status_for(e), str(e))
         finally:
-            if chunks is not None:
-                chunks.close()  # releases both sessions
+            if generation is not None:
+                generation.close()

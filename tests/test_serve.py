@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 from tandem.models import Bundle, BundleConfig, load_bundle
 from tandem.serve import ServeError, ServeStack, health_status
 from tandemrpc.client import TandemClient, build_request
+from tandemrpc.v1 import tandem_pb2 as pb
 
 pytestmark = [
     pytest.mark.real_model,
@@ -110,6 +111,16 @@ def test_greedy_through_orchestrator_matches_in_process(served: Served) -> None:
                 assert chunks[-1].usage.prompt_tokens == len(tok.encode(prompt))
                 if mode == "tandem-speed":
                     assert chunks[-1].stats.rounds > 0
+
+
+def test_stop_string_cuts_text_and_ends_the_request(served: Served) -> None:
+    with TandemClient(served.target, timeout_s=120) as client:
+        full = "".join(c.text for c in client.generate("The capital of France is", max_tokens=12))
+        assert "." in full  # " Paris." then more
+        chunks = list(client.generate("The capital of France is", max_tokens=12, stop=["."]))
+    assert "".join(c.text for c in chunks) == full[: full.index(".")]
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert chunks[-1].usage.completion_tokens < 12
 
 
 def test_cli_generate_json_against_the_stack(served: Served) -> None:

@@ -133,7 +133,9 @@ def test_cancel_releases_every_session(stack: Stack) -> None:
 
 
 def test_deadline_releases_every_session(stack: Stack) -> None:
-    call = stack.client.stub.Generate(build_request(PROMPTS[1], max_tokens=128, mode="speed"), timeout=0.1)
+    request = build_request(PROMPTS[1], max_tokens=128, mode="speed")
+    list(stack.client.stub.Generate(request))  # compile every shape bucket first: a compile holds the worker's lock
+    call = stack.client.stub.Generate(request, timeout=0.1)
     with pytest.raises(grpc.RpcError) as err:
         list(call)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
