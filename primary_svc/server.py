@@ -38,6 +38,8 @@ def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceSer
     used.set_function(lambda: len(worker.pool))
     total = Gauge("tandem_primary_slots_total", "KV cache slots", registry=registry)
     total.set(worker.pool.capacity)
+    queued = Gauge("tandem_primary_queue_depth", "calls waiting for the model", registry=registry)
+    queued.set_function(lambda: worker.waiting)
     return ServiceServer(
         lambda server: pb_grpc.add_PrimaryServicer_to_server(PrimaryServicer(worker), server),
         [SERVICE_NAME],

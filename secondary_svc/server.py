@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -36,9 +37,11 @@ def build_server(workers: dict[str, DrafterWorker], cfg: SecondaryServiceConfig)
     registry = CollectorRegistry()
     used = Gauge("tandem_secondary_slots_used", "drafter cache slots held", ["drafter"], registry=registry)
     total = Gauge("tandem_secondary_slots_total", "drafter cache slots", ["drafter"], registry=registry)
+    queued = Gauge("tandem_secondary_queue_depth", "calls waiting for a drafter", ["drafter"], registry=registry)
     for name, w in workers.items():
         used.labels(drafter=name).set_function(w.pool.__len__)
         total.labels(drafter=name).set(w.pool.capacity)
+        queued.labels(drafter=name).set_function(functools.partial(getattr, w, "waiting"))
 
     def expire() -> None:
         for w in workers.values():

@@ -7,10 +7,11 @@ batching several sessions into one pass is the batching issue's work, and the sl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -89,10 +90,29 @@ class _SessionWorker:
     def __init__(self, slots: int) -> None:
         self.pool = _SlotPool(slots)
         self.lock = threading.Lock()
+        self.waiting = 0  # calls queued for the lock (the queue-depth gauge)
+        self._count_lock = threading.Lock()
+
+    def _count(self, delta: int) -> None:
+        with self._count_lock:
+            self.waiting += delta
+
+    @contextlib.contextmanager
+    def serialised(self) -> Iterator[None]:
+        """Holds the worker's lock for one model call, counting the calls that wait for it."""
+        self._count(1)
+        try:
+            self.lock.acquire()
+        finally:
+            self._count(-1)
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def release(self, session: str) -> bool:
         """Frees the session's slot; returns False if it was not live."""
-        with self.lock:
+        with self.serialised():
             return self.pool.close(session)
 
     def expire_idle(self, ttl_s: float) -> list[str]:
@@ -144,7 +164,7 @@ class PrimaryWorker(_SessionWorker):
     ) -> PrimaryStep:
         """Processes the prompt in one block pass and emits the first token."""
         prompt = self._check_tokens(prompt_ids)
-        with self.lock:
+        with self.serialised():
             state = self.pool.open(
                 session, lambda slot: _PrimarySession(slot, sampling, request_rngs(sampling.seed)[0])
             )
@@ -173,7 +193,7 @@ class PrimaryWorker(_SessionWorker):
         """
         block = self._check_tokens(tokens)
         drafts = [int(t) for t in block[1:]]
-        with self.lock:
+        with self.serialised():
             state = self.pool.get(session)
             assert isinstance(state, _PrimarySession)
             sampling = state.sampling
@@ -217,7 +237,7 @@ class DrafterWorker(_SessionWorker):
 
     def open(self, session: str, sampling: SamplingParams, spec: SpecConfig) -> LocalDrafter:
         """Reserves a slot for a request; returns the in-process handle the request loop drives."""
-        with self.lock:
+        with self.serialised():
             self.pool.open(session, lambda slot: _DrafterSession(slot, sampling, spec, request_rngs(sampling.seed)[1]))
         return LocalDrafter(self, session)
 
@@ -240,7 +260,7 @@ class DrafterWorker(_SessionWorker):
         vocab = self.runner.cfg.vocab_size
         if not prompt_ids or any(not 0 <= t < vocab for t in (*prompt_ids, first_token)):
             raise InvalidRequestError(f"a non-empty prompt and tokens in [0, {vocab}) are required")
-        with self.lock:
+        with self.serialised():
             st = self.pool.get(session)
             assert isinstance(st, _DrafterSession)
             if st.round_start >= 0:
@@ -258,7 +278,7 @@ class DrafterWorker(_SessionWorker):
         """Learns the last round's verdict (and, Tandem, the primary's states of t_0, d_1..d_a); drafts again."""
         if not 0 <= next_token < self.runner.cfg.vocab_size:
             raise InvalidRequestError(f"token ids must lie in [0, {self.runner.cfg.vocab_size})")
-        with self.lock:
+        with self.serialised():
             st = self.pool.get(session)
             assert isinstance(st, _DrafterSession)
             if st.round_start < 0:

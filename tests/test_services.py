@@ -3,6 +3,7 @@ cancellation, health, reflection and error statuses."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ from secondary_svc.server import SecondaryServiceConfig
 from secondary_svc.server import build_server as build_secondary
 from tandem.config import SamplingParams, SpecConfig
 from tandem.workers import DrafterWorker, PrimaryWorker
-from tandemrpc.client import TandemClient, build_request
+from tandemrpc.client import AsyncTandemClient, TandemClient, build_request
 from tandemrpc.convert import numpy_to_tensor
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
@@ -262,3 +263,12 @@ def test_grpcurl_lists_and_calls_the_public_api(stack: Stack) -> None:
     chunks = [json.loads(c) for c in out.stdout.replace("}\n{", "}\x00{").split("\x00") if c.strip()]
     assert sum(len(c.get("token_ids", [])) for c in chunks) == 6  # grpcurl 1.8 prints proto field names
     assert chunks[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
+
+
+def test_async_client(stack: Stack) -> None:
+    async def run() -> list[int]:
+        async with AsyncTandemClient(stack.orchestrator.address, timeout_s=60) as client:
+            return [t async for chunk in client.generate(PROMPTS[0], max_tokens=10) for t in chunk.token_ids]
+
+    assert asyncio.run(run()) == stack.reference.generate(PROMPTS[0], mode="primary", max_tokens=10).token_ids
+    assert _metric(stack.primary.metrics_port, "tandem_primary_queue_depth") == 0
