@@ -9,12 +9,10 @@ import grpc
 from orchestrator.clients import ModelServiceError
 from orchestrator.core import Chunk, GenerateParams, Generation, Orchestrator
 from tandem.errors import TandemError
-from tandemrpc.convert import mode_name, sampling_from_proto
+from tandemrpc.convert import FINISH_ENUMS, mode_name, sampling_from_proto
 from tandemrpc.server import status_for
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
-
-_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 
 def params_from_proto(r: pb.GenerateRequest) -> GenerateParams:
@@ -37,7 +35,7 @@ def chunk_to_proto(c: Chunk, request_id: str) -> pb.GenerateResponse:
     out = pb.GenerateResponse(text=c.text, token_ids=c.token_ids, request_id=request_id)
     if c.finish_reason is not None and c.result is not None:
         s = c.result.stats
-        out.finish_reason = _FINISH[c.finish_reason]
+        out.finish_reason = FINISH_ENUMS[c.finish_reason]  # type: ignore[assignment]
         out.usage.CopyFrom(pb.Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.output_tokens))
         out.stats.CopyFrom(
             pb.SpeculationStats(

@@ -100,8 +100,7 @@ def generate(args: argparse.Namespace) -> int:
 def _generate_remote(args: argparse.Namespace, prompts: list[str]) -> int:
     import grpc
 
-    from tandem.serve import ServeError, stream_remote
-    from tandemrpc.client import TandemClient
+    from tandemrpc.client import IncompleteStreamError, TandemClient, stream_remote
 
     kw: dict[str, Any] = dict(
         mode=args.mode,
@@ -129,7 +128,7 @@ def _generate_remote(args: argparse.Namespace, prompts: list[str]) -> int:
             except KeyboardInterrupt:
                 print(flush=True)
                 return 130
-            except (grpc.RpcError, ServeError) as e:
+            except (grpc.RpcError, IncompleteStreamError) as e:
                 if printed:
                     print(flush=True)
                 # a failed streaming call is also a grpc.Call: it has the status code and details
@@ -246,8 +245,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     """The main job: the services as separate processes, one streamed generation through the public API."""
-    from tandem.serve import ServeStack, stream_remote
-    from tandemrpc.client import TandemClient
+    from tandem.serve import ServeStack
+    from tandemrpc.client import TandemClient, stream_remote
 
     print("tandem demo: starting primary, secondary and orchestrator (first start loads and compiles)", file=sys.stderr)
     stack = ServeStack(port=0, slots=1, max_len=1024)

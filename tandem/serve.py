@@ -1,19 +1,18 @@
-"""The three services as one local stack of OS processes (what `tandem serve` and the end-to-end tests run), and the
-client side of `tandem generate` against a running orchestrator.
+"""The three services as one local stack of OS processes (what `tandem serve`, `tandem demo` and the end-to-end
+tests run).
 
     with ServeStack(max_len=512, slots=2) as stack:   # starts primary, secondary and orchestrator, waits for SERVING
         with TandemClient(stack.orchestrator_address) as client:
             ...
 
 Each service is `python -m <package>` on 127.0.0.1 with its own ports and its own log file; nothing here imports JAX
-(the children do). This module does speak gRPC (health checks, the public client), unlike the rest of `tandem`.
+(the children do). This module speaks gRPC (health checks), like the command line it serves and unlike the library.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import json
 import logging
 import os
@@ -23,15 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from tandemrpc.client import TandemClient
-from tandemrpc.v1 import tandem_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -377,58 +373,3 @@ def interrupt_on_signals(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM
 
 
 # -- the client side of `tandem generate` ------------------------------------------------------------------------
-
-FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
-
-
-@dataclasses.dataclass
-class RemoteResult:
-    """A finished remote generation, shaped like the in-process engine's result."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    stats: dict[str, Any]
-
-
-def stats_from_response(final: pb.GenerateResponse) -> dict[str, Any]:
-    """GenerationStats.to_dict() keys that the last chunk's usage and stats carry (no per-call counters)."""
-    s, u = final.stats, final.usage
-    out = {
-        "rounds": s.rounds,
-        "drafted_tokens": s.drafted_tokens,
-        "accepted_tokens": s.accepted_tokens,
-        "accepted_per_position": list(s.accepted_per_position),
-        "prompt_tokens": u.prompt_tokens,
-        "output_tokens": u.completion_tokens,
-        "ttft_s": s.ttft_s,
-        "elapsed_s": s.elapsed_s,
-    }
-    out["tokens_per_s"] = u.completion_tokens / s.elapsed_s if s.elapsed_s > 0 else 0.0
-    out["acceptance_rate"] = s.accepted_tokens / s.drafted_tokens if s.drafted_tokens else 0.0
-    out["mean_acceptance_length"] = s.mean_acceptance_length
-    return out
-
-
-def stream_remote(
-    client: TandemClient, prompt: str | Sequence[int] | Sequence[dict[str, str]], **kw: Any
-) -> Generator[str, None, RemoteResult]:
-    """Yields the text deltas of one Generate call and returns its RemoteResult (kw: TandemClient.generate's).
-
-    Raises:
-        grpc.RpcError: the call failed.
-        ServeError: the stream ended without a final chunk.
-    """
-    pieces: list[str] = []
-    token_ids: list[int] = []
-    final: pb.GenerateResponse | None = None
-    for chunk in client.generate(prompt, **kw):  # read to the end: the server records the request after the last chunk
-        token_ids.extend(chunk.token_ids)
-        pieces.append(chunk.text)
-        yield chunk.text
-        if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-            final = chunk
-    if final is None:
-        raise ServeError("the orchestrator ended the stream without a final chunk")
-    reason = FINISH_REASONS.get(final.finish_reason, pb.FinishReason.Name(final.finish_reason))
-    return RemoteResult("".join(pieces), token_ids, reason, stats_from_response(final))

@@ -8,11 +8,13 @@ with TandemClient("127.0.0.1:50050") as client:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+import dataclasses
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from typing import Any
 
 import grpc
 
-from tandemrpc.convert import MODE_ENUMS
+from tandemrpc.convert import FINISH_NAMES, MODE_ENUMS
 from tandemrpc.server import GRPC_OPTIONS
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
@@ -99,3 +101,60 @@ class AsyncTandemClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class IncompleteStreamError(RuntimeError):
+    """A Generate stream ended without its final chunk."""
+
+
+@dataclasses.dataclass
+class RemoteResult:
+    """A finished remote generation, shaped like the in-process engine's result."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: dict[str, Any]
+
+
+def stats_from_response(final: pb.GenerateResponse) -> dict[str, Any]:
+    """GenerationStats.to_dict() keys that the last chunk's usage and stats carry (no per-call counters)."""
+    s, u = final.stats, final.usage
+    out = {
+        "rounds": s.rounds,
+        "drafted_tokens": s.drafted_tokens,
+        "accepted_tokens": s.accepted_tokens,
+        "accepted_per_position": list(s.accepted_per_position),
+        "prompt_tokens": u.prompt_tokens,
+        "output_tokens": u.completion_tokens,
+        "ttft_s": s.ttft_s,
+        "elapsed_s": s.elapsed_s,
+    }
+    out["tokens_per_s"] = u.completion_tokens / s.elapsed_s if s.elapsed_s > 0 else 0.0
+    out["acceptance_rate"] = s.accepted_tokens / s.drafted_tokens if s.drafted_tokens else 0.0
+    out["mean_acceptance_length"] = s.mean_acceptance_length
+    return out
+
+
+def stream_remote(
+    client: TandemClient, prompt: str | Sequence[int] | Sequence[dict[str, str]], **kw: Any
+) -> Generator[str, None, RemoteResult]:
+    """Yields the text deltas of one Generate call and returns its RemoteResult (kw: TandemClient.generate's).
+
+    Raises:
+        grpc.RpcError: the call failed.
+        IncompleteStreamError: the stream ended without a final chunk.
+    """
+    pieces: list[str] = []
+    token_ids: list[int] = []
+    final: pb.GenerateResponse | None = None
+    for chunk in client.generate(prompt, **kw):  # read to the end: the server records the request after the last chunk
+        token_ids.extend(chunk.token_ids)
+        pieces.append(chunk.text)
+        yield chunk.text
+        if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            final = chunk
+    if final is None:
+        raise IncompleteStreamError("the orchestrator ended the stream without a final chunk")
+    reason = FINISH_NAMES.get(final.finish_reason, pb.FinishReason.Name(final.finish_reason))
+    return RemoteResult("".join(pieces), token_ids, reason, stats_from_response(final))

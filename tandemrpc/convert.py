@@ -22,6 +22,8 @@ MODE_NAMES: dict[int, str] = {
     pb.MODE_TANDEM: "tandem",
     pb.MODE_TANDEM_SPEED: "tandem-speed",
 }
+FINISH_ENUMS: dict[str, int] = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+FINISH_NAMES: dict[int, str] = {value: name for name, value in FINISH_ENUMS.items()}
 MODE_ENUMS: dict[str, int] = {name: value for value, name in MODE_NAMES.items() if value != pb.MODE_UNSPECIFIED}
 assert set(MODE_ENUMS) == set(MODES)
 
