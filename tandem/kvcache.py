@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,34 @@ class KVCache:
         padded = np.zeros((rows.shape[0], t_pad, *block.shape[2:]), dtype)
         padded[:, :t] = block
         return padded
+
+    def apply(
+        self,
+        fn: Callable[..., tuple[jax.Array, ...]],
+        params: object,
+        block: np.ndarray,
+        rows: Sequence[int] | None,
+        *,
+        dtype: type = np.int32,
+        attends: bool = True,
+        **static: object,
+    ) -> tuple[np.ndarray, list[jax.Array]]:
+        """Runs one jitted block call over this cache and keeps the cache it returns.
+
+        `fn(params, padded_block, rows, lengths, k, v, **static)` must return its outputs followed by the updated
+        (k, v). With `attends`, the attended-length bucket is passed as `attend_len`.
+
+        Returns:
+            (the selected slots, fn's outputs before the cache).
+        """
+        slots = self.rows(rows)
+        padded = self.pad_block(block, slots, dtype)
+        if attends:
+            static["attend_len"] = self.attend_len(slots)
+        *out, self.k, self.v = fn(
+            params, padded, jnp.asarray(slots), jnp.asarray(self.lengths[slots]), self.k, self.v, **static
+        )
+        return slots, out
 
     def attend_len(self, rows: np.ndarray) -> int:
         """Cache slots the next call reads: a bucket covering the longest selected row."""

@@ -164,20 +164,9 @@ class PrimaryRunner:
         Returns:
             BlockOutput with logits [B, T, V] and tapped hidden states [B, T, n_taps, D].
         """
-        tokens = np.asarray(tokens)
-        cache, t = self.cache, tokens.shape[-1]
-        slots = cache.rows(rows)
-        padded = cache.pad_block(tokens, slots)
-        logits, hidden, cache.k, cache.v = _forward_block_jit(
-            self.params,
-            padded,
-            jnp.asarray(slots),
-            jnp.asarray(cache.lengths[slots]),
-            cache.k,
-            cache.v,
-            cfg=self.cfg,
-            taps=self.taps,
-            attend_len=cache.attend_len(slots),
+        t = np.shape(tokens)[-1]
+        _, (logits, hidden) = self.cache.apply(
+            _forward_block_jit, self.params, np.asarray(tokens), rows, cfg=self.cfg, taps=self.taps
         )
         return BlockOutput(logits=np.asarray(logits[:, :t]), hidden=np.asarray(hidden[:, :t]))
 

@@ -248,21 +248,9 @@ class DrafterRunner:
         Returns:
             [B, V] logits of each row's last token.
         """
-        tokens = np.asarray(tokens)
-        cache, t = self.cache, tokens.shape[1]
-        slots = cache.rows(rows)
-        padded = cache.pad_block(tokens, slots)
-        logits, cache.k, cache.v = _step_jit(
-            self.params,
-            padded,
-            jnp.asarray(slots),
-            jnp.asarray(cache.lengths[slots]),
-            cache.k,
-            cache.v,
-            cfg=self.cfg,
-            attend_len=cache.attend_len(slots),
-        )
-        cache.lengths[slots] += t
+        t = np.shape(tokens)[1]
+        slots, (logits,) = self.cache.apply(_step_jit, self.params, np.asarray(tokens), rows, cfg=self.cfg)
+        self.cache.lengths[slots] += t
         return np.asarray(logits[:, t - 1])
 
     def ingest(self, primary_hidden: np.ndarray, rows: Sequence[int] | None = None) -> None:
@@ -272,13 +260,10 @@ class DrafterRunner:
             primary_hidden: [B, T, n_taps, P] the primary's tapped states for those positions.
             rows: the B slots (default: all slots).
         """
-        cache = self.cache
-        slots = cache.rows(rows)
-        padded = cache.pad_block(primary_hidden, slots, np.float32)
-        cache.k, cache.v = _ingest_jit(
-            self.params, padded, jnp.asarray(slots), jnp.asarray(cache.lengths[slots]), cache.k, cache.v, cfg=self.cfg
+        slots, _ = self.cache.apply(
+            _ingest_jit, self.params, primary_hidden, rows, dtype=np.float32, attends=False, cfg=self.cfg
         )
-        cache.lengths[slots] += primary_hidden.shape[1]
+        self.cache.lengths[slots] += primary_hidden.shape[1]
 
     def truncate(self, row: int, length: int) -> None:
         """Forgets every slot >= length in `row` (rollback of rejected or superseded positions)."""
