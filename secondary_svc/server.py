@@ -78,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from tandem.models import BundleConfig, load_drafters, primary_config  # loads JAX
 
     bundle = BundleConfig(gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots)
-    runners, sources = load_drafters(primary_config(bundle), bundle)
-    server = build_server({name: DrafterWorker(r) for name, r in runners.items()}, cfg).start()
+    runners, routers, sources = load_drafters(primary_config(bundle), bundle)
+    server = build_server({name: DrafterWorker(r, routers[name]) for name, r in runners.items()}, cfg).start()
     logging.getLogger("secondary_svc").info(
         "serving %s on %s (metrics :%s, drafters %s)", SERVICE_NAME, server.address, server.metrics_port, sources
     )

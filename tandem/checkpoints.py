@@ -26,6 +26,7 @@ This module needs NumPy and the `gguf` package, not JAX.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +176,9 @@ def _hf_name(gguf_name: str) -> str:
     raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
 
 
-def load_gguf(source: str | Path | gguf.GGUFReader) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+def load_gguf(
+    source: str | Path | gguf.GGUFReader, only: Collection[str] | None = None
+) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     """Load a llama.cpp GGUF file as a config and a float32 state dict in HF names and layouts.
 
     Every tensor is dequantized with the `gguf` package's own routines (Q4_1, Q8_0, F16, F32, ... as stored), and the
@@ -183,6 +186,7 @@ def load_gguf(source: str | Path | gguf.GGUFReader) -> tuple[LlamaConfig, dict[s
 
     Args:
         source: Path of a `.gguf` file, or an already open `gguf.GGUFReader` (opening costs a few seconds).
+        only: HF names to load (e.g. the drafter service needs just `model.embed_tokens.weight`); None loads all.
 
     Returns:
         `(config, state_dict)`; see the module docstring for names and shapes.
@@ -195,6 +199,8 @@ def load_gguf(source: str | Path | gguf.GGUFReader) -> tuple[LlamaConfig, dict[s
     state: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
         name = _hf_name(tensor.name)
+        if only is not None and name not in only:
+            continue
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest-first
         w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
         if name.endswith("q_proj.weight"):
@@ -202,7 +208,10 @@ def load_gguf(source: str | Path | gguf.GGUFReader) -> tuple[LlamaConfig, dict[s
         elif name.endswith("k_proj.weight"):
             w = unpermute_rope_rows(w, config.n_kv_heads)
         state[name] = np.array(w, dtype=np.float32, order="C")  # own the memory, not the file's mmap
-    check_state_dict(config, state)
+    if only is None:
+        check_state_dict(config, state)
+    elif missing := set(only) - set(state):
+        raise ValueError(f"GGUF has no tensors {sorted(missing)}")
     return config, state
 
 

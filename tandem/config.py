@@ -91,10 +91,18 @@ class DrafterConfig:
     # 1-indexed primary layers feeding each drafter layer; empty = default_layer_map at construction.
     layer_map: tuple[int, ...] = ()
     primary_n_layers: int = 30
+    # True: the token embedding is the primary's frozen [V, P] embedding times a trained [P, D] projection, so only
+    # the projection is stored (the 49,152-row table would otherwise dominate a small drafter's size).
+    shared_embed: bool = False
+    # 0: the output head covers the whole vocabulary. N: it covers the N token ids stored with the weights (the
+    # training corpus's most frequent); other tokens are never drafted, so verification stays exact.
+    head_vocab: int = 0
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if not 0 <= self.head_vocab <= self.vocab_size:
+            raise ValueError(f"head_vocab={self.head_vocab} must lie in [0, vocab_size={self.vocab_size}]")
         if not self.layer_map:
             object.__setattr__(self, "layer_map", default_layer_map(self.n_layers, self.primary_n_layers))
         object.__setattr__(self, "layer_map", tuple(int(x) for x in self.layer_map))

@@ -29,7 +29,7 @@ class Engine:
         tandem_drafter: DrafterRunner | None = None,
         vanilla_drafter: DrafterRunner | None = None,
         *,
-        router: Router | None = None,
+        routers: dict[str, Router | None] | None = None,
         stop_token_ids: Sequence[int] = (),
     ) -> None:
         if tandem_drafter is not None:
@@ -46,8 +46,9 @@ class Engine:
                 raise ValueError(f"drafter vocabulary {d.cfg.vocab_size} != primary's {primary.cfg.vocab_size}")
         self.primary = primary
         self.primary_worker = PrimaryWorker(primary)
-        tandem = DrafterWorker(tandem_drafter, router) if tandem_drafter is not None else None
-        vanilla = DrafterWorker(vanilla_drafter, router) if vanilla_drafter is not None else None
+        routers = routers or {}
+        tandem = DrafterWorker(tandem_drafter, routers.get("tandem")) if tandem_drafter is not None else None
+        vanilla = DrafterWorker(vanilla_drafter, routers.get("vanilla")) if vanilla_drafter is not None else None
         self.drafters = {"tandem": tandem, "tandem-speed": tandem, "speed": vanilla}
         self.stop_token_ids = frozenset(stop_token_ids)
 

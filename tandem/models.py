@@ -12,14 +12,18 @@ import json
 from pathlib import Path
 
 import gguf
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tandem import secondary
 from tandem.assets import smollm2_gguf_path
 from tandem.checkpoints import gguf_config, load_gguf
 from tandem.config import DrafterConfig, LlamaConfig
 from tandem.engine import Engine
-from tandem.primary import PrimaryRunner, params_from_state_dict
+from tandem.primary import LlamaParams, PrimaryRunner, params_from_state_dict
+from tandem.router import MLPRouter, load_router
+from tandem.speculative import Router
 from tandem.tokenizer import Tokenizer
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -79,35 +83,79 @@ def primary_config(cfg: BundleConfig) -> LlamaConfig:
     return gguf_config(gguf.GGUFReader(cfg.resolved_gguf()))
 
 
-def load_primary(cfg: BundleConfig) -> tuple[PrimaryRunner, Tokenizer]:
-    """The primary with one cache slot per concurrent sequence, tapping the layers the Tandem drafter reads."""
+def load_primary_params(cfg: BundleConfig) -> tuple[LlamaConfig, LlamaParams, Tokenizer]:
+    """The primary's config, float32 weights and tokenizer from the GGUF."""
     reader = gguf.GGUFReader(cfg.resolved_gguf())
     pcfg, state = load_gguf(reader)
+    return pcfg, params_from_state_dict(pcfg, state, jnp.float32), Tokenizer.from_gguf(reader)
+
+
+def load_primary(cfg: BundleConfig) -> tuple[PrimaryRunner, Tokenizer]:
+    """The primary with one cache slot per concurrent sequence, tapping the layers the Tandem drafter reads."""
+    pcfg, params, tokenizer = load_primary_params(cfg)
     taps = drafter_config(pcfg, "tandem", cfg).tapped_layers
-    params = params_from_state_dict(pcfg, state, jnp.float32)
     runner = PrimaryRunner(pcfg, params, taps=taps, batch=cfg.slots, max_len=cfg.max_len)
-    return runner, Tokenizer.from_gguf(reader)
+    return runner, tokenizer
 
 
-def load_drafters(primary: LlamaConfig, cfg: BundleConfig) -> tuple[dict[str, secondary.DrafterRunner], dict[str, str]]:
-    """Both drafters with their caches, and where each one's weights came from."""
-    runners, sources = {}, {}
+def primary_embedding(cfg: BundleConfig) -> np.ndarray:
+    """[V, P] the primary's token embedding alone (what shared-embedding drafters derive their tables from)."""
+    return load_gguf(gguf.GGUFReader(cfg.resolved_gguf()), only=("model.embed_tokens.weight",))[1][
+        "model.embed_tokens.weight"
+    ]
+
+
+def load_drafter_dir(
+    directory: Path, primary_embed: np.ndarray | jax.Array | None, with_router: bool = True
+) -> tuple[DrafterConfig, secondary.DrafterParams, Router | None]:
+    """A drafter written by `tandem train` and, if stored beside it, its router."""
+    dcfg, params = secondary.load_drafter(directory, primary_embed=primary_embed)
+    stored = load_router(directory) if with_router else None
+    assert params.embed is not None
+    router = MLPRouter(*stored, np.asarray(params.embed)) if stored is not None else None
+    return dcfg, params, router
+
+
+def load_drafters(
+    primary: LlamaConfig, cfg: BundleConfig, primary_embed: np.ndarray | jax.Array | None = None
+) -> tuple[dict[str, secondary.DrafterRunner], dict[str, Router | None], dict[str, str]]:
+    """Both drafters with their caches, their routers (None: max-probability fallback) and where each came from.
+
+    Args:
+        primary: the primary's config.
+        cfg: the bundle.
+        primary_embed: [V, P] the primary's embedding, read from the GGUF when a shipped drafter needs it and it is
+            not given.
+    """
+    runners: dict[str, secondary.DrafterRunner] = {}
+    routers: dict[str, Router | None] = {}
+    sources: dict[str, str] = {}
     for i, name in enumerate(DRAFTERS):
         shipped = WEIGHTS_DIR / name
+        router: Router | None = None
         if (shipped / "config.json").exists():
-            dcfg, params = secondary.load_drafter(shipped)
-            sources[name] = f"shipped {shipped}"
+            if primary_embed is None and drafter_config(primary, name, cfg).shared_embed:
+                primary_embed = primary_embedding(cfg)
+            dcfg, params, router = load_drafter_dir(shipped, primary_embed)
+            sources[name] = f"shipped {shipped}" + (" + router" if router is not None else "")
         else:
             dcfg = drafter_config(primary, name, cfg)
             params = secondary.init_params(dcfg, cfg.drafter_seed + i)
             sources[name] = f"random seed {cfg.drafter_seed + i}"
         runners[name] = secondary.DrafterRunner(dcfg, params, batch=cfg.slots, max_len=cfg.max_len)
-    return runners, sources
+        routers[name] = router
+    return runners, routers, sources
 
 
 def load_bundle(cfg: BundleConfig = BundleConfig()) -> Bundle:
     """The primary, its tokenizer and both drafters as one in-process engine."""
     primary, tokenizer = load_primary(cfg)
-    drafters, sources = load_drafters(primary.cfg, cfg)
-    engine = Engine(primary, drafters["tandem"], drafters["vanilla"], stop_token_ids=tokenizer.stop_token_ids)
+    drafters, routers, sources = load_drafters(primary.cfg, cfg, primary.params.embed)
+    engine = Engine(
+        primary,
+        drafters["tandem"],
+        drafters["vanilla"],
+        routers=routers,
+        stop_token_ids=tokenizer.stop_token_ids,
+    )
     return Bundle(engine, tokenizer, primary.cfg, sources)

@@ -17,7 +17,7 @@ from flax import struct
 
 from tandem.config import LlamaConfig
 from tandem.kvcache import KVCache
-from tandem.layers import LayerParams, cached_decoder_stack, rms_norm
+from tandem.layers import LayerParams, cached_decoder_stack, causal_block_mask, decoder_stack, rms_norm
 
 
 @struct.dataclass
@@ -114,6 +114,38 @@ def forward_block(
     logits = output_logits(x, params.final_norm, head, cfg.rms_eps)
     tapped = jnp.moveaxis(hidden[jnp.asarray([layer - 1 for layer in taps], dtype=jnp.int32)], 0, 2)  # [B,T,n,D]
     return logits, tapped, cache_k, cache_v
+
+
+def forward_sequence(
+    params: LlamaParams, tokens: jax.Array, *, cfg: LlamaConfig, taps: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """Whole sequences at once, no cache (training and evaluation of drafters against the frozen primary).
+
+    Args:
+        params: primary weights.
+        tokens: [B, T] token ids at positions 0..T-1.
+        cfg: static config.
+        taps: static 1-indexed layers whose output residual stream is returned.
+
+    Returns:
+        logits [B, T, V] and tapped hidden states [B, T, n_taps, D], equal to a block pass over an empty cache.
+    """
+    batch, t = tokens.shape
+    empty = jnp.zeros((cfg.n_layers, batch, 0, cfg.n_kv_heads, cfg.head_dim), params.embed.dtype)  # [L, B, 0, K, H]
+    x, hidden, _, _ = decoder_stack(
+        params.layers,
+        params.embed[tokens],  # [B, T, D]
+        jnp.broadcast_to(jnp.arange(t), (batch, t)),
+        empty,
+        empty,
+        jnp.zeros((batch, t, 0), bool),
+        causal_block_mask(batch, t),
+        rope_theta=cfg.rope_theta,
+        eps=cfg.rms_eps,
+    )
+    head = params.embed if params.lm_head is None else params.lm_head
+    tapped = jnp.moveaxis(hidden[jnp.asarray([layer - 1 for layer in taps], dtype=jnp.int32)], 0, 2)  # [B,T,n,D]
+    return output_logits(x, params.final_norm, head, cfg.rms_eps), tapped
 
 
 # One compiled function per (shapes, cfg, taps, attend_len), shared by every runner in the process.

@@ -49,16 +49,28 @@ from tandem.primary import output_logits
 
 @struct.dataclass
 class DrafterParams:
-    """Drafter weights; the output head is tied to the embedding."""
+    """Drafter weights; the output head is tied to the embedding.
 
-    embed: jax.Array  # [V, D]
+    With `cfg.shared_embed` the trained weight is `embed_proj` and `embed` is derived from the primary's embedding
+    (`materialize`); training keeps `embed` None and derives it inside the loss. With `cfg.head_vocab` the output head
+    is `head` = embed[head_ids], built once at load time (slicing weights inside jit would copy them every call).
+    """
+
+    embed: jax.Array | None  # [V, D]; None only in a shared-embedding drafter's trainable parameters
     layers: LayerParams  # stacked, leading axis L (drafter layers)
     final_norm: jax.Array  # [D]
     proj: jax.Array | None  # [L, P, D] per-layer projection from primary width P; None for the vanilla drafter
+    embed_proj: jax.Array | None = None  # [P, D] when cfg.shared_embed: embed = primary_embed @ embed_proj
+    head_ids: jax.Array | None = None  # [N] int32 token ids of a restricted head (cfg.head_vocab == N)
+    head: jax.Array | None = None  # [N, D] = embed[head_ids]
 
 
 def init_params(cfg: DrafterConfig, seed: int = 0, dtype: jnp.dtype = jnp.float32) -> DrafterParams:
-    """Random initialisation (normal, std 0.02; norms at 1; projections scaled by 1/sqrt(P))."""
+    """Random initialisation (normal, std 0.02; norms at 1; projections scaled by 1/sqrt(P)).
+
+    A shared-embedding drafter gets `embed_proj` instead of `embed` (call `materialize` before running it); a
+    restricted head starts as the first `head_vocab` ids.
+    """
     keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
     n, d, k, g, h, f = cfg.n_layers, cfg.d_model, cfg.n_kv_heads, cfg.group_size, cfg.head_dim, cfg.ffn_dim
 
@@ -77,7 +89,41 @@ def init_params(cfg: DrafterConfig, seed: int = 0, dtype: jnp.dtype = jnp.float3
         w_down=normal((n, f, d)),
     )
     proj = normal((n, cfg.primary_d_model, d), cfg.primary_d_model**-0.5) if cfg.tandem else None
-    return DrafterParams(embed=normal((cfg.vocab_size, d)), layers=layers, final_norm=jnp.ones((d,), dtype), proj=proj)
+    embed_proj = normal((cfg.primary_d_model, d), cfg.primary_d_model**-0.5) if cfg.shared_embed else None
+    return DrafterParams(
+        embed=None if cfg.shared_embed else normal((cfg.vocab_size, d)),
+        layers=layers,
+        final_norm=jnp.ones((d,), dtype),
+        proj=proj,
+        embed_proj=embed_proj,
+        head_ids=jnp.arange(cfg.head_vocab, dtype=jnp.int32) if cfg.head_vocab else None,
+    )
+
+
+def materialize(
+    params: DrafterParams, cfg: DrafterConfig, primary_embed: jax.Array | np.ndarray | None = None
+) -> DrafterParams:
+    """Derives the runnable tables: `embed` from the primary's embedding (shared) and `head` from `head_ids`.
+
+    Args:
+        params: drafter weights as trained or loaded.
+        cfg: drafter config.
+        primary_embed: [V, P] the primary's token embedding; required when cfg.shared_embed.
+
+    Returns:
+        Params whose `embed` is [V, D] and, with a restricted head, whose `head` is [N, D].
+    """
+    if cfg.shared_embed:
+        if primary_embed is None or params.embed_proj is None:
+            raise ValueError("a shared-embedding drafter needs the primary's embedding and its embed_proj")
+        if primary_embed.shape != (cfg.vocab_size, cfg.primary_d_model):
+            raise ValueError(f"primary embedding {primary_embed.shape} != ({cfg.vocab_size}, {cfg.primary_d_model})")
+        embed = jnp.einsum("VP,PD->VD", jnp.asarray(primary_embed, params.embed_proj.dtype), params.embed_proj)
+        params = dataclasses.replace(params, embed=embed)
+    assert params.embed is not None
+    if params.head_ids is not None:
+        params = dataclasses.replace(params, head=params.embed[params.head_ids])
+    return params
 
 
 def primary_context_kv(
@@ -107,20 +153,34 @@ def primary_context_kv(
 
 
 def _logits(params: DrafterParams, cfg: DrafterConfig, x: jax.Array) -> jax.Array:
-    return output_logits(x, params.final_norm, params.embed, cfg.rms_eps)
+    """[B, T, D] -> [B, T, V] logits; a restricted head scores its N ids and leaves the rest at -1e30."""
+    if params.head is None:
+        assert params.embed is not None
+        return output_logits(x, params.final_norm, params.embed, cfg.rms_eps)
+    assert params.head_ids is not None
+    scores = output_logits(x, params.final_norm, params.head, cfg.rms_eps)  # [B, T, N]
+    full = jnp.full((*scores.shape[:-1], cfg.vocab_size), -1e30, scores.dtype)  # [B, T, V]
+    return full.at[..., params.head_ids].set(scores)
 
 
 def train_forward(
-    params: DrafterParams, cfg: DrafterConfig, tokens: jax.Array, primary_hidden: jax.Array | None, block_len: int
+    params: DrafterParams,
+    cfg: DrafterConfig,
+    tokens: jax.Array,
+    primary_hidden: jax.Array | None,
+    block_len: int,
+    offset: jax.Array | int = 0,
 ) -> jax.Array:
     """Parallel forward over whole sequences with the round-structured mask (see the module docstring).
 
     Args:
-        params: drafter weights.
+        params: drafter weights (materialized).
         cfg: drafter config.
         tokens: [B, T] token ids at positions 0..T-1.
         primary_hidden: [B, T, n_taps, P] the primary's tapped states for the same positions (None when vanilla).
         block_len: P, the number of positions the drafter feeds per round (static).
+        offset: rounds start at positions offset + n * P (may be traced); positions before the first round see no
+            primary states. Evaluation uses it to place a round at any position.
 
     Returns:
         [B, T, V] logits; row i predicts token i + 1.
@@ -128,7 +188,7 @@ def train_forward(
     batch, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (batch, t))
     i = jnp.arange(t)
-    last_seen = (i // block_len) * block_len - 1  # b(i), [T]
+    last_seen = ((i - offset) // block_len) * block_len + offset - 1  # b(i), [T]
     if cfg.tandem:
         assert primary_hidden is not None, "a Tandem drafter needs the primary's states"
         ctx_k, ctx_v = primary_context_kv(params, cfg, primary_hidden, positions)
@@ -137,9 +197,10 @@ def train_forward(
         blk_mask = jnp.broadcast_to(blk_mask, (batch, t, t))
     else:
         kv_shape = (cfg.n_layers, batch, 0, cfg.n_kv_heads, cfg.head_dim)
-        ctx_k = ctx_v = jnp.zeros(kv_shape, params.embed.dtype)
+        ctx_k = ctx_v = jnp.zeros(kv_shape, params.layers.wq.dtype)
         ctx_mask = jnp.zeros((batch, t, 0), bool)
         blk_mask = causal_block_mask(batch, t)
+    assert params.embed is not None, "call materialize() first"
     x, _, _, _ = decoder_stack(
         params.layers,
         params.embed[tokens],
@@ -179,6 +240,7 @@ def step(
     Returns:
         (logits [B, T, V], cache_k, cache_v) with the tokens' own keys/values written at lengths.
     """
+    assert params.embed is not None, "call materialize() first"
     x, _, cache_k, cache_v = cached_decoder_stack(
         params.layers,
         params.embed[tokens],
@@ -235,6 +297,8 @@ class DrafterRunner:
     def __init__(
         self, cfg: DrafterConfig, params: DrafterParams, *, batch: int = 1, max_len: int = 2048, dtype=jnp.float32
     ) -> None:
+        if params.embed is None or (params.head_ids is not None and params.head is None):
+            raise ValueError("drafter params are not runnable: call tandem.secondary.materialize() first")
         self.cfg, self.params, self.batch, self.max_len = cfg, params, batch, max_len
         self.cache = KVCache(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
 
@@ -279,15 +343,31 @@ def save_drafter(directory: Path, cfg: DrafterConfig, params: DrafterParams, dty
     """Writes `config.json` and `model.safetensors` (float32 or float16 storage) into directory."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tensors = {"embed": params.embed, "final_norm": params.final_norm}
+    tensors = {"final_norm": params.final_norm}
     tensors.update({f"layers.{name}": getattr(params.layers, name) for name in _LAYER_FIELDS})
-    if params.proj is not None:
-        tensors["proj"] = params.proj
-    save_file({k: np.asarray(v, dtype=dtype) for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    # A shared-embedding drafter stores its projection; the [V, D] table is derived from the primary at load time.
+    embed = None if cfg.shared_embed else params.embed
+    optional = {"embed": embed, "proj": params.proj, "embed_proj": params.embed_proj}
+    tensors.update({k: v for k, v in optional.items() if v is not None})
+    arrays = {k: np.asarray(v, dtype=dtype) for k, v in tensors.items()}
+    if params.head_ids is not None:
+        arrays["head_ids"] = np.asarray(params.head_ids, dtype=np.int32)
+    save_file(arrays, str(directory / "model.safetensors"))
 
 
-def load_drafter(directory: Path, dtype: jnp.dtype = jnp.float32) -> tuple[DrafterConfig, DrafterParams]:
-    """Reads a drafter written by `save_drafter`, casting to dtype."""
+def load_drafter(
+    directory: Path, primary_embed: jax.Array | np.ndarray | None = None, dtype: jnp.dtype = jnp.float32
+) -> tuple[DrafterConfig, DrafterParams]:
+    """Reads a drafter written by `save_drafter`, casting to dtype, and materializes it.
+
+    Args:
+        directory: holds config.json and model.safetensors.
+        primary_embed: [V, P] the primary's token embedding; required for a shared-embedding drafter.
+        dtype: parameter dtype.
+
+    Returns:
+        (config, runnable params).
+    """
     cfg = DrafterConfig.from_dict(json.loads((directory / "config.json").read_text()))
     t = load_file(str(directory / "model.safetensors"))
 
@@ -298,6 +378,17 @@ def load_drafter(directory: Path, dtype: jnp.dtype = jnp.float32) -> tuple[Draft
         raise ValueError(
             f"{directory}: config says tandem={cfg.tandem} but projections are {'present' if 'proj' in t else 'absent'}"
         )
+    if cfg.shared_embed != ("embed_proj" in t) or cfg.shared_embed == ("embed" in t):
+        raise ValueError(f"{directory}: config says shared_embed={cfg.shared_embed} but the tensors disagree")
+    if bool(cfg.head_vocab) != ("head_ids" in t) or ("head_ids" in t and t["head_ids"].shape != (cfg.head_vocab,)):
+        raise ValueError(f"{directory}: config says head_vocab={cfg.head_vocab} but head_ids disagree")
     layers = LayerParams(**{name: arr(f"layers.{name}") for name in _LAYER_FIELDS})
-    proj = arr("proj") if cfg.tandem else None
-    return cfg, DrafterParams(embed=arr("embed"), layers=layers, final_norm=arr("final_norm"), proj=proj)
+    params = DrafterParams(
+        embed=None if cfg.shared_embed else arr("embed"),
+        layers=layers,
+        final_norm=arr("final_norm"),
+        proj=arr("proj") if cfg.tandem else None,
+        embed_proj=arr("embed_proj") if cfg.shared_embed else None,
+        head_ids=jnp.asarray(t["head_ids"], jnp.int32) if cfg.head_vocab else None,
+    )
+    return cfg, materialize(params, cfg, primary_embed)

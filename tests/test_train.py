@@ -1,0 +1,182 @@
+"""Drafter training, export and evaluation on tiny models: resumable, pickle-free, and the SPEED simulation is exact."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY, drafter_config
+
+from tandem import secondary
+from tandem.config import SpecConfig
+from tandem.engine import Engine
+from tandem.evaluate import (
+    Drafter,
+    EvalConfig,
+    acceptance_lengths,
+    evaluate,
+    greedy_continuations,
+    round_predictions,
+    simulate_greedy_speed,
+)
+from tandem.primary import LlamaParams
+from tandem.train import (
+    TrainConfig,
+    Trainer,
+    batch_at,
+    export_drafters,
+    head_ids_by_frequency,
+    load_checkpoint,
+)
+
+CFG = TrainConfig(steps=12, batch_size=4, seq_len=24, lr=3e-3, warmup=2, checkpoint_every=4, distil_from=0.5)
+
+
+def _data(n: int = 4000) -> np.ndarray:
+    """A learnable token stream: mostly t+1 after t, some noise."""
+    rng = np.random.default_rng(0)
+    x = np.cumsum(rng.integers(1, 3, size=n)) % TINY.vocab_size
+    return x.astype(np.uint16)
+
+
+def _dcfgs() -> dict:
+    return {
+        "tandem": drafter_config(True, shared_embed=True),
+        "tandem-ce": drafter_config(True, shared_embed=True),
+        "vanilla": drafter_config(False, shared_embed=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_params: LlamaParams, tmp_path_factory) -> tuple[Trainer, Path]:
+    out = tmp_path_factory.mktemp("run")
+    trainer = Trainer(TINY, tiny_params, _dcfgs(), CFG)
+    trainer.run(_data(), out, progress=False)
+    return trainer, out
+
+
+def test_training_lowers_the_loss_of_every_drafter(trained) -> None:
+    _, out = trained
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(CFG.steps))
+    for name in ("tandem", "tandem-ce", "vanilla"):
+        assert log[-1][name]["ce"] < log[0][name]["ce"] - 0.5, name
+
+
+def test_stage_two_distils_only_the_distilled_drafters(trained) -> None:
+    trainer, _ = trained
+    assert trainer.distil_weights(0) == {"tandem": 0.0, "tandem-ce": 0.0, "vanilla": 0.0}
+    assert trainer.distil_weights(CFG.steps - 1) == {"tandem": 0.5, "tandem-ce": 0.0, "vanilla": 0.5}
+
+
+def test_resumed_run_equals_uninterrupted_run(trained, tiny_params: LlamaParams, tmp_path: Path) -> None:
+    trainer, out = trained
+    Trainer(TINY, tiny_params, _dcfgs(), CFG).run(_data(), tmp_path, max_minutes=0, progress=False)
+    assert json.loads((tmp_path / "trainer.json").read_text())["step"] == 1  # out of time after one step
+    resumed = Trainer(TINY, tiny_params, _dcfgs(), CFG).run(_data(), tmp_path, progress=False)
+    straight = load_checkpoint(out, trainer)
+    assert resumed.step == straight.step == CFG.steps
+    for name in straight.params:
+        np.testing.assert_allclose(
+            np.asarray(resumed.params[name].layers.wq), np.asarray(straight.params[name].layers.wq), atol=1e-5
+        )
+    assert not any(p.suffix == ".pkl" for p in tmp_path.iterdir())
+
+
+def test_checkpoint_of_another_shape_is_refused(trained, tiny_params: LlamaParams) -> None:
+    _, out = trained
+    other = {n: dataclasses.replace(c, ffn_dim=48) for n, c in _dcfgs().items()}
+    with pytest.raises(ValueError, match="differs"):
+        load_checkpoint(out, Trainer(TINY, tiny_params, other, CFG))
+
+
+def test_batches_are_deterministic_per_step() -> None:
+    data = _data()
+    np.testing.assert_array_equal(batch_at(data, 3, CFG), batch_at(data, 3, CFG))
+    assert not np.array_equal(batch_at(data, 3, CFG), batch_at(data, 4, CFG))
+    assert batch_at(data, 0, CFG).shape == (CFG.batch_size, CFG.seq_len + 1)
+
+
+def test_head_ids_by_frequency() -> None:
+    counts = np.array([5, 0, 9, 1, 7])
+    np.testing.assert_array_equal(head_ids_by_frequency(counts, 2), [2, 4])
+    np.testing.assert_array_equal(head_ids_by_frequency(counts, 3, always=(1,)), [1, 2, 4])
+
+
+def test_export_reloads_with_restricted_head_and_router(trained, tiny_params: LlamaParams, tmp_path: Path) -> None:
+    trainer, out = trained
+    state = load_checkpoint(out, trainer)
+    head = np.arange(0, TINY.vocab_size, 2, dtype=np.int32)
+    windows = batch_at(_data(), 99, CFG)
+    report = export_drafters(
+        state, trainer.dcfgs, TINY, tiny_params, tmp_path, head_ids=head, router_windows=windows, router_steps=50
+    )
+    assert set(report) == {"tandem", "tandem-ce", "vanilla"}
+    cfg, params = secondary.load_drafter(tmp_path / "tandem", primary_embed=tiny_params.embed)
+    assert cfg.shared_embed and cfg.head_vocab == head.size and params.head is not None
+    runner = secondary.DrafterRunner(cfg, params, max_len=32)
+    logits = runner.step(np.array([[3, 4, 5]]))[0]
+    assert np.all(logits[1::2] <= -1e29) and np.all(logits[::2] > -1e29)  # only head tokens can be drafted
+    with pytest.raises(ValueError, match="primary's embedding"):
+        secondary.load_drafter(tmp_path / "tandem")
+
+
+def _engine_drafters(engine: Engine) -> dict[str, Drafter]:
+    out = {}
+    for name, mode in (("tandem", "tandem-speed"), ("vanilla", "speed")):
+        worker = engine.drafters[mode]
+        assert worker is not None
+        out[name] = Drafter(worker.runner.cfg, worker.runner.params)
+    return out
+
+
+@pytest.mark.parametrize("spec", [SpecConfig(gamma_max=2, tau=0.0), SpecConfig(gamma_max=5, tau=0.0),
+                                  SpecConfig(gamma_max=8, tau=0.5)])  # fmt: skip
+def test_speed_simulation_equals_the_engine(tiny_engine: Engine, tiny_params: LlamaParams, spec: SpecConfig) -> None:
+    """The evaluation's exact greedy-SPEED replay gives the engine's rounds and accepted tokens, prompt by prompt."""
+    prompts = np.random.default_rng(1).integers(0, TINY.vocab_size, size=(5, 6)).astype(np.int32)
+    seqs, lengths = greedy_continuations(TINY, tiny_params, prompts, 30)
+    accepted_any = 0
+    for name, d in _engine_drafters(tiny_engine).items():
+        preds, conf = round_predictions(TINY, tiny_params, d, seqs, 8, 4)
+        mode = "tandem-speed" if name == "tandem" else "speed"
+        for row in range(prompts.shape[0]):
+            got = tiny_engine.generate(prompts[row].tolist(), mode=mode, max_tokens=30, spec=spec)
+            assert got.token_ids == seqs[row, 6:].tolist()
+            sim = simulate_greedy_speed(
+                preds[row], conf[row], seqs[row], 6, int(lengths[row]), spec.gamma_max, spec.tau
+            )
+            assert (sim.rounds, sim.accepted) == (got.stats.rounds, got.stats.accepted_tokens), (name, row)
+            accepted_any += sim.accepted
+    assert accepted_any > 0
+
+
+def test_evaluate_reports_every_figure(tiny_engine: Engine, tiny_params: LlamaParams) -> None:
+    drafters = _engine_drafters(tiny_engine)
+    cfg = EvalConfig(seq_len=16, windows=4, prompts=3, prompt_len=5, max_new=12, gammas=(2, 4), gamma_max=6, batch=2)
+    tokens = _data(400).astype(np.int32)
+    res = evaluate(TINY, tiny_params, drafters, tokens, cfg)
+    for name in drafters:
+        m = res["models"][name]
+        assert 0 <= m["accuracy"] <= 100 and 0 <= m["agreement"] <= 100 and 0 <= m["tv"] <= 1 and m["ce"] > 0
+        assert set(res["acceptance"][name]) >= {"gamma_2", "gamma_4", "adaptive"}
+        assert res["acceptance"][name]["gamma_4"] >= 1.0
+    direct = acceptance_lengths(TINY, tiny_params, drafters, np.asarray(tokens[:15]).reshape(3, 5), cfg)
+    assert direct["tandem"]["gamma_2_rounds"] > 0
+    json.dumps(res)  # the eval JSON is serialisable
+
+
+def test_materialize_shared_embedding() -> None:
+    cfg = drafter_config(True, shared_embed=True)
+    params = secondary.init_params(cfg, 0)
+    assert params.embed is None and params.embed_proj is not None
+    with pytest.raises(ValueError, match="materialize"):
+        secondary.DrafterRunner(cfg, params)
+    primary_embed = jnp.ones((TINY.vocab_size, TINY.d_model))
+    runnable = secondary.materialize(params, cfg, primary_embed)
+    assert runnable.embed is not None
+    np.testing.assert_allclose(np.asarray(runnable.embed), np.asarray(primary_embed @ params.embed_proj), rtol=1e-5)
