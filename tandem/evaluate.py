@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from tandem import secondary
 from tandem.config import DrafterConfig, LlamaConfig
@@ -46,13 +47,14 @@ class EvalConfig:
     batch: int = 8  # sequences per forward pass
 
 
-@dataclasses.dataclass
+@struct.dataclass
 class Drafter:
-    """A drafter under evaluation: config, runnable params and optionally its router."""
+    """A drafter under evaluation: config, runnable params and optionally its router (a pytree for jit)."""
 
-    cfg: DrafterConfig
+    cfg: DrafterConfig = struct.field(pytree_node=False)
     params: DrafterParams
-    router: tuple[RouterConfig, RouterParams] | None = None
+    router_params: RouterParams | None = None
+    router_cfg: RouterConfig | None = struct.field(pytree_node=False, default=None)
 
 
 def evenly_spaced_windows(tokens: np.ndarray, length: int, count: int) -> np.ndarray:
@@ -70,10 +72,9 @@ def _batches(x: np.ndarray, size: int) -> list[np.ndarray]:
 
 def confidence_fn(d: Drafter) -> Callable[[jax.Array], jax.Array]:
     """[..., V] logits -> [...] the router's confidence (max probability without a trained router)."""
-    if d.router is None:
+    rcfg, rparams, embed = d.router_cfg, d.router_params, d.params.embed
+    if rcfg is None or rparams is None:
         return lambda logits: jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
-    rcfg, rparams = d.router
-    embed = d.params.embed
     return lambda logits: jax.nn.sigmoid(router_logit(rparams, features(logits, embed, rcfg.top_k)))
 
 
@@ -88,8 +89,8 @@ def table_metrics(
     taps = next((d.cfg.tapped_layers for d in drafters.values() if d.cfg.tandem), ())
     full = {n: dataclasses.replace(d.params, head=None, head_ids=None) for n, d in drafters.items()}
 
-    @jax.jit
-    def one(tokens: jax.Array) -> dict[str, dict[str, jax.Array]]:
+    @jax.jit  # weights are arguments, not closure constants (XLA would constant-fold them)
+    def one(pparams: LlamaParams, full: dict[str, DrafterParams], tokens: jax.Array) -> dict[str, dict[str, jax.Array]]:
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         p_logits, hidden = forward_sequence(pparams, inputs, cfg=pcfg, taps=taps)
         logp = jax.nn.log_softmax(p_logits, axis=-1)
@@ -109,7 +110,7 @@ def table_metrics(
     sums: dict[str, dict[str, float]] = {n: {"accuracy": 0.0, "agreement": 0.0, "tv": 0.0, "ce": 0.0} for n in drafters}
     count = 0
     for b in _batches(windows, cfg.batch):
-        res = one(jnp.asarray(b))
+        res = one(pparams, full, jnp.asarray(b))
         count += b.shape[0] * (b.shape[1] - 1)
         for n in drafters:
             for k in sums[n]:
@@ -169,13 +170,12 @@ def round_predictions(
         m + j of row b when a round starts at m and the drafter is fed the sequence itself.
     """
     taps = d.cfg.tapped_layers
-    conf_of = confidence_fn(d)
 
-    @jax.jit
-    def one(tokens: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
+    @jax.jit  # weights are arguments, not closure constants (XLA would constant-fold them)
+    def one(pparams: LlamaParams, d: Drafter, tokens: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
         hidden = forward_sequence(pparams, tokens, cfg=pcfg, taps=taps)[1] if d.cfg.tandem else None
         logits = secondary.train_forward(d.params, d.cfg, tokens, hidden, block, offset)
-        return jnp.argmax(logits, axis=-1), conf_of(logits)
+        return jnp.argmax(logits, axis=-1), confidence_fn(d)(logits)
 
     b, t = seqs.shape
     preds = np.zeros((b, t, block), dtype=np.int32)
@@ -183,7 +183,7 @@ def round_predictions(
     for lo in range(0, b, batch):
         rows = seqs[lo : lo + batch]
         for offset in range(block):
-            g, c = one(jnp.asarray(rows), jnp.int32(offset))
+            g, c = one(pparams, d, jnp.asarray(rows), jnp.int32(offset))
             g, c = np.asarray(g), np.asarray(c)
             for m in range(offset, t, block):  # rounds of this offset start at m; their positions are m .. m+block-1
                 n = min(block, t - m)
@@ -311,5 +311,6 @@ def evaluate_drafter_dirs(
         if not (directory / "config.json").exists():
             raise FileNotFoundError(f"no drafter {name!r} in {drafters_dir} (train one with `tandem train`)")
         dcfg, params = secondary.load_drafter(directory, primary_embed=pparams.embed)
-        drafters[name] = Drafter(dcfg, params, load_router(directory))
+        router = load_router(directory)
+        drafters[name] = Drafter(dcfg, params, *((router[1], router[0]) if router else ()))
     return evaluate(pcfg, pparams, drafters, tokens, cfg, eos=tuple(tokenizer.stop_token_ids))

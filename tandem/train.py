@@ -178,17 +178,19 @@ class Trainer:
         self,
         params: dict[str, DrafterParams],
         opt_states: dict[str, optax.OptState],
+        pparams: LlamaParams,
         tokens: jax.Array,
         weights: dict[str, jax.Array],
     ) -> tuple[dict[str, DrafterParams], dict[str, optax.OptState], dict[str, dict[str, jax.Array]]]:
-        p_logits, hidden = forward_sequence(self.pparams, tokens[:, :-1], cfg=self.pcfg, taps=self.taps)
+        # The primary's weights are an argument, not closure constants (XLA would constant-fold them).
+        p_logits, hidden = forward_sequence(pparams, tokens[:, :-1], cfg=self.pcfg, taps=self.taps)
         p_logp = jax.lax.stop_gradient(jax.nn.log_softmax(p_logits, axis=-1))
         hidden = jax.lax.stop_gradient(hidden)
         new_params, new_opt, metrics = {}, {}, {}
         for name, p in params.items():
             grad_fn = jax.value_and_grad(drafter_losses, has_aux=True)
             (loss, m), grads = grad_fn(
-                p, self.dcfgs[name], self.pparams.embed, tokens, hidden, p_logp, weights[name], self.cfg.block_len
+                p, self.dcfgs[name], pparams.embed, tokens, hidden, p_logp, weights[name], self.cfg.block_len
             )
             updates, new_opt[name] = self.optimizer.update(grads, opt_states[name], p)
             new_params[name] = optax.apply_updates(p, updates)
@@ -199,7 +201,7 @@ class Trainer:
         """One optimizer step of every drafter on [B, T + 1] tokens; updates `state` in place."""
         weights = {n: jnp.float32(w) for n, w in self.distil_weights(state.step).items()}
         state.params, state.opt_states, metrics = self._step_fn(
-            state.params, state.opt_states, jnp.asarray(tokens), weights
+            state.params, state.opt_states, self.pparams, jnp.asarray(tokens), weights
         )
         state.step += 1
         return {n: {k: float(v) for k, v in m.items()} for n, m in metrics.items()}
@@ -342,8 +344,8 @@ def router_dataset(
     Rounds of `block` positions start at a different offset in each window, so every draft depth is represented.
     """
 
-    @jax.jit
-    def one(tokens: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
+    @jax.jit  # weights are arguments, not closure constants (XLA would constant-fold them)
+    def one(pparams: LlamaParams, d: Drafter, tokens: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
         p_logits, hidden = forward_sequence(pparams, tokens, cfg=pcfg, taps=d.cfg.tapped_layers)
         logits = secondary.train_forward(d.params, d.cfg, tokens, hidden if d.cfg.tandem else None, block, offset)
         tv = total_variation(jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(p_logits, -1))
@@ -352,7 +354,7 @@ def router_dataset(
 
     feats, labels = [], []
     for i in range(windows.shape[0]):
-        f, y = one(jnp.asarray(windows[i : i + 1]), jnp.int32(i % block))
+        f, y = one(pparams, d, jnp.asarray(windows[i : i + 1]), jnp.int32(i % block))
         feats.append(np.asarray(f).reshape(-1, rcfg.n_features))
         labels.append(np.asarray(y).reshape(-1))
     return np.concatenate(feats), np.concatenate(labels)

@@ -180,3 +180,29 @@ def test_materialize_shared_embedding() -> None:
     runnable = secondary.materialize(params, cfg, primary_embed)
     assert runnable.embed is not None
     np.testing.assert_allclose(np.asarray(runnable.embed), np.asarray(primary_embed @ params.embed_proj), rtol=1e-5)
+
+
+def test_router_serves_what_it_was_trained_as(tmp_path: Path) -> None:
+    """NumPy features + MLP (serving) equal the JAX ones (training and evaluation); a saved router reloads."""
+    from tandem.router import MLPRouter, RouterConfig, features, load_router, router_logit, save_router, train_router
+
+    rng = np.random.default_rng(0)
+    embed = rng.standard_normal((TINY.vocab_size, 8)).astype(np.float32)
+    logits = rng.standard_normal((64, TINY.vocab_size)).astype(np.float32) * 3
+    logits[:, ::3] = -1e30  # a restricted head: masked tokens get probability 0
+    cfg = RouterConfig(top_k=3, d_embed=8, hidden=16)
+    feats = np.asarray(features(jnp.asarray(logits), jnp.asarray(embed), cfg.top_k))
+    np.testing.assert_allclose(
+        features(logits.astype(np.float64), embed, cfg.top_k, xp=np), feats, rtol=1e-4, atol=1e-5
+    )
+    agree = feats[:, 1]  # learnable target: the top probability
+    params, fit = train_router(feats, agree, cfg, steps=300, batch=64)
+    assert fit["mae"] < 0.1
+    save_router(tmp_path, cfg, params)
+    stored = load_router(tmp_path)
+    assert stored is not None and stored[0] == cfg
+    router = MLPRouter(*stored, embed)
+    want = 1 / (1 + np.exp(-np.asarray(router_logit(params, jnp.asarray(feats)))))
+    got = np.array([router.confidence(row) for row in logits])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert load_router(tmp_path / "missing") is None
