@@ -1,7 +1,9 @@
 """The bundled models: the real SmolLM2 primary plus the Tandem and vanilla drafters.
 
-Drafter weights shipped inside the package (`tandem/weights/<name>/`) are used when present; until the training issue
-ships them, drafters are initialised randomly from a fixed seed (SPEED stays lossless, only slower). The services
+The drafters trained by `tandem train` ship inside the package (`tandem/weights/<name>/`, each with its router) and
+are used when present; without them a drafter is initialised randomly from a fixed seed (SPEED stays lossless, only
+slower). Shipped drafters derive their embedding from the primary's, so the Secondary service reads that one tensor
+of the GGUF too. The services
 load their halves with `load_primary` / `load_drafters`; the in-process engine takes both through `load_bundle`.
 """
 
