@@ -8,12 +8,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from orchestrator.clients import RemoteDrafter, RemotePrimary
+from orchestrator.clients import ModelServiceError, RemoteDrafter, RemotePrimary
+from orchestrator.routing import EndpointPool, Lease, NoEndpointError, Targets
 from tandem.config import DEFAULT_MODE, SamplingParams, SpecConfig
 from tandem.errors import InvalidRequestError
 from tandem.rounds import GenerationResult, GenerationStats, Request, run_request
@@ -27,8 +28,9 @@ log = logging.getLogger("orchestrator")
 
 @dataclasses.dataclass(frozen=True)
 class OrchestratorConfig:
-    primary_target: str = "127.0.0.1:50051"
+    primary_target: str = "127.0.0.1:50051"  # HOST:PORT, a comma-separated list, or dns:///HOST:PORT (routing.py)
     secondary_target: str = "127.0.0.1:50052"
+    resolve_interval_s: float = 5.0  # how often dns:/// targets are re-resolved
     vocab_size: int = 49152  # the primary's
     max_len: int = 2048  # the model services' positions per session
     max_tokens_limit: int = 1024  # most tokens one request may ask for
@@ -75,6 +77,7 @@ class Metrics:
         self.tpot = Histogram("tandem_time_per_output_token_seconds", "TPOT", registry=registry)
         self.requests = Counter("tandem_requests", "finished requests", ["mode", "finish_reason"], registry=registry)
         self.running = Gauge("tandem_requests_running", "requests in flight", registry=registry)
+        self.endpoints = Gauge("tandem_orchestrator_endpoints", "resolved pods", ["service"], registry=registry)
 
     def observe(self, result: GenerationResult, finish: str, first_token_s: float) -> None:
         s = result.stats
@@ -89,6 +92,10 @@ class Metrics:
         self.requests.labels(mode=result.mode, finish_reason=finish).inc()
 
 
+def _count_of(pool: EndpointPool) -> Callable[[], float]:
+    return lambda: float(len(pool.addresses))
+
+
 class Generation:
     """One request in flight: iterate for chunks; `close()` from the consuming thread, `cancel()` from any thread.
 
@@ -97,9 +104,15 @@ class Generation:
     """
 
     def __init__(
-        self, chunks: Generator[Chunk, None, None], session: str, primary: RemotePrimary, drafter: RemoteDrafter | None
+        self,
+        chunks: Generator[Chunk, None, None],
+        session: str,
+        primary: RemotePrimary,
+        drafter: RemoteDrafter | None,
+        leases: list[Lease],
     ) -> None:
         self.chunks, self.session, self._primary, self._drafter = chunks, session, primary, drafter
+        self.leases = leases  # the request's pins on one primary and one secondary pod
         self.finished = False
 
     def __iter__(self) -> Generator[Chunk, None, None]:
@@ -112,12 +125,18 @@ class Generation:
         self.chunks.close()
         if self._drafter is not None:
             self._drafter.close()  # the stream exists even if the loop never started
+        self._unpin()
 
     def cancel(self) -> None:
         if not self.finished:
             self._primary.release(self.session)
             if self._drafter is not None:
                 self._drafter.close()
+        self._unpin()
+
+    def _unpin(self) -> None:
+        for lease in self.leases:
+            lease.release()
 
 
 class Orchestrator:
@@ -125,15 +144,28 @@ class Orchestrator:
 
     def __init__(self, cfg: OrchestratorConfig, tokenizer: Tokenizer | None, registry: CollectorRegistry) -> None:
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.primary_channel = grpc.insecure_channel(cfg.primary_target, options=GRPC_OPTIONS)
-        self.secondary_channel = grpc.insecure_channel(cfg.secondary_target, options=GRPC_OPTIONS)
-        self.primary = RemotePrimary(self.primary_channel, cfg.vocab_size, cfg.call_timeout_s)
+
+        def channel(address: str) -> grpc.Channel:
+            return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+
+        self.pools = {
+            name: EndpointPool(name, Targets.parse(target), channel, refresh_s=cfg.resolve_interval_s)
+            for name, target in (("primary", cfg.primary_target), ("secondary", cfg.secondary_target))
+        }
         self.metrics = Metrics(registry)
+        for name, pool in self.pools.items():
+            self.metrics.endpoints.labels(service=name).set_function(_count_of(pool))
         self.stop_token_ids = frozenset(tokenizer.stop_token_ids) if tokenizer else frozenset()
 
     def close(self) -> None:
-        self.primary_channel.close()
-        self.secondary_channel.close()
+        for pool in self.pools.values():
+            pool.close()
+
+    def _pin(self, service: str) -> Lease:
+        try:
+            return self.pools[service].acquire()
+        except NoEndpointError as e:
+            raise ModelServiceError(service, grpc.StatusCode.UNAVAILABLE, str(e)) from None
 
     def _prompt_ids(self, p: GenerateParams) -> tuple[int, ...]:
         if p.token_ids is not None:
@@ -165,18 +197,35 @@ class Orchestrator:
         req = Request(self._prompt_ids(p), p.mode, p.max_tokens, p.sampling, self._spec(p))
         limit = req.validate(self.cfg.vocab_size, self.cfg.max_len, self.cfg.max_tokens_limit)
         session = uuid.uuid4().hex
+        # Session affinity: every round of this request goes to these two pods, which hold its caches.
+        leases = [self._pin("primary")]
+        primary = RemotePrimary(leases[0].channel, self.cfg.vocab_size, self.cfg.call_timeout_s)
         drafter = None
-        if req.mode != "primary":
-            kind = pb.DRAFTER_TANDEM if req.mode.startswith("tandem") else pb.DRAFTER_VANILLA
-            drafter = RemoteDrafter(self.secondary_channel, session, kind, req.sampling, req.spec, self.cfg.vocab_size)
-        return Generation(self._run(p, req, limit, session, drafter), session, self.primary, drafter)
+        try:
+            if req.mode != "primary":
+                leases.append(self._pin("secondary"))
+                kind = pb.DRAFTER_TANDEM if req.mode.startswith("tandem") else pb.DRAFTER_VANILLA
+                drafter = RemoteDrafter(leases[1].channel, session, kind, req.sampling, req.spec, self.cfg.vocab_size)
+        except BaseException:
+            for lease in leases:
+                lease.release()
+            raise
+        chunks = self._run(p, req, limit, session, primary, drafter, leases)
+        return Generation(chunks, session, primary, drafter, leases)
 
     def _run(
-        self, p: GenerateParams, req: Request, limit: int, session: str, drafter: RemoteDrafter | None
+        self,
+        p: GenerateParams,
+        req: Request,
+        limit: int,
+        session: str,
+        primary: RemotePrimary,
+        drafter: RemoteDrafter | None,
+        leases: list[Lease],
     ) -> Generator[Chunk, None, None]:
         stats = GenerationStats()
         rounds = run_request(
-            req, session, self.primary, drafter, max_tokens=limit, stop_token_ids=self.stop_token_ids, stats=stats
+            req, session, primary, drafter, max_tokens=limit, stop_token_ids=self.stop_token_ids, stats=stats
         )
         decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True) if self.tokenizer else None
         stops = StopStringFilter(p.stop)
@@ -198,14 +247,25 @@ class Orchestrator:
                 if stops.stopped:
                     break
             tail = stops.push(decoder.flush()) + stops.flush() if decoder and not stops.stopped else ""
-            self._record(p, req, session, result, first_s, time.perf_counter() - start)
+            pods = [lease.address for lease in leases] + [None]
+            self._record(p, req, session, result, first_s, time.perf_counter() - start, pods[0], pods[1])
             yield Chunk(tail, [], result.finish_reason, result)
         finally:
             self.metrics.running.dec()
             rounds.close()  # releases both sessions if the loop ran
+            for lease in leases:
+                lease.release()
 
     def _record(
-        self, p: GenerateParams, req: Request, session: str, result: GenerationResult, first_s: float, latency_s: float
+        self,
+        p: GenerateParams,
+        req: Request,
+        session: str,
+        result: GenerationResult,
+        first_s: float,
+        latency_s: float,
+        primary_address: str | None,
+        secondary_address: str | None,
     ) -> None:
         """Metrics and the one structured log line per request."""
         self.metrics.observe(result, result.finish_reason, first_s)
@@ -221,6 +281,8 @@ class Orchestrator:
             "mean_acceptance_length": round(s.mean_acceptance_length, 4),
             "ttft_s": round(first_s, 4),
             "latency_s": round(latency_s, 4),
+            "primary": primary_address,
+            "secondary": secondary_address,
             "finish_reason": result.finish_reason,
         }
         log.info(json.dumps(line))

@@ -12,6 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from orchestrator.core import Orchestrator, OrchestratorConfig
+from orchestrator.routing import Targets
 from orchestrator.servicer import OrchestratorServicer
 from tandem.tokenizer import Tokenizer
 from tandemrpc.server import ServiceServer
@@ -49,14 +50,30 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
     p.add_argument("--host", default=env("TANDEM_ORCHESTRATOR_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("TANDEM_ORCHESTRATOR_PORT", "50050")))
     p.add_argument("--metrics-port", type=int, default=int(env("TANDEM_ORCHESTRATOR_METRICS_PORT", "9090")))
-    p.add_argument("--primary", default=env("TANDEM_PRIMARY_TARGET", "127.0.0.1:50051"), help="HOST:PORT")
-    p.add_argument("--secondary", default=env("TANDEM_SECONDARY_TARGET", "127.0.0.1:50052"), help="HOST:PORT")
+    targets = "HOST:PORT, HOST:PORT,HOST:PORT, or dns:///HOST:PORT (every resolved pod; session-affine)"
+    p.add_argument("--primary", default=env("TANDEM_PRIMARY_TARGET", "127.0.0.1:50051"), help=targets)
+    p.add_argument("--secondary", default=env("TANDEM_SECONDARY_TARGET", "127.0.0.1:50052"), help=targets)
+    p.add_argument(
+        "--resolve-interval-s",
+        type=float,
+        default=float(env("TANDEM_RESOLVE_INTERVAL_S", "5")),
+        help="re-resolve dns:/// targets this often",
+    )
     p.add_argument("--max-len", type=int, default=int(env("TANDEM_MAX_LEN", "2048")))
     p.add_argument("--max-tokens-limit", type=int, default=int(env("TANDEM_MAX_TOKENS_LIMIT", "1024")))
     p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="tokenizer source (default: SmolLM2)")
     a = p.parse_args(argv)
+    for flag, value in (("--primary", a.primary), ("--secondary", a.secondary)):
+        try:
+            Targets.parse(value)
+        except ValueError as e:
+            p.error(f"{flag}: {e}")
     core = OrchestratorConfig(
-        primary_target=a.primary, secondary_target=a.secondary, max_len=a.max_len, max_tokens_limit=a.max_tokens_limit
+        primary_target=a.primary,
+        secondary_target=a.secondary,
+        resolve_interval_s=a.resolve_interval_s,
+        max_len=a.max_len,
+        max_tokens_limit=a.max_tokens_limit,
     )
     return OrchestratorServiceConfig(a.host, a.port, a.metrics_port, core), a.gguf
 
