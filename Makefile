@@ -7,10 +7,9 @@ PROMPT ?= The capital of France is
 .PHONY: setup demo test lint protos
 setup: $(BIN)/tandem
 
-$(BIN)/tandem: pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+# docker/install.sh is the one install path: the container image runs it too (docker/Dockerfile).
+$(BIN)/tandem: pyproject.toml docker/install.sh
+	PYTHON="$(PY)" bash docker/install.sh --dev $(VENV)
 	touch $@
 
 # The main job: the three services as processes, SmolLM2-135M-Instruct verifying a Tandem drafter's blocks, streamed.

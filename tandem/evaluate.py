@@ -170,10 +170,10 @@ def round_predictions(
         m + j of row b when a round starts at m and the drafter is fed the sequence itself.
     """
     taps = d.cfg.tapped_layers
+    primary_states = jax.jit(lambda pparams, tokens: forward_sequence(pparams, tokens, cfg=pcfg, taps=taps)[1])
 
     @jax.jit  # weights are arguments, not closure constants (XLA would constant-fold them)
-    def one(pparams: LlamaParams, d: Drafter, tokens: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
-        hidden = forward_sequence(pparams, tokens, cfg=pcfg, taps=taps)[1] if d.cfg.tandem else None
+    def one(d: Drafter, tokens: jax.Array, hidden: jax.Array | None, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = secondary.train_forward(d.params, d.cfg, tokens, hidden, block, offset)
         return jnp.argmax(logits, axis=-1), confidence_fn(d)(logits)
 
@@ -181,9 +181,10 @@ def round_predictions(
     preds = np.zeros((b, t, block), dtype=np.int32)
     conf = np.zeros((b, t, block), dtype=np.float32)
     for lo in range(0, b, batch):
-        rows = seqs[lo : lo + batch]
+        rows = jnp.asarray(seqs[lo : lo + batch])
+        hidden = primary_states(pparams, rows) if d.cfg.tandem else None  # once per batch, shared by every offset
         for offset in range(block):
-            g, c = one(pparams, d, jnp.asarray(rows), jnp.int32(offset))
+            g, c = one(d, rows, hidden, jnp.int32(offset))
             g, c = np.asarray(g), np.asarray(c)
             for m in range(offset, t, block):  # rounds of this offset start at m; their positions are m .. m+block-1
                 n = min(block, t - m)
