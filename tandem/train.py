@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -232,7 +233,11 @@ class Trainer:
         bar = _progress(state.step, self.cfg.steps, enabled=progress)
         tokens_done, t_last = 0, time.monotonic()
         out_dir.mkdir(parents=True, exist_ok=True)
-        log = (out_dir / "log.jsonl").open("a")
+        log_path = out_dir / "log.jsonl"
+        if log_path.exists():  # drop lines of steps after the checkpoint (an interrupted run logged them)
+            kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] < state.step]
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+        log = log_path.open("a")
         try:
             for step in range(state.step, self.cfg.steps):
                 metrics = self.step(state, batch_at(data, step, self.cfg))
@@ -287,35 +292,53 @@ def _unflat(template: Any, arrays: dict[str, np.ndarray]) -> Any:
 
 
 def save_checkpoint(out_dir: Path, trainer: Trainer, state: TrainState) -> None:
-    """Writes params and optimizer states of every drafter, then trainer.json last (so a torn write is not loaded)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Writes every drafter's params and optimizer state into a new `step-N/` directory, then points trainer.json at
+    it (atomic rename) and removes older step directories, so an interrupted write never leaves a torn checkpoint."""
+    step_dir = out_dir / f"step-{state.step:06d}"
+    step_dir.mkdir(parents=True, exist_ok=True)
     for name in trainer.cfg.drafters:
-        save_file(_flat(state.params[name]), str(out_dir / f"{name}.params.safetensors"))
-        save_file(_flat(state.opt_states[name]), str(out_dir / f"{name}.opt.safetensors"))
+        save_file(_flat(state.params[name]), str(step_dir / f"{name}.params.safetensors"))
+        save_file(_flat(state.opt_states[name]), str(step_dir / f"{name}.opt.safetensors"))
     meta = {
         "step": state.step,
+        "dir": step_dir.name,
         "train": trainer.cfg.to_dict(),
         "drafters": {n: trainer.dcfgs[n].to_dict() for n in trainer.cfg.drafters},
     }
     tmp = out_dir / "trainer.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     tmp.replace(out_dir / "trainer.json")
+    for old in out_dir.glob("step-*"):
+        if old != step_dir:
+            shutil.rmtree(old)
 
 
 def load_checkpoint(out_dir: Path, trainer: Trainer) -> TrainState:
-    """Restores a state written by `save_checkpoint` for the same drafter configs."""
+    """Restores a state written by `save_checkpoint` for the same drafter configs and training settings.
+
+    Raises:
+        ValueError: the checkpoint belongs to other drafter shapes or other settings (a resumed run must continue the
+            same schedule; use a new output directory for a new run).
+    """
     meta = json.loads((out_dir / "trainer.json").read_text())
     for name in trainer.cfg.drafters:
         saved = DrafterConfig.from_dict(meta["drafters"][name]) if name in meta["drafters"] else None
         if saved != trainer.dcfgs[name]:
             raise ValueError(f"{out_dir}: checkpoint's {name} drafter config differs from this run's")
+    ours = {k: v for k, v in trainer.cfg.to_dict().items() if k != "checkpoint_every"}
+    theirs = {k: v for k, v in meta["train"].items() if k != "checkpoint_every"}
+    if ours != theirs:
+        changed = sorted(k for k in ours if ours[k] != theirs.get(k))
+        raise ValueError(f"{out_dir}: checkpoint was trained with other settings ({', '.join(changed)}); "
+                         "rerun with the same flags or use a new --out")  # fmt: skip
+    step_dir = out_dir / meta["dir"]
     template = trainer.init_state()
     params = {
-        n: _unflat(template.params[n], load_file(str(out_dir / f"{n}.params.safetensors")))
+        n: _unflat(template.params[n], load_file(str(step_dir / f"{n}.params.safetensors")))
         for n in trainer.cfg.drafters
     }
     opt = {
-        n: _unflat(template.opt_states[n], load_file(str(out_dir / f"{n}.opt.safetensors")))
+        n: _unflat(template.opt_states[n], load_file(str(step_dir / f"{n}.opt.safetensors")))
         for n in trainer.cfg.drafters
     }
     return TrainState(int(meta["step"]), params, opt)

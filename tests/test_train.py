@@ -84,14 +84,19 @@ def test_resumed_run_equals_uninterrupted_run(trained, tiny_params: LlamaParams,
         np.testing.assert_allclose(
             np.asarray(resumed.params[name].layers.wq), np.asarray(straight.params[name].layers.wq), atol=1e-5
         )
-    assert not any(p.suffix == ".pkl" for p in tmp_path.iterdir())
+    assert not any(p.suffix == ".pkl" for p in tmp_path.rglob("*"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(CFG.steps))  # one log line per step across the interruption
 
 
-def test_checkpoint_of_another_shape_is_refused(trained, tiny_params: LlamaParams) -> None:
+def test_checkpoint_of_another_shape_or_schedule_is_refused(trained, tiny_params: LlamaParams) -> None:
     _, out = trained
     other = {n: dataclasses.replace(c, ffn_dim=48) for n, c in _dcfgs().items()}
     with pytest.raises(ValueError, match="differs"):
         load_checkpoint(out, Trainer(TINY, tiny_params, other, CFG))
+    with pytest.raises(ValueError, match=r"other settings \(steps\)"):
+        load_checkpoint(out, Trainer(TINY, tiny_params, _dcfgs(), dataclasses.replace(CFG, steps=99)))
+    assert [p.name for p in out.glob("step-*")] == [f"step-{CFG.steps:06d}"]  # only the latest is kept
 
 
 def test_batches_are_deterministic_per_step() -> None:
