@@ -312,6 +312,6 @@ def evaluate_drafter_dirs(
         if not (directory / "config.json").exists():
             raise FileNotFoundError(f"no drafter {name!r} in {drafters_dir} (train one with `tandem train`)")
         dcfg, params = secondary.load_drafter(directory, primary_embed=pparams.embed)
-        router = load_router(directory)
-        drafters[name] = Drafter(dcfg, params, *((router[1], router[0]) if router else ()))
+        rcfg, rparams = load_router(directory) or (None, None)
+        drafters[name] = Drafter(dcfg, params, router_params=rparams, router_cfg=rcfg)
     return evaluate(pcfg, pparams, drafters, tokens, cfg, eos=tuple(tokenizer.stop_token_ids))
