@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from tandem.config import SamplingParams, SpecConfig
-from tandem.errors import InvalidRequestError, SessionNotFoundError, TandemError
+from tandem.errors import DrafterUnavailableError, InvalidRequestError, SessionNotFoundError, TandemError
 from tandem.rounds import Drafts, PrimaryStep
 from tandem.speculative import SparseDist
 from tandemrpc.convert import numpy_to_tensor, optional_tensor, sampling_to_proto, sparse_from_proto, sparse_to_proto
@@ -85,6 +85,19 @@ class RemotePrimary:
 
 
 _END = object()
+# Secondary statuses after which a request goes on without its drafter (lossless: the primary finishes it). A bad
+# request (INVALID_ARGUMENT, FAILED_PRECONDITION) is the orchestrator's bug and still fails loudly.
+_DRAFTER_DOWN = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,  # the Secondary server shut down mid-stream
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.NOT_FOUND,  # the session expired on the Secondary (idle TTL)
+    }
+)
 
 
 class RemoteDrafter:
@@ -108,13 +121,23 @@ class RemoteDrafter:
         self.sampling, self.spec = sampling, spec
 
     def _exchange(self, req: pb.DraftRequest) -> Drafts:
+        """One request/response on the stream.
+
+        Raises:
+            DrafterUnavailableError: the Secondary service is down, its stream broke, it has no free slot or it failed
+                internally; the request loop then finishes the request with the primary alone.
+        """
         self._requests.put(req)
         try:
             resp = next(self._responses)
         except grpc.RpcError as e:
+            code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+            if code in _DRAFTER_DOWN and not self._closed:  # not our own cancellation (close)
+                details = e.details() if isinstance(e, grpc.Call) else str(e)
+                raise DrafterUnavailableError(f"secondary: {code.name}: {details}") from None
             _raise_from("secondary", e)
         except StopIteration:
-            raise ModelServiceError("secondary", grpc.StatusCode.UNAVAILABLE, "draft stream ended early") from None
+            raise DrafterUnavailableError("secondary: draft stream ended early") from None
         return Drafts(list(resp.tokens), [sparse_from_proto(q, self.vocab_size) for q in resp.proposals])
 
     @staticmethod

@@ -77,6 +77,9 @@ class Metrics:
         self.tpot = Histogram("tandem_time_per_output_token_seconds", "TPOT", registry=registry)
         self.requests = Counter("tandem_requests", "finished requests", ["mode", "finish_reason"], registry=registry)
         self.running = Gauge("tandem_requests_running", "requests in flight", registry=registry)
+        self.drafter_fallbacks = Counter(
+            "tandem_drafter_fallbacks", "requests finished by the primary alone after a drafter failure", registry=registry
+        )
         self.endpoints = Gauge("tandem_orchestrator_endpoints", "resolved pods", ["service"], registry=registry)
 
     def observe(self, result: GenerationResult, finish: str, first_token_s: float) -> None:
@@ -90,6 +93,7 @@ class Metrics:
         if s.output_tokens > 1:
             self.tpot.observe((s.elapsed_s - s.ttft_s) / (s.output_tokens - 1))
         self.requests.labels(mode=result.mode, finish_reason=finish).inc()
+        self.drafter_fallbacks.inc(s.drafter_failures)
 
 
 def _count_of(pool: EndpointPool) -> Callable[[], float]:
@@ -284,5 +288,6 @@ class Orchestrator:
             "primary": primary_address,
             "secondary": secondary_address,
             "finish_reason": result.finish_reason,
+            "drafter_failures": s.drafter_failures,
         }
         log.info(json.dumps(line))

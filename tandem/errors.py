@@ -4,6 +4,9 @@ InvalidRequestError   -> INVALID_ARGUMENT    (bad parameters, bad tensors, promp
 SessionNotFoundError  -> NOT_FOUND           (unknown, released or expired session)
 SessionStateError     -> FAILED_PRECONDITION (a call out of order for the session's state)
 PoolExhaustedError    -> RESOURCE_EXHAUSTED  (every cache slot is taken; retry later)
+
+DrafterUnavailableError is not sent to clients: the request loop catches it and finishes the request with the primary
+alone (the primary can always finish a request, so a drafter failure costs speed, never output).
 """
 
 from __future__ import annotations
@@ -34,3 +37,7 @@ class SessionStateError(TandemError):
 
 class PoolExhaustedError(TandemError):
     """Every cache slot is in use."""
+
+
+class DrafterUnavailableError(TandemError):
+    """The drafter cannot draft for this request (service down, stream broken, no free slot)."""

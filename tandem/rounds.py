@@ -26,7 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from tandem.config import MODES, SamplingParams, SpecConfig
-from tandem.errors import InvalidRequestError
+from tandem.errors import DrafterUnavailableError, InvalidRequestError
 from tandem.speculative import SparseDist
 
 
@@ -92,6 +92,7 @@ class GenerationStats:
     drafted_per_position: list[int] = dataclasses.field(default_factory=list)  # [j]: rounds drafting >= j+1 tokens
     primary_calls: int = 0
     drafter_calls: int = 0  # drafting requests (one per round)
+    drafter_failures: int = 0  # 1 when the drafter failed and the request finished with the primary alone
     prompt_tokens: int = 0
     output_tokens: int = 0
     ttft_s: float = 0.0
@@ -227,15 +228,23 @@ def run_request(
             if finish is not None:
                 break
             pending = step.next_token
-            if drafter is None:  # primary mode: a block of one token
+            if drafter is not None:
+                try:
+                    if drafts is None:
+                        drafts = drafter.start(req.prompt_ids, step.hidden, pending, round_budget())
+                    else:
+                        drafts = drafter.advance(step.accepted, step.hidden, pending, round_budget())
+                except DrafterUnavailableError:
+                    # Lossless degradation: the primary's cache holds every committed token, so primary-only steps
+                    # continue from `pending` exactly as an undisturbed run would have.
+                    stats.drafter_failures += 1
+                    drafter.close()
+                    drafter = None
+            if drafter is None or drafts is None:  # primary mode (or the drafter failed): a block of one token
                 step = primary.verify(session, [pending], [], True, False)
                 stats.primary_calls += 1
                 kept, finish = emit([step.next_token])
                 continue
-            if drafts is None:
-                drafts = drafter.start(req.prompt_ids, step.hidden, pending, round_budget())
-            else:
-                drafts = drafter.advance(step.accepted, step.hidden, pending, round_budget())
             stats.drafter_calls += 1
             step = primary.verify(
                 session, [pending, *drafts.tokens], drafts.proposals, req.mode != "tandem", want_hidden

@@ -1,0 +1,107 @@
+"""Lossless degradation: a drafter that fails mid-request costs speed, never output."""
+
+from __future__ import annotations
+
+from conftest import TINY, make_engine
+
+from orchestrator.core import OrchestratorConfig
+from orchestrator.server import OrchestratorServiceConfig
+from orchestrator.server import build_server as build_orchestrator
+from primary_svc.server import PrimaryServiceConfig
+from primary_svc.server import build_server as build_primary
+from secondary_svc.server import SecondaryServiceConfig
+from secondary_svc.server import build_server as build_secondary
+from tandem.config import SamplingParams, SpecConfig
+from tandem.engine import Engine
+from tandem.errors import DrafterUnavailableError
+from tandem.rounds import GenerationStats, Request, run_request
+from tandem.workers import DrafterWorker, PrimaryWorker
+from tandemrpc.client import TandemClient
+
+SPEC = SpecConfig(gamma_max=4, tau=0.0)
+
+
+class FailingDrafter:
+    """Wraps a DrafterAPI; raises DrafterUnavailableError from call number `fail_at` on (0 = at start)."""
+
+    def __init__(self, inner, fail_at: int) -> None:
+        self.inner, self.fail_at, self.calls, self.closed = inner, fail_at, 0, False
+
+    def _maybe_fail(self) -> None:
+        self.calls += 1
+        if self.calls > self.fail_at:
+            raise DrafterUnavailableError("secondary: UNAVAILABLE: connection refused")
+
+    def start(self, *args):
+        self._maybe_fail()
+        return self.inner.start(*args)
+
+    def advance(self, *args):
+        self._maybe_fail()
+        return self.inner.advance(*args)
+
+    def close(self) -> None:
+        self.closed = True
+        self.inner.close()
+
+
+def test_a_failing_drafter_costs_speed_not_output(tiny_engine: Engine) -> None:
+    """The drafter fails at its first, second or fourth call: the request finishes with the primary alone and its
+    greedy tokens are exactly the primary's; both sessions are released."""
+    prompt = (3, 17, 9, 40)
+    want = tiny_engine.generate(list(prompt), mode="primary", max_tokens=40).token_ids
+    for mode in ("speed", "tandem-speed"):
+        for fail_at in (0, 1, 3):
+            req = Request(prompt, mode, 40, SamplingParams(), SPEC)
+            limit = req.validate(TINY.vocab_size, tiny_engine.max_len)
+            worker = tiny_engine.drafters[mode]
+            assert worker is not None
+            session = f"{mode}-{fail_at}"
+            drafter = FailingDrafter(worker.open(session, req.sampling, req.spec), fail_at)
+            stats = GenerationStats()
+            loop = run_request(req, session, tiny_engine.primary_worker, drafter, max_tokens=limit, stats=stats)
+            assert [t for chunk in loop for t in chunk] == want, (mode, fail_at)
+            assert stats.drafter_failures == 1 and drafter.closed
+            assert stats.rounds == fail_at  # rounds drafted before the failure; the rest were primary steps
+            assert len(tiny_engine.primary_worker.pool) == 0 and len(worker.pool) == 0
+
+
+def test_stopping_the_secondary_mid_request_keeps_the_output(tiny_params) -> None:
+    """Through gRPC: the Secondary server stops after the first chunk; the request still yields the primary's greedy
+    tokens, and later requests (no Secondary at all) do too, each counted as a drafter fallback."""
+    served, reference = make_engine(tiny_params, max_len=256, slots=2), make_engine(tiny_params, max_len=256)
+    primary_worker = PrimaryWorker(served.primary)
+    primary = build_primary(primary_worker, PrimaryServiceConfig()).start()
+    drafters = {
+        "tandem": DrafterWorker(served.drafters["tandem-speed"].runner),
+        "vanilla": DrafterWorker(served.drafters["speed"].runner),
+    }
+    secondary = build_secondary(drafters, SecondaryServiceConfig()).start()
+    core_cfg = OrchestratorConfig(
+        primary_target=primary.address,
+        secondary_target=secondary.address,
+        vocab_size=TINY.vocab_size,
+        max_len=256,
+        default_spec=SPEC,
+    )
+    orch, core = build_orchestrator(OrchestratorServiceConfig(core=core_cfg), None)
+    orch.start()
+    client = TandemClient(orch.address, timeout_s=60)
+    try:
+        prompt = [8, 1, 30, 12]
+        want = reference.generate(prompt, mode="primary", max_tokens=48).token_ids
+        stream = client.generate(prompt, mode="tandem-speed", max_tokens=48)
+        got = list(next(stream).token_ids)
+        secondary.stop(0)  # the drafter dies mid-request
+        chunks = list(stream)
+        got += [t for c in chunks for t in c.token_ids]
+        assert got == want
+        for mode in ("speed", "tandem-speed"):  # new requests with the Secondary gone
+            assert [t for c in client.generate(prompt, mode=mode, max_tokens=48) for t in c.token_ids] == want
+        assert core.metrics.drafter_fallbacks._value.get() == 3
+        assert len(primary_worker.pool) == 0
+    finally:
+        client.close()
+        for s in (orch, secondary, primary):
+            s.stop(0)
+        core.close()
