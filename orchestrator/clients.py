@@ -11,7 +11,13 @@ import grpc
 import numpy as np
 
 from tandem.config import SamplingParams, SpecConfig
-from tandem.errors import DrafterUnavailableError, InvalidRequestError, SessionNotFoundError, TandemError
+from tandem.errors import (
+    DrafterUnavailableError,
+    InvalidRequestError,
+    PrimaryUnavailableError,
+    SessionNotFoundError,
+    TandemError,
+)
 from tandem.rounds import Drafts, PrimaryStep
 from tandem.speculative import SparseDist
 from tandemrpc.convert import numpy_to_tensor, optional_tensor, sampling_to_proto, sparse_from_proto, sparse_to_proto
@@ -34,6 +40,9 @@ def _raise_from(service: str, e: grpc.RpcError) -> NoReturn:
         raise InvalidRequestError(f"{service}: {details}") from None
     if code == grpc.StatusCode.NOT_FOUND:
         raise SessionNotFoundError(f"{service}: {details}") from None
+    # Unreachable, or shut down mid-call (we never cancel unary calls ourselves): the request loop may fail over.
+    if service == "primary" and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        raise PrimaryUnavailableError(f"{service}: {details}") from None
     raise ModelServiceError(service, code, details or code.name) from None
 
 

@@ -78,7 +78,12 @@ class Metrics:
         self.requests = Counter("tandem_requests", "finished requests", ["mode", "finish_reason"], registry=registry)
         self.running = Gauge("tandem_requests_running", "requests in flight", registry=registry)
         self.drafter_fallbacks = Counter(
-            "tandem_drafter_fallbacks", "requests finished by the primary alone after a drafter failure", registry=registry
+            "tandem_drafter_fallbacks",
+            "requests finished by the primary alone after a drafter failure",
+            registry=registry,
+        )
+        self.primary_failovers = Counter(
+            "tandem_primary_failovers", "requests re-prefilled on another primary replica", registry=registry
         )
         self.endpoints = Gauge("tandem_orchestrator_endpoints", "resolved pods", ["service"], registry=registry)
 
@@ -94,10 +99,27 @@ class Metrics:
             self.tpot.observe((s.elapsed_s - s.ttft_s) / (s.output_tokens - 1))
         self.requests.labels(mode=result.mode, finish_reason=finish).inc()
         self.drafter_fallbacks.inc(s.drafter_failures)
+        self.primary_failovers.inc(s.primary_failovers)
 
 
 def _count_of(pool: EndpointPool) -> Callable[[], float]:
     return lambda: float(len(pool.addresses))
+
+
+@dataclasses.dataclass
+class Route:
+    """The pods one request is pinned to (session affinity); a failover moves its primary side to another pod."""
+
+    primary_lease: Lease
+    primary: RemotePrimary
+    secondary_lease: Lease | None = None
+    lost: list[str] = dataclasses.field(default_factory=list)  # primary pods this request lost
+
+    def release(self) -> None:
+        """Unpins the request (idempotent)."""
+        self.primary_lease.release()
+        if self.secondary_lease is not None:
+            self.secondary_lease.release()
 
 
 class Generation:
@@ -108,15 +130,9 @@ class Generation:
     """
 
     def __init__(
-        self,
-        chunks: Generator[Chunk, None, None],
-        session: str,
-        primary: RemotePrimary,
-        drafter: RemoteDrafter | None,
-        leases: list[Lease],
+        self, chunks: Generator[Chunk, None, None], session: str, route: Route, drafter: RemoteDrafter | None
     ) -> None:
-        self.chunks, self.session, self._primary, self._drafter = chunks, session, primary, drafter
-        self.leases = leases  # the request's pins on one primary and one secondary pod
+        self.chunks, self.session, self.route, self._drafter = chunks, session, route, drafter
         self.finished = False
 
     def __iter__(self) -> Generator[Chunk, None, None]:
@@ -129,18 +145,14 @@ class Generation:
         self.chunks.close()
         if self._drafter is not None:
             self._drafter.close()  # the stream exists even if the loop never started
-        self._unpin()
+        self.route.release()
 
     def cancel(self) -> None:
         if not self.finished:
-            self._primary.release(self.session)
+            self.route.primary.release(self.session)
             if self._drafter is not None:
                 self._drafter.close()
-        self._unpin()
-
-    def _unpin(self) -> None:
-        for lease in self.leases:
-            lease.release()
+        self.route.release()
 
 
 class Orchestrator:
@@ -202,20 +214,35 @@ class Orchestrator:
         limit = req.validate(self.cfg.vocab_size, self.cfg.max_len, self.cfg.max_tokens_limit)
         session = uuid.uuid4().hex
         # Session affinity: every round of this request goes to these two pods, which hold its caches.
-        leases = [self._pin("primary")]
-        primary = RemotePrimary(leases[0].channel, self.cfg.vocab_size, self.cfg.call_timeout_s)
+        lease = self._pin("primary")
+        route = Route(lease, RemotePrimary(lease.channel, self.cfg.vocab_size, self.cfg.call_timeout_s))
         drafter = None
         try:
             if req.mode != "primary":
-                leases.append(self._pin("secondary"))
+                route.secondary_lease = self._pin("secondary")
                 kind = pb.DRAFTER_TANDEM if req.mode.startswith("tandem") else pb.DRAFTER_VANILLA
-                drafter = RemoteDrafter(leases[1].channel, session, kind, req.sampling, req.spec, self.cfg.vocab_size)
+                channel = route.secondary_lease.channel
+                drafter = RemoteDrafter(channel, session, kind, req.sampling, req.spec, self.cfg.vocab_size)
         except BaseException:
-            for lease in leases:
-                lease.release()
+            route.release()
             raise
-        chunks = self._run(p, req, limit, session, primary, drafter, leases)
-        return Generation(chunks, session, primary, drafter, leases)
+        return Generation(self._run(p, req, limit, session, route, drafter), session, route, drafter)
+
+    def _failover(self, route: Route) -> RemotePrimary:
+        """Moves a request whose primary pod is unreachable to another pod (the request loop re-prefills there)."""
+        route.lost.append(route.primary_lease.address)
+        route.primary_lease.release()
+        try:
+            lease = self.pools["primary"].acquire(exclude=frozenset(route.lost))
+        except NoEndpointError:
+            lost = ", ".join(route.lost)
+            raise ModelServiceError(
+                "primary", grpc.StatusCode.UNAVAILABLE, f"lost primary replica(s) {lost} and no other one is left"
+            ) from None
+        log.warning("request moved from primary %s to %s", route.lost[-1], lease.address)
+        route.primary_lease = lease
+        route.primary = RemotePrimary(lease.channel, self.cfg.vocab_size, self.cfg.call_timeout_s)
+        return route.primary
 
     def _run(
         self,
@@ -223,13 +250,19 @@ class Orchestrator:
         req: Request,
         limit: int,
         session: str,
-        primary: RemotePrimary,
+        route: Route,
         drafter: RemoteDrafter | None,
-        leases: list[Lease],
     ) -> Generator[Chunk, None, None]:
         stats = GenerationStats()
         rounds = run_request(
-            req, session, primary, drafter, max_tokens=limit, stop_token_ids=self.stop_token_ids, stats=stats
+            req,
+            session,
+            route.primary,
+            drafter,
+            max_tokens=limit,
+            stop_token_ids=self.stop_token_ids,
+            stats=stats,
+            failover=lambda: self._failover(route),
         )
         decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True) if self.tokenizer else None
         stops = StopStringFilter(p.stop)
@@ -251,14 +284,14 @@ class Orchestrator:
                 if stops.stopped:
                     break
             tail = stops.push(decoder.flush()) + stops.flush() if decoder and not stops.stopped else ""
-            pods = [lease.address for lease in leases] + [None]
-            self._record(p, req, session, result, first_s, time.perf_counter() - start, pods[0], pods[1])
+            secondary = route.secondary_lease.address if route.secondary_lease else None
+            self._record(p, req, session, result, first_s, time.perf_counter() - start, route.primary_lease.address,
+                         secondary)  # fmt: skip
             yield Chunk(tail, [], result.finish_reason, result)
         finally:
             self.metrics.running.dec()
             rounds.close()  # releases both sessions if the loop ran
-            for lease in leases:
-                lease.release()
+            route.release()
 
     def _record(
         self,
@@ -289,5 +322,6 @@ class Orchestrator:
             "secondary": secondary_address,
             "finish_reason": result.finish_reason,
             "drafter_failures": s.drafter_failures,
+            "primary_failovers": s.primary_failovers,
         }
         log.info(json.dumps(line))

@@ -165,15 +165,18 @@ class EndpointPool:
             self._endpoints[address] = Endpoint(address, self._factory(address))
             log.info("%s: endpoint %s joined", self.name, address)
 
-    def acquire(self) -> Lease:
+    def acquire(self, exclude: frozenset[str] = frozenset()) -> Lease:
         """Pins a new request to the live endpoint with the fewest requests in flight.
 
+        Args:
+            exclude: addresses not to use (endpoints a request has already lost).
+
         Raises:
-            NoEndpointError: the service resolves to no endpoint.
+            NoEndpointError: the service resolves to no endpoint outside `exclude`.
         """
         with self._lock:
             self._refresh_locked()
-            live = sorted(self._endpoints.values(), key=lambda e: e.address)
+            live = sorted((e for e in self._endpoints.values() if e.address not in exclude), key=lambda e: e.address)
             if not live:
                 raise NoEndpointError(f"the {self.name} service has no endpoints ({self._describe()}); retry shortly")
             n = len(live)

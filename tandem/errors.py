@@ -5,6 +5,8 @@ SessionNotFoundError  -> NOT_FOUND           (unknown, released or expired sessi
 SessionStateError     -> FAILED_PRECONDITION (a call out of order for the session's state)
 PoolExhaustedError    -> RESOURCE_EXHAUSTED  (every cache slot is taken; retry later)
 
+PrimaryUnavailableError -> UNAVAILABLE       (the primary replica is gone and no other one can take the request over)
+
 DrafterUnavailableError is not sent to clients: the request loop catches it and finishes the request with the primary
 alone (the primary can always finish a request, so a drafter failure costs speed, never output).
 """
@@ -41,3 +43,7 @@ class PoolExhaustedError(TandemError):
 
 class DrafterUnavailableError(TandemError):
     """The drafter cannot draft for this request (service down, stream broken, no free slot)."""
+
+
+class PrimaryUnavailableError(TandemError):
+    """The primary replica serving a request is unreachable; the request loop may re-prefill on another replica."""

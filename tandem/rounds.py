@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Protocol
 
 import numpy as np
 
 from tandem.config import MODES, SamplingParams, SpecConfig
-from tandem.errors import DrafterUnavailableError, InvalidRequestError
+from tandem.errors import DrafterUnavailableError, InvalidRequestError, PrimaryUnavailableError
 from tandem.speculative import SparseDist
 
 
@@ -93,6 +93,7 @@ class GenerationStats:
     primary_calls: int = 0
     drafter_calls: int = 0  # drafting requests (one per round)
     drafter_failures: int = 0  # 1 when the drafter failed and the request finished with the primary alone
+    primary_failovers: int = 0  # times the request moved to another primary replica (re-prefilled)
     prompt_tokens: int = 0
     output_tokens: int = 0
     ttft_s: float = 0.0
@@ -181,6 +182,7 @@ def run_request(
     max_tokens: int,
     stop_token_ids: frozenset[int] = frozenset(),
     stats: GenerationStats | None = None,
+    failover: Callable[[], PrimaryAPI] | None = None,
 ) -> Generator[list[int], None, GenerationResult]:
     """Runs a validated request; yields the tokens each primary pass commits, returns the result (token_ids empty).
 
@@ -194,6 +196,9 @@ def run_request(
         max_tokens: tokens to generate, as returned by Request.validate.
         stop_token_ids: tokens that end the request (not emitted).
         stats: filled in as the request runs (pass one to read it after closing the generator early).
+        failover: when the primary raises PrimaryUnavailableError, returns the primary of another replica; the
+            request re-prefills its prompt and every token emitted so far there and goes on with the primary alone
+            (greedy output is unchanged). None: the error propagates.
     """
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(req.prompt_ids)
@@ -215,8 +220,20 @@ def run_request(
     def round_budget() -> int:
         return max(1, min(req.spec.gamma_max, max_tokens - len(emitted) - 1))  # a round emits accepted + 1
 
+    def prefill_somewhere(ids: tuple[int, ...], hidden: bool) -> PrimaryStep:
+        """Prefills on the current primary, moving to another replica (failover) while the current one is lost."""
+        nonlocal primary
+        while True:
+            try:
+                return primary.prefill(session, ids, req.sampling, hidden)
+            except PrimaryUnavailableError:
+                if failover is None:
+                    raise
+                primary = failover()  # raises once no replica is left
+                stats.primary_failovers += 1
+
     try:
-        step = primary.prefill(session, req.prompt_ids, req.sampling, want_hidden)
+        step = prefill_somewhere(req.prompt_ids, want_hidden)
         stats.primary_calls += 1
         stats.ttft_s = time.perf_counter() - start
         kept, finish = emit([step.next_token])
@@ -240,18 +257,32 @@ def run_request(
                     stats.drafter_failures += 1
                     drafter.close()
                     drafter = None
-            if drafter is None or drafts is None:  # primary mode (or the drafter failed): a block of one token
-                step = primary.verify(session, [pending], [], True, False)
+            try:
+                if drafter is None or drafts is None:  # primary mode (or the drafter failed): a block of one token
+                    step = primary.verify(session, [pending], [], True, False)
+                    stats.primary_calls += 1
+                    kept, finish = emit([step.next_token])
+                    continue
+                stats.drafter_calls += 1
+                step = primary.verify(
+                    session, [pending, *drafts.tokens], drafts.proposals, req.mode != "tandem", want_hidden
+                )
+                stats.primary_calls += 1
+                stats.record_round(len(drafts.tokens), step.accepted)
+                kept, finish = emit([*drafts.tokens[: step.accepted], step.next_token])
+            except PrimaryUnavailableError:
+                if failover is None:
+                    raise
+                # The replica and its cache are gone; this process holds every token so far. Prefilling them on
+                # another replica yields the token after `pending`, exactly what a primary-only step would have.
+                primary = failover()
+                stats.primary_failovers += 1
+                if drafter is not None:  # its caches follow the lost replica's positions: finish without it
+                    drafter.close()
+                    drafter = None
+                step = prefill_somewhere((*req.prompt_ids, *emitted), False)
                 stats.primary_calls += 1
                 kept, finish = emit([step.next_token])
-                continue
-            stats.drafter_calls += 1
-            step = primary.verify(
-                session, [pending, *drafts.tokens], drafts.proposals, req.mode != "tandem", want_hidden
-            )
-            stats.primary_calls += 1
-            stats.record_round(len(drafts.tokens), step.accepted)
-            kept, finish = emit([*drafts.tokens[: step.accepted], step.next_token])
     finally:
         stats.output_tokens = len(emitted)
         stats.elapsed_s = time.perf_counter() - start

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from tandem.errors import (
     InvalidRequestError,
     PoolExhaustedError,
+    PrimaryUnavailableError,
     SessionNotFoundError,
     SessionStateError,
     TandemError,
@@ -38,6 +39,7 @@ _STATUS = (
     (SessionNotFoundError, grpc.StatusCode.NOT_FOUND),
     (SessionStateError, grpc.StatusCode.FAILED_PRECONDITION),
     (PoolExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PrimaryUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+import pytest
 from conftest import TINY, make_engine
 
 from orchestrator.core import OrchestratorConfig
@@ -103,5 +105,50 @@ def test_stopping_the_secondary_mid_request_keeps_the_output(tiny_params) -> Non
     finally:
         client.close()
         for s in (orch, secondary, primary):
+            s.stop(0)
+        core.close()
+
+
+def test_losing_the_primary_replica_re_prefills_on_another(tiny_params) -> None:
+    """Two primary replicas: the one serving a request stops after its first chunk; the orchestrator re-prefills the
+    prompt and the tokens so far on the other and the output is still the primary's greedy output. With no replica
+    left, requests get UNAVAILABLE with a message that says so."""
+    engines = [make_engine(tiny_params, max_len=256, slots=2) for _ in range(2)]
+    reference = make_engine(tiny_params, max_len=256)
+    workers = [PrimaryWorker(e.primary) for e in engines]
+    primaries = [build_primary(w, PrimaryServiceConfig()).start() for w in workers]
+    drafters = {
+        "tandem": DrafterWorker(engines[0].drafters["tandem-speed"].runner),
+        "vanilla": DrafterWorker(engines[0].drafters["speed"].runner),
+    }
+    secondary = build_secondary(drafters, SecondaryServiceConfig()).start()
+    core_cfg = OrchestratorConfig(
+        primary_target=",".join(p.address for p in primaries),
+        secondary_target=secondary.address,
+        vocab_size=TINY.vocab_size,
+        max_len=256,
+        default_spec=SPEC,
+    )
+    orch, core = build_orchestrator(OrchestratorServiceConfig(core=core_cfg), None)
+    orch.start()
+    client = TandemClient(orch.address, timeout_s=60)
+    try:
+        prompt = [5, 9, 2, 33, 7]
+        want = reference.generate(prompt, mode="primary", max_tokens=48).token_ids
+        stream = client.generate(prompt, mode="tandem-speed", max_tokens=48)
+        got = list(next(stream).token_ids)
+        serving = [len(w.pool) for w in workers].index(1)
+        primaries[serving].stop(0)  # the replica holding this request's cache is lost
+        got += [t for c in stream for t in c.token_ids]
+        assert got == want
+        assert core.metrics.primary_failovers._value.get() == 1
+        assert len(workers[1 - serving].pool) == 0 and len(drafters["tandem"].pool) == 0
+        primaries[1 - serving].stop(0)  # no replica left
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.generate(prompt, mode="primary", max_tokens=8))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no other one is left" in err.value.details()
+    finally:
+        client.close()
+        for s in (orch, secondary, *primaries):
             s.stop(0)
         core.close()
