@@ -15,6 +15,7 @@ Two families of figures:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,20 @@ def greedy_continuations(
     return out, lengths
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "taps"))
+def _primary_states(pparams: LlamaParams, tokens: jax.Array, *, cfg: LlamaConfig, taps: tuple[int, ...]) -> jax.Array:
+    return forward_sequence(pparams, tokens, cfg=cfg, taps=taps)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def _round_greedy(
+    d: Drafter, tokens: jax.Array, hidden: jax.Array | None, offset: jax.Array, *, block: int
+) -> tuple[jax.Array, jax.Array]:
+    """Argmax and confidence at every position with rounds of `block` starting at offset + n * block."""
+    logits = secondary.train_forward(d.params, d.cfg, tokens, hidden, block, offset)
+    return jnp.argmax(logits, axis=-1), confidence_fn(d)(logits)
+
+
 def round_predictions(
     pcfg: LlamaConfig, pparams: LlamaParams, d: Drafter, seqs: np.ndarray, block: int, batch: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -169,22 +184,14 @@ def round_predictions(
         (preds, conf), each [B, T, block]: entry [b, m, j] is the drafter's argmax (and router confidence) at position
         m + j of row b when a round starts at m and the drafter is fed the sequence itself.
     """
-    taps = d.cfg.tapped_layers
-    primary_states = jax.jit(lambda pparams, tokens: forward_sequence(pparams, tokens, cfg=pcfg, taps=taps)[1])
-
-    @jax.jit  # weights are arguments, not closure constants (XLA would constant-fold them)
-    def one(d: Drafter, tokens: jax.Array, hidden: jax.Array | None, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits = secondary.train_forward(d.params, d.cfg, tokens, hidden, block, offset)
-        return jnp.argmax(logits, axis=-1), confidence_fn(d)(logits)
-
     b, t = seqs.shape
     preds = np.zeros((b, t, block), dtype=np.int32)
     conf = np.zeros((b, t, block), dtype=np.float32)
     for lo in range(0, b, batch):
         rows = jnp.asarray(seqs[lo : lo + batch])
-        hidden = primary_states(pparams, rows) if d.cfg.tandem else None  # once per batch, shared by every offset
-        for offset in range(block):
-            g, c = one(d, rows, hidden, jnp.int32(offset))
+        hidden = _primary_states(pparams, rows, cfg=pcfg, taps=d.cfg.tapped_layers) if d.cfg.tandem else None
+        for offset in range(block):  # the primary's states are shared by every offset
+            g, c = _round_greedy(d, rows, hidden, jnp.int32(offset), block=block)
             g, c = np.asarray(g), np.asarray(c)
             for m in range(offset, t, block):  # rounds of this offset start at m; their positions are m .. m+block-1
                 n = min(block, t - m)

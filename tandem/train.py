@@ -16,6 +16,7 @@ JSON. A run stops after `max_minutes` at a checkpoint and continues where it sto
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import time
@@ -136,6 +137,39 @@ def drafter_losses(
     return loss, metrics
 
 
+@functools.lru_cache(maxsize=4)
+def _compiled_train_step(
+    pcfg: LlamaConfig, drafters: tuple[tuple[str, DrafterConfig], ...], taps: tuple[int, ...], cfg: TrainConfig
+) -> tuple[Callable[..., Any], optax.GradientTransformation]:
+    """One jitted step of every drafter (and its optimizer), shared by every Trainer with the same static setup."""
+    optimizer = make_optimizer(cfg)
+    dcfgs = dict(drafters)
+
+    def train_step(
+        params: dict[str, DrafterParams],
+        opt_states: dict[str, optax.OptState],
+        pparams: LlamaParams,
+        tokens: jax.Array,
+        weights: dict[str, jax.Array],
+    ) -> tuple[dict[str, DrafterParams], dict[str, optax.OptState], dict[str, dict[str, jax.Array]]]:
+        # The primary's weights are an argument, not closure constants (XLA would constant-fold them).
+        p_logits, hidden = forward_sequence(pparams, tokens[:, :-1], cfg=pcfg, taps=taps)
+        p_logp = jax.lax.stop_gradient(jax.nn.log_softmax(p_logits, axis=-1))
+        hidden = jax.lax.stop_gradient(hidden)
+        new_params, new_opt, metrics = {}, {}, {}
+        for name, p in params.items():
+            grad_fn = jax.value_and_grad(drafter_losses, has_aux=True)
+            (loss, m), grads = grad_fn(
+                p, dcfgs[name], pparams.embed, tokens, hidden, p_logp, weights[name], cfg.block_len
+            )
+            updates, new_opt[name] = optimizer.update(grads, opt_states[name], p)
+            new_params[name] = optax.apply_updates(p, updates)
+            metrics[name] = {"loss": loss, **m}
+        return new_params, new_opt, metrics
+
+    return jax.jit(train_step, donate_argnums=(0, 1)), optimizer
+
+
 @dataclasses.dataclass
 class TrainState:
     """Everything a resumed run needs: the step, and per drafter its trainable params and optimizer state."""
@@ -163,8 +197,8 @@ class Trainer:
             raise ValueError(f"Tandem drafters must read the same primary layers, got {taps}")
         self.pcfg, self.pparams, self.dcfgs, self.cfg = pcfg, pparams, dcfgs, cfg
         self.taps: tuple[int, ...] = taps.pop() if taps else ()
-        self.optimizer = make_optimizer(cfg)
-        self._step_fn = jax.jit(self._train_step, donate_argnums=(0, 1))
+        drafters = tuple((n, dcfgs[n]) for n in cfg.drafters)
+        self._step_fn, self.optimizer = _compiled_train_step(pcfg, drafters, self.taps, cfg)
 
     def init_state(self) -> TrainState:
         params = {n: secondary.init_params(self.dcfgs[n], self.cfg.seed + i) for i, n in enumerate(self.cfg.drafters)}
@@ -174,29 +208,6 @@ class Trainer:
         """Each drafter's w at `step` (0 during stage 1 and for tandem-ce)."""
         stage2 = step >= int(self.cfg.distil_from * self.cfg.steps)
         return {n: self.cfg.distil_weight if (stage2 and DRAFTER_RECIPES[n][1]) else 0.0 for n in self.cfg.drafters}
-
-    def _train_step(
-        self,
-        params: dict[str, DrafterParams],
-        opt_states: dict[str, optax.OptState],
-        pparams: LlamaParams,
-        tokens: jax.Array,
-        weights: dict[str, jax.Array],
-    ) -> tuple[dict[str, DrafterParams], dict[str, optax.OptState], dict[str, dict[str, jax.Array]]]:
-        # The primary's weights are an argument, not closure constants (XLA would constant-fold them).
-        p_logits, hidden = forward_sequence(pparams, tokens[:, :-1], cfg=self.pcfg, taps=self.taps)
-        p_logp = jax.lax.stop_gradient(jax.nn.log_softmax(p_logits, axis=-1))
-        hidden = jax.lax.stop_gradient(hidden)
-        new_params, new_opt, metrics = {}, {}, {}
-        for name, p in params.items():
-            grad_fn = jax.value_and_grad(drafter_losses, has_aux=True)
-            (loss, m), grads = grad_fn(
-                p, self.dcfgs[name], pparams.embed, tokens, hidden, p_logp, weights[name], self.cfg.block_len
-            )
-            updates, new_opt[name] = self.optimizer.update(grads, opt_states[name], p)
-            new_params[name] = optax.apply_updates(p, updates)
-            metrics[name] = {"loss": loss, **m}
-        return new_params, new_opt, metrics
 
     def step(self, state: TrainState, tokens: np.ndarray) -> dict[str, dict[str, float]]:
         """One optimizer step of every drafter on [B, T + 1] tokens; updates `state` in place."""
