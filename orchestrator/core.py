@@ -284,9 +284,7 @@ class Orchestrator:
                 if stops.stopped:
                     break
             tail = stops.push(decoder.flush()) + stops.flush() if decoder and not stops.stopped else ""
-            secondary = route.secondary_lease.address if route.secondary_lease else None
-            self._record(p, req, session, result, first_s, time.perf_counter() - start, route.primary_lease.address,
-                         secondary)  # fmt: skip
+            self._record(p, req, session, result, first_s, time.perf_counter() - start, route)
             yield Chunk(tail, [], result.finish_reason, result)
         finally:
             self.metrics.running.dec()
@@ -301,8 +299,7 @@ class Orchestrator:
         result: GenerationResult,
         first_s: float,
         latency_s: float,
-        primary_address: str | None,
-        secondary_address: str | None,
+        route: Route,
     ) -> None:
         """Metrics and the one structured log line per request."""
         self.metrics.observe(result, result.finish_reason, first_s)
@@ -318,8 +315,8 @@ class Orchestrator:
             "mean_acceptance_length": round(s.mean_acceptance_length, 4),
             "ttft_s": round(first_s, 4),
             "latency_s": round(latency_s, 4),
-            "primary": primary_address,
-            "secondary": secondary_address,
+            "primary": route.primary_lease.address,
+            "secondary": route.secondary_lease.address if route.secondary_lease else None,
             "finish_reason": result.finish_reason,
             "drafter_failures": s.drafter_failures,
             "primary_failovers": s.primary_failovers,
