@@ -20,6 +20,7 @@ from tandem.errors import InvalidRequestError
 from tandem.rounds import GenerationResult, GenerationStats, Request, run_request
 from tandem.text import StopStringFilter
 from tandem.tokenizer import Tokenizer
+from tandemrpc.security import TlsFiles, open_channel
 from tandemrpc.server import GRPC_OPTIONS
 from tandemrpc.v1 import tandem_pb2 as pb
 
@@ -31,6 +32,7 @@ class OrchestratorConfig:
     primary_target: str = "127.0.0.1:50051"  # HOST:PORT, a comma-separated list, or dns:///HOST:PORT (routing.py)
     secondary_target: str = "127.0.0.1:50052"
     resolve_interval_s: float = 5.0  # how often dns:/// targets are re-resolved
+    tls: TlsFiles | None = None  # with a CA: TLS to the model services, presenting cert/key (mutual TLS)
     vocab_size: int = 49152  # the primary's
     max_len: int = 2048  # the model services' positions per session
     max_tokens_limit: int = 1024  # most tokens one request may ask for
@@ -162,7 +164,7 @@ class Orchestrator:
         self.cfg, self.tokenizer = cfg, tokenizer
 
         def channel(address: str) -> grpc.Channel:
-            return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+            return open_channel(address, cfg.tls, GRPC_OPTIONS)
 
         self.pools = {
             name: EndpointPool(name, Targets.parse(target), channel, refresh_s=cfg.resolve_interval_s)

@@ -15,6 +15,7 @@ from orchestrator.core import Orchestrator, OrchestratorConfig
 from orchestrator.routing import Targets
 from orchestrator.servicer import OrchestratorServicer
 from tandem.tokenizer import Tokenizer
+from tandemrpc.security import BearerTokenInterceptor, TlsFiles, add_tls_flags, read_token, tls_from_args
 from tandemrpc.server import ServiceServer
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
@@ -28,6 +29,8 @@ class OrchestratorServiceConfig:
     port: int = 0
     metrics_port: int | None = None
     core: OrchestratorConfig = OrchestratorConfig()
+    tls: TlsFiles | None = None  # serve the public API over TLS (mutual TLS with a CA)
+    auth_token: str | None = None  # require `authorization: Bearer <token>` on the public API
 
 
 def build_server(cfg: OrchestratorServiceConfig, tokenizer: Tokenizer | None) -> tuple[ServiceServer, Orchestrator]:
@@ -40,6 +43,8 @@ def build_server(cfg: OrchestratorServiceConfig, tokenizer: Tokenizer | None) ->
         port=cfg.port,
         metrics_port=cfg.metrics_port,
         registry=registry,
+        tls=cfg.tls,
+        interceptors=[BearerTokenInterceptor(cfg.auth_token, [SERVICE_NAME])] if cfg.auth_token else [],
     )
     return server, core
 
@@ -62,7 +67,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
     p.add_argument("--max-len", type=int, default=int(env("TANDEM_MAX_LEN", "2048")))
     p.add_argument("--max-tokens-limit", type=int, default=int(env("TANDEM_MAX_TOKENS_LIMIT", "1024")))
     p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="tokenizer source (default: SmolLM2)")
+    add_tls_flags(p)
+    p.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=env("TANDEM_AUTH_TOKEN_FILE") or None,
+        help="require this bearer token on the public API (or set TANDEM_AUTH_TOKEN)",
+    )
     a = p.parse_args(argv)
+    tls = tls_from_args(p, a)
     for flag, value in (("--primary", a.primary), ("--secondary", a.secondary)):
         try:
             Targets.parse(value)
@@ -74,8 +87,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
         resolve_interval_s=a.resolve_interval_s,
         max_len=a.max_len,
         max_tokens_limit=a.max_tokens_limit,
+        tls=tls,
     )
-    return OrchestratorServiceConfig(a.host, a.port, a.metrics_port, core), a.gguf
+    token = read_token(env("TANDEM_AUTH_TOKEN"), a.auth_token_file)
+    return OrchestratorServiceConfig(a.host, a.port, a.metrics_port, core, tls, token), a.gguf
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from secondary_svc.servicer import SecondaryServicer
 from tandem.workers import DrafterWorker
+from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
 from tandemrpc.server import ServiceServer
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
@@ -30,6 +31,7 @@ class SecondaryServiceConfig:
     max_len: int = 2048
     session_ttl_s: float = 120.0
     gguf_path: Path | None = None  # the primary whose shape the drafters follow (None: the bundled SmolLM2)
+    tls: TlsFiles | None = None  # TLS / mutual TLS (tandemrpc.security); None = plaintext
 
 
 def build_server(workers: dict[str, DrafterWorker], cfg: SecondaryServiceConfig) -> ServiceServer:
@@ -54,6 +56,7 @@ def build_server(workers: dict[str, DrafterWorker], cfg: SecondaryServiceConfig)
         port=cfg.port,
         metrics_port=cfg.metrics_port,
         registry=registry,
+        tls=cfg.tls,
         housekeeping=[(min(5.0, cfg.session_ttl_s / 2), expire)],
     )
 
@@ -68,8 +71,10 @@ def parse_args(argv: Sequence[str] | None = None) -> SecondaryServiceConfig:
     p.add_argument("--max-len", type=int, default=int(env("TANDEM_MAX_LEN", "2048")))
     p.add_argument("--session-ttl-s", type=float, default=float(env("TANDEM_SESSION_TTL_S", "120")))
     p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="primary GGUF (default: SmolLM2)")
+    add_tls_flags(p)
     a = p.parse_args(argv)
-    return SecondaryServiceConfig(a.host, a.port, a.metrics_port, a.slots, a.max_len, a.session_ttl_s, a.gguf)
+    tls = tls_from_args(p, a)
+    return SecondaryServiceConfig(a.host, a.port, a.metrics_port, a.slots, a.max_len, a.session_ttl_s, a.gguf, tls)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from tandemrpc.convert import FINISH_NAMES, MODE_ENUMS
+from tandemrpc.security import TlsFiles, bearer_metadata, open_channel
 from tandemrpc.server import GRPC_OPTIONS
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
@@ -59,15 +60,24 @@ def build_request(
 
 
 class TandemClient:
-    """Blocking client; `generate` yields GenerateResponse chunks as the server streams them."""
+    """Blocking client; `generate` yields GenerateResponse chunks as the server streams them.
 
-    def __init__(self, target: str, timeout_s: float | None = None) -> None:
-        self.channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+    Args:
+        target: the orchestrator's HOST:PORT.
+        timeout_s: deadline per request.
+        token: bearer token for a server that requires one.
+        tls: TLS files: `ca` verifies the server; `cert` / `key` are presented for mutual TLS. None: plaintext.
+    """
+
+    def __init__(
+        self, target: str, timeout_s: float | None = None, *, token: str | None = None, tls: TlsFiles | None = None
+    ) -> None:
+        self.channel = open_channel(target, tls, GRPC_OPTIONS)
         self.stub = pb_grpc.OrchestratorStub(self.channel)
-        self.timeout_s = timeout_s
+        self.timeout_s, self.metadata = timeout_s, bearer_metadata(token)
 
     def generate(self, prompt: str | Sequence[int] | Sequence[dict[str, str]], **kw) -> Iterator[pb.GenerateResponse]:
-        yield from self.stub.Generate(build_request(prompt, **kw), timeout=self.timeout_s)
+        yield from self.stub.Generate(build_request(prompt, **kw), timeout=self.timeout_s, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()
@@ -82,15 +92,16 @@ class TandemClient:
 class AsyncTandemClient:
     """asyncio client; `generate` is an async iterator of GenerateResponse chunks."""
 
-    def __init__(self, target: str, timeout_s: float | None = None) -> None:
+    def __init__(self, target: str, timeout_s: float | None = None, *, token: str | None = None) -> None:
         self.channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
         self.stub = pb_grpc.OrchestratorStub(self.channel)
-        self.timeout_s = timeout_s
+        self.timeout_s, self.metadata = timeout_s, bearer_metadata(token)
 
     async def generate(
         self, prompt: str | Sequence[int] | Sequence[dict[str, str]], **kw
     ) -> AsyncIterator[pb.GenerateResponse]:
-        async for chunk in self.stub.Generate(build_request(prompt, **kw), timeout=self.timeout_s):
+        call = self.stub.Generate(build_request(prompt, **kw), timeout=self.timeout_s, metadata=self.metadata)
+        async for chunk in call:
             yield chunk
 
     async def close(self) -> None:

@@ -24,6 +24,7 @@ from tandem.errors import (
     SessionStateError,
     TandemError,
 )
+from tandemrpc.security import TlsFiles, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class ServiceServer:
         registry: the metrics registry the service writes to.
         max_workers: handler threads.
         housekeeping: (interval_s, fn) pairs run on a background thread while serving (session expiry).
+        tls: serve TLS (mutual TLS when it has a CA) instead of plaintext.
+        interceptors: server interceptors (e.g. bearer-token authentication).
     """
 
     def __init__(
@@ -94,10 +97,14 @@ class ServiceServer:
         registry: CollectorRegistry | None = None,
         max_workers: int = 32,
         housekeeping: Sequence[tuple[float, Callable[[], object]]] = (),
+        tls: TlsFiles | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share its traffic.
         options = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers), options=options, interceptors=list(interceptors)
+        )
         register(self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -106,7 +113,10 @@ class ServiceServer:
             (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
         self.host = host
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if tls is not None and tls.serves_tls:
+            self.port = self._server.add_secure_port(f"{host}:{port}", server_credentials(tls))
+        else:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind {host}:{port}")
         self._metrics_port, self.registry = metrics_port, registry or CollectorRegistry()
