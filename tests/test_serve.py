@@ -165,3 +165,22 @@ def test_a_service_that_dies_while_starting_fails_fast(tmp_path: Path) -> None:
     assert time.monotonic() - start < 30
     assert "missing.gguf" in str(err.value)  # the tail of the failing service's log
     assert all(p.poll() is not None for p in stack.processes.values())
+
+
+def test_killing_the_drafter_process_keeps_the_output(served: Served) -> None:
+    """SIGKILL the Secondary process mid-generation: the request (and the next one) still yields exactly the primary's
+    greedy tokens. Runs last in this module: the stack has no drafter afterwards."""
+    tok, engine = served.reference.tokenizer, served.reference.engine
+    prompt = PROMPTS[2]
+    want = engine.generate(tok.encode(prompt), mode="primary", max_tokens=48).token_ids
+    with TandemClient(served.target, timeout_s=120) as client:
+        stream = client.generate(prompt, mode="tandem-speed", max_tokens=48)
+        got = list(next(stream).token_ids) + list(next(stream).token_ids)  # the prefill's token, then a round's
+        served.stack.processes["secondary"].kill()
+        served.stack.processes["secondary"].wait(timeout=10)
+        got += [t for c in stream for t in c.token_ids]
+        assert got == want
+        again = [t for c in client.generate(prompt, mode="tandem-speed", max_tokens=48) for t in c.token_ids]
+        assert again == want
+    fallbacks = _gauge(served.stack.metrics_urls["orchestrator"], "tandem_drafter_fallbacks_total")
+    assert fallbacks == 2
