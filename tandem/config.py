@@ -138,9 +138,13 @@ class DrafterConfig:
         return cls(**kwargs)
 
 
+# Temperatures below this are greedy: dividing logits by a tinier one overflows float arithmetic (inf / NaN).
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding parameters. temperature == 0 means greedy."""
+    """Per-request decoding parameters. temperature < MIN_TEMPERATURE (e.g. 0) means greedy."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0 = no top-k truncation
@@ -148,8 +152,8 @@ class SamplingParams:
     seed: int | None = None  # None = nondeterministic
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -157,7 +161,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,7 +91,7 @@ class Engine:
             prompt_ids: the prompt's token ids (non-empty).
             mode: one of tandem.config.MODES.
             max_tokens: most tokens to generate (>= 1).
-            sampling: temperature/top-k/top-p/seed; greedy when temperature == 0.
+            sampling: temperature/top-k/top-p/seed; greedy when temperature < MIN_TEMPERATURE (0 included).
             spec: γ_max, τ and the proposal's top-K.
 
         Raises:

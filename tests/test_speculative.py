@@ -102,3 +102,14 @@ def test_rejection_sampling_is_exact() -> None:
 
 def test_sparse_dist_repr_shows_shape() -> None:
     assert "K=2" in repr(SparseDist(ids=np.array([4, 1]), probs=np.array([0.6, 0.4])))
+
+
+def test_tiny_temperatures_are_greedy_and_infinite_ones_refused() -> None:
+    """Found by fuzzing: logits / 1e-40 overflows to inf and NaN probabilities; such temperatures mean greedy."""
+    from tandem.config import MIN_TEMPERATURE
+
+    assert SamplingParams(temperature=1e-40).greedy and SamplingParams(temperature=0.0).greedy
+    assert not SamplingParams(temperature=MIN_TEMPERATURE).greedy
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            SamplingParams(temperature=bad)
