@@ -4,6 +4,7 @@ same request loop as the in-process engine."""
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
@@ -47,11 +48,26 @@ def _raise_from(service: str, e: grpc.RpcError) -> NoReturn:
 
 
 class RemotePrimary:
-    """PrimaryAPI over the Primary service."""
+    """PrimaryAPI over the Primary service.
 
-    def __init__(self, channel: grpc.Channel, vocab_size: int, timeout_s: float = 60.0) -> None:
+    Each call's timeout is `timeout_s`, cut to what is left before `deadline` (time.monotonic(); the client's
+    deadline, propagated), so a request never outlives its caller.
+    """
+
+    def __init__(
+        self, channel: grpc.Channel, vocab_size: int, timeout_s: float = 60.0, deadline: float | None = None
+    ) -> None:
         self.stub = pb_grpc.PrimaryStub(channel)
-        self.vocab_size, self.timeout_s = vocab_size, timeout_s
+        self.vocab_size, self._timeout_s, self.deadline = vocab_size, timeout_s, deadline
+
+    @property
+    def timeout_s(self) -> float:
+        if self.deadline is None:
+            return self._timeout_s
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ModelServiceError("primary", grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+        return min(self._timeout_s, left)
 
     def _step(self, resp: pb.PrimaryStep) -> PrimaryStep:
         hidden = optional_tensor(resp.hidden, resp.HasField("hidden"), "primary hidden states")
@@ -87,8 +103,8 @@ class RemotePrimary:
             _raise_from("primary", e)
 
     def release(self, session: str) -> bool:
-        try:
-            return self.stub.Release(pb.ReleaseRequest(session_id=session), timeout=self.timeout_s).released
+        try:  # releasing must work after the deadline too
+            return self.stub.Release(pb.ReleaseRequest(session_id=session), timeout=self._timeout_s).released
         except grpc.RpcError:
             return False  # the primary's session TTL frees it if this call cannot
 

@@ -114,6 +114,7 @@ class Route:
 
     primary_lease: Lease
     primary: RemotePrimary
+    deadline: float | None = None  # time.monotonic() by which the client wants the request done
     secondary_lease: Lease | None = None
     lost: list[str] = dataclasses.field(default_factory=list)  # primary pods this request lost
 
@@ -208,23 +209,31 @@ class Orchestrator:
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
 
-    def generate(self, p: GenerateParams) -> Generation:
-        """Validates now; the returned Generation yields chunks (see Generation for cancellation)."""
+    def generate(self, p: GenerateParams, time_remaining_s: float | None = None) -> Generation:
+        """Validates now; the returned Generation yields chunks (see Generation for cancellation).
+
+        Args:
+            p: the request.
+            time_remaining_s: the client's deadline, if any; every model-service call is cut to it.
+        """
         if len(p.stop) > 16 or any(len(s) > 256 for s in p.stop):
             raise InvalidRequestError("at most 16 stop strings of at most 256 characters each")
         req = Request(self._prompt_ids(p), p.mode, p.max_tokens, p.sampling, self._spec(p))
         limit = req.validate(self.cfg.vocab_size, self.cfg.max_len, self.cfg.max_tokens_limit)
         session = uuid.uuid4().hex
         # Session affinity: every round of this request goes to these two pods, which hold its caches.
+        deadline = None if time_remaining_s is None else time.monotonic() + time_remaining_s
         lease = self._pin("primary")
-        route = Route(lease, RemotePrimary(lease.channel, self.cfg.vocab_size, self.cfg.call_timeout_s))
+        route = Route(lease, RemotePrimary(lease.channel, self.cfg.vocab_size, self.cfg.call_timeout_s, deadline))
+        route.deadline = deadline
         drafter = None
         try:
             if req.mode != "primary":
                 route.secondary_lease = self._pin("secondary")
                 kind = pb.DRAFTER_TANDEM if req.mode.startswith("tandem") else pb.DRAFTER_VANILLA
                 channel = route.secondary_lease.channel
-                drafter = RemoteDrafter(channel, session, kind, req.sampling, req.spec, self.cfg.vocab_size)
+                stream_s = 600.0 if time_remaining_s is None else min(600.0, time_remaining_s)
+                drafter = RemoteDrafter(channel, session, kind, req.sampling, req.spec, self.cfg.vocab_size, stream_s)
         except BaseException:
             route.release()
             raise
@@ -243,7 +252,7 @@ class Orchestrator:
             ) from None
         log.warning("request moved from primary %s to %s", route.lost[-1], lease.address)
         route.primary_lease = lease
-        route.primary = RemotePrimary(lease.channel, self.cfg.vocab_size, self.cfg.call_timeout_s)
+        route.primary = RemotePrimary(lease.channel, self.cfg.vocab_size, self.cfg.call_timeout_s, route.deadline)
         return route.primary
 
     def _run(

@@ -58,7 +58,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         generation: Generation | None = None
         try:
-            generation = self.core.generate(params_from_proto(request))
+            generation = self.core.generate(params_from_proto(request), context.time_remaining())
             context.add_callback(generation.cancel)  # cancellation or deadline: release both sessions at once
             for chunk in generation:
                 if not context.is_active():

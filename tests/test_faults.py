@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from conftest import TINY, make_engine
+from test_services import Stack
 
-from orchestrator.core import OrchestratorConfig
+from orchestrator.clients import ModelServiceError
+from orchestrator.core import GenerateParams, OrchestratorConfig
 from orchestrator.server import OrchestratorServiceConfig
 from orchestrator.server import build_server as build_orchestrator
 from primary_svc.server import PrimaryServiceConfig
@@ -152,3 +156,23 @@ def test_losing_the_primary_replica_re_prefills_on_another(tiny_params) -> None:
         for s in (orch, secondary, *primaries):
             s.stop(0)
         core.close()
+
+
+def test_the_clients_deadline_bounds_every_model_service_call(tiny_params) -> None:
+    """The orchestrator cuts each model-service call to the client's remaining time: a request whose deadline has
+    passed stops with DEADLINE_EXCEEDED before calling on, and releases its sessions."""
+    stack = Stack(tiny_params)
+    try:
+        time.sleep(0.01)
+        generation = stack.core.generate(
+            GenerateParams(token_ids=(1, 2, 3), max_tokens=8, mode="tandem-speed"), time_remaining_s=1e-6
+        )
+        with pytest.raises(ModelServiceError) as err:
+            list(generation)
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        generation.close()
+        assert stack.settled_sessions() == 0
+        ok = stack.core.generate(GenerateParams(token_ids=(1, 2, 3), max_tokens=8), time_remaining_s=30.0)
+        assert [c for c in ok][-1].finish_reason == "length"
+    finally:
+        stack.close()
