@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Generator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from orchestrator.clients import ModelServiceError, RemoteDrafter, RemotePrimary
@@ -104,6 +105,15 @@ class Metrics:
         self.primary_failovers.inc(s.primary_failovers)
 
 
+def _serving(channel: grpc.Channel) -> bool:
+    """grpc.health.v1 says SERVING within half a second."""
+    try:
+        resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+    except grpc.RpcError:
+        return False
+    return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def _count_of(pool: EndpointPool) -> Callable[[], float]:
     return lambda: float(len(pool.addresses))
 
@@ -168,7 +178,9 @@ class Orchestrator:
             return open_channel(address, cfg.tls, GRPC_OPTIONS)
 
         self.pools = {
-            name: EndpointPool(name, Targets.parse(target), channel, refresh_s=cfg.resolve_interval_s)
+            name: EndpointPool(
+                name, Targets.parse(target), channel, refresh_s=cfg.resolve_interval_s, health_check=_serving
+            )
             for name, target in (("primary", cfg.primary_target), ("secondary", cfg.secondary_target))
         }
         self.metrics = Metrics(registry)
@@ -179,6 +191,13 @@ class Orchestrator:
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+
+    def _drafter_reachable(self) -> bool:
+        """False while every Secondary endpoint is marked down after a failure: requests then run on the primary
+        alone (lossless) instead of each paying a failed connection; endpoints are health-checked back in."""
+        pool = self.pools["secondary"]
+        pool.probe_down()
+        return bool(pool.addresses) and any(n == 0 for n in pool.down_state().values())
 
     def _pin(self, service: str) -> Lease:
         try:
@@ -228,7 +247,7 @@ class Orchestrator:
         route.deadline = deadline
         drafter = None
         try:
-            if req.mode != "primary":
+            if req.mode != "primary" and self._drafter_reachable():
                 route.secondary_lease = self._pin("secondary")
                 kind = pb.DRAFTER_TANDEM if req.mode.startswith("tandem") else pb.DRAFTER_VANILLA
                 channel = route.secondary_lease.channel
@@ -300,6 +319,8 @@ class Orchestrator:
         finally:
             self.metrics.running.dec()
             rounds.close()  # releases both sessions if the loop ran
+            if stats.drafter_failures and route.secondary_lease is not None:
+                self.pools["secondary"].mark_down(route.secondary_lease.address)
             route.release()
 
     def _record(

@@ -76,6 +76,7 @@ class Endpoint:
         self.address, self.channel = address, channel
         self.in_flight = 0
         self.draining = False  # no longer resolved: takes no new requests, closed when in_flight reaches 0
+        self.down_until = 0.0  # marked down (a request saw it fail): skipped until then, then health-checked
 
     def __repr__(self) -> str:
         return f"Endpoint({self.address}, in_flight={self.in_flight}{', draining' if self.draining else ''})"
@@ -112,9 +113,12 @@ class EndpointPool:
         resolver: Resolver = resolve_dns,
         refresh_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        health_check: Callable[[grpc.Channel], bool] | None = None,
+        down_s: float = 2.0,
     ) -> None:
         self.name, self.targets, self._factory = name, targets, channel_factory
         self._resolver, self._refresh_s, self._clock = resolver, refresh_s, clock
+        self._health_check, self._down_s = health_check, down_s
         self._lock = threading.Lock()
         self._endpoints: dict[str, Endpoint] = {}  # live (resolved) endpoints by address
         self._draining: list[Endpoint] = []
@@ -172,11 +176,16 @@ class EndpointPool:
             exclude: addresses not to use (endpoints a request has already lost).
 
         Raises:
-            NoEndpointError: the service resolves to no endpoint outside `exclude`.
+            NoEndpointError: the service resolves to no endpoint outside `exclude` that is not marked down.
         """
+        self.probe_down()
         with self._lock:
             self._refresh_locked()
-            live = sorted((e for e in self._endpoints.values() if e.address not in exclude), key=lambda e: e.address)
+            now = self._clock()
+            live = sorted(
+                (e for e in self._endpoints.values() if e.address not in exclude and e.down_until <= now),
+                key=lambda e: e.address,
+            )
             if not live:
                 raise NoEndpointError(f"the {self.name} service has no endpoints ({self._describe()}); retry shortly")
             n = len(live)
@@ -185,6 +194,27 @@ class EndpointPool:
             self._next = (live.index(best) + 1) % n
             best.in_flight += 1
             return Lease(self, best)
+
+    def down_state(self) -> dict[str, float]:
+        """Live endpoints and the time until which each is marked down (0: up)."""
+        with self._lock:
+            return {a: e.down_until for a, e in self._endpoints.items()}
+
+    def mark_down(self, address: str) -> None:
+        """A request saw `address` fail: skip it for `down_s`, then probe it (see `probe_down`)."""
+        with self._lock:
+            e = self._endpoints.get(address)
+            if e is not None:
+                e.down_until = self._clock() + self._down_s
+
+    def probe_down(self) -> None:
+        """Health-checks endpoints whose down time has passed; one that still fails stays down another `down_s`."""
+        with self._lock:
+            due = [e for e in self._endpoints.values() if 0 < e.down_until <= self._clock()]
+        for e in due:
+            healthy = self._health_check is None or self._health_check(e.channel)
+            with self._lock:
+                e.down_until = 0.0 if healthy else self._clock() + self._down_s
 
     def _release(self, lease: Lease) -> None:
         with self._lock:

@@ -110,6 +110,24 @@ def test_dns_failure_keeps_the_known_endpoints_and_no_endpoint_is_an_error() -> 
     assert pool.acquire().address == "10.0.0.3:1"
 
 
+def test_marked_down_endpoints_are_skipped_then_health_checked_back() -> None:
+    clock, healthy = Clock(), {"a:1": False}
+    pool = EndpointPool(
+        "secondary", Targets.parse("a:1,b:1"), FakeChannel, clock=clock, down_s=2.0,  # type: ignore[arg-type]
+        health_check=lambda ch: healthy.get(ch.address, True),
+    )  # fmt: skip
+    pool.mark_down("a:1")
+    assert {pool.acquire().address for _ in range(3)} == {"b:1"}
+    clock.now = 2.5  # due: probed, still unhealthy -> down another 2 s
+    assert pool.acquire().address == "b:1" and pool.down_state()["a:1"] == 4.5
+    healthy["a:1"], clock.now = True, 5.0
+    assert "a:1" in {pool.acquire().address for _ in range(4)}
+    pool.mark_down("a:1")
+    pool.mark_down("b:1")
+    with pytest.raises(NoEndpointError):
+        pool.acquire()
+
+
 MAX_LEN = 256
 
 
