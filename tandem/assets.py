@@ -40,7 +40,8 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     return Path.home() / ".cache" / "tandem"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -71,7 +72,7 @@ def _fetch_wheel(wheel_dir: Path) -> Path:
                 f"(exit status {proc.returncode}). Check network access to PyPI, or place {WHEEL_NAME} in "
                 f"{wheel_dir} by hand.\ncommand: {' '.join(cmd)}\n{proc.stderr.strip()[-2000:]}"
             )
-    actual = _sha256(wheel)
+    actual = sha256_file(wheel)
     if actual != WHEEL_SHA256:
         raise RuntimeError(
             f"{wheel} has sha256 {actual}, expected {WHEEL_SHA256}. The file is corrupt or not the pinned release; "

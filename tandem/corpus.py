@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tandem.assets import cache_root
+from tandem.assets import cache_root, sha256_file
 
 if TYPE_CHECKING:
     from tandem.tokenizer import Tokenizer
@@ -279,14 +279,6 @@ def text_documents(path: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------- fetching sources
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _run_client(cmd: list[str], cwd: Path, what: str) -> None:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -334,7 +326,7 @@ def fetch_archive(source: Source, cache_dir: Path | None = None) -> Path:
     folder = download_dir(cache_dir)
     path = folder / source.filename
     if path.exists():
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != source.sha256:
             raise RuntimeError(
                 f"{path} has sha256 {actual}, expected {source.sha256} for {source.requirement}. The file is corrupt "
@@ -348,7 +340,7 @@ def fetch_archive(source: Source, cache_dir: Path | None = None) -> Path:
         if not got.exists():
             found = sorted(p.name for p in Path(tmp).iterdir())
             raise RuntimeError(f"downloading {source.requirement} produced {found}, expected {source.filename}")
-        actual = _sha256(got)
+        actual = sha256_file(got)
         if actual != source.sha256:
             raise RuntimeError(
                 f"the downloaded {source.requirement} ({source.filename}) has sha256 {actual}, expected "

@@ -210,6 +210,11 @@ class SpeedStats:
     def mean_acceptance_length(self) -> float:
         return 1.0 + self.accepted / max(self.rounds, 1)
 
+    def add(self, other: SpeedStats) -> None:
+        self.rounds += other.rounds
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+
 
 def simulate_greedy_speed(
     preds: np.ndarray, conf: np.ndarray, seq: np.ndarray, start: int, end: int, gamma: int, tau: float
@@ -271,12 +276,7 @@ def acceptance_lengths(
             for row in range(seqs.shape[0]):
                 if lengths[row] - p < 2:
                     continue
-                s = simulate_greedy_speed(preds[row], conf[row], seqs[row], p, int(lengths[row]), g, tau)
-                total.rounds, total.drafted, total.accepted = (
-                    total.rounds + s.rounds,
-                    total.drafted + s.drafted,
-                    total.accepted + s.accepted,
-                )
+                total.add(simulate_greedy_speed(preds[row], conf[row], seqs[row], p, int(lengths[row]), g, tau))
             res[key] = total.mean_acceptance_length
             res[f"{key}_rounds"] = total.rounds
         out[name] = res
