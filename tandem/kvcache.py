@@ -17,7 +17,7 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 
 class KVCache:
-    """Keys and values [L, B, S, K, H] plus lengths [B]: row b attends to slots < lengths[b].
+    """Keys and values [L, B, K, S, H] plus lengths [B]: row b attends to slots < lengths[b].
 
     Blocks are padded to a power of two along T and the attended length is bucketed the same way (at least 16 slots),
     so a few compiled shapes serve every call. Padding sits after the real tokens, so causal attention keeps it from
@@ -28,7 +28,7 @@ class KVCache:
     def __init__(
         self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: jnp.dtype
     ) -> None:
-        shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k: jax.Array = jnp.zeros(shape, dtype)
         self.v: jax.Array = jnp.zeros(shape, dtype)
         self.lengths = np.zeros(batch, dtype=np.int32)

@@ -7,7 +7,7 @@ dict, the block forward, and `PrimaryRunner`, which owns a cache and compiles on
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -17,7 +17,17 @@ from flax import struct
 
 from tandem.config import LlamaConfig
 from tandem.kvcache import KVCache
-from tandem.layers import LayerParams, cached_decoder_stack, causal_block_mask, decoder_stack, rms_norm
+from tandem.layers import (
+    LayerParams,
+    Layers,
+    cached_decoder_stack,
+    causal_block_mask,
+    decoder_stack,
+    embed_tokens,
+    fuse_layer,
+    output_logits,
+    tokens_major,
+)
 
 
 @struct.dataclass
@@ -25,13 +35,18 @@ class LlamaParams:
     """All primary weights. The output head is the embedding when tied (no copy is stored)."""
 
     embed: jax.Array  # [V, D]
-    layers: LayerParams  # stacked, leading axis L
+    layers: Layers  # one LayerParams per layer
     final_norm: jax.Array  # [D]
     lm_head: jax.Array | None  # [V, D] when untied, else None
 
+    @property
+    def head(self) -> jax.Array:
+        """[V, D] the output head."""
+        return self.embed if self.lm_head is None else self.lm_head
+
 
 def params_from_state_dict(cfg: LlamaConfig, sd: dict[str, np.ndarray], dtype: jnp.dtype = jnp.float32) -> LlamaParams:
-    """Converts Hugging Face Llama names and [out, in] layouts into stacked einsum-ready arrays.
+    """Converts a Hugging Face Llama state dict ([out, in] matrices) into fused per-layer weights.
 
     Args:
         cfg: the model's config.
@@ -39,36 +54,46 @@ def params_from_state_dict(cfg: LlamaConfig, sd: dict[str, np.ndarray], dtype: j
         dtype: parameter dtype on device.
 
     Returns:
-        LlamaParams with wq [L, D, K, G, H] etc. Query head n belongs to key/value head n // G, as in HF's repeat_kv.
+        LlamaParams; query head n belongs to key/value head n // G, as in HF's repeat_kv.
     """
-    d, k, g, h, f = cfg.d_model, cfg.n_kv_heads, cfg.group_size, cfg.head_dim, cfg.ffn_dim
 
-    def stack(name: str) -> np.ndarray:
-        return np.stack([sd[f"model.layers.{i}.{name}.weight"] for i in range(cfg.n_layers)])
+    def layer(i: int) -> LayerParams:
+        w = {name: sd[f"model.layers.{i}.{name}.weight"] for name in _HF_LAYER_NAMES}
+        return fuse_layer(
+            w["input_layernorm"],
+            w["self_attn.q_proj"],
+            w["self_attn.k_proj"],
+            w["self_attn.v_proj"],
+            w["self_attn.o_proj"],
+            w["post_attention_layernorm"],
+            w["mlp.gate_proj"],
+            w["mlp.up_proj"],
+            w["mlp.down_proj"],
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            dtype=dtype,
+        )
 
-    def arr(x: np.ndarray) -> jax.Array:
-        return jnp.asarray(x, dtype=dtype)
-
-    layers = LayerParams(
-        attn_norm=arr(stack("input_layernorm")),
-        wq=arr(stack("self_attn.q_proj").reshape(-1, k, g, h, d).transpose(0, 4, 1, 2, 3)),  # [L,KGH,D]->[L,D,K,G,H]
-        wk=arr(stack("self_attn.k_proj").reshape(-1, k, h, d).transpose(0, 3, 1, 2)),  # [L,KH,D]->[L,D,K,H]
-        wv=arr(stack("self_attn.v_proj").reshape(-1, k, h, d).transpose(0, 3, 1, 2)),
-        wo=arr(stack("self_attn.o_proj").reshape(-1, d, k, g, h).transpose(0, 2, 3, 4, 1)),  # [L,D,KGH]->[L,K,G,H,D]
-        mlp_norm=arr(stack("post_attention_layernorm")),
-        w_gate=arr(stack("mlp.gate_proj").reshape(-1, f, d).transpose(0, 2, 1)),  # [L,F,D]->[L,D,F]
-        w_up=arr(stack("mlp.up_proj").reshape(-1, f, d).transpose(0, 2, 1)),
-        w_down=arr(stack("mlp.down_proj").reshape(-1, d, f).transpose(0, 2, 1)),  # [L,D,F]->[L,F,D]
-    )
-    head = None if cfg.tie_embeddings else arr(sd["lm_head.weight"])
+    head = None if cfg.tie_embeddings else jnp.asarray(sd["lm_head.weight"], dtype)
     return LlamaParams(
-        embed=arr(sd["model.embed_tokens.weight"]), layers=layers, final_norm=arr(sd["model.norm.weight"]), lm_head=head
+        embed=jnp.asarray(sd["model.embed_tokens.weight"], dtype),
+        layers=tuple(layer(i) for i in range(cfg.n_layers)),
+        final_norm=jnp.asarray(sd["model.norm.weight"], dtype),
+        lm_head=head,
     )
 
 
-def output_logits(x: jax.Array, final_norm: jax.Array, head: jax.Array, eps: float) -> jax.Array:
-    """[B, T, D] residual stream -> [B, T, V] logits through the final norm and the [V, D] head."""
-    return jnp.einsum("BTD,VD->BTV", rms_norm(x, final_norm, eps), head)
+_HF_LAYER_NAMES = (
+    "input_layernorm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "post_attention_layernorm",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def forward_block(
@@ -82,7 +107,7 @@ def forward_block(
     cfg: LlamaConfig,
     taps: tuple[int, ...],
     attend_len: int,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """One block pass: T new tokens per row after that row's cached prefix.
 
     Args:
@@ -90,18 +115,21 @@ def forward_block(
         tokens: [B, T] token ids; row b's tokens sit at positions lengths[b] .. lengths[b] + T - 1.
         rows: [B] cache slot of each row.
         lengths: [B] cached tokens per row (its slot holds positions < lengths[b]).
-        cache_k, cache_v: [L, R, S, K, H] the KV cache pool (donated by callers).
+        cache_k, cache_v: [L, R, K, S, H] the KV cache pool (donated by callers).
         cfg: static config.
         taps: static 1-indexed layers whose output residual stream is returned.
         attend_len: static number of cache slots attended (a bucket >= max(lengths)).
 
     Returns:
-        logits [B, T, V]; tapped hidden states [B, T, n_taps, D]; the cache with the block's keys/values written at
-        lengths .. lengths + T - 1 (the caller decides how many of them to keep by advancing its lengths).
+        logits [V, N] (vocabulary-major, N = B*T; see `output_logits`); their argmax [B, T] (greedy requests copy
+        only these ids to the host); tapped hidden
+        states [B, T, n_taps, D]; the cache with the block's keys/values written at lengths .. lengths + T - 1 (the
+        caller decides how many of them to keep by advancing its lengths).
     """
-    x, hidden, cache_k, cache_v = cached_decoder_stack(
+    batch = tokens.shape[0]
+    x, tapped, cache_k, cache_v = cached_decoder_stack(
         params.layers,
-        params.embed[tokens],  # [B, T, D]
+        embed_tokens(params.embed, tokens),  # [D, N]
         rows,
         lengths,
         cache_k,
@@ -109,11 +137,11 @@ def forward_block(
         attend_len=attend_len,
         rope_theta=cfg.rope_theta,
         eps=cfg.rms_eps,
+        taps=taps,
     )
-    head = params.embed if params.lm_head is None else params.lm_head
-    logits = output_logits(x, params.final_norm, head, cfg.rms_eps)
-    tapped = jnp.moveaxis(hidden[jnp.asarray([layer - 1 for layer in taps], dtype=jnp.int32)], 0, 2)  # [B,T,n,D]
-    return logits, tapped, cache_k, cache_v
+    logits = output_logits(x, params.final_norm, params.head, cfg.rms_eps)  # [V, N]
+    top = jnp.argmax(logits, axis=0).astype(jnp.int32).reshape(batch, -1)  # [B, T]
+    return logits, top, tokens_major(tapped, batch), cache_k, cache_v
 
 
 def forward_sequence(
@@ -131,10 +159,10 @@ def forward_sequence(
         logits [B, T, V] and tapped hidden states [B, T, n_taps, D], equal to a block pass over an empty cache.
     """
     batch, t = tokens.shape
-    empty = jnp.zeros((cfg.n_layers, batch, 0, cfg.n_kv_heads, cfg.head_dim), params.embed.dtype)  # [L, B, 0, K, H]
-    x, hidden, _, _ = decoder_stack(
+    empty = jnp.zeros((cfg.n_layers, batch, cfg.n_kv_heads, 0, cfg.head_dim), params.embed.dtype)  # [L, B, K, 0, H]
+    x, tapped, _, _ = decoder_stack(
         params.layers,
-        params.embed[tokens],  # [B, T, D]
+        embed_tokens(params.embed, tokens),  # [D, N]
         jnp.broadcast_to(jnp.arange(t), (batch, t)),
         empty,
         empty,
@@ -142,25 +170,37 @@ def forward_sequence(
         causal_block_mask(batch, t),
         rope_theta=cfg.rope_theta,
         eps=cfg.rms_eps,
+        taps=taps,
     )
-    head = params.embed if params.lm_head is None else params.lm_head
-    tapped = jnp.moveaxis(hidden[jnp.asarray([layer - 1 for layer in taps], dtype=jnp.int32)], 0, 2)  # [B,T,n,D]
-    return output_logits(x, params.final_norm, head, cfg.rms_eps), tapped
+    logits = output_logits(x, params.final_norm, params.head, cfg.rms_eps)  # [V, N]
+    return tokens_major(logits, batch), tokens_major(tapped, batch)
 
 
 # One compiled function per (shapes, cfg, taps, attend_len), shared by every runner in the process.
 _forward_block_jit = jax.jit(forward_block, static_argnames=("cfg", "taps", "attend_len"), donate_argnums=(4, 5))
 
 
-@dataclasses.dataclass
 class BlockOutput:
-    """Host copies of one block pass, cut to the tokens actually fed (padding removed)."""
+    """One block pass, cut to the tokens actually fed (padding removed); logits and states reach the host only when
+    read (a greedy verify needs only the argmax ids)."""
 
-    logits: np.ndarray  # [B, T, V]
-    hidden: np.ndarray  # [B, T, n_taps, D]
+    def __init__(self, logits: jax.Array, top: jax.Array, hidden: jax.Array, t: int) -> None:
+        self._logits, self._hidden, self.t = logits, hidden, t  # logits [V, B * T_padded]
+        self.top: np.ndarray = np.asarray(top[:, :t])  # [B, T] the primary's argmax tokens
+
+    @functools.cached_property
+    def logits(self) -> np.ndarray:
+        """[B, T, V] (transposed on the host; see `tandem.layers.output_logits`)."""
+        batch = self._hidden.shape[0]
+        return np.asarray(self._logits).T.reshape(batch, -1, self._logits.shape[0])[:, : self.t]
+
+    @functools.cached_property
+    def hidden(self) -> np.ndarray:
+        """[B, T, n_taps, D] the tapped layers' residual streams."""
+        return np.asarray(self._hidden[:, : self.t])
 
     def __repr__(self) -> str:
-        return f"BlockOutput(logits={self.logits.shape}, hidden={self.hidden.shape})"
+        return f"BlockOutput(tokens={self.top.shape}, taps={self._hidden.shape[2]})"
 
 
 class PrimaryRunner:
@@ -197,10 +237,10 @@ class PrimaryRunner:
             BlockOutput with logits [B, T, V] and tapped hidden states [B, T, n_taps, D].
         """
         t = np.shape(tokens)[-1]
-        _, (logits, hidden) = self.cache.apply(
+        _, (logits, top, hidden) = self.cache.apply(
             _forward_block_jit, self.params, np.asarray(tokens), rows, cfg=self.cfg, taps=self.taps
         )
-        return BlockOutput(logits=np.asarray(logits[:, :t]), hidden=np.asarray(hidden[:, :t]))
+        return BlockOutput(logits, top, hidden, t)
 
     def commit(self, row: int, n: int) -> None:
         """Keeps the first n tokens of the last block in `row`'s cache (a rollback drops the rest)."""

@@ -36,15 +36,19 @@ from tandem.config import DrafterConfig
 from tandem.kvcache import KVCache
 from tandem.layers import (
     LayerParams,
+    Layers,
     cached_decoder_stack,
     causal_block_mask,
     decoder_stack,
-    kv_projection,
+    embed_tokens,
+    fuse_layer,
+    output_logits,
+    qkv_projection,
     rms_norm,
     rope_tables,
+    tokens_major,
     write_cache,
 )
-from tandem.primary import output_logits
 
 
 @struct.dataclass
@@ -57,9 +61,9 @@ class DrafterParams:
     """
 
     embed: jax.Array | None  # [V, D]; None only in a shared-embedding drafter's trainable parameters
-    layers: LayerParams  # stacked, leading axis L (drafter layers)
+    layers: Layers  # one LayerParams per drafter layer
     final_norm: jax.Array  # [D]
-    proj: jax.Array | None  # [L, P, D] per-layer projection from primary width P; None for the vanilla drafter
+    proj: tuple[jax.Array, ...] | None  # per layer [D, P] from primary width P; None for the vanilla drafter
     embed_proj: jax.Array | None = None  # [P, D] when cfg.shared_embed: embed = primary_embed @ embed_proj
     head_ids: jax.Array | None = None  # [N] int32 token ids of a restricted head (cfg.head_vocab == N)
     head: jax.Array | None = None  # [N, D] = embed[head_ids]
@@ -71,25 +75,22 @@ def init_params(cfg: DrafterConfig, seed: int = 0, dtype: jnp.dtype = jnp.float3
     A shared-embedding drafter gets `embed_proj` instead of `embed` (call `materialize` before running it); a
     restricted head starts as the first `head_vocab` ids.
     """
-    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 8 + 8 * cfg.n_layers))
     n, d, k, g, h, f = cfg.n_layers, cfg.d_model, cfg.n_kv_heads, cfg.group_size, cfg.head_dim, cfg.ffn_dim
 
     def normal(shape: tuple[int, ...], std: float = 0.02) -> jax.Array:
         return (std * jax.random.normal(next(keys), shape)).astype(dtype)
 
-    layers = LayerParams(
-        attn_norm=jnp.ones((n, d), dtype),
-        wq=normal((n, d, k, g, h)),
-        wk=normal((n, d, k, h)),
-        wv=normal((n, d, k, h)),
-        wo=normal((n, k, g, h, d)),
-        mlp_norm=jnp.ones((n, d), dtype),
-        w_gate=normal((n, d, f)),
-        w_up=normal((n, d, f)),
-        w_down=normal((n, f, d)),
-    )
-    proj = normal((n, cfg.primary_d_model, d), cfg.primary_d_model**-0.5) if cfg.tandem else None
-    embed_proj = normal((cfg.primary_d_model, d), cfg.primary_d_model**-0.5) if cfg.shared_embed else None
+    def layer() -> LayerParams:
+        q, wk, wv, o = (np.asarray(normal(shape)) for shape in ((k * g * h, d), (k * h, d), (k * h, d), (d, k * g * h)))
+        gate, up, down = (np.asarray(normal(shape)) for shape in ((f, d), (f, d), (d, f)))
+        ones = np.ones(d, np.float32)
+        return fuse_layer(ones, q, wk, wv, o, ones, gate, up, down, n_kv_heads=k, head_dim=h, dtype=dtype)
+
+    layers = tuple(layer() for _ in range(n))
+    p = cfg.primary_d_model
+    proj = tuple(normal((d, p), p**-0.5) for _ in range(n)) if cfg.tandem else None
+    embed_proj = normal((p, d), p**-0.5) if cfg.shared_embed else None
     return DrafterParams(
         embed=None if cfg.shared_embed else normal((cfg.vocab_size, d)),
         layers=layers,
@@ -138,29 +139,31 @@ def primary_context_kv(
         positions: [B, S] their positions.
 
     Returns:
-        (k, v), each [L, B, S, K, H]: layer j's attention norm and key/value projections applied to
+        (k, v), each [L, B, K, S, H]: layer j's attention norm and key/value projections applied to
         ŷ = proj[j] @ h_primary[layer_map[j]].
     """
     assert params.proj is not None, "the vanilla drafter reads no primary states"
-    per_layer = primary_hidden[:, :, jnp.asarray(cfg.tap_index, dtype=jnp.int32)]  # [B, S, L, P]
-    y_hat = jnp.einsum("BSLP,LPD->LBSD", per_layer.astype(params.proj.dtype), params.proj)
+    batch, length = positions.shape
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-
-    def one_layer(p: LayerParams, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return kv_projection(p, rms_norm(y, p.attn_norm, cfg.rms_eps), cos, sin)
-
-    return jax.vmap(one_layer)(params.layers, y_hat)
+    ks, vs = [], []
+    for j, (p, proj) in enumerate(zip(params.layers, params.proj, strict=True)):
+        h = primary_hidden[:, :, cfg.tap_index[j]].reshape(batch * length, -1).T  # [P, N]
+        y_hat = proj @ h.astype(proj.dtype)  # [D, N]
+        _, k, v = qkv_projection(p, rms_norm(y_hat, p.attn_norm, cfg.rms_eps), cos, sin)  # [K, H, N] each
+        ks.append(jnp.transpose(k.reshape(*k.shape[:2], batch, length), (2, 0, 3, 1)))  # [B, K, S, H]
+        vs.append(jnp.transpose(v.reshape(*v.shape[:2], batch, length), (2, 0, 3, 1)))
+    return jnp.stack(ks), jnp.stack(vs)
 
 
 def _logits(params: DrafterParams, cfg: DrafterConfig, x: jax.Array) -> jax.Array:
-    """[B, T, D] -> [B, T, V] logits; a restricted head scores its N ids and leaves the rest at -1e30."""
+    """[D, N] -> [V, N] logits (vocabulary-major); a restricted head scores its ids and leaves the rest at -1e30."""
     if params.head is None:
         assert params.embed is not None
         return output_logits(x, params.final_norm, params.embed, cfg.rms_eps)
     assert params.head_ids is not None
-    scores = output_logits(x, params.final_norm, params.head, cfg.rms_eps)  # [B, T, N]
-    full = jnp.full((*scores.shape[:-1], cfg.vocab_size), -1e30, scores.dtype)  # [B, T, V]
-    return full.at[..., params.head_ids].set(scores)
+    scores = output_logits(x, params.final_norm, params.head, cfg.rms_eps)  # [N_head, N]
+    full = jnp.full((cfg.vocab_size, scores.shape[1]), -1e30, scores.dtype)  # [V, N]
+    return full.at[params.head_ids].set(scores)
 
 
 def train_forward(
@@ -196,14 +199,14 @@ def train_forward(
         blk_mask = (i[None, :] > last_seen[:, None]) & (i[None, :] <= i[:, None])  # [T, T]
         blk_mask = jnp.broadcast_to(blk_mask, (batch, t, t))
     else:
-        kv_shape = (cfg.n_layers, batch, 0, cfg.n_kv_heads, cfg.head_dim)
-        ctx_k = ctx_v = jnp.zeros(kv_shape, params.layers.wq.dtype)
+        kv_shape = (cfg.n_layers, batch, cfg.n_kv_heads, 0, cfg.head_dim)
+        ctx_k = ctx_v = jnp.zeros(kv_shape, params.final_norm.dtype)
         ctx_mask = jnp.zeros((batch, t, 0), bool)
         blk_mask = causal_block_mask(batch, t)
     assert params.embed is not None, "call materialize() first"
     x, _, _, _ = decoder_stack(
         params.layers,
-        params.embed[tokens],
+        embed_tokens(params.embed, tokens),  # [D, N]
         positions,
         ctx_k,
         ctx_v,
@@ -212,7 +215,7 @@ def train_forward(
         rope_theta=cfg.rope_theta,
         eps=cfg.rms_eps,
     )
-    return _logits(params, cfg, x)
+    return tokens_major(_logits(params, cfg, x), batch)
 
 
 def step(
@@ -233,17 +236,17 @@ def step(
         tokens: [B, T] ids at positions lengths .. lengths + T - 1.
         rows: [B] cache slot of each row.
         lengths: [B] valid cache positions per row.
-        cache_k, cache_v: [L, R, S, K, H] the pool (donated).
+        cache_k, cache_v: [L, R, K, S, H] the pool (donated).
         cfg: static config.
         attend_len: static bucket of attended cache slots.
 
     Returns:
-        (logits [B, T, V], cache_k, cache_v) with the tokens' own keys/values written at lengths.
+        (logits [V, B*T] vocabulary-major, cache_k, cache_v) with the tokens' own keys/values written at lengths.
     """
     assert params.embed is not None, "call materialize() first"
     x, _, cache_k, cache_v = cached_decoder_stack(
         params.layers,
-        params.embed[tokens],
+        embed_tokens(params.embed, tokens),  # [D, N]
         rows,
         lengths,
         cache_k,
@@ -272,7 +275,7 @@ def ingest(
         primary_hidden: [B, T, n_taps, P].
         rows: [B] cache slot of each row.
         lengths: [B] first position per row.
-        cache_k, cache_v: [L, R, S, K, H] the pool (donated).
+        cache_k, cache_v: [L, R, K, S, H] the pool (donated).
         cfg: static config.
 
     Returns:
@@ -315,7 +318,8 @@ class DrafterRunner:
         t = np.shape(tokens)[1]
         slots, (logits,) = self.cache.apply(_step_jit, self.params, np.asarray(tokens), rows, cfg=self.cfg)
         self.cache.lengths[slots] += t
-        return np.asarray(logits[:, t - 1])
+        t_pad = logits.shape[1] // slots.shape[0]
+        return np.asarray(logits[:, t - 1 :: t_pad]).T  # each row's last fed token
 
     def ingest(self, primary_hidden: np.ndarray, rows: Sequence[int] | None = None) -> None:
         """Replaces positions lengths .. lengths + T - 1 of `rows` with primary-derived keys/values; advances by T.
@@ -336,20 +340,73 @@ class DrafterRunner:
 
 # --- checkpoints: safetensors weights + JSON config, no pickle ---
 
-_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerParams))
+# On disk, layers keep the stacked einsum layout the shipped drafters were written in:
+#   attn_norm, mlp_norm [L, D]; wq [L, D, K, G, H]; wk, wv [L, D, K, H]; wo [L, K, G, H, D]; w_gate, w_up [L, D, F];
+#   w_down [L, F, D]; proj [L, P, D].
+
+
+def _stored_layers(layers: Layers, proj: tuple[jax.Array, ...] | None) -> dict[str, np.ndarray]:
+    """Per-layer fused [out, in] weights -> the stacked on-disk tensors."""
+    k, h, g = layers[0].n_kv_heads, layers[0].head_dim, layers[0].group_size
+    d = layers[0].wqkv.shape[1]
+    f = layers[0].w_down.shape[1]
+
+    def stack(fn) -> np.ndarray:  # type: ignore[no-untyped-def]
+        return np.stack([fn(np.asarray(p.wqkv), p) for p in layers])
+
+    out = {
+        "attn_norm": np.stack([np.asarray(p.attn_norm) for p in layers]),
+        "wq": stack(lambda w, p: w[: k * g * h].reshape(k, g, h, d).transpose(3, 0, 1, 2)),
+        "wk": stack(lambda w, p: w[k * g * h : k * (g + 1) * h].reshape(k, h, d).transpose(2, 0, 1)),
+        "wv": stack(lambda w, p: w[k * (g + 1) * h :].reshape(k, h, d).transpose(2, 0, 1)),
+        "wo": stack(lambda w, p: np.asarray(p.wo).reshape(d, k, g, h).transpose(1, 2, 3, 0)),
+        "mlp_norm": np.stack([np.asarray(p.mlp_norm) for p in layers]),
+        "w_gate": stack(lambda w, p: np.asarray(p.w_gate_up)[:f].T),
+        "w_up": stack(lambda w, p: np.asarray(p.w_gate_up)[f:].T),
+        "w_down": stack(lambda w, p: np.asarray(p.w_down).T),
+    }
+    stored = {f"layers.{name}": a for name, a in out.items()}
+    if proj is not None:
+        stored["proj"] = np.stack([np.asarray(w).T for w in proj])
+    return stored
+
+
+def _layers_from_stored(t: dict[str, np.ndarray], cfg: DrafterConfig, dtype: jnp.dtype) -> Layers:
+    """The stacked on-disk tensors -> per-layer fused [out, in] weights."""
+    d = cfg.d_model
+
+    def layer(i: int) -> LayerParams:
+        w = {name: t[f"layers.{name}"][i] for name in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm")}
+        return fuse_layer(
+            w["attn_norm"],
+            w["wq"].transpose(1, 2, 3, 0).reshape(-1, d),  # [D, K, G, H] -> [K*G*H, D]
+            w["wk"].transpose(1, 2, 0).reshape(-1, d),  # [D, K, H] -> [K*H, D]
+            w["wv"].transpose(1, 2, 0).reshape(-1, d),
+            w["wo"].transpose(3, 0, 1, 2).reshape(d, -1),  # [K, G, H, D] -> [D, K*G*H]
+            w["mlp_norm"],
+            t["layers.w_gate"][i].T,  # [D, F] -> [F, D]
+            t["layers.w_up"][i].T,
+            t["layers.w_down"][i].T,  # [F, D] -> [D, F]
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            dtype=dtype,
+        )
+
+    return tuple(layer(i) for i in range(cfg.n_layers))
 
 
 def save_drafter(directory: Path, cfg: DrafterConfig, params: DrafterParams, dtype: str = "float32") -> None:
     """Writes `config.json` and `model.safetensors` (float32 or float16 storage) into directory."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tensors = {"final_norm": params.final_norm}
-    tensors.update({f"layers.{name}": getattr(params.layers, name) for name in _LAYER_FIELDS})
+    tensors: dict[str, np.ndarray | jax.Array] = {"final_norm": params.final_norm}
+    tensors.update(_stored_layers(params.layers, params.proj))
     # A shared-embedding drafter stores its projection; the [V, D] table is derived from the primary at load time.
     embed = None if cfg.shared_embed else params.embed
-    optional = {"embed": embed, "proj": params.proj, "embed_proj": params.embed_proj}
+    optional = {"embed": embed, "embed_proj": params.embed_proj}
     tensors.update({k: v for k, v in optional.items() if v is not None})
-    arrays = {k: np.asarray(v, dtype=dtype) for k, v in tensors.items()}
+    # safetensors writes an array's buffer as is, so every array must be C-contiguous (a stack of transposes is not).
+    arrays = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in tensors.items()}
     if params.head_ids is not None:
         arrays["head_ids"] = np.asarray(params.head_ids, dtype=np.int32)
     save_file(arrays, str(directory / "model.safetensors"))
@@ -382,12 +439,11 @@ def load_drafter(
         raise ValueError(f"{directory}: config says shared_embed={cfg.shared_embed} but the tensors disagree")
     if bool(cfg.head_vocab) != ("head_ids" in t) or ("head_ids" in t and t["head_ids"].shape != (cfg.head_vocab,)):
         raise ValueError(f"{directory}: config says head_vocab={cfg.head_vocab} but head_ids disagree")
-    layers = LayerParams(**{name: arr(f"layers.{name}") for name in _LAYER_FIELDS})
     params = DrafterParams(
         embed=None if cfg.shared_embed else arr("embed"),
-        layers=layers,
+        layers=_layers_from_stored(t, cfg, dtype),
         final_norm=arr("final_norm"),
-        proj=arr("proj") if cfg.tandem else None,
+        proj=tuple(jnp.asarray(w.T, dtype) for w in t["proj"]) if cfg.tandem else None,  # [P, D] -> [D, P]
         embed_proj=arr("embed_proj") if cfg.shared_embed else None,
         head_ids=jnp.asarray(t["head_ids"], jnp.int32) if cfg.head_vocab else None,
     )

@@ -129,17 +129,16 @@ class Verdict:
     next_token: int
 
 
-def verify_greedy(drafts: list[int], target_logits: np.ndarray) -> Verdict:
+def verify_greedy(drafts: list[int], best: Sequence[int] | np.ndarray) -> Verdict:
     """Accepts the longest prefix of drafts that equals the primary's argmax.
 
     Args:
         drafts: d_1..d_k.
-        target_logits: [k + 1, V] the primary's logits after t_0, d_1, .., d_k.
+        best: [k + 1] the primary's argmax tokens after t_0, d_1, .., d_k.
 
     Returns:
         The verdict; next_token is the primary's argmax after the last accepted token (correction or bonus).
     """
-    best = np.argmax(target_logits, axis=-1)
     accepted = 0
     while accepted < len(drafts) and drafts[accepted] == int(best[accepted]):
         accepted += 1

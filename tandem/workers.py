@@ -17,7 +17,7 @@ import numpy as np
 
 from tandem.config import SamplingParams, SpecConfig
 from tandem.errors import InvalidRequestError, PoolExhaustedError, SessionNotFoundError, SessionStateError
-from tandem.primary import PrimaryRunner
+from tandem.primary import BlockOutput, PrimaryRunner
 from tandem.rounds import Drafts, PrimaryStep
 from tandem.secondary import DrafterRunner
 from tandem.speculative import (
@@ -123,11 +123,12 @@ class _SessionWorker:
         return expired
 
 
-def _pick(logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator) -> int:
-    """The primary's own token from [V] logits: argmax when greedy, else a draw from the request's distribution."""
+def _pick(out: BlockOutput, sampling: SamplingParams, rng: np.random.Generator) -> int:
+    """The primary's own token after a block's last position: its argmax when greedy (no logits reach the host),
+    else a draw from the request's distribution."""
     if sampling.greedy:
-        return int(np.argmax(logits))
-    return sample(target_probs(logits, sampling), rng)
+        return int(out.top[0, -1])
+    return sample(target_probs(out.logits[0, -1], sampling), rng)
 
 
 @dataclasses.dataclass
@@ -176,7 +177,7 @@ class PrimaryWorker(_SessionWorker):
             except Exception:
                 self.pool.close(session)
                 raise
-            token = _pick(out.logits[0, -1], sampling, state.rng)
+            token = _pick(out, sampling, state.rng)
         return PrimaryStep(0, token, out.hidden[0] if want_hidden else None)
 
     def verify(
@@ -200,14 +201,14 @@ class PrimaryWorker(_SessionWorker):
             if verify and not sampling.greedy and len(proposals) != len(drafts):
                 raise InvalidRequestError(f"{len(drafts)} drafts need as many proposals, got {len(proposals)}")
             out = self.runner.forward(block[None], rows=[state.slot])
-            logits = out.logits[0]
             if not verify:
-                accepted, nxt = len(drafts), _pick(logits[-1], sampling, state.rng)
+                accepted = len(drafts)
+                nxt = _pick(out, sampling, state.rng)
             elif sampling.greedy:
-                v = verify_greedy(drafts, logits)
+                v = verify_greedy(drafts, out.top[0])
                 accepted, nxt = v.accepted, v.next_token
             else:
-                v = verify_sampled(drafts, list(proposals), target_probs(logits, sampling), state.rng)
+                v = verify_sampled(drafts, list(proposals), target_probs(out.logits[0], sampling), state.rng)
                 accepted, nxt = v.accepted, v.next_token
             self.runner.commit(state.slot, 1 + accepted)
         return PrimaryStep(accepted, nxt, out.hidden[0, : 1 + accepted] if want_hidden else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,6 +87,8 @@ def test_save_load_round_trip(tmp_path, tandem_mode: bool, dtype: str) -> None:
     cfg2, params2 = secondary.load_drafter(tmp_path)
     assert cfg2 == cfg
     tol = 0 if dtype == "float32" else 1e-3
-    np.testing.assert_allclose(np.asarray(params2.layers.wq), np.asarray(params.layers.wq), atol=tol)
+    assert jax.tree.structure(params2) == jax.tree.structure(params)  # every weight, layouts included
+    for got, want in zip(jax.tree.leaves(params2), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=tol)
     assert (params2.proj is None) == (not tandem_mode)
     assert TINY.vocab_size == cfg2.vocab_size

@@ -44,9 +44,9 @@ def test_sampling_params_validation() -> None:
 
 def test_verify_greedy() -> None:
     target = np.eye(6)[[3, 4, 5, 0]] * 10  # argmax after t0, d1, d2, d3: 3, 4, 5, 0
-    assert verify_greedy([3, 4, 5], target).__dict__ == {"accepted": 3, "next_token": 0}  # bonus
-    assert verify_greedy([3, 1, 5], target).__dict__ == {"accepted": 1, "next_token": 4}  # correction
-    assert verify_greedy([2], target[:2]).__dict__ == {"accepted": 0, "next_token": 3}
+    assert verify_greedy([3, 4, 5], target.argmax(-1)).__dict__ == {"accepted": 3, "next_token": 0}  # bonus
+    assert verify_greedy([3, 1, 5], target.argmax(-1)).__dict__ == {"accepted": 1, "next_token": 4}  # correction
+    assert verify_greedy([2], target[:2].argmax(-1)).__dict__ == {"accepted": 0, "next_token": 3}
 
 
 def test_truncate_and_proposal() -> None:

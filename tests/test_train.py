@@ -82,7 +82,7 @@ def test_resumed_run_equals_uninterrupted_run(trained, tiny_params: LlamaParams,
     assert resumed.step == straight.step == CFG.steps
     for name in straight.params:
         np.testing.assert_allclose(
-            np.asarray(resumed.params[name].layers.wq), np.asarray(straight.params[name].layers.wq), atol=1e-5
+            np.asarray(resumed.params[name].layers[0].wqkv), np.asarray(straight.params[name].layers[0].wqkv), atol=1e-5
         )
     assert not any(p.suffix == ".pkl" for p in tmp_path.rglob("*"))
     steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
