@@ -28,7 +28,7 @@ from flax import struct
 from tandem import secondary
 from tandem.config import DrafterConfig, LlamaConfig
 from tandem.primary import LlamaParams, PrimaryRunner, forward_sequence
-from tandem.router import RouterConfig, RouterParams, features, router_logit, total_variation
+from tandem.router import RouterConfig, RouterParams, confidence, total_variation
 from tandem.secondary import DrafterParams
 
 
@@ -73,10 +73,10 @@ def _batches(x: np.ndarray, size: int) -> list[np.ndarray]:
 
 def confidence_fn(d: Drafter) -> Callable[[jax.Array], jax.Array]:
     """[..., V] logits -> [...] the router's confidence (max probability without a trained router)."""
-    rcfg, rparams, embed = d.router_cfg, d.router_params, d.params.embed
-    if rcfg is None or rparams is None:
-        return lambda logits: jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
-    return lambda logits: jax.nn.sigmoid(router_logit(rparams, features(logits, embed, rcfg.top_k)))
+    top_k = d.router_cfg.top_k if d.router_cfg is not None else 0
+    embed = d.params.embed
+    assert embed is not None, "call materialize() first"
+    return lambda logits: confidence(d.router_params, logits, embed, top_k)
 
 
 def table_metrics(

@@ -90,6 +90,14 @@ def router_logit(params: Any, feats: Any, xp: Any = jnp) -> Any:
     return h @ params.w2 + params.b2
 
 
+def confidence(params: RouterParams | None, logits: jax.Array, embed: jax.Array, top_k: int) -> jax.Array:
+    """[..., V] logits -> [...] the chance the primary agrees: the trained router's, or PAPER.md's max-probability
+    fallback when params is None. embed: [V, D] the drafter's embedding rows for the V scored tokens."""
+    if params is None:
+        return jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+    return jax.nn.sigmoid(router_logit(params, features(logits, embed, top_k)))
+
+
 def total_variation(logq: jax.Array, logp: jax.Array) -> jax.Array:
     """[..., V] log-distributions -> [...] TV distance 0.5 * sum |q - p|."""
     return 0.5 * jnp.sum(jnp.abs(jnp.exp(logq) - jnp.exp(logp)), axis=-1)
@@ -130,7 +138,8 @@ def train_router(
 
 
 class MLPRouter(Router):
-    """Serving side: NumPy features of one drafted position through the trained MLP."""
+    """Serving side: NumPy features of one drafted position through the trained MLP (sampled requests, which draft
+    step by step on the host); greedy requests draft on device and use `device_params` with `confidence`."""
 
     def __init__(self, cfg: RouterConfig, params: RouterParams, embed: np.ndarray) -> None:
         if embed.shape[1] != cfg.d_embed:
@@ -138,6 +147,7 @@ class MLPRouter(Router):
         self.cfg = cfg
         self.params: Any = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
         self.embed = np.asarray(embed, np.float64)
+        self.device_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)  # on-device drafting
 
     def confidence(self, draft_logits: np.ndarray) -> float:
         feats = features(np.asarray(draft_logits, np.float64), self.embed, self.cfg.top_k, xp=np)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -33,7 +33,8 @@ from flax import struct
 from safetensors.numpy import load_file, save_file
 
 from tandem.config import DrafterConfig
-from tandem.kvcache import KVCache
+from tandem.errors import ContextFullError
+from tandem.kvcache import KVCache, bucket
 from tandem.layers import (
     LayerParams,
     Layers,
@@ -49,6 +50,7 @@ from tandem.layers import (
     tokens_major,
     write_cache,
 )
+from tandem.router import RouterParams, confidence
 
 
 @struct.dataclass
@@ -218,6 +220,33 @@ def train_forward(
     return tokens_major(_logits(params, cfg, x), batch)
 
 
+def _advance(
+    params: DrafterParams,
+    tokens: jax.Array,
+    rows: jax.Array,
+    lengths: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    *,
+    cfg: DrafterConfig,
+    attend_len: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The stack over T new tokens per row: (x [D, N] before the final norm, cache_k, cache_v)."""
+    assert params.embed is not None, "call materialize() first"
+    x, _, cache_k, cache_v = cached_decoder_stack(
+        params.layers,
+        embed_tokens(params.embed, tokens),  # [D, N]
+        rows,
+        lengths,
+        cache_k,
+        cache_v,
+        attend_len=attend_len,
+        rope_theta=cfg.rope_theta,
+        eps=cfg.rms_eps,
+    )
+    return x, cache_k, cache_v
+
+
 def step(
     params: DrafterParams,
     tokens: jax.Array,
@@ -243,19 +272,75 @@ def step(
     Returns:
         (logits [V, B*T] vocabulary-major, cache_k, cache_v) with the tokens' own keys/values written at lengths.
     """
-    assert params.embed is not None, "call materialize() first"
-    x, _, cache_k, cache_v = cached_decoder_stack(
-        params.layers,
-        embed_tokens(params.embed, tokens),  # [D, N]
-        rows,
-        lengths,
-        cache_k,
-        cache_v,
-        attend_len=attend_len,
-        rope_theta=cfg.rope_theta,
-        eps=cfg.rms_eps,
-    )
+    x, cache_k, cache_v = _advance(params, tokens, rows, lengths, cache_k, cache_v, cfg=cfg, attend_len=attend_len)
     return _logits(params, cfg, x), cache_k, cache_v
+
+
+def draft_greedy(
+    params: DrafterParams,
+    router: RouterParams | None,
+    tokens: jax.Array,
+    fed: jax.Array,
+    rows: jax.Array,
+    lengths: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    gamma: jax.Array,
+    tau: jax.Array,
+    *,
+    cfg: DrafterConfig,
+    attend_len: int,
+    cap: int,
+    top_k: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A whole greedy drafting round in one call: feed the pending tokens, then draft until τ or γ (no host trips).
+
+    Draft j is the head's argmax after the previous one; drafting continues while fewer than γ are drafted and the
+    router's confidence in the last draft reaches τ (τ <= 0: always). Each draft except the last is fed back.
+
+    Args:
+        params: drafter weights (materialized).
+        router: the router's weights, or None for the max-probability fallback.
+        tokens: [1, T] the pending tokens (t_0 and, vanilla, the backlog), padded to a bucket.
+        fed: [] how many of them are real.
+        rows: [1] the session's cache slot.
+        lengths: [1] its cached positions.
+        cache_k, cache_v: [L, R, K, S, H] the pool (donated).
+        gamma: [] most drafts, 1 <= gamma <= cap.
+        tau: [] τ.
+        cfg: static config.
+        attend_len: static bucket covering lengths + fed + gamma.
+        cap: static size of the drafts buffer.
+        top_k: static router feature size.
+
+    Returns:
+        (drafts [cap] with the first `count` valid, count [], cache_k, cache_v); the cache holds positions up to
+        lengths + fed + count - 2 (the last draft is not fed).
+    """
+    head = params.embed if params.head is None else params.head  # [N_h, D]
+    assert head is not None, "call materialize() first"
+    head_ids = params.head_ids
+
+    def decide(x_col: jax.Array, drafted: jax.Array) -> tuple[jax.Array, jax.Array]:
+        scores = output_logits(x_col[:, None], params.final_norm, head, cfg.rms_eps)[:, 0]  # [N_h]
+        best = jnp.argmax(scores)
+        token = best if head_ids is None else head_ids[best]
+        sure = confidence(router, scores, head, top_k) >= tau
+        return token.astype(jnp.int32), (drafted < gamma) & ((tau <= 0) | sure)
+
+    x, cache_k, cache_v = _advance(params, tokens, rows, lengths, cache_k, cache_v, cfg=cfg, attend_len=attend_len)
+    first, go = decide(jax.lax.dynamic_index_in_dim(x, fed - 1, axis=1, keepdims=False), jnp.int32(1))
+    drafts = jnp.zeros((cap,), jnp.int32).at[0].set(first)
+
+    def body(carry: tuple) -> tuple:
+        i, prev, length, drafts, ck, cv, _ = carry
+        x, ck, cv = _advance(params, prev[None, None], rows, length[None], ck, cv, cfg=cfg, attend_len=attend_len)
+        token, go = decide(x[:, 0], i + 1)
+        return i + 1, token, length + 1, drafts.at[i].set(token), ck, cv, go
+
+    init = (jnp.int32(1), first, lengths[0] + fed, drafts, cache_k, cache_v, go)
+    count, _, _, drafts, cache_k, cache_v, _ = jax.lax.while_loop(lambda c: c[-1], body, init)
+    return drafts, count, cache_k, cache_v
 
 
 def ingest(
@@ -287,6 +372,7 @@ def ingest(
 
 
 _step_jit = jax.jit(step, static_argnames=("cfg", "attend_len"), donate_argnums=(4, 5))
+_draft_greedy_jit = jax.jit(draft_greedy, static_argnames=("cfg", "attend_len", "cap", "top_k"), donate_argnums=(6, 7))
 _ingest_jit = jax.jit(ingest, static_argnames=("cfg",), donate_argnums=(4, 5))
 
 
@@ -321,6 +407,44 @@ class DrafterRunner:
         t_pad = logits.shape[1] // slots.shape[0]
         return np.asarray(logits[:, t - 1 :: t_pad]).T  # each row's last fed token
 
+    def draft_greedy(
+        self, pending: Sequence[int], row: int, gamma: int, tau: float, router: RouterParams | None, top_k: int
+    ) -> list[int]:
+        """Feeds `pending` to `row` and drafts greedily until τ or γ in one call (see `draft_greedy`).
+
+        Returns:
+            The drafts d_1..d_k (1 <= k <= gamma); the row's length advances by the tokens fed (all but d_k).
+        """
+        length = int(self.cache.lengths[row])
+        if length + len(pending) + gamma > self.max_len:
+            raise ContextFullError(
+                f"context full: {length} cached + {len(pending)} pending + {gamma} drafts exceed max_len {self.max_len}"
+            )
+        t_pad, cap = bucket(len(pending)), bucket(gamma)
+        tokens = np.zeros((1, t_pad), np.int32)
+        tokens[0, : len(pending)] = pending
+        attend = min(bucket(length + max(t_pad, len(pending) + cap), 16), self.max_len)
+        slots = np.asarray([row], np.int32)
+        drafts, count, self.cache.k, self.cache.v = _draft_greedy_jit(
+            self.params,
+            router,
+            tokens,
+            np.int32(len(pending)),
+            slots,
+            self.cache.lengths[slots],
+            self.cache.k,
+            self.cache.v,
+            np.int32(gamma),
+            np.float32(tau),
+            cfg=self.cfg,
+            attend_len=attend,
+            cap=cap,
+            top_k=top_k,
+        )
+        n = int(count)
+        self.cache.lengths[row] += len(pending) + n - 1
+        return [int(t) for t in np.asarray(drafts)[:n]]
+
     def ingest(self, primary_hidden: np.ndarray, rows: Sequence[int] | None = None) -> None:
         """Replaces positions lengths .. lengths + T - 1 of `rows` with primary-derived keys/values; advances by T.
 
@@ -351,7 +475,7 @@ def _stored_layers(layers: Layers, proj: tuple[jax.Array, ...] | None) -> dict[s
     d = layers[0].wqkv.shape[1]
     f = layers[0].w_down.shape[1]
 
-    def stack(fn) -> np.ndarray:  # type: ignore[no-untyped-def]
+    def stack(fn: Callable[[np.ndarray, LayerParams], np.ndarray]) -> np.ndarray:
         return np.stack([fn(np.asarray(p.wqkv), p) for p in layers])
 
     out = {

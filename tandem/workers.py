@@ -19,6 +19,7 @@ from tandem.config import SamplingParams, SpecConfig
 from tandem.errors import InvalidRequestError, PoolExhaustedError, SessionNotFoundError, SessionStateError
 from tandem.primary import BlockOutput, PrimaryRunner
 from tandem.rounds import Drafts, PrimaryStep
+from tandem.router import MLPRouter
 from tandem.secondary import DrafterRunner
 from tandem.speculative import (
     MaxProbRouter,
@@ -301,6 +302,11 @@ class DrafterWorker(_SessionWorker):
         gamma = max(1, min(max_drafts, st.spec.gamma_max))
         st.round_start = len(st.tokens) - 1
         pending = st.tokens[int(self.runner.lengths[st.slot]) :]
+        if st.sampling.greedy:  # the whole round on device
+            router = self.router.device_params if isinstance(self.router, MLPRouter) else None
+            top_k = self.router.cfg.top_k if isinstance(self.router, MLPRouter) else 0
+            st.drafts = self.runner.draft_greedy(pending, st.slot, gamma, st.spec.tau, router, top_k)
+            return Drafts(st.drafts, [])
         logits = self.runner.step(np.asarray([pending]), rows=[st.slot])[0]
         drafts: list[int] = []
         proposals: list[SparseDist] = []

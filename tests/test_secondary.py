@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,8 @@ from conftest import TINY, drafter_config
 
 from tandem import secondary
 from tandem.config import DrafterConfig, default_layer_map
+from tandem.router import MLPRouter, RouterConfig, init_router
+from tandem.speculative import MaxProbRouter, keep_drafting
 
 T = 11
 
@@ -92,3 +96,31 @@ def test_save_load_round_trip(tmp_path, tandem_mode: bool, dtype: str) -> None:
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=tol)
     assert (params2.proj is None) == (not tandem_mode)
     assert TINY.vocab_size == cfg2.vocab_size
+
+
+@pytest.mark.parametrize(("head_vocab", "tau", "trained_router"), [(0, 0.0, False), (0, 0.3, False), (24, 0.5, True)])
+def test_greedy_round_on_device_equals_step_by_step(head_vocab: int, tau: float, trained_router: bool) -> None:
+    """`draft_greedy` (one call per round) drafts exactly what the host loop of single steps drafts."""
+    cfg = dataclasses.replace(drafter_config(False), head_vocab=head_vocab)
+    params = secondary.materialize(secondary.init_params(cfg, seed=3), cfg)
+    rcfg = RouterConfig(top_k=2, d_embed=cfg.d_model, hidden=8)
+    router = MLPRouter(rcfg, init_router(rcfg, seed=1), np.asarray(params.embed)) if trained_router else MaxProbRouter()
+    device_router = router.device_params if isinstance(router, MLPRouter) else None
+    fused = secondary.DrafterRunner(cfg, params, batch=2, max_len=64)
+    stepped = secondary.DrafterRunner(cfg, params, batch=2, max_len=64)
+    rng = np.random.default_rng(0)
+    history = rng.integers(0, cfg.vocab_size, size=9).tolist()
+    for gamma in (1, 3, 6):
+        pending = history[int(fused.lengths[1]) :]
+        got = fused.draft_greedy(pending, 1, gamma, tau, device_router, rcfg.top_k)
+        logits = stepped.step(np.asarray([pending]), rows=[1])[0]
+        want = [int(np.argmax(logits))]
+        while keep_drafting(router, logits, len(want), gamma, tau):
+            logits = stepped.step(np.asarray([[want[-1]]]), rows=[1])[0]
+            want.append(int(np.argmax(logits)))
+        assert got == want, (gamma, got, want)
+        assert fused.lengths[1] == stepped.lengths[1] == len(history) + len(want) - 1
+        history += [*want[:1], int(rng.integers(cfg.vocab_size))]  # keep one draft, then a correction
+        fused.truncate(1, len(history) - 1)
+        stepped.truncate(1, len(history) - 1)
+    assert fused.lengths[0] == 0  # other slots untouched
