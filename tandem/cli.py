@@ -85,6 +85,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head-vocab", type=int, default=16384, help="draft head over the N most frequent tokens (0=all)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop at a checkpoint after this long")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--drafters", default=None, help="comma-separated subset of tandem,tandem-ce,vanilla (default: all)")
+    p.add_argument("--init-from", type=Path, default=None, help="fine-tune the drafters exported here (keeps heads)")
+
+
+def _add_distill_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill-data", help="the primary's own greedy answers to instructions, as a training corpus")
+    p.add_argument("--out", type=Path, default=Path("runs/selfdistill"), help="corpus directory (resumes from here)")
+    p.add_argument("--prompts", type=int, default=3000, help="instructions to answer (default: 3000)")
+    p.add_argument("--max-new", type=int, default=192, help="most answer tokens (default: 192)")
+    p.add_argument("--slots", type=int, default=16, help="rows decoded together (default: 16)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this long; rerun to continue")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -99,6 +110,45 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new", type=int, default=64, help="greedy tokens per prompt for acceptance")
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="every mode on the same prompts, in process and through gRPC, interleaved, in one run"
+    )
+    p.add_argument("--prompts", metavar="FILE.jsonl", required=True, help='{"prompt": ..., "category": ...} per line')
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens per prompt (default: 128)")
+    p.add_argument("--json", metavar="OUT", type=Path, required=True, help="write the report here")
+    p.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, must include primary (default: {','.join(MODES)})"
+    )
+    p.add_argument(
+        "--via", choices=("in-process", "grpc", "both"), default="both", help="where the modes run (default: both)"
+    )
+    p.add_argument("--peer", choices=("hf",), default=None, help="also run tandem.peer_hf.HFPeer as hf, hf-assisted")
+    p.add_argument("--target", default=None, help="orchestrator HOST:PORT for --via grpc (default: start one here)")
+    p.add_argument("--gamma-max", type=int, default=SpecConfig.gamma_max, help=f"(default: {SpecConfig.gamma_max})")
+    p.add_argument("--tau", type=float, default=SpecConfig.tau, help=f"(default: {SpecConfig.tau})")
+    p.add_argument("--repeats", type=int, default=1, help="passes over the prompts; times are per-prompt medians")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
+    p.add_argument("--markdown", metavar="OUT.md", type=Path, default=None, help="also write the tables here")
+    p.add_argument("--plot", metavar="OUT.png", type=Path, default=None, help="also draw tokens/s and block cost")
+    p.add_argument(
+        "--block-cost-context", type=int, default=256, metavar="C", help="cached tokens before the block-cost calls"
+    )
+    p.add_argument("--no-block-cost", action="store_true", help="skip the block-cost curve and drafter step")
+    p.add_argument(
+        "--warmup-tokens", type=int, default=None, metavar="N", help="tokens per warm-up run (default: --max-tokens)"
+    )
+    p.add_argument("--max-len", type=int, default=2048, help="context slots per sequence (default: 2048)")
+    p.add_argument("--startup-timeout", type=float, default=600.0, metavar="S", help="for the services started here")
+
+
+def _add_bench_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench-report", help="render a `tandem bench` JSON report as markdown (and a plot)")
+    p.add_argument("report", metavar="IN.json", type=Path)
+    p.add_argument("--markdown", metavar="OUT.md", type=Path, default=None, help="write here instead of stdout")
+    p.add_argument("--plot", metavar="OUT.png", type=Path, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem Transformers + SPEED serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_corpus(sub)
     _add_train(sub)
+    _add_distill_data(sub)
     _add_eval(sub)
+    _add_bench(sub)
+    _add_bench_report(sub)
     return parser
 
 
@@ -326,7 +379,10 @@ def train(args: argparse.Namespace) -> int:
     from tandem.train import TrainConfig, train_drafters
 
     flags = ("steps", "batch_size", "seq_len", "block_len", "lr", "distil_from", "checkpoint_every", "seed")
-    cfg = TrainConfig(**{k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    given = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+    if args.drafters:
+        given["drafters"] = tuple(args.drafters.split(","))
+    cfg = TrainConfig(**given)
     result = train_drafters(
         args.corpus or default_corpus_dir(),
         args.out,
@@ -337,10 +393,24 @@ def train(args: argparse.Namespace) -> int:
         head_vocab=args.head_vocab,
         max_minutes=args.max_minutes,
         progress=not args.no_progress,
+        init_from=args.init_from,
     )
     print(json.dumps(result, indent=2))
     if not result["finished"]:
         print(f"stopped at step {result['step']} of {cfg.steps}; run the same command again to continue")
+    return 0
+
+
+def distill_data(args: argparse.Namespace) -> int:
+    from tandem import selfdistill
+    from tandem.models import BundleConfig, load_primary
+
+    cfg = selfdistill.DistillConfig(prompts=args.prompts, max_new=args.max_new, slots=args.slots)
+    runner, tokenizer = load_primary(BundleConfig(slots=cfg.slots, max_len=512 + cfg.max_new))
+    progress = selfdistill.build(args.out, runner, tokenizer, cfg, max_minutes=args.max_minutes)
+    print(json.dumps(progress, indent=2))
+    if progress["done"] < cfg.prompts:
+        print(f"stopped after {progress['done']} of {cfg.prompts} prompts; run the same command again to continue")
     return 0
 
 
@@ -370,6 +440,68 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from tandem.bench import VIA_CHOICES, BenchConfig, identity_warnings, read_prompts, run_with_bundle, write_outputs
+
+    try:
+        cfg = BenchConfig(
+            modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+            vias=VIA_CHOICES[args.via],
+            max_tokens=args.max_tokens,
+            gamma_max=args.gamma_max,
+            tau=args.tau,
+            repeats=args.repeats,
+            warmup_tokens=args.warmup_tokens,
+            block_cost_context=None if args.no_block_cost else args.block_cost_context,
+            peer=args.peer,
+        )
+        if args.limit is not None and args.limit < 1:
+            raise ValueError("--limit must be >= 1")
+        rows = read_prompts(args.prompts, args.limit)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"tandem bench: {e}") from None
+    if args.target is not None and "grpc" not in cfg.vias:
+        raise SystemExit("tandem bench: --target needs --via grpc or both")
+    import grpc
+
+    from tandem.errors import InvalidRequestError
+    from tandem.serve import ServeError
+
+    try:
+        report = run_with_bundle(
+            cfg,
+            rows,
+            target=args.target,
+            max_len=args.max_len,
+            startup_timeout_s=args.startup_timeout,
+            args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        )
+    except KeyboardInterrupt:
+        print("tandem bench: interrupted", file=sys.stderr)
+        return 130
+    except grpc.RpcError as e:  # a failed call is also a grpc.Call: it has the status code and details
+        raise SystemExit(f"tandem bench: {e.code().name}: {e.details()}") from None
+    except (InvalidRequestError, ServeError) as e:
+        raise SystemExit(f"tandem bench: {e}") from None
+    print(write_outputs(report, json_path=args.json, markdown_path=args.markdown, plot_path=args.plot), end="")
+    for line in identity_warnings(report):
+        print(("!" * 8 + " " if line.startswith("WARNING") else "") + line, file=sys.stderr, flush=True)
+    return 0
+
+
+def bench_report(args: argparse.Namespace) -> int:
+    from tandem.bench import write_outputs
+
+    try:
+        report = json.loads(args.report.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"tandem bench-report: {args.report}: {e}") from None
+    text = write_outputs(report, markdown_path=args.markdown, plot_path=args.plot)
+    if args.markdown is None:
+        print(text, end="")
+    return 0
+
+
 def _summary(s: dict[str, Any]) -> str:
     return (
         f"{s['output_tokens']} tokens in {s['elapsed_s']:.2f}s ({s['tokens_per_s']:.1f} tok/s), rounds={s['rounds']}, "
@@ -385,7 +517,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "demo":
         return demo(args)
-    commands = {"corpus": corpus, "train": train, "eval": evaluate}
+    commands = {
+        "corpus": corpus,
+        "train": train,
+        "distill-data": distill_data,
+        "eval": evaluate,
+        "bench": bench,
+        "bench-report": bench_report,
+    }
     return commands[args.command](args)
 
 
