@@ -200,8 +200,13 @@ class Trainer:
         drafters = tuple((n, dcfgs[n]) for n in cfg.drafters)
         self._step_fn, self.optimizer = _compiled_train_step(pcfg, drafters, self.taps, cfg)
 
-    def init_state(self) -> TrainState:
-        params = {n: secondary.init_params(self.dcfgs[n], self.cfg.seed + i) for i, n in enumerate(self.cfg.drafters)}
+    def init_state(self, init_from: Path | None = None) -> TrainState:
+        """Step 0: random drafters, or (fine-tuning) the drafters stored under init_from/<name> by an export."""
+        names = self.cfg.drafters
+        if init_from is None:
+            params = {n: secondary.init_params(self.dcfgs[n], self.cfg.seed + i) for i, n in enumerate(names)}
+        else:
+            params = {n: trainable_params(init_from / n, self.dcfgs[n], self.pparams.embed) for n in names}
         return TrainState(0, params, {n: self.optimizer.init(p) for n, p in params.items()})
 
     def distil_weights(self, step: int) -> dict[str, float]:
@@ -226,6 +231,7 @@ class Trainer:
         max_minutes: float | None = None,
         progress: bool = True,
         on_step: Callable[[int, dict[str, dict[str, float]]], None] | None = None,
+        init_from: Path | None = None,
     ) -> TrainState:
         """Trains until `cfg.steps` or `max_minutes`, checkpointing into out_dir; resumes from out_dir if it holds one.
 
@@ -235,11 +241,13 @@ class Trainer:
             max_minutes: stop (after a checkpoint) once this much wall time has passed; None = run to the end.
             progress: show a progress bar with losses and tokens/s.
             on_step: called with (step, metrics) after every step.
+            init_from: start from the exported drafters in this directory (fine-tuning) instead of random ones.
 
         Returns:
             The state reached (also saved in out_dir).
         """
-        state = load_checkpoint(out_dir, self) if (out_dir / "trainer.json").exists() else self.init_state()
+        resume = (out_dir / "trainer.json").exists()
+        state = load_checkpoint(out_dir, self) if resume else self.init_state(init_from)
         start_time = time.monotonic()
         bar = _progress(state.step, self.cfg.steps, enabled=progress)
         tokens_done, t_last = 0, time.monotonic()
@@ -273,6 +281,14 @@ class Trainer:
             bar.close()
             log.close()
         return state
+
+
+def trainable_params(directory: Path, dcfg: DrafterConfig, primary_embed: jax.Array) -> DrafterParams:
+    """An exported drafter as the trainable parameters of `dcfg` (shared embedding, full-vocabulary head)."""
+    stored, params = secondary.load_drafter(directory, primary_embed=primary_embed)
+    if dataclasses.replace(stored, head_vocab=0) != dcfg:
+        raise ValueError(f"{directory} holds a drafter of another shape: {stored} (training {dcfg})")
+    return dataclasses.replace(params, embed=None if dcfg.shared_embed else params.embed, head=None, head_ids=None)
 
 
 def _progress(initial: int, total: int, *, enabled: bool) -> Any:
@@ -444,6 +460,7 @@ def train_drafters(
     max_minutes: float | None = None,
     gguf_path: Path | None = None,
     progress: bool = True,
+    init_from: Path | None = None,
 ) -> dict[str, Any]:
     """`tandem train`: trains (or resumes) the drafters on a corpus built by `tandem corpus`, then exports them.
 
@@ -457,6 +474,7 @@ def train_drafters(
         max_minutes: stop at a checkpoint after this long; rerun to continue.
         gguf_path: the primary (default: the bundled SmolLM2).
         progress: show the progress bar.
+        init_from: fine-tune the drafters exported in this directory (e.g. tandem/weights); their draft head is kept.
 
     Returns:
         {"step", "finished"} and, once finished, the export report.
@@ -473,12 +491,14 @@ def train_drafters(
     }
     data = load_split(corpus_dir, "train")
     trainer = Trainer(pcfg, pparams, dcfgs, cfg)
-    state = trainer.run(data, out_dir, max_minutes=max_minutes, progress=progress)
+    state = trainer.run(data, out_dir, max_minutes=max_minutes, progress=progress, init_from=init_from)
     result: dict[str, Any] = {"step": state.step, "finished": state.step >= cfg.steps}
     if not result["finished"]:
         return result
     head_ids = None
-    if head_vocab:
+    if init_from is not None and head_vocab:  # keep the head the drafters were trained with
+        head_ids = np.asarray(load_file(str(init_from / cfg.drafters[0] / "model.safetensors"))["head_ids"])
+    elif head_vocab:
         counts = token_frequencies(data, pcfg.vocab_size)
         head_ids = head_ids_by_frequency(counts, head_vocab, always=tuple(tokenizer.stop_token_ids))
         result["head_coverage"] = float(counts[head_ids].sum() / counts.sum())
