@@ -128,6 +128,14 @@ def test_export_reloads_with_restricted_head_and_router(trained, tiny_params: Ll
     assert np.all(logits[1::2] <= -1e29) and np.all(logits[::2] > -1e29)  # only head tokens can be drafted
     with pytest.raises(ValueError, match="primary's embedding"):
         secondary.load_drafter(tmp_path / "tandem")
+    # Fine-tuning (--init-from) starts from exactly the exported weights, as trainable parameters.
+    start = trainer.init_state(init_from=tmp_path)
+    tuned = start.params["tandem"]
+    assert tuned.embed is None and tuned.head_ids is None and tuned.embed_proj is not None
+    np.testing.assert_array_equal(np.asarray(tuned.layers[0].wqkv), np.asarray(params.layers[0].wqkv))
+    other = {n: dataclasses.replace(c, ffn_dim=2 * c.ffn_dim) for n, c in trainer.dcfgs.items()}
+    with pytest.raises(ValueError, match="another shape"):
+        Trainer(TINY, tiny_params, other, CFG).init_state(init_from=tmp_path)
 
 
 def _engine_drafters(engine: Engine) -> dict[str, Drafter]:
