@@ -4,6 +4,7 @@ same request loop as the in-process engine."""
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import NoReturn
@@ -190,9 +191,13 @@ class RemoteDrafter:
         )
         return self._exchange(pb.DraftRequest(advance=adv))
 
-    def close(self) -> None:
-        """Ends the stream (the service's finally releases the session). Safe to call twice."""
+    def close(self, wait_s: float = 1.0) -> None:
+        """Ends the stream and waits (at most wait_s) for the service to finish it, which releases the session there,
+        so the drafter slot is free again before the request's last chunk reaches the client. Safe to call twice."""
         if not self._closed:
             self._closed = True
-            self._requests.put(_END)
+            self._requests.put(_END)  # half-close: the service's loop ends and its finally releases the session
+            finished = threading.Event()
+            if self._call.add_callback(finished.set):  # False: the call has already ended
+                finished.wait(wait_s)
             self._call.cancel()

@@ -77,6 +77,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 512)")
     p.add_argument("--block-len", type=int, default=None, help="γ of the training round mask (default: 2)")
     p.add_argument("--lr", type=float, default=None, help="AdamW peak (default: 1e-3)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 100)")
     p.add_argument("--distil-from", type=float, default=None, help="fraction of steps in stage 1 (CE) (default: 0.5)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="(default: 250)")
     p.add_argument("--seed", type=int, default=None, help="(default: 0)")
@@ -378,7 +379,7 @@ def train(args: argparse.Namespace) -> int:
     from tandem.corpus import default_corpus_dir
     from tandem.train import TrainConfig, train_drafters
 
-    flags = ("steps", "batch_size", "seq_len", "block_len", "lr", "distil_from", "checkpoint_every", "seed")
+    flags = ("steps", "batch_size", "seq_len", "block_len", "lr", "warmup", "distil_from", "checkpoint_every", "seed")
     given = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     if args.drafters:
         given["drafters"] = tuple(args.drafters.split(","))

@@ -272,3 +272,21 @@ def test_async_client(stack: Stack) -> None:
 
     assert asyncio.run(run()) == stack.reference.generate(PROMPTS[0], mode="primary", max_tokens=10).token_ids
     assert _metric(stack.primary.metrics_port, "tandem_primary_queue_depth") == 0
+
+
+def test_a_finished_request_has_released_its_drafter_slot(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The orchestrator half-closes the draft stream and waits for the Secondary to release the session before the
+    last chunk, so a back-to-back request on a one-slot Secondary never finds the slot still taken (even when the
+    release is slow, as it is here)."""
+    worker = stack.drafters["tandem"]
+    release = worker.release
+
+    def slow_release(session: str) -> bool:
+        time.sleep(0.2)
+        return release(session)
+
+    monkeypatch.setattr(worker, "release", slow_release)
+    for i in range(2):
+        chunks = list(stack.client.generate([3, 4, 5 + i], mode="tandem-speed", max_tokens=6))
+        assert chunks[-1].stats.rounds >= 1
+        assert stack.live_sessions() == 0, f"request {i} left a session behind"
