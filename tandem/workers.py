@@ -302,7 +302,7 @@ class DrafterWorker(_SessionWorker):
         gamma = max(1, min(max_drafts, st.spec.gamma_max))
         st.round_start = len(st.tokens) - 1
         pending = st.tokens[int(self.runner.lengths[st.slot]) :]
-        if st.sampling.greedy:  # the whole round on device
+        if st.sampling.greedy and isinstance(self.router, (MLPRouter, MaxProbRouter)):  # the whole round on device
             router = self.router.device_params if isinstance(self.router, MLPRouter) else None
             top_k = self.router.cfg.top_k if isinstance(self.router, MLPRouter) else 0
             st.drafts = self.runner.draft_greedy(pending, st.slot, gamma, st.spec.tau, router, top_k)
