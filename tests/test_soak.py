@@ -15,7 +15,7 @@ from test_services import Stack
 from tandemrpc.client import build_request
 
 REQUESTS = int(os.environ.get("TANDEM_SOAK_REQUESTS", "300"))  # the README's command runs 1,000
-WARMUP = 100
+WARMUP = 300  # covers the shape buckets (each compiled drafting round or block adds resident memory once)
 
 
 def rss_mb() -> float:
