@@ -19,10 +19,10 @@ def bucket(n: int, minimum: int = 1) -> int:
 class KVCache:
     """Keys and values [L, B, K, S, H] plus lengths [B]: row b attends to slots < lengths[b].
 
-    Blocks are padded to a power of two along T and the attended length is bucketed the same way (at least 16 slots),
-    so a few compiled shapes serve every call. Padding sits after the real tokens, so causal attention keeps it from
-    touching real positions; its writes land beyond the row's length (or past the cache's end, where they are
-    dropped) and the next call overwrites them.
+    Blocks are padded to a power of two along T and along B (rows from different sessions run as one call), and the
+    attended length is bucketed the same way (at least 16 slots), so a few compiled shapes serve every call. Padding
+    sits after the real tokens, so causal attention keeps it from touching real positions; its writes land beyond the
+    row's length (or past the cache's end, where they are dropped) and the next call overwrites them.
     """
 
     def __init__(
@@ -39,22 +39,54 @@ class KVCache:
         if rows is None:
             return np.arange(self.batch, dtype=np.int32)
         out = np.asarray(rows, dtype=np.int32)
-        if out.ndim != 1 or out.size == 0 or out.min() < 0 or out.max() >= self.batch:
+        if (
+            out.ndim != 1
+            or out.size == 0
+            or out.min() < 0
+            or out.max() >= self.batch
+            or np.unique(out).size != out.size
+        ):
             raise ValueError(f"rows must be distinct slots in [0, {self.batch}), got {rows}")
         return out
 
-    def pad_block(self, block: np.ndarray, rows: np.ndarray, dtype: type = np.int32) -> np.ndarray:
-        """Pads a [B, T, ...] block for `rows` along T to its bucket, after checking every row has room for it."""
+    def pad_block(
+        self, block: np.ndarray, rows: np.ndarray, sizes: np.ndarray | None = None, dtype: type = np.int32
+    ) -> np.ndarray:
+        """Pads a [B, T, ...] block for `rows` to [bucket(B), bucket(T), ...] after checking each row has room.
+
+        Args:
+            block: [B, T, ...] row b's first sizes[b] entries are real (ragged blocks are padded by the caller).
+            rows: [B] the slots.
+            sizes: [B] real tokens per row (default: T for every row).
+            dtype: the padded block's dtype.
+        """
         if block.ndim < 2 or block.shape[0] != rows.shape[0]:
             raise ValueError(f"block must be [{rows.shape[0]}, T, ...] for rows {rows.tolist()}, got {block.shape}")
-        t = block.shape[1]
-        t_pad = bucket(t)
-        longest = int(self.lengths[rows].max())
-        if longest + t > self.max_len:
-            raise ContextFullError(f"context full: {longest} cached + {t} new tokens exceed max_len {self.max_len}")
-        padded = np.zeros((rows.shape[0], t_pad, *block.shape[2:]), dtype)
-        padded[:, :t] = block
+        b, t = block.shape[:2]
+        sizes = np.full(b, t) if sizes is None else np.asarray(sizes)
+        full = self.lengths[rows] + sizes > self.max_len
+        if full.any():
+            i = int(np.argmax(full))
+            raise ContextFullError(
+                f"context full: {int(self.lengths[rows[i]])} cached + {int(sizes[i])} new tokens exceed max_len "
+                f"{self.max_len}"
+            )
+        padded = np.zeros((bucket(b), bucket(t), *block.shape[2:]), dtype)
+        padded[:b, :t] = block
         return padded
+
+    def padded_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(slots [bucket(B)], lengths [bucket(B)]) for a call over `rows`, padded to the batch bucket.
+
+        A padding row reads rows[0]'s slot and claims a full context (length max_len), so its writes land past the
+        cache's end and are dropped: it can never touch a live session.
+        """
+        b = bucket(rows.shape[0])
+        slots = np.full(b, rows[0], np.int32)
+        slots[: rows.shape[0]] = rows
+        lengths = np.full(b, self.max_len, np.int32)
+        lengths[: rows.shape[0]] = self.lengths[rows]
+        return slots, lengths
 
     def apply(
         self,
@@ -63,6 +95,7 @@ class KVCache:
         block: np.ndarray,
         rows: Sequence[int] | None,
         *,
+        sizes: np.ndarray | None = None,
         dtype: type = np.int32,
         attends: bool = True,
         **static: object,
@@ -70,17 +103,19 @@ class KVCache:
         """Runs one jitted block call over this cache and keeps the cache it returns.
 
         `fn(params, padded_block, rows, lengths, k, v, **static)` must return its outputs followed by the updated
-        (k, v). With `attends`, the attended-length bucket is passed as `attend_len`.
+        (k, v). With `attends`, the attended-length bucket is passed as `attend_len`. The call runs on the padded batch
+        (see `pad_block` and `padded_rows`), so fn's outputs have bucket(B) rows of bucket(T) tokens.
 
         Returns:
-            (the selected slots, fn's outputs before the cache).
+            (the selected slots [B], fn's outputs before the cache).
         """
         slots = self.rows(rows)
-        padded = self.pad_block(block, slots, dtype)
+        padded = self.pad_block(block, slots, sizes, dtype)
         if attends:
             static["attend_len"] = self.attend_len(slots)
+        pad_slots, pad_lengths = self.padded_rows(slots)
         *out, self.k, self.v = fn(
-            params, padded, jnp.asarray(slots), jnp.asarray(self.lengths[slots]), self.k, self.v, **static
+            params, padded, jnp.asarray(pad_slots), jnp.asarray(pad_lengths), self.k, self.v, **static
         )
         return slots, out
 

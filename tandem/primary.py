@@ -181,23 +181,23 @@ _forward_block_jit = jax.jit(forward_block, static_argnames=("cfg", "taps", "att
 
 
 class BlockOutput:
-    """One block pass, cut to the tokens actually fed (padding removed); logits and states reach the host only when
-    read (a greedy verify needs only the argmax ids)."""
+    """One block pass over B rows, cut to the rows and tokens actually fed (padding removed); logits and states reach
+    the host only when read (a greedy verify needs only the argmax ids). Row b's first sizes[b] tokens are real."""
 
-    def __init__(self, logits: jax.Array, top: jax.Array, hidden: jax.Array, t: int) -> None:
-        self._logits, self._hidden, self.t = logits, hidden, t  # logits [V, B * T_padded]
-        self.top: np.ndarray = np.asarray(top[:, :t])  # [B, T] the primary's argmax tokens
+    def __init__(self, logits: jax.Array, top: jax.Array, hidden: jax.Array, batch: int, t: int) -> None:
+        self._logits, self._hidden, self.batch, self.t = logits, hidden, batch, t  # logits [V, B_pad * T_pad]
+        self.top: np.ndarray = np.asarray(top[:batch, :t])  # [B, T] the primary's argmax tokens
 
     @functools.cached_property
     def logits(self) -> np.ndarray:
         """[B, T, V] (transposed on the host; see `tandem.layers.output_logits`)."""
-        batch = self._hidden.shape[0]
-        return np.asarray(self._logits).T.reshape(batch, -1, self._logits.shape[0])[:, : self.t]
+        rows = self._hidden.shape[0]  # the padded batch
+        return np.asarray(self._logits).T.reshape(rows, -1, self._logits.shape[0])[: self.batch, : self.t]
 
     @functools.cached_property
     def hidden(self) -> np.ndarray:
         """[B, T, n_taps, D] the tapped layers' residual streams."""
-        return np.asarray(self._hidden[:, : self.t])
+        return np.asarray(self._hidden[: self.batch, : self.t])
 
     def __repr__(self) -> str:
         return f"BlockOutput(tokens={self.top.shape}, taps={self._hidden.shape[2]})"
@@ -226,21 +226,31 @@ class PrimaryRunner:
     def lengths(self) -> np.ndarray:
         return self.cache.lengths
 
-    def forward(self, tokens: np.ndarray, rows: Sequence[int] | None = None) -> BlockOutput:
+    def forward(
+        self, tokens: np.ndarray, rows: Sequence[int] | None = None, sizes: Sequence[int] | None = None
+    ) -> BlockOutput:
         """Runs one block of T tokens per row after each row's cached prefix; lengths are not advanced.
 
         Args:
             tokens: [B, T] int token ids.
             rows: the B cache slots the rows belong to (default: every slot, in order).
+            sizes: [B] real tokens per row when rows from different sessions carry blocks of different lengths
+                (default: T each); row b's tokens after sizes[b] are padding and its outputs there are meaningless.
 
         Returns:
             BlockOutput with logits [B, T, V] and tapped hidden states [B, T, n_taps, D].
         """
-        t = np.shape(tokens)[-1]
-        _, (logits, top, hidden) = self.cache.apply(
-            _forward_block_jit, self.params, np.asarray(tokens), rows, cfg=self.cfg, taps=self.taps
+        tokens = np.asarray(tokens)
+        slots, (logits, top, hidden) = self.cache.apply(
+            _forward_block_jit,
+            self.params,
+            tokens,
+            rows,
+            sizes=None if sizes is None else np.asarray(sizes),
+            cfg=self.cfg,
+            taps=self.taps,
         )
-        return BlockOutput(logits, top, hidden, t)
+        return BlockOutput(logits, top, hidden, slots.shape[0], tokens.shape[1])
 
     def commit(self, row: int, n: int) -> None:
         """Keeps the first n tokens of the last block in `row`'s cache (a rollback drops the rest)."""

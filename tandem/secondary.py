@@ -293,53 +293,63 @@ def draft_greedy(
     cap: int,
     top_k: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """A whole greedy drafting round in one call: feed the pending tokens, then draft until τ or γ (no host trips).
+    """Whole greedy drafting rounds of B sessions in one call: feed each row's pending tokens, then draft until τ or γ.
 
-    Draft j is the head's argmax after the previous one; drafting continues while fewer than γ are drafted and the
-    router's confidence in the last draft reaches τ (τ <= 0: always). Each draft except the last is fed back.
+    Draft j is the head's argmax after the previous one; a row keeps drafting while it has fewer than γ drafts and the
+    router's confidence in its last draft reaches τ (τ <= 0: always). Each draft except a row's last is fed back. One
+    step advances every row still drafting; a row that stopped leaves the step (its writes go past the cache's end and
+    are dropped, its drafts and length stay as they are). All rows still drafting hold the same number of drafts.
 
     Args:
         params: drafter weights (materialized).
         router: the router's weights, or None for the max-probability fallback.
-        tokens: [1, T] the pending tokens (t_0 and, vanilla, the backlog), padded to a bucket.
-        fed: [] how many of them are real.
-        rows: [1] the session's cache slot.
-        lengths: [1] its cached positions.
+        tokens: [B, T] the pending tokens (t_0 and, vanilla, the backlog), padded to a bucket.
+        fed: [B] how many of each row's tokens are real (>= 1).
+        rows: [B] the sessions' cache slots.
+        lengths: [B] their cached positions.
         cache_k, cache_v: [L, R, K, S, H] the pool (donated).
-        gamma: [] most drafts, 1 <= gamma <= cap.
-        tau: [] τ.
+        gamma: [B] most drafts per row, 1 <= gamma <= cap (0 for a padding row: it never drafts).
+        tau: [B] τ per row.
         cfg: static config.
-        attend_len: static bucket covering lengths + fed + gamma.
+        attend_len: static bucket covering every row's lengths + fed + gamma.
         cap: static size of the drafts buffer.
         top_k: static router feature size.
 
     Returns:
-        (drafts [cap] with the first `count` valid, count [], cache_k, cache_v); the cache holds positions up to
-        lengths + fed + count - 2 (the last draft is not fed).
+        (drafts [B, cap] with row b's first count[b] valid, count [B], cache_k, cache_v); row b's cache holds
+        positions up to lengths[b] + fed[b] + count[b] - 2 (its last draft is not fed).
     """
     head = params.embed if params.head is None else params.head  # [N_h, D]
     assert head is not None, "call materialize() first"
     head_ids = params.head_ids
+    batch, t = tokens.shape
+    beyond = jnp.full_like(lengths, cache_k.shape[3])  # a write position past the cache's end: dropped
 
-    def decide(x_col: jax.Array, drafted: jax.Array) -> tuple[jax.Array, jax.Array]:
-        scores = output_logits(x_col[:, None], params.final_norm, head, cfg.rms_eps)[:, 0]  # [N_h]
-        best = jnp.argmax(scores)
+    def decide(x: jax.Array, drafted: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [D, B] -> (each row's next draft [B], whether it keeps drafting after it [B])."""
+        scores = output_logits(x, params.final_norm, head, cfg.rms_eps)  # [N_h, B]
+        best = jnp.argmax(scores, axis=0)  # [B]
         token = best if head_ids is None else head_ids[best]
-        sure = confidence(router, scores, head, top_k) >= tau
+        sure = confidence(router, scores.T, head, top_k) >= tau  # [B]
         return token.astype(jnp.int32), (drafted < gamma) & ((tau <= 0) | sure)
 
     x, cache_k, cache_v = _advance(params, tokens, rows, lengths, cache_k, cache_v, cfg=cfg, attend_len=attend_len)
-    first, go = decide(jax.lax.dynamic_index_in_dim(x, fed - 1, axis=1, keepdims=False), jnp.int32(1))
-    drafts = jnp.zeros((cap,), jnp.int32).at[0].set(first)
+    last = x.reshape(x.shape[0], batch, t)[:, jnp.arange(batch), fed - 1]  # [D, B] each row's last real token
+    first, go = decide(last, jnp.int32(1))
+    drafts = jnp.zeros((batch, cap), jnp.int32).at[:, 0].set(first)
 
     def body(carry: tuple) -> tuple:
-        i, prev, length, drafts, ck, cv, _ = carry
-        x, ck, cv = _advance(params, prev[None, None], rows, length[None], ck, cv, cfg=cfg, attend_len=attend_len)
-        token, go = decide(x[:, 0], i + 1)
-        return i + 1, token, length + 1, drafts.at[i].set(token), ck, cv, go
+        i, prev, length, drafts, ck, cv, go = carry
+        at = jnp.where(go, length, beyond)  # [B] rows that stopped write nowhere
+        x, ck, cv = _advance(params, prev[:, None], rows, at, ck, cv, cfg=cfg, attend_len=attend_len)  # x [D, B]
+        token, more = decide(x, i + 1)
+        drafts = jnp.where(go[:, None], drafts.at[:, i].set(token), drafts)
+        prev = jnp.where(go, token, prev)
+        return i + 1, prev, length + go, drafts, ck, cv, go & more
 
-    init = (jnp.int32(1), first, lengths[0] + fed, drafts, cache_k, cache_v, go)
-    count, _, _, drafts, cache_k, cache_v, _ = jax.lax.while_loop(lambda c: c[-1], body, init)
+    init = (jnp.int32(1), first, lengths + fed, drafts, cache_k, cache_v, go)
+    _, _, length, drafts, cache_k, cache_v, _ = jax.lax.while_loop(lambda c: jnp.any(c[-1]), body, init)
+    count = length - lengths - fed + 1  # [B] drafts per row: every draft but the last was fed
     return drafts, count, cache_k, cache_v
 
 
@@ -404,58 +414,89 @@ class DrafterRunner:
         t = np.shape(tokens)[1]
         slots, (logits,) = self.cache.apply(_step_jit, self.params, np.asarray(tokens), rows, cfg=self.cfg)
         self.cache.lengths[slots] += t
-        t_pad = logits.shape[1] // slots.shape[0]
-        return np.asarray(logits[:, t - 1 :: t_pad]).T  # each row's last fed token
+        t_pad = bucket(t)
+        return np.asarray(logits[:, t - 1 :: t_pad]).T[: slots.shape[0]]  # each row's last fed token
 
     def draft_greedy(
-        self, pending: Sequence[int], row: int, gamma: int, tau: float, router: RouterParams | None, top_k: int
-    ) -> list[int]:
-        """Feeds `pending` to `row` and drafts greedily until τ or γ in one call (see `draft_greedy`).
+        self,
+        pending: Sequence[Sequence[int]],
+        rows: Sequence[int],
+        gamma: Sequence[int],
+        tau: Sequence[float],
+        router: RouterParams | None,
+        top_k: int,
+    ) -> list[list[int]]:
+        """Feeds each row its pending tokens and drafts greedily until τ or γ, every row in one call (`draft_greedy`).
+
+        Args:
+            pending: per row, the tokens the drafter has not seen yet (at least one).
+            rows: the rows' distinct cache slots.
+            gamma: per row, the most drafts (>= 1).
+            tau: per row, τ.
+            router: the router's weights, or None for the max-probability fallback.
+            top_k: the router's feature size.
 
         Returns:
-            The drafts d_1..d_k (1 <= k <= gamma); the row's length advances by the tokens fed (all but d_k).
+            Per row the drafts d_1..d_k (1 <= k <= gamma); each row's length advances by the tokens fed (all but d_k).
         """
-        length = int(self.cache.lengths[row])
-        if length + len(pending) + gamma > self.max_len:
+        slots = self.cache.rows(rows)
+        fed = np.asarray([len(p) for p in pending], np.int32)
+        gammas = np.asarray(gamma, np.int32)
+        longest = self.cache.lengths[slots] + fed + gammas
+        if (longest > self.max_len).any():
+            i = int(np.argmax(longest > self.max_len))
             raise ContextFullError(
-                f"context full: {length} cached + {len(pending)} pending + {gamma} drafts exceed max_len {self.max_len}"
+                f"context full: {int(self.cache.lengths[slots[i]])} cached + {int(fed[i])} pending + {int(gammas[i])} "
+                f"drafts exceed max_len {self.max_len}"
             )
-        t_pad, cap = bucket(len(pending)), bucket(gamma)
-        tokens = np.zeros((1, t_pad), np.int32)
-        tokens[0, : len(pending)] = pending
-        attend = min(bucket(length + max(t_pad, len(pending) + cap), 16), self.max_len)
-        slots = np.asarray([row], np.int32)
+        block = np.zeros((slots.shape[0], int(fed.max())), np.int32)
+        for b, p in enumerate(pending):
+            block[b, : len(p)] = p
+        tokens = self.cache.pad_block(block, slots, fed)
+        pad_slots, pad_lengths = self.cache.padded_rows(slots)
+        b_pad, cap = tokens.shape[0], bucket(int(gammas.max()))
+        attend = min(
+            bucket(int((self.cache.lengths[slots] + max(tokens.shape[1], int(fed.max()) + cap)).max()), 16),
+            self.max_len,
+        )
         drafts, count, self.cache.k, self.cache.v = _draft_greedy_jit(
             self.params,
             router,
             tokens,
-            np.int32(len(pending)),
-            slots,
-            self.cache.lengths[slots],
+            np.pad(fed, (0, b_pad - fed.size), constant_values=1),
+            pad_slots,
+            pad_lengths,
             self.cache.k,
             self.cache.v,
-            np.int32(gamma),
-            np.float32(tau),
+            np.pad(gammas, (0, b_pad - gammas.size)),
+            np.pad(np.asarray(tau, np.float32), (0, b_pad - gammas.size)),
             cfg=self.cfg,
             attend_len=attend,
             cap=cap,
             top_k=top_k,
         )
-        n = int(count)
-        self.cache.lengths[row] += len(pending) + n - 1
-        return [int(t) for t in np.asarray(drafts)[:n]]
+        counts = np.asarray(count)[: slots.size]
+        self.cache.lengths[slots] += fed + counts - 1
+        drafts = np.asarray(drafts)
+        return [[int(t) for t in drafts[b, :n]] for b, n in enumerate(counts)]
 
-    def ingest(self, primary_hidden: np.ndarray, rows: Sequence[int] | None = None) -> None:
-        """Replaces positions lengths .. lengths + T - 1 of `rows` with primary-derived keys/values; advances by T.
+    def ingest(
+        self, primary_hidden: np.ndarray, rows: Sequence[int] | None = None, sizes: Sequence[int] | None = None
+    ) -> None:
+        """Replaces positions lengths .. lengths + T - 1 of `rows` with primary-derived keys/values; advances them.
 
         Args:
             primary_hidden: [B, T, n_taps, P] the primary's tapped states for those positions.
             rows: the B slots (default: all slots).
+            sizes: [B] real positions per row when rows carry different numbers (default: T each); each row's
+                length advances by its own size.
         """
+        t = primary_hidden.shape[1]
+        real = None if sizes is None else np.asarray(sizes)
         slots, _ = self.cache.apply(
-            _ingest_jit, self.params, primary_hidden, rows, dtype=np.float32, attends=False, cfg=self.cfg
+            _ingest_jit, self.params, primary_hidden, rows, sizes=real, dtype=np.float32, attends=False, cfg=self.cfg
         )
-        self.cache.lengths[slots] += primary_hidden.shape[1]
+        self.cache.lengths[slots] += t if real is None else real
 
     def truncate(self, row: int, length: int) -> None:
         """Forgets every slot >= length in `row` (rollback of rejected or superseded positions)."""

@@ -1,22 +1,29 @@
 """Session-holding workers around the model runners: what the Primary and Secondary services serve.
 
 A worker owns a runner whose cache has one slot per concurrent session, maps session ids to slots, and turns the
-request loop's calls (`tandem.rounds.PrimaryAPI` / `DrafterAPI`) into block passes. Calls are serialised by a lock;
-batching several sessions into one pass is the batching issue's work, and the slot layout is ready for it.
+request loop's calls (`tandem.rounds.PrimaryAPI` / `DrafterAPI`) into block passes. Calls from different sessions that
+arrive while the model is busy (or within a short batching window) run together as one batched call: continuous
+batching, with every session's rows at their own lengths and positions (see `_Batcher`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from tandem.config import SamplingParams, SpecConfig
-from tandem.errors import InvalidRequestError, PoolExhaustedError, SessionNotFoundError, SessionStateError
+from tandem.errors import (
+    ContextFullError,
+    InvalidRequestError,
+    PoolExhaustedError,
+    SessionNotFoundError,
+    SessionStateError,
+)
+from tandem.kvcache import bucket
 from tandem.primary import BlockOutput, PrimaryRunner
 from tandem.rounds import Drafts, PrimaryStep
 from tandem.router import MLPRouter
@@ -34,6 +41,12 @@ from tandem.speculative import (
     verify_greedy,
     verify_sampled,
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingConfig:
+    max_batch: int = 16  # most sessions' calls in one batched model call
+    window_s: float = 0.002  # how long an idle model waits for more live sessions' calls before it runs a batch
 
 
 @dataclasses.dataclass
@@ -85,51 +98,148 @@ class _SlotPool:
         return len(self.sessions)
 
 
+@dataclasses.dataclass(eq=False)
+class _Call:
+    """One session's model call waiting for a batch; the worker's batch function sets result or error."""
+
+    session: str
+    result: object = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class _Batcher:
+    """Continuous batching by flat combining: the caller that finds the model idle takes every queued call (up to
+    max_batch, one per session), runs them as one batch for everyone, and hands back the results; the others wait.
+
+    Calls that arrive while a batch runs make up the next one. An idle model waits up to `window_s` for more calls while
+    fewer are queued than there are live sessions (`expected()`); a lone session never waits. It owns no thread, so an
+    in-process engine and a service share it.
+    """
+
+    def __init__(self, run: Callable[[list[_Call]], None], cfg: BatchingConfig, expected: Callable[[], int]) -> None:
+        if cfg.max_batch < 1 or cfg.window_s < 0:
+            raise ValueError(f"max_batch must be >= 1 and window_s >= 0, got {cfg}")
+        self._run, self.cfg, self._expected = run, cfg, expected
+        self._cv = threading.Condition()
+        self._queue: list[_Call] = []
+        self._busy = False
+        self.batches = 0  # batched model rounds run so far
+        self.calls = 0  # calls they served (calls / batches = the mean batch size)
+
+    @property
+    def waiting(self) -> int:
+        """Calls queued for the model (the queue-depth gauge)."""
+        return len(self._queue)
+
+    def submit(self, call: _Call) -> object:
+        """Queues a call and returns its result once a batch has run it (raising its error, if any)."""
+        with self._cv:
+            self._queue.append(call)
+            self._cv.notify_all()
+            while not call.done:
+                if self._busy:
+                    self._cv.wait()
+                    continue
+                self._busy = True
+                batch: list[_Call] = []
+                try:
+                    self._gather()
+                    batch = self._take()
+                    self._cv.release()
+                    try:
+                        self._run_all(batch)
+                    finally:
+                        self._cv.acquire()
+                finally:
+                    for c in batch:
+                        c.done = True
+                    self.batches += 1
+                    self.calls += len(batch)
+                    self._busy = False
+                    self._cv.notify_all()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _gather(self) -> None:
+        """The batching window (called holding the condition): wait for calls of the other live sessions."""
+        deadline = time.monotonic() + self.cfg.window_s
+        while len(self._queue) < min(self.cfg.max_batch, self._expected()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(left)
+
+    def _take(self) -> list[_Call]:
+        """Oldest first, one call per session (a second call of a session waits for the next batch)."""
+        batch: list[_Call] = []
+        sessions: set[str] = set()
+        for c in self._queue:
+            if len(batch) == self.cfg.max_batch:
+                break
+            if c.session not in sessions:
+                batch.append(c)
+                sessions.add(c.session)
+        taken = {id(c) for c in batch}
+        self._queue = [c for c in self._queue if id(c) not in taken]
+        return batch
+
+    def _run_all(self, batch: list[_Call]) -> None:
+        try:
+            self._run(batch)
+        except BaseException as e:  # the batch function failed as a whole: every call without an answer gets the error
+            for c in batch:
+                if c.result is None and c.error is None:
+                    c.error = e
+            if not isinstance(e, Exception):
+                raise
+
+
 class _SessionWorker:
-    """What both workers share: a slot pool, a lock serialising model calls, release and idle expiry."""
+    """What both workers share: a slot pool, the batcher that runs model calls, release and idle expiry."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, batching: BatchingConfig) -> None:
         self.pool = _SlotPool(slots)
-        self.lock = threading.Lock()
-        self.waiting = 0  # calls queued for the lock (the queue-depth gauge)
-        self._count_lock = threading.Lock()
+        self.pool_lock = threading.Lock()  # pool changes; held while a batch looks its sessions up
+        self.batcher = _Batcher(self._run_batch, batching, expected=self.pool.__len__)
 
-    def _count(self, delta: int) -> None:
-        with self._count_lock:
-            self.waiting += delta
+    @property
+    def waiting(self) -> int:
+        """Calls queued for the model (the queue-depth gauge)."""
+        return self.batcher.waiting
 
-    @contextlib.contextmanager
-    def serialised(self) -> Iterator[None]:
-        """Holds the worker's lock for one model call, counting the calls that wait for it."""
-        self._count(1)
-        try:
-            self.lock.acquire()
-        finally:
-            self._count(-1)
-        try:
-            yield
-        finally:
-            self.lock.release()
+    def _run_batch(self, calls: list[_Call]) -> None:
+        raise NotImplementedError
 
     def release(self, session: str) -> bool:
         """Frees the session's slot; returns False if it was not live."""
-        with self.serialised():
+        with self.pool_lock:
             return self.pool.close(session)
 
     def expire_idle(self, ttl_s: float) -> list[str]:
         """Releases sessions idle for longer than ttl_s; returns their ids."""
-        expired = self.pool.idle(ttl_s)
+        with self.pool_lock:
+            expired = self.pool.idle(ttl_s)
         for s in expired:
             self.release(s)
         return expired
 
 
-def _pick(out: BlockOutput, sampling: SamplingParams, rng: np.random.Generator) -> int:
-    """The primary's own token after a block's last position: its argmax when greedy (no logits reach the host),
-    else a draw from the request's distribution."""
+def _groups(items: list, size: Callable[[object], int]) -> list[list]:
+    """Items grouped by the block bucket of size(item), so short blocks do not pad up to long ones."""
+    groups: dict[int, list] = {}
+    for item in items:
+        groups.setdefault(bucket(size(item)), []).append(item)
+    return list(groups.values())
+
+
+def _pick(out: BlockOutput, row: int, pos: int, sampling: SamplingParams, rng: np.random.Generator) -> int:
+    """The primary's own token after position `pos` of a block row: its argmax when greedy (no logits reach the
+    host), else a draw from the request's distribution."""
     if sampling.greedy:
-        return int(out.top[0, -1])
-    return sample(target_probs(out.logits[0, -1], sampling), rng)
+        return int(out.top[row, pos])
+    return sample(target_probs(out.logits[row, pos], sampling), rng)
 
 
 @dataclasses.dataclass
@@ -138,11 +248,27 @@ class _PrimarySession(_Session):
     rng: np.random.Generator
 
 
-class PrimaryWorker(_SessionWorker):
-    """The primary's side of requests: prefill, block verify (or standalone processing) and release."""
+@dataclasses.dataclass(eq=False)
+class _Prefill(_Call):
+    prompt: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    sampling: SamplingParams = SamplingParams()
+    want_hidden: bool = False
 
-    def __init__(self, runner: PrimaryRunner) -> None:
-        super().__init__(runner.batch)
+
+@dataclasses.dataclass(eq=False)
+class _Verify(_Call):
+    block: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # [t_0, d_1..d_k]
+    proposals: Sequence[SparseDist] = ()
+    verify: bool = True
+    want_hidden: bool = False
+
+
+class PrimaryWorker(_SessionWorker):
+    """The primary's side of requests: prefill, block verify (or standalone processing) and release. Concurrent calls
+    of different sessions run as one block pass over their rows."""
+
+    def __init__(self, runner: PrimaryRunner, batching: BatchingConfig = BatchingConfig()) -> None:
+        super().__init__(runner.batch, batching)
         self.runner = runner
 
     @property
@@ -164,22 +290,9 @@ class PrimaryWorker(_SessionWorker):
     def prefill(
         self, session: str, prompt_ids: Sequence[int], sampling: SamplingParams, want_hidden: bool
     ) -> PrimaryStep:
-        """Processes the prompt in one block pass and emits the first token."""
-        prompt = self._check_tokens(prompt_ids)
-        with self.serialised():
-            state = self.pool.open(
-                session, lambda slot: _PrimarySession(slot, sampling, request_rngs(sampling.seed)[0])
-            )
-            assert isinstance(state, _PrimarySession)
-            try:
-                self.runner.truncate(state.slot, 0)
-                out = self.runner.forward(prompt[None], rows=[state.slot])
-                self.runner.commit(state.slot, prompt.size)
-            except Exception:
-                self.pool.close(session)
-                raise
-            token = _pick(out, sampling, state.rng)
-        return PrimaryStep(0, token, out.hidden[0] if want_hidden else None)
+        """Opens the session, processes the prompt in one block pass and emits the first token."""
+        call = _Prefill(session, prompt=self._check_tokens(prompt_ids), sampling=sampling, want_hidden=want_hidden)
+        return self.batcher.submit(call)  # type: ignore[return-value]
 
     def verify(
         self, session: str, tokens: Sequence[int], proposals: Sequence[SparseDist], verify: bool, want_hidden: bool
@@ -193,26 +306,84 @@ class PrimaryWorker(_SessionWorker):
             verify: False for standalone Tandem: every draft is kept and the primary adds its free token.
             want_hidden: return the committed positions' tapped states.
         """
-        block = self._check_tokens(tokens)
-        drafts = [int(t) for t in block[1:]]
-        with self.serialised():
-            state = self.pool.get(session)
+        call = _Verify(session, block=self._check_tokens(tokens), proposals=list(proposals), verify=verify)
+        call.want_hidden = want_hidden
+        return self.batcher.submit(call)  # type: ignore[return-value]
+
+    def _run_batch(self, calls: list[_Call]) -> None:
+        rows: list[tuple[_Call, _PrimarySession, np.ndarray]] = []
+        with self.pool_lock:
+            for c in calls:
+                try:
+                    rows.append(self._prepare(c))
+                except Exception as e:
+                    c.error = e
+        for group in _groups(rows, lambda r: r[2].size):
+            self._forward(group)
+
+    def _prepare(self, c: _Call) -> tuple[_Call, _PrimarySession, np.ndarray]:
+        """Looks the call's session up (a prefill opens it) and checks its block fits: (call, session, block)."""
+        if isinstance(c, _Prefill):
+            if c.prompt.size > self.max_len:
+                raise ContextFullError(f"context full: a {c.prompt.size}-token prompt exceeds max_len {self.max_len}")
+            state = self.pool.open(
+                c.session, lambda slot: _PrimarySession(slot, c.sampling, request_rngs(c.sampling.seed)[0])
+            )
+            self.runner.truncate(state.slot, 0)
             assert isinstance(state, _PrimarySession)
-            sampling = state.sampling
-            if verify and not sampling.greedy and len(proposals) != len(drafts):
-                raise InvalidRequestError(f"{len(drafts)} drafts need as many proposals, got {len(proposals)}")
-            out = self.runner.forward(block[None], rows=[state.slot])
-            if not verify:
-                accepted = len(drafts)
-                nxt = _pick(out, sampling, state.rng)
-            elif sampling.greedy:
-                v = verify_greedy(drafts, out.top[0])
-                accepted, nxt = v.accepted, v.next_token
-            else:
-                v = verify_sampled(drafts, list(proposals), target_probs(out.logits[0], sampling), state.rng)
-                accepted, nxt = v.accepted, v.next_token
-            self.runner.commit(state.slot, 1 + accepted)
-        return PrimaryStep(accepted, nxt, out.hidden[0, : 1 + accepted] if want_hidden else None)
+            return c, state, c.prompt
+        assert isinstance(c, _Verify)
+        state = self.pool.get(c.session)
+        assert isinstance(state, _PrimarySession)
+        drafts = c.block.size - 1
+        if c.verify and not state.sampling.greedy and len(c.proposals) != drafts:
+            raise InvalidRequestError(f"{drafts} drafts need as many proposals, got {len(c.proposals)}")
+        cached = int(self.runner.lengths[state.slot])
+        if cached + c.block.size > self.max_len:
+            raise ContextFullError(
+                f"context full: {cached} cached + {c.block.size} new tokens exceed max_len {self.max_len}"
+            )
+        return c, state, c.block
+
+    def _forward(self, group: list[tuple[_Call, _PrimarySession, np.ndarray]]) -> None:
+        """One block pass over the group's rows, then each call's verdict."""
+        sizes = [block.size for _, _, block in group]
+        tokens = np.zeros((len(group), max(sizes)), np.int32)
+        for b, (_, _, block) in enumerate(group):
+            tokens[b, : block.size] = block
+        try:
+            out = self.runner.forward(tokens, rows=[st.slot for _, st, _ in group], sizes=sizes)
+        except Exception as e:
+            for c, _, _ in group:
+                c.error = e
+                if isinstance(c, _Prefill):
+                    self.release(c.session)
+            return
+        for b, (c, st, block) in enumerate(group):
+            try:
+                c.result = self._finish(c, st, block, out, b)
+            except Exception as e:
+                c.error = e
+
+    def _finish(self, c: _Call, st: _PrimarySession, block: np.ndarray, out: BlockOutput, b: int) -> PrimaryStep:
+        """Row b of a block pass -> the call's step; commits what the session keeps."""
+        if isinstance(c, _Prefill):
+            self.runner.commit(st.slot, block.size)
+            token = _pick(out, b, block.size - 1, st.sampling, st.rng)
+            return PrimaryStep(0, token, out.hidden[b, : block.size] if c.want_hidden else None)
+        assert isinstance(c, _Verify)
+        drafts = [int(t) for t in block[1:]]
+        if not c.verify:
+            accepted, nxt = len(drafts), _pick(out, b, len(drafts), st.sampling, st.rng)
+        elif st.sampling.greedy:
+            v = verify_greedy(drafts, out.top[b, : block.size])
+            accepted, nxt = v.accepted, v.next_token
+        else:
+            probs = target_probs(out.logits[b, : block.size], st.sampling)
+            v = verify_sampled(drafts, list(c.proposals), probs, st.rng)
+            accepted, nxt = v.accepted, v.next_token
+        self.runner.commit(st.slot, 1 + accepted)
+        return PrimaryStep(accepted, nxt, out.hidden[b, : 1 + accepted] if c.want_hidden else None)
 
 
 @dataclasses.dataclass
@@ -225,11 +396,25 @@ class _DrafterSession(_Session):
     drafts: list[int] = dataclasses.field(default_factory=list)  # the last round's drafts
 
 
-class DrafterWorker(_SessionWorker):
-    """The drafter's side of requests. A Tandem worker ingests the primary's states; a vanilla one reads tokens only."""
+@dataclasses.dataclass(eq=False)
+class _Round(_Call):
+    """A drafting round: `start` (accepted is None: the prompt, its states and the first token) or `advance`."""
 
-    def __init__(self, runner: DrafterRunner, router: Router | None = None) -> None:
-        super().__init__(runner.batch)
+    tokens: list[int] = dataclasses.field(default_factory=list)  # start: the prompt; advance: empty
+    accepted: int | None = None
+    hidden: np.ndarray | None = None
+    next_token: int = 0
+    max_drafts: int = 1
+
+
+class DrafterWorker(_SessionWorker):
+    """The drafter's side of requests. A Tandem worker ingests the primary's states; a vanilla one reads tokens only.
+    Concurrent rounds of different sessions ingest together and, greedy ones, draft together step by step."""
+
+    def __init__(
+        self, runner: DrafterRunner, router: Router | None = None, batching: BatchingConfig = BatchingConfig()
+    ) -> None:
+        super().__init__(runner.batch, batching)
         self.runner = runner
         self.router = router or MaxProbRouter()
 
@@ -239,7 +424,7 @@ class DrafterWorker(_SessionWorker):
 
     def open(self, session: str, sampling: SamplingParams, spec: SpecConfig) -> LocalDrafter:
         """Reserves a slot for a request; returns the in-process handle the request loop drives."""
-        with self.serialised():
+        with self.pool_lock:
             self.pool.open(session, lambda slot: _DrafterSession(slot, sampling, spec, request_rngs(sampling.seed)[1]))
         return LocalDrafter(self, session)
 
@@ -262,17 +447,8 @@ class DrafterWorker(_SessionWorker):
         vocab = self.runner.cfg.vocab_size
         if not prompt_ids or any(not 0 <= t < vocab for t in (*prompt_ids, first_token)):
             raise InvalidRequestError(f"a non-empty prompt and tokens in [0, {vocab}) are required")
-        with self.serialised():
-            st = self.pool.get(session)
-            assert isinstance(st, _DrafterSession)
-            if st.round_start >= 0:
-                raise SessionStateError(f"session {session!r} has already started")
-            h = self._check_hidden(hidden, len(prompt_ids))
-            self.runner.truncate(st.slot, 0)
-            if h is not None:
-                self.runner.ingest(h[None], rows=[st.slot])
-            st.tokens = [*prompt_ids, first_token]
-            return self._draft(st, max_drafts)
+        call = _Round(session, tokens=list(prompt_ids), hidden=hidden, next_token=first_token, max_drafts=max_drafts)
+        return self.batcher.submit(call)  # type: ignore[return-value]
 
     def advance(
         self, session: str, accepted: int, hidden: np.ndarray | None, next_token: int, max_drafts: int
@@ -280,34 +456,116 @@ class DrafterWorker(_SessionWorker):
         """Learns the last round's verdict (and, Tandem, the primary's states of t_0, d_1..d_a); drafts again."""
         if not 0 <= next_token < self.runner.cfg.vocab_size:
             raise InvalidRequestError(f"token ids must lie in [0, {self.runner.cfg.vocab_size})")
-        with self.serialised():
-            st = self.pool.get(session)
-            assert isinstance(st, _DrafterSession)
-            if st.round_start < 0:
-                raise SessionStateError(f"session {session!r} has not started")
-            if not 0 <= accepted <= len(st.drafts):
-                raise InvalidRequestError(f"accepted={accepted} but the last round drafted {len(st.drafts)} tokens")
-            h = self._check_hidden(hidden, 1 + accepted)
-            m = st.round_start
-            st.tokens = [*st.tokens, *st.drafts[:accepted], next_token]
-            if h is not None:  # replace the round's own keys/values with primary-derived ones for t_0, d_1..d_a
-                self.runner.truncate(st.slot, m)
-                self.runner.ingest(h[None], rows=[st.slot])
-            else:  # keep own keys/values of the accepted positions that were fed
-                self.runner.truncate(st.slot, m + 1 + accepted)
-            return self._draft(st, max_drafts)
+        call = _Round(session, accepted=accepted, hidden=hidden, next_token=next_token, max_drafts=max_drafts)
+        return self.batcher.submit(call)  # type: ignore[return-value]
 
-    def _draft(self, st: _DrafterSession, max_drafts: int) -> Drafts:
-        """Feeds what the drafter has not seen (t_0, plus a vanilla backlog), then drafts until τ or the budget."""
-        gamma = max(1, min(max_drafts, st.spec.gamma_max))
+    def _run_batch(self, calls: list[_Call]) -> None:
+        rounds: list[tuple[_Round, _DrafterSession, np.ndarray | None]] = []
+        with self.pool_lock:
+            for c in calls:
+                assert isinstance(c, _Round)
+                try:
+                    rounds.append(self._prepare(c))
+                except Exception as e:
+                    c.error = e
+        ingested = []
+        for group in _groups([r for r in rounds if r[2] is not None], lambda r: r[2].shape[0]):
+            ingested += self._ingest(group)
+        ready = [(c, st) for c, st, h in rounds if h is None] + [(c, st) for c, st, _ in ingested]
+        device = self._device_router is not False
+        on_device = [(c, st) for c, st in ready if st.sampling.greedy and device]
+        for group in _groups(on_device, lambda r: len(self._pending(r[1]))):
+            self._draft_on_device(group)
+        for c, st in ready:
+            if not (st.sampling.greedy and device):
+                try:
+                    c.result = self._draft_on_host(st, c.max_drafts)
+                except Exception as e:
+                    c.error = e
+
+    def _prepare(self, c: _Round) -> tuple[_Round, _DrafterSession, np.ndarray | None]:
+        """Checks the call against its session's state and records the verdict: (call, session, states to ingest).
+
+        A Tandem round replaces the drafter's own keys/values from the round's t_0 on with the primary's; a vanilla
+        one keeps its own for the accepted positions it fed.
+        """
+        st = self.pool.get(c.session)
+        assert isinstance(st, _DrafterSession)
+        if c.accepted is None:
+            if st.round_start >= 0:
+                raise SessionStateError(f"session {c.session!r} has already started")
+            h = self._check_hidden(c.hidden, len(c.tokens))
+            self.runner.truncate(st.slot, 0)
+            st.tokens = [*c.tokens, c.next_token]
+            return c, st, h
+        if st.round_start < 0:
+            raise SessionStateError(f"session {c.session!r} has not started")
+        if not 0 <= c.accepted <= len(st.drafts):
+            raise InvalidRequestError(f"accepted={c.accepted} but the last round drafted {len(st.drafts)} tokens")
+        h = self._check_hidden(c.hidden, 1 + c.accepted)
+        m = st.round_start
+        st.tokens = [*st.tokens, *st.drafts[: c.accepted], c.next_token]
+        self.runner.truncate(st.slot, m if h is not None else m + 1 + c.accepted)
+        return c, st, h
+
+    def _ingest(
+        self, group: list[tuple[_Round, _DrafterSession, np.ndarray | None]]
+    ) -> list[tuple[_Round, _DrafterSession, np.ndarray | None]]:
+        """Writes the group's primary states into their rows in one call; returns the rounds that can draft."""
+        sizes = [h.shape[0] for _, _, h in group if h is not None]
+        states = np.zeros((len(group), max(sizes), *group[0][2].shape[1:]), np.float32)  # type: ignore[union-attr]
+        for b, (_, _, h) in enumerate(group):
+            states[b, : sizes[b]] = h
+        try:
+            self.runner.ingest(states, rows=[st.slot for _, st, _ in group], sizes=sizes)
+        except Exception as e:
+            for c, _, _ in group:
+                c.error = e
+            return []
+        return group
+
+    @property
+    def _device_router(self) -> object:
+        """The router's device form for greedy rounds on device (None: max-probability), or False when it has none."""
+        if isinstance(self.router, MLPRouter):
+            return self.router.device_params
+        return None if isinstance(self.router, MaxProbRouter) else False
+
+    def _pending(self, st: _DrafterSession) -> list[int]:
+        """What the drafter has not seen: t_0, plus a vanilla backlog."""
+        return st.tokens[int(self.runner.lengths[st.slot]) :]
+
+    def _gamma(self, st: _DrafterSession, max_drafts: int) -> int:
+        return max(1, min(max_drafts, st.spec.gamma_max))
+
+    def _draft_on_device(self, group: list[tuple[_Round, _DrafterSession]]) -> None:
+        """Greedy rounds of the group's sessions, drafted together on device until each one's τ or γ."""
+        for _, st in group:
+            st.round_start = len(st.tokens) - 1
+        top_k = self.router.cfg.top_k if isinstance(self.router, MLPRouter) else 0
+        try:
+            drafts = self.runner.draft_greedy(
+                [self._pending(st) for _, st in group],
+                [st.slot for _, st in group],
+                [self._gamma(st, c.max_drafts) for c, st in group],
+                [st.spec.tau for _, st in group],
+                self._device_router,  # type: ignore[arg-type]
+                top_k,
+            )
+        except Exception as e:
+            for c, _ in group:
+                c.error = e
+            return
+        for (c, st), d in zip(group, drafts, strict=True):
+            st.drafts = d
+            c.result = Drafts(d, [])
+
+    def _draft_on_host(self, st: _DrafterSession, max_drafts: int) -> Drafts:
+        """Feeds what the drafter has not seen, then drafts step by step until τ or the budget (sampled rounds, and
+        routers without a device form)."""
+        gamma = self._gamma(st, max_drafts)
         st.round_start = len(st.tokens) - 1
-        pending = st.tokens[int(self.runner.lengths[st.slot]) :]
-        if st.sampling.greedy and isinstance(self.router, (MLPRouter, MaxProbRouter)):  # the whole round on device
-            router = self.router.device_params if isinstance(self.router, MLPRouter) else None
-            top_k = self.router.cfg.top_k if isinstance(self.router, MLPRouter) else 0
-            st.drafts = self.runner.draft_greedy(pending, st.slot, gamma, st.spec.tau, router, top_k)
-            return Drafts(st.drafts, [])
-        logits = self.runner.step(np.asarray([pending]), rows=[st.slot])[0]
+        logits = self.runner.step(np.asarray([self._pending(st)]), rows=[st.slot])[0]
         drafts: list[int] = []
         proposals: list[SparseDist] = []
         while True:

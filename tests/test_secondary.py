@@ -100,27 +100,30 @@ def test_save_load_round_trip(tmp_path, tandem_mode: bool, dtype: str) -> None:
 
 @pytest.mark.parametrize(("head_vocab", "tau", "trained_router"), [(0, 0.0, False), (0, 0.3, False), (24, 0.5, True)])
 def test_greedy_round_on_device_equals_step_by_step(head_vocab: int, tau: float, trained_router: bool) -> None:
-    """`draft_greedy` (one call per round) drafts exactly what the host loop of single steps drafts."""
+    """`draft_greedy` (one call per round for every session) drafts exactly what the host loop of single steps drafts
+    for each session alone, with sessions of different histories, backlogs and γ in the same call."""
     cfg = dataclasses.replace(drafter_config(False), head_vocab=head_vocab)
     params = secondary.materialize(secondary.init_params(cfg, seed=3), cfg)
     rcfg = RouterConfig(top_k=2, d_embed=cfg.d_model, hidden=8)
     router = MLPRouter(rcfg, init_router(rcfg, seed=1), np.asarray(params.embed)) if trained_router else MaxProbRouter()
     device_router = router.device_params if isinstance(router, MLPRouter) else None
-    fused = secondary.DrafterRunner(cfg, params, batch=2, max_len=64)
-    stepped = secondary.DrafterRunner(cfg, params, batch=2, max_len=64)
+    fused = secondary.DrafterRunner(cfg, params, batch=4, max_len=64)
+    stepped = secondary.DrafterRunner(cfg, params, batch=4, max_len=64)
     rng = np.random.default_rng(0)
-    history = rng.integers(0, cfg.vocab_size, size=9).tolist()
-    for gamma in (1, 3, 6):
-        pending = history[int(fused.lengths[1]) :]
-        got = fused.draft_greedy(pending, 1, gamma, tau, device_router, rcfg.top_k)
-        logits = stepped.step(np.asarray([pending]), rows=[1])[0]
-        want = [int(np.argmax(logits))]
-        while keep_drafting(router, logits, len(want), gamma, tau):
-            logits = stepped.step(np.asarray([[want[-1]]]), rows=[1])[0]
-            want.append(int(np.argmax(logits)))
-        assert got == want, (gamma, got, want)
-        assert fused.lengths[1] == stepped.lengths[1] == len(history) + len(want) - 1
-        history += [*want[:1], int(rng.integers(cfg.vocab_size))]  # keep one draft, then a correction
-        fused.truncate(1, len(history) - 1)
-        stepped.truncate(1, len(history) - 1)
-    assert fused.lengths[0] == 0  # other slots untouched
+    rows = [2, 0, 3]  # three sessions drafted together; slot 1 stays empty
+    history = {row: rng.integers(0, cfg.vocab_size, size=9 + 3 * row).tolist() for row in rows}
+    for gammas in ((1, 3, 6), (3, 6, 1), (6, 1, 3)):
+        pending = [history[row][int(fused.lengths[row]) :] for row in rows]
+        got = fused.draft_greedy(pending, rows, gammas, [tau] * 3, device_router, rcfg.top_k)
+        for row, todo, gamma, drafts in zip(rows, pending, gammas, got, strict=True):
+            logits = stepped.step(np.asarray([todo]), rows=[row])[0]
+            want = [int(np.argmax(logits))]
+            while keep_drafting(router, logits, len(want), gamma, tau):
+                logits = stepped.step(np.asarray([[want[-1]]]), rows=[row])[0]
+                want.append(int(np.argmax(logits)))
+            assert drafts == want, (row, gamma, drafts, want)
+            assert fused.lengths[row] == stepped.lengths[row] == len(history[row]) + len(want) - 1
+            history[row] += [*want[:1], int(rng.integers(cfg.vocab_size))]  # keep one draft, then a correction
+            fused.truncate(row, len(history[row]) - 1)
+            stepped.truncate(row, len(history[row]) - 1)
+    assert fused.lengths[1] == 0  # other slots untouched
