@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from tandem.models import BundleConfig
     from tandem.primary import PrimaryRunner
     from tandem.secondary import DrafterRunner
+    from tandem.serve import ServeStack
 
 SCHEMA = "tandem-bench/1"
 VIAS = ("in-process", "grpc")
@@ -671,23 +672,33 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+# The orchestrator's counters of degraded requests (Prometheus sample name -> report key).
+FALLBACK_COUNTERS = {
+    "tandem_drafter_fallbacks_total": "drafter_fallbacks",
+    "tandem_primary_failovers_total": "failovers",
+}
+
+
+def fetch_metrics(metrics_url: str, timeout_s: float = 5.0) -> str:
+    """The Prometheus text exposition a service serves at `metrics_url`."""
+    with urllib.request.urlopen(metrics_url, timeout=timeout_s) as resp:
+        return str(resp.read().decode("utf-8", "replace"))
+
+
 def orchestrator_counters(metrics_url: str, timeout_s: float = 5.0) -> dict[str, float]:
     """The orchestrator's fallback counters from its Prometheus endpoint (nonzero: some requests ran degraded)."""
-    names = {"tandem_drafter_fallbacks_total": "drafter_fallbacks", "tandem_primary_failovers_total": "failovers"}
-    with urllib.request.urlopen(metrics_url, timeout=timeout_s) as resp:
-        text = resp.read().decode("utf-8", "replace")
     out: dict[str, float] = {}
-    for line in text.splitlines():
+    for line in fetch_metrics(metrics_url, timeout_s).splitlines():
         name, _, value = line.partition(" ")
-        if name in names:
-            out[names[name]] = float(value)
+        if name in FALLBACK_COUNTERS:
+            out[FALLBACK_COUNTERS[name]] = float(value)
     return out
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
 
 
-def _stderr(msg: str) -> None:
+def log_stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -701,7 +712,7 @@ def run(
     args: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     metrics_url: str | None = None,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = log_stderr,
 ) -> dict[str, Any]:
     """Runs the benchmark and returns its report (see `build_report`).
 
@@ -798,19 +809,19 @@ def run(
         block_ms=block_ms,
         drafter_ms=drafter_ms,
         machine=machine_info(),
-        args=dict(args) if args is not None else _jsonable(dataclasses.asdict(cfg)),
+        args=dict(args) if args is not None else jsonable(dataclasses.asdict(cfg)),
         peer_info=peer.describe() if peer is not None else None,
         server_counters=counters,
         extra=extra,
     )
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Paths, tuples and other values of an argparse namespace as JSON values."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if obj is None or isinstance(obj, bool | int | float | str):
         return obj
     return str(obj)
@@ -892,7 +903,7 @@ def build_report(
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "args": dict(args or {}),
-        "config": _jsonable(dataclasses.asdict(cfg)),
+        "config": jsonable(dataclasses.asdict(cfg)),
         "machine": dict(machine or {}),
         "peer": dict(peer_info) if peer_info is not None else None,
         "prompts": [{"prompt": p.text, "category": p.category, "prompt_tokens": len(p.ids)} for p in prompts],
@@ -957,18 +968,31 @@ def _f(x: float | None, fmt: str = ".1f", scale: float = 1.0, suffix: str = "") 
     return "–" if x is None else f"{x * scale:{fmt}}{suffix}"
 
 
+def commit_label(machine: Mapping[str, Any]) -> str:
+    """The run's git commit, short, marked when the tree was dirty ("?" when unknown)."""
+    commit = (machine.get("git_commit") or "")[:10] + (" (dirty)" if machine.get("git_dirty") else "")
+    return commit or "?"
+
+
+def machine_line(machine: Mapping[str, Any]) -> str:
+    """`machine_info()` as one markdown sentence."""
+    m = machine
+    return (
+        f"Machine: {m.get('cpu', '?')}, {m.get('cpu_affinity') or m.get('cpu_count')} cores usable "
+        f"({m.get('cpu_count')} online), {m.get('ram_gib')} GiB RAM, Python {m.get('python')}, JAX {m.get('jax')}."
+    )
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report as markdown: the main table, the microservice tax, acceptance per position, the block-cost curve
     and the drafter step, identity warnings and the machine."""
     m = report.get("machine", {})
     cfg = report.get("config", {})
     n = len(report.get("prompts", []))
-    commit = (m.get("git_commit") or "")[:10] + (" (dirty)" if m.get("git_dirty") else "")
     out = [
-        f"Benchmark ({m.get('date', '?')}, commit {commit or '?'}): {n} prompts × {cfg.get('max_tokens')} tokens, "
+        f"Benchmark ({m.get('date', '?')}, commit {commit_label(m)}): {n} prompts × {cfg.get('max_tokens')} tokens, "
         f"greedy, batch 1, γ_max = {cfg.get('gamma_max')}, τ = {cfg.get('tau')}, repeats = {cfg.get('repeats')}.",
-        f"Machine: {m.get('cpu', '?')}, {m.get('cpu_affinity') or m.get('cpu_count')} cores usable "
-        f"({m.get('cpu_count')} online), {m.get('ram_gib')} GiB RAM, Python {m.get('python')}, JAX {m.get('jax')}.",
+        machine_line(m),
         "",
         "| mode | via | tok/s | speedup | TTFT median / p90 (ms) | TPOT median (ms) | accept length | accept rate "
         "| primary calls/token | drafter calls/token | identical |",
@@ -1047,8 +1071,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def render_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """A PNG: tokens/s per mode (in-process and gRPC bars), and the primary's block-cost curve.
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display).
 
     Raises:
         SystemExit: matplotlib is not installed (pip install '.[bench]').
@@ -1060,7 +1084,26 @@ def render_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("plotting needs matplotlib: pip install '.[bench]'") from None
+    return plt
 
+
+def save_figure(plt: Any, fig: Any, tool: str, machine: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Titles a figure with the tool and the machine (`machine_info()`), writes it as a PNG and closes it."""
+    fig.suptitle(f"{tool} — {machine.get('cpu', '')} ({machine.get('date', '')})", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def render_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """A PNG: tokens/s per mode (in-process and gRPC bars), and the primary's block-cost curve.
+
+    Raises:
+        SystemExit: matplotlib is not installed (pip install '.[bench]').
+    """
+    plt = pyplot()
     results = report.get("results", {})
     modes = list(report.get("modes", {}))
     vias = [v for v in VIAS if v in results]
@@ -1091,13 +1134,7 @@ def render_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
     else:
         ax2.set_axis_off()
         ax2.text(0.5, 0.5, "no block-cost curve in this report", ha="center", va="center")
-    machine = report.get("machine", {})
-    fig.suptitle(f"tandem bench — {machine.get('cpu', '')} ({machine.get('date', '')})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, "tandem bench", report.get("machine", {}), path)
 
 
 # -- the command line's path -------------------------------------------------------------------------------------
@@ -1113,6 +1150,31 @@ def tokenize_prompts(rows: Sequence[tuple[str, str]], tokenizer: Any) -> list[Be
     ]
 
 
+def launch_stack(
+    *, slots: int, max_len: int, startup_timeout_s: float = 600.0, log: Callable[[str], None] = log_stderr
+) -> ServeStack:
+    """A ServeStack on free ports, launched but not yet serving (see `wait_serving`); the caller stop()s it.
+
+    Launching first lets the caller do its own start-up (load a bundle, start Ray) while the services load.
+    """
+    from tandem.serve import ServeStack
+
+    stack = ServeStack(port=0, slots=slots, max_len=max_len, startup_timeout_s=startup_timeout_s)
+    log(f"starting primary, secondary and orchestrator (slots={slots}, max_len={max_len}); logs in {stack.log_dir}")
+    stack.launch()
+    return stack
+
+
+def wait_serving(stack: ServeStack, log: Callable[[str], None] = log_stderr) -> str:
+    """Waits until a stack from `launch_stack` serves; returns the orchestrator's address.
+
+    Raises:
+        tandem.serve.ServeError: a service exited or did not serve within the stack's startup timeout.
+    """
+    stack.wait_ready(on_ready=lambda name, s: log(f"{name} serving after {s:.1f}s"))
+    return stack.orchestrator_address
+
+
 def run_with_bundle(
     cfg: BenchConfig,
     rows: Sequence[tuple[str, str]],
@@ -1121,7 +1183,7 @@ def run_with_bundle(
     max_len: int = 2048,
     startup_timeout_s: float = 600.0,
     args: Mapping[str, Any] | None = None,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = log_stderr,
 ) -> dict[str, Any]:
     """`tandem bench`: the bundled models in process, and (via grpc) `target` or a ServeStack started here (slots=1).
 
@@ -1129,11 +1191,7 @@ def run_with_bundle(
     """
     stack = None
     if "grpc" in cfg.vias and target is None:
-        from tandem.serve import ServeStack
-
-        stack = ServeStack(port=0, slots=1, max_len=max_len, startup_timeout_s=startup_timeout_s)
-        log(f"starting primary, secondary and orchestrator (slots=1, max_len={max_len}); logs in {stack.log_dir}")
-        stack.launch()
+        stack = launch_stack(slots=1, max_len=max_len, startup_timeout_s=startup_timeout_s, log=log)
     try:
         from tandem.models import BundleConfig, load_bundle
 
@@ -1142,8 +1200,7 @@ def run_with_bundle(
         log(f"loaded the bundle in process: {bundle.drafter_sources}")
         peer = load_peer(cfg.peer, bundle_cfg) if cfg.peer else None
         if stack is not None:
-            stack.wait_ready(on_ready=lambda name, s: log(f"{name} serving after {s:.1f}s"))
-            target = stack.orchestrator_address
+            target = wait_serving(stack, log)
         prompts = tokenize_prompts(rows, bundle.tokenizer)
         return run(
             cfg,
@@ -1174,13 +1231,18 @@ def write_outputs(
     json_path: str | os.PathLike[str] | None = None,
     markdown_path: str | os.PathLike[str] | None = None,
     plot_path: str | os.PathLike[str] | None = None,
+    markdown: Callable[[Mapping[str, Any]], str] = render_markdown,
+    plot: Callable[[Mapping[str, Any], str | os.PathLike[str]], object] = render_plot,
 ) -> str:
-    """Writes the JSON, markdown and PNG that were asked for; returns the markdown."""
+    """Writes the JSON, markdown and PNG that were asked for; returns the markdown.
+
+    `markdown` and `plot` render the report (default: a bench report's; `tandem loadtest` passes its own).
+    """
     if json_path is not None:
         Path(json_path).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    text = render_markdown(report)
+    text = markdown(report)
     if markdown_path is not None:
         Path(markdown_path).write_text(text, encoding="utf-8")
     if plot_path is not None:
-        render_plot(report, plot_path)
+        plot(report, plot_path)
     return text
