@@ -150,6 +150,40 @@ def _add_bench_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="OUT.png", type=Path, default=None)
 
 
+def _add_loadtest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "loadtest", help="load the orchestrator with virtual users on Ray: TTFT, TPOT, ITL, throughput, goodput"
+    )
+    p.add_argument("--target", default=None, help="orchestrator HOST:PORT (default: start the services here)")
+    p.add_argument(
+        "--prompts", metavar="FILE.jsonl", required=True, help='{"prompt": ...} per line, sent as chat, cycled'
+    )
+    p.add_argument("--num-requests", type=int, default=100, help="requests per run (default: 100)")
+    p.add_argument("--rate", type=float, default=0.0, help="mean requests/s, gamma arrivals; 0 = all at once")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrival gaps: 1 = Poisson")
+    p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no limit)")
+    p.add_argument("--mode", default=DEFAULT_MODE, help=f"a mode or a comma list of them (default: {DEFAULT_MODE})")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default: 128)")
+    p.add_argument("--json", metavar="OUT", type=Path, required=True, help="write the report here")
+    p.add_argument("--plot", metavar="OUT.png", type=Path, default=None, help="latency CDFs, or the sweep's curves")
+    p.add_argument("--markdown", metavar="OUT.md", type=Path, default=None, help="the tables (default: stdout only)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: a local Ray instance)")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput counts requests within this TTFT")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput counts requests within this TPOT")
+    p.add_argument("--sweep", default=None, metavar="C1,C2,...", help="run the load at each max concurrency")
+    p.add_argument("--metrics-url", default=None, help="the orchestrator's /metrics, for speculation counters")
+    p.add_argument("--seed", type=int, default=0, help="seeds the arrival gaps (default: 0)")
+    p.add_argument("--users", type=int, default=2, help="virtual users: Ray actors, one gRPC channel each (default: 2)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="unmeasured requests per mode first (default: the max concurrency)"
+    )
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="deadline per request (default: 600)")
+    p.add_argument("--slots", type=int, default=16, help="sessions per model service started here (default: 16)")
+    p.add_argument("--max-len", type=int, default=2048, help="positions per session started here (default: 2048)")
+    p.add_argument("--startup-timeout", type=float, default=600.0, metavar="S", help="for the services started here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem Transformers + SPEED serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_bench(sub)
     _add_bench_report(sub)
+    _add_loadtest(sub)
     return parser
 
 
@@ -446,7 +481,7 @@ def bench(args: argparse.Namespace) -> int:
 
     try:
         cfg = BenchConfig(
-            modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+            modes=_csv(args.modes),
             vias=VIA_CHOICES[args.via],
             max_tokens=args.max_tokens,
             gamma_max=args.gamma_max,
@@ -503,6 +538,63 @@ def bench_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def loadtest(args: argparse.Namespace) -> int:
+    from loadtest import LoadTestConfig, chat_prompts, run_loadtest, write_outputs
+    from tandem.bench import read_prompts
+
+    try:
+        cfg = LoadTestConfig(
+            num_requests=args.num_requests,
+            rate=args.rate,
+            burstiness=args.burstiness,
+            max_concurrency=args.max_concurrency,
+            modes=_csv(args.mode),
+            max_tokens=args.max_tokens,
+            sweep=tuple(_positive_int(c, "--sweep") for c in _csv(args.sweep or "")),
+            slo_ttft_ms=args.slo_ttft_ms,
+            slo_tpot_ms=args.slo_tpot_ms,
+            seed=args.seed,
+            users=args.users,
+            warmup_requests=args.warmup,
+            timeout_s=args.timeout,
+        )
+        prompts = chat_prompts(read_prompts(args.prompts))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"tandem loadtest: {e}") from None
+    from tandem.serve import ServeError
+
+    try:
+        report = run_loadtest(
+            cfg,
+            prompts,
+            target=args.target,
+            metrics_url=args.metrics_url,
+            ray_address=args.ray_address,
+            slots=args.slots,
+            max_len=args.max_len,
+            startup_timeout_s=args.startup_timeout,
+            args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print("tandem loadtest: interrupted", file=sys.stderr)
+        return 130
+    except (ServeError, ValueError) as e:
+        raise SystemExit(f"tandem loadtest: {e}") from None
+    print(write_outputs(report, json_path=args.json, markdown_path=args.markdown, plot_path=args.plot), end="")
+    return 0
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _positive_int(text: str, flag: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{flag} takes whole numbers >= 1, got {text!r}")
+    return int(text)
+
+
 def _summary(s: dict[str, Any]) -> str:
     return (
         f"{s['output_tokens']} tokens in {s['elapsed_s']:.2f}s ({s['tokens_per_s']:.1f} tok/s), rounds={s['rounds']}, "
@@ -525,6 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval": evaluate,
         "bench": bench,
         "bench-report": bench_report,
+        "loadtest": loadtest,
     }
     return commands[args.command](args)
 

@@ -75,7 +75,7 @@ def test_dockerfile_builds_both_variants_with_the_install_script() -> None:
     for variant in ("cpu", "tpu"):
         assert re.search(rf"^RUN bash docker/install\.sh --variant {variant} --fetch-model /opt/venv\b", text, re.M)
     # The image copies every package pyproject.toml installs (and the readme it declares).
-    packages = ("tandem", "tandemrpc", "primary_svc", "secondary_svc", "orchestrator")
+    packages = ("tandem", "tandemrpc", "primary_svc", "secondary_svc", "orchestrator", "loadtest")
     for path in ("pyproject.toml", "README.md", "docker/install.sh", *packages):
         assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, re.M), path
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
