@@ -15,7 +15,7 @@ from tandem.primary import PrimaryRunner
 from tandem.rounds import GenerationResult, GenerationStats, Request, run_request
 from tandem.secondary import DrafterRunner
 from tandem.speculative import Router
-from tandem.workers import DrafterWorker, PrimaryWorker
+from tandem.workers import BatchingConfig, DrafterWorker, PrimaryWorker
 
 __all__ = ["Engine", "GenerationResult", "GenerationStats"]
 
@@ -31,6 +31,7 @@ class Engine:
         *,
         routers: dict[str, Router | None] | None = None,
         stop_token_ids: Sequence[int] = (),
+        batching: BatchingConfig = BatchingConfig(),
     ) -> None:
         if tandem_drafter is not None:
             if not tandem_drafter.cfg.tandem:
@@ -45,10 +46,12 @@ class Engine:
             if d is not None and d.cfg.vocab_size != primary.cfg.vocab_size:
                 raise ValueError(f"drafter vocabulary {d.cfg.vocab_size} != primary's {primary.cfg.vocab_size}")
         self.primary = primary
-        self.primary_worker = PrimaryWorker(primary)
+        self.primary_worker = PrimaryWorker(primary, batching)
         routers = routers or {}
-        tandem = DrafterWorker(tandem_drafter, routers.get("tandem")) if tandem_drafter is not None else None
-        vanilla = DrafterWorker(vanilla_drafter, routers.get("vanilla")) if vanilla_drafter is not None else None
+        tandem = DrafterWorker(tandem_drafter, routers.get("tandem"), batching) if tandem_drafter is not None else None
+        vanilla = (
+            DrafterWorker(vanilla_drafter, routers.get("vanilla"), batching) if vanilla_drafter is not None else None
+        )
         self.drafters = {"tandem": tandem, "tandem-speed": tandem, "speed": vanilla}
         self.stop_token_ids = frozenset(stop_token_ids)
 

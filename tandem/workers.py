@@ -12,6 +12,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -41,6 +42,8 @@ from tandem.speculative import (
     verify_greedy,
     verify_sampled,
 )
+
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,9 +229,9 @@ class _SessionWorker:
         return expired
 
 
-def _groups(items: list, size: Callable[[object], int]) -> list[list]:
+def _groups(items: list[_T], size: Callable[[_T], int]) -> list[list[_T]]:
     """Items grouped by the block bucket of size(item), so short blocks do not pad up to long ones."""
-    groups: dict[int, list] = {}
+    groups: dict[int, list[_T]] = {}
     for item in items:
         groups.setdefault(bucket(size(item)), []).append(item)
     return list(groups.values())
@@ -468,14 +471,19 @@ class DrafterWorker(_SessionWorker):
                     rounds.append(self._prepare(c))
                 except Exception as e:
                     c.error = e
-        ingested = []
-        for group in _groups([r for r in rounds if r[2] is not None], lambda r: r[2].shape[0]):
-            ingested += self._ingest(group)
-        ready = [(c, st) for c, st, h in rounds if h is None] + [(c, st) for c, st, _ in ingested]
+        ready: list[tuple[_Round, _DrafterSession]] = []
+        to_ingest: list[tuple[_Round, _DrafterSession, np.ndarray]] = []
+        for c, st, h in rounds:
+            if h is None:
+                ready.append((c, st))
+            else:
+                to_ingest.append((c, st, h))
+        for group in _groups(to_ingest, lambda r: r[2].shape[0]):
+            ready += self._ingest(group)
         device = self._device_router is not False
         on_device = [(c, st) for c, st in ready if st.sampling.greedy and device]
-        for group in _groups(on_device, lambda r: len(self._pending(r[1]))):
-            self._draft_on_device(group)
+        for drafting in _groups(on_device, lambda r: len(self._pending(r[1]))):
+            self._draft_on_device(drafting)
         for c, st in ready:
             if not (st.sampling.greedy and device):
                 try:
@@ -508,12 +516,10 @@ class DrafterWorker(_SessionWorker):
         self.runner.truncate(st.slot, m if h is not None else m + 1 + c.accepted)
         return c, st, h
 
-    def _ingest(
-        self, group: list[tuple[_Round, _DrafterSession, np.ndarray | None]]
-    ) -> list[tuple[_Round, _DrafterSession, np.ndarray | None]]:
+    def _ingest(self, group: list[tuple[_Round, _DrafterSession, np.ndarray]]) -> list[tuple[_Round, _DrafterSession]]:
         """Writes the group's primary states into their rows in one call; returns the rounds that can draft."""
-        sizes = [h.shape[0] for _, _, h in group if h is not None]
-        states = np.zeros((len(group), max(sizes), *group[0][2].shape[1:]), np.float32)  # type: ignore[union-attr]
+        sizes = [h.shape[0] for _, _, h in group]
+        states = np.zeros((len(group), max(sizes), *group[0][2].shape[1:]), np.float32)
         for b, (_, _, h) in enumerate(group):
             states[b, : sizes[b]] = h
         try:
@@ -522,7 +528,7 @@ class DrafterWorker(_SessionWorker):
             for c, _, _ in group:
                 c.error = e
             return []
-        return group
+        return [(c, st) for c, st, _ in group]
 
     @property
     def _device_router(self) -> object:

@@ -11,6 +11,7 @@ from tandem.checkpoints import random_llama_state
 from tandem.config import DrafterConfig, LlamaConfig
 from tandem.engine import Engine
 from tandem.primary import LlamaParams, PrimaryRunner, params_from_state_dict
+from tandem.workers import BatchingConfig
 
 TINY = LlamaConfig(
     vocab_size=48, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=512
@@ -49,7 +50,12 @@ def tiny_params() -> LlamaParams:
 
 
 def make_engine(
-    tiny_params: LlamaParams, seed: int = 0, max_len: int = 256, vocab_embed_scale: float = 20.0, slots: int = 1
+    tiny_params: LlamaParams,
+    seed: int = 0,
+    max_len: int = 256,
+    vocab_embed_scale: float = 20.0,
+    slots: int = 1,
+    batching: BatchingConfig = BatchingConfig(),
 ) -> Engine:
     """A tiny primary with a random Tandem drafter and a random vanilla drafter, `slots` sessions each."""
     tcfg, vcfg = drafter_config(True), drafter_config(False)
@@ -60,7 +66,7 @@ def make_engine(
         return secondary.DrafterRunner(cfg, p, batch=slots, max_len=max_len)
 
     primary = PrimaryRunner(TINY, tiny_params, taps=tcfg.tapped_layers, batch=slots, max_len=max_len)
-    return Engine(primary, drafter(tcfg, seed + 1), drafter(vcfg, seed + 2))
+    return Engine(primary, drafter(tcfg, seed + 1), drafter(vcfg, seed + 2), batching=batching)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,155 @@
+"""Continuous batching: rows of different sessions in one call compute what each session computes alone, and
+concurrent requests produce the tokens they produce one at a time."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import TINY, drafter_config, make_engine
+
+from tandem import secondary
+from tandem.config import SamplingParams, SpecConfig
+from tandem.errors import SessionNotFoundError
+from tandem.primary import PrimaryRunner
+from tandem.workers import BatchingConfig, PrimaryWorker, _Batcher, _Call
+
+PROMPTS = [np.random.default_rng(i).integers(0, TINY.vocab_size, size=3 + 2 * i).tolist() for i in range(8)]
+
+
+def test_ragged_rows_in_one_call_equal_each_row_alone(tiny_params) -> None:
+    """Three sessions at different lengths, with blocks of 3, 1 and 5 tokens, in one padded call (batch bucket 4)."""
+    taps = drafter_config(True).tapped_layers
+    batched = PrimaryRunner(TINY, tiny_params, taps=taps, batch=4, max_len=64)
+    alone = PrimaryRunner(TINY, tiny_params, taps=taps, batch=4, max_len=64)
+    rows, blocks = [2, 0, 3], [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    for row, prompt in zip(rows, PROMPTS, strict=False):
+        for runner in (batched, alone):
+            runner.forward(np.asarray([prompt]), rows=[row])
+            runner.commit(row, len(prompt))
+    tokens = np.zeros((3, 5), np.int32)
+    for b, block in enumerate(blocks):
+        tokens[b, : len(block)] = block
+    out = batched.forward(tokens, rows=rows, sizes=[len(b) for b in blocks])
+    assert out.top.shape == (3, 5) and out.logits.shape[:2] == (3, 5)
+    for b, (row, block) in enumerate(zip(rows, blocks, strict=True)):
+        want = alone.forward(np.asarray([block]), rows=[row])
+        n = len(block)
+        np.testing.assert_array_equal(out.top[b, :n], want.top[0])
+        np.testing.assert_allclose(out.logits[b, :n], want.logits[0], atol=1e-4)
+        np.testing.assert_allclose(out.hidden[b, :n], want.hidden[0], atol=1e-4)
+    assert batched.lengths[1] == 0  # the empty slot (and the padding row) wrote nothing it keeps
+    for row, block in zip(rows, blocks, strict=True):  # the batched call wrote each row's keys/values where it should
+        batched.commit(row, len(block))
+        alone.commit(row, len(block))
+    for row in rows:
+        np.testing.assert_array_equal(
+            batched.forward(np.asarray([[1]]), rows=[row]).top, alone.forward(np.asarray([[1]]), rows=[row]).top
+        )
+
+
+def test_ragged_ingest_equals_each_row_alone() -> None:
+    cfg = drafter_config(True)
+    params = secondary.materialize(secondary.init_params(cfg, seed=2), cfg)
+    batched = secondary.DrafterRunner(cfg, params, batch=3, max_len=32)
+    alone = secondary.DrafterRunner(cfg, params, batch=3, max_len=32)
+    rng = np.random.default_rng(0)
+    states = [rng.normal(size=(n, len(cfg.tapped_layers), cfg.primary_d_model)).astype(np.float32) for n in (4, 2)]
+    padded = np.zeros((2, 4, *states[0].shape[1:]), np.float32)
+    for b, h in enumerate(states):
+        padded[b, : h.shape[0]] = h
+    batched.ingest(padded, rows=[1, 2], sizes=[4, 2])
+    for row, h in zip([1, 2], states, strict=True):
+        alone.ingest(h[None], rows=[row])
+    np.testing.assert_array_equal(batched.lengths, alone.lengths)
+    np.testing.assert_allclose(
+        batched.step(np.asarray([[3], [4]]), rows=[1, 2]), alone.step(np.asarray([[3], [4]]), rows=[1, 2]), atol=1e-4
+    )
+
+
+def _requests() -> list[dict]:
+    modes = ("speed", "tandem-speed", "speed", "tandem", "primary")
+    specs = (SpecConfig(gamma_max=4, tau=0.0), SpecConfig(gamma_max=7, tau=0.8))
+    reqs = [dict(prompt=p, mode=modes[i], spec=specs[i % 2], max_tokens=12 + 2 * i) for i, p in enumerate(PROMPTS[:5])]
+    reqs.append(
+        dict(prompt=PROMPTS[0], mode="tandem-speed", spec=specs[0], max_tokens=12, sampling=SamplingParams(0.8, seed=5))
+    )
+    return reqs
+
+
+def test_concurrent_requests_equal_one_at_a_time(tiny_params) -> None:
+    """Six requests of every mode (one sampled with a seed) run at once on six slots; each gets exactly the tokens
+    it gets alone, and the workers did batch them."""
+    reqs = _requests()
+    serial = make_engine(tiny_params, max_len=64, slots=1)
+    want = [serial.generate(r.pop("prompt"), **r).token_ids for r in [dict(r) for r in reqs]]
+    engine = make_engine(tiny_params, max_len=64, slots=len(reqs), batching=BatchingConfig(max_batch=8, window_s=0.02))
+    barrier = threading.Barrier(len(reqs))
+
+    def run(r: dict) -> list[int]:
+        r = dict(r)
+        barrier.wait()
+        return engine.generate(r.pop("prompt"), **r).token_ids
+
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        got = list(pool.map(run, reqs))
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g == w, (i, reqs[i]["mode"])
+    workers = (engine.primary_worker, engine.drafters["tandem"], engine.drafters["speed"])
+    for worker in workers:
+        assert worker is not None and len(worker.pool) == 0 and worker.waiting == 0
+    primary = engine.primary_worker.batcher
+    assert primary.calls > primary.batches  # the six prefills alone cannot all have run one by one
+
+
+def test_a_failing_call_does_not_spoil_its_batch(tiny_params) -> None:
+    engine = make_engine(tiny_params, max_len=64, slots=3, batching=BatchingConfig(window_s=0.5))
+    worker: PrimaryWorker = engine.primary_worker
+    greedy = SamplingParams()
+    for s in ("a", "b"):
+        worker.prefill(s, [1, 2, 3], greedy, False)
+    barrier = threading.Barrier(3)
+
+    def call(session: str) -> object:
+        barrier.wait()
+        try:
+            return worker.verify(session, [4, 5], [], True, False)
+        except SessionNotFoundError as e:
+            return e
+
+    with ThreadPoolExecutor(3) as pool:
+        a, b, ghost = pool.map(call, ["a", "b", "ghost"])
+    assert isinstance(ghost, SessionNotFoundError)
+    assert a.next_token == b.next_token and a.accepted == b.accepted  # same history, same verdict
+    assert worker.runner.lengths[worker.pool.get("a").slot] == 3 + 1 + a.accepted
+
+
+def test_batcher_takes_one_call_per_session_and_caps_the_batch() -> None:
+    seen: list[list[str]] = []
+    gate = threading.Event()
+
+    def run(batch: list[_Call]) -> None:
+        gate.wait()
+        seen.append([c.session for c in batch])
+        for c in batch:
+            c.result = c.session
+
+    batcher = _Batcher(run, BatchingConfig(max_batch=2, window_s=0.0), expected=lambda: 0)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(batcher.submit, _Call("x"))
+        while not batcher._busy:  # the first call runs alone; the next three queue behind it
+            pass
+        rest = [pool.submit(batcher.submit, _Call(s)) for s in ("x", "y", "z")]
+        while batcher.waiting < 3:
+            pass
+        gate.set()
+        assert [f.result() for f in (first, *rest)] == ["x", "x", "y", "z"]
+    assert seen[0] == ["x"] and all(len(b) <= 2 for b in seen) and len(seen) == 3
+    assert all(len(set(b)) == len(b) for b in seen)  # never two calls of one session in one batch
+
+
+def test_batching_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        _Batcher(lambda b: None, BatchingConfig(max_batch=0), expected=lambda: 0)
