@@ -219,8 +219,8 @@ def decoder_stack(
     layers: Layers,
     x: jax.Array,
     positions: jax.Array,
-    ctx_k: jax.Array,
-    ctx_v: jax.Array,
+    ctx_k: jax.Array | Sequence[jax.Array],
+    ctx_v: jax.Array | Sequence[jax.Array],
     ctx_mask: jax.Array,
     blk_mask: jax.Array,
     *,
@@ -234,7 +234,7 @@ def decoder_stack(
         layers: one LayerParams per layer.
         x: [D, N] embeddings of the block's tokens.
         positions: [B, T] absolute positions.
-        ctx_k, ctx_v: [L, B, K, S, H] per-layer context keys/values.
+        ctx_k, ctx_v: [L, B, K, S, H] per-layer context keys/values (an array, or L arrays [B, K, S, H]).
         ctx_mask: [B, T, S]; blk_mask: [B, T, T].
         rope_theta: RoPE base.
         eps: RMSNorm epsilon.
@@ -319,8 +319,10 @@ def cached_decoder_stack(
         layers,
         x,
         positions,
-        cache_k[:, rows, :, :attend_len],  # [L, B, K, S', H]
-        cache_v[:, rows, :, :attend_len],
+        # Per layer [B, K, S', H]: one gather per layer, not one of every layer up front (a buffer of all layers is
+        # tens of MB at B = 16, freshly mapped and faulted in on every call; per-layer buffers are reused).
+        tuple(cache_k[i, rows, :, :attend_len] for i in range(len(layers))),
+        tuple(cache_v[i, rows, :, :attend_len] for i in range(len(layers))),
         cache_mask(lengths, t, attend_len),
         causal_block_mask(batch, t),
         rope_theta=rope_theta,
