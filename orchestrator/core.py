@@ -3,9 +3,11 @@ text chunks. The servicer only translates protos to and from these dataclasses."
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Generator
@@ -17,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from orchestrator.clients import ModelServiceError, RemoteDrafter, RemotePrimary
 from orchestrator.routing import EndpointPool, Lease, NoEndpointError, Targets
 from tandem.config import DEFAULT_MODE, SamplingParams, SpecConfig
-from tandem.errors import InvalidRequestError
+from tandem.errors import InvalidRequestError, OverloadedError
 from tandem.rounds import GenerationResult, GenerationStats, Request, run_request
 from tandem.text import StopStringFilter
 from tandem.tokenizer import Tokenizer
@@ -26,6 +28,32 @@ from tandemrpc.server import GRPC_OPTIONS
 from tandemrpc.v1 import tandem_pb2 as pb
 
 log = logging.getLogger("orchestrator")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadPolicy:
+    """Load-aware speculation: the most drafts per round at a given load (running requests per primary replica).
+
+    Speculation pays off least when the primary is busiest, because a batched block verify then costs nearly as much
+    per token as the plain step. At or below `full_until` requests, γ is the request's own; from `primary_only_from`
+    on, requests run primary-only rounds (the drafter is let go, losslessly); in between γ shrinks linearly.
+    """
+
+    full_until: int = 2
+    primary_only_from: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.full_until < self.primary_only_from:
+            raise ValueError(f"need 0 <= full_until < primary_only_from, got {self}")
+
+    def gamma_cap(self, load: float, gamma_max: int) -> int:
+        """The most drafts per round at `load` (0 = primary-only rounds)."""
+        if load <= self.full_until:
+            return gamma_max
+        if load >= self.primary_only_from:
+            return 0
+        share = (self.primary_only_from - load) / (self.primary_only_from - self.full_until)
+        return max(1, round(gamma_max * share))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +68,73 @@ class OrchestratorConfig:
     gamma_max_limit: int = 16  # most drafts per round a request may ask for
     default_spec: SpecConfig = SpecConfig()
     call_timeout_s: float = 60.0  # per model-service call
+    max_running: int = 16  # requests running rounds at once (per orchestrator); match the model services' slots
+    max_queued: int = 16  # requests waiting for a running place; beyond it requests get RESOURCE_EXHAUSTED
+    queue_timeout_s: float = 10.0  # a queued request gives up (RESOURCE_EXHAUSTED) after waiting this long
+    load: LoadPolicy = LoadPolicy()  # how γ shrinks as the primary's batch fills
+
+
+class Admission:
+    """Bounded admission: up to max_running requests run, up to max_queued wait (first come, first served) for at
+    most timeout_s, and any more are turned away at once with a retry hint."""
+
+    def __init__(self, max_running: int, max_queued: int, timeout_s: float) -> None:
+        if max_running < 1 or max_queued < 0 or timeout_s < 0:
+            raise ValueError("need max_running >= 1, max_queued >= 0 and queue_timeout_s >= 0")
+        self.max_running, self.max_queued, self.timeout_s = max_running, max_queued, timeout_s
+        self._cv = threading.Condition()
+        self.running = 0
+        self._queue: collections.deque[object] = collections.deque()
+        self.rejected = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def _retry_hint_s(self) -> float:
+        return 1.0 + self.queued / self.max_running  # about one request's time per wave ahead of the caller
+
+    def enter(self, time_remaining_s: float | None = None) -> None:
+        """Takes a running place, waiting in the queue if need be.
+
+        Raises:
+            OverloadedError: the queue is full, or no place freed up within timeout_s (or the caller's deadline).
+        """
+        with self._cv:
+            if self.running < self.max_running and not self._queue:
+                self.running += 1
+                return
+            if len(self._queue) >= self.max_queued:
+                self.rejected += 1
+                hint = self._retry_hint_s()
+                raise OverloadedError(
+                    f"server busy: {self.running} requests running and {len(self._queue)} queued (the limits); "
+                    f"retry in about {hint:.1f} s",
+                    hint,
+                )
+            ticket = object()
+            self._queue.append(ticket)
+            wait_s = self.timeout_s if time_remaining_s is None else min(self.timeout_s, time_remaining_s)
+            admitted = self._cv.wait_for(
+                lambda: self.running < self.max_running and self._queue[0] is ticket, timeout=wait_s
+            )
+            if not admitted:
+                self._queue.remove(ticket)
+                self.rejected += 1
+                self._cv.notify_all()
+                hint = self._retry_hint_s()
+                raise OverloadedError(
+                    f"server busy: no running place freed up within {wait_s:.1f} s; retry in about {hint:.1f} s", hint
+                )
+            self._queue.popleft()
+            self.running += 1
+            self._cv.notify_all()
+
+    def leave(self) -> None:
+        """Frees a running place."""
+        with self._cv:
+            self.running -= 1
+            self._cv.notify_all()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +175,14 @@ class Metrics:
         self.tpot = Histogram("tandem_time_per_output_token_seconds", "TPOT", registry=registry)
         self.requests = Counter("tandem_requests", "finished requests", ["mode", "finish_reason"], registry=registry)
         self.running = Gauge("tandem_requests_running", "requests in flight", registry=registry)
+        self.waiting = Gauge("tandem_requests_waiting", "requests queued for a running place", registry=registry)
+        self.rejected = Counter(
+            "tandem_requests_rejected", "requests turned away with RESOURCE_EXHAUSTED (admission)", registry=registry
+        )
+        self.gamma_cap = Gauge("tandem_load_gamma_cap", "most drafts per round the load allows now", registry=registry)
+        self.load_shed = Counter(
+            "tandem_load_shed", "requests whose speculation the load ended early", registry=registry
+        )
         self.drafter_fallbacks = Counter(
             "tandem_drafter_fallbacks",
             "requests finished by the primary alone after a drafter failure",
@@ -102,6 +205,7 @@ class Metrics:
             self.tpot.observe((s.elapsed_s - s.ttft_s) / (s.output_tokens - 1))
         self.requests.labels(mode=result.mode, finish_reason=finish).inc()
         self.drafter_fallbacks.inc(s.drafter_failures)
+        self.load_shed.inc(int(s.load_shed))
         self.primary_failovers.inc(s.primary_failovers)
 
 
@@ -127,12 +231,18 @@ class Route:
     deadline: float | None = None  # time.monotonic() by which the client wants the request done
     secondary_lease: Lease | None = None
     lost: list[str] = dataclasses.field(default_factory=list)  # primary pods this request lost
+    admitted: Admission | None = None  # the admission place it holds until released
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def release(self) -> None:
-        """Unpins the request (idempotent)."""
+        """Unpins the request and frees its admission place (idempotent; cancel and close may race)."""
         self.primary_lease.release()
         if self.secondary_lease is not None:
             self.secondary_lease.release()
+        with self._lock:
+            admitted, self.admitted = self.admitted, None
+        if admitted is not None:
+            admitted.leave()
 
 
 class Generation:
@@ -186,6 +296,9 @@ class Orchestrator:
         self.metrics = Metrics(registry)
         for name, pool in self.pools.items():
             self.metrics.endpoints.labels(service=name).set_function(_count_of(pool))
+        self.admission = Admission(cfg.max_running, cfg.max_queued, cfg.queue_timeout_s)
+        self.metrics.waiting.set_function(lambda: float(self.admission.queued))
+        self.metrics.gamma_cap.set_function(lambda: float(self._gamma_cap(cfg.default_spec.gamma_max)))
         self.stop_token_ids = frozenset(tokenizer.stop_token_ids) if tokenizer else frozenset()
 
     def close(self) -> None:
@@ -198,6 +311,11 @@ class Orchestrator:
         pool = self.pools["secondary"]
         pool.probe_down()
         return bool(pool.addresses) and any(n == 0 for n in pool.down_state().values())
+
+    def _gamma_cap(self, gamma_max: int) -> int:
+        """The most drafts per round at the current load: running requests per primary replica."""
+        replicas = max(1, len(self.pools["primary"].addresses))
+        return self.cfg.load.gamma_cap(self.admission.running / replicas, gamma_max)
 
     def _pin(self, service: str) -> Lease:
         try:
@@ -240,11 +358,21 @@ class Orchestrator:
         req = Request(self._prompt_ids(p), p.mode, p.max_tokens, p.sampling, self._spec(p))
         limit = req.validate(self.cfg.vocab_size, self.cfg.max_len, self.cfg.max_tokens_limit)
         session = uuid.uuid4().hex
+        try:
+            self.admission.enter(time_remaining_s)
+        except OverloadedError:
+            self.metrics.rejected.inc()
+            raise
         # Session affinity: every round of this request goes to these two pods, which hold its caches.
         deadline = None if time_remaining_s is None else time.monotonic() + time_remaining_s
-        lease = self._pin("primary")
+        try:
+            lease = self._pin("primary")
+        except BaseException:
+            self.admission.leave()
+            raise
         route = Route(lease, RemotePrimary(lease.channel, self.cfg.vocab_size, self.cfg.call_timeout_s, deadline))
         route.deadline = deadline
+        route.admitted = self.admission
         drafter = None
         try:
             if req.mode != "primary" and self._drafter_reachable():
@@ -293,6 +421,7 @@ class Orchestrator:
             stop_token_ids=self.stop_token_ids,
             stats=stats,
             failover=lambda: self._failover(route),
+            gamma_cap=lambda: self._gamma_cap(req.spec.gamma_max),
         )
         decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True) if self.tokenizer else None
         stops = StopStringFilter(p.stop)

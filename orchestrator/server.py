@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from orchestrator.core import Orchestrator, OrchestratorConfig
+from orchestrator.core import LoadPolicy, Orchestrator, OrchestratorConfig
 from orchestrator.routing import Targets
 from orchestrator.servicer import OrchestratorServicer
 from tandem.tokenizer import Tokenizer
@@ -45,6 +45,8 @@ def build_server(cfg: OrchestratorServiceConfig, tokenizer: Tokenizer | None) ->
         registry=registry,
         tls=cfg.tls,
         interceptors=[BearerTokenInterceptor(cfg.auth_token, [SERVICE_NAME])] if cfg.auth_token else [],
+        # Every running or queued request holds a handler thread; keep some for health checks and rejections.
+        max_workers=cfg.core.max_running + cfg.core.max_queued + 8,
     )
     return server, core
 
@@ -66,6 +68,36 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
     )
     p.add_argument("--max-len", type=int, default=int(env("TANDEM_MAX_LEN", "2048")))
     p.add_argument("--max-tokens-limit", type=int, default=int(env("TANDEM_MAX_TOKENS_LIMIT", "1024")))
+    p.add_argument(
+        "--max-running",
+        type=int,
+        default=int(env("TANDEM_MAX_RUNNING", "16")),
+        help="requests running at once; match the model services' slots",
+    )
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        default=int(env("TANDEM_MAX_QUEUED", "16")),
+        help="requests waiting for a running place; more get RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--queue-timeout-s",
+        type=float,
+        default=float(env("TANDEM_QUEUE_TIMEOUT_S", "10")),
+        help="a queued request gives up with RESOURCE_EXHAUSTED after this long",
+    )
+    p.add_argument(
+        "--load-full-until",
+        type=int,
+        default=int(env("TANDEM_LOAD_FULL_UNTIL", str(LoadPolicy.full_until))),
+        help="running requests per primary replica up to which speculation keeps the request's γ",
+    )
+    p.add_argument(
+        "--load-primary-only-from",
+        type=int,
+        default=int(env("TANDEM_LOAD_PRIMARY_ONLY_FROM", str(LoadPolicy.primary_only_from))),
+        help="running requests per primary replica from which requests run primary-only rounds",
+    )
     p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="tokenizer source (default: SmolLM2)")
     add_tls_flags(p)
     p.add_argument(
@@ -81,6 +113,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
             Targets.parse(value)
         except ValueError as e:
             p.error(f"{flag}: {e}")
+    if a.max_running < 1 or a.max_queued < 0 or a.queue_timeout_s < 0:
+        p.error("--max-running must be >= 1, --max-queued and --queue-timeout-s >= 0")
+    try:
+        load = LoadPolicy(a.load_full_until, a.load_primary_only_from)
+    except ValueError as e:
+        p.error(f"--load-full-until/--load-primary-only-from: {e}")
     core = OrchestratorConfig(
         primary_target=a.primary,
         secondary_target=a.secondary,
@@ -88,6 +126,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
         max_len=a.max_len,
         max_tokens_limit=a.max_tokens_limit,
         tls=tls,
+        max_running=a.max_running,
+        max_queued=a.max_queued,
+        queue_timeout_s=a.queue_timeout_s,
+        load=load,
     )
     token = read_token(env("TANDEM_AUTH_TOKEN"), a.auth_token_file)
     return OrchestratorServiceConfig(a.host, a.port, a.metrics_port, core, tls, token), a.gguf

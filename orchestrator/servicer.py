@@ -8,7 +8,7 @@ import grpc
 
 from orchestrator.clients import ModelServiceError
 from orchestrator.core import Chunk, GenerateParams, Generation, Orchestrator
-from tandem.errors import TandemError
+from tandem.errors import OverloadedError, TandemError
 from tandemrpc.convert import FINISH_ENUMS, mode_name, sampling_from_proto
 from tandemrpc.server import status_for
 from tandemrpc.v1 import tandem_pb2 as pb
@@ -67,6 +67,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         except ModelServiceError as e:
             context.abort(e.code, str(e))
         except TandemError as e:
+            if isinstance(e, OverloadedError):  # gRPC's retry-pushback key: clients may wait this long and retry
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(round(1000 * e.retry_after_s))),))
             context.abort(status_for(e), str(e))
         finally:
             if generation is not None:

@@ -12,9 +12,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge
 
 from primary_svc.servicer import PrimaryServicer
-from tandem.workers import PrimaryWorker
+from tandem.workers import BatchingConfig, PrimaryWorker
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
-from tandemrpc.server import ServiceServer
+from tandemrpc.server import ServiceServer, add_batching_flags, batching_from_args
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
 
@@ -31,6 +31,7 @@ class PrimaryServiceConfig:
     session_ttl_s: float = 120.0  # idle sessions are released after this long
     gguf_path: Path | None = None  # None: the bundled SmolLM2
     tls: TlsFiles | None = None  # TLS / mutual TLS (tandemrpc.security); None = plaintext
+    batching: BatchingConfig = BatchingConfig()  # sessions per batched model call and the batching window
 
 
 def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceServer:
@@ -42,6 +43,10 @@ def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceSer
     total.set(worker.pool.capacity)
     queued = Gauge("tandem_primary_queue_depth", "calls waiting for the model", registry=registry)
     queued.set_function(lambda: worker.waiting)
+    batches = Gauge("tandem_primary_batches", "batched model calls so far (monotonic)", registry=registry)
+    batches.set_function(lambda: worker.batcher.batches)
+    calls = Gauge("tandem_primary_batched_calls", "session calls those batches served (monotonic)", registry=registry)
+    calls.set_function(lambda: worker.batcher.calls)
     return ServiceServer(
         lambda server: pb_grpc.add_PrimaryServicer_to_server(PrimaryServicer(worker), server),
         [SERVICE_NAME],
@@ -51,6 +56,7 @@ def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceSer
         registry=registry,
         tls=cfg.tls,
         housekeeping=[(min(5.0, cfg.session_ttl_s / 2), lambda: worker.expire_idle(cfg.session_ttl_s))],
+        max_workers=worker.pool.capacity + 16,  # one call in flight per session, plus releases and health checks
     )
 
 
@@ -64,10 +70,14 @@ def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:
     p.add_argument("--max-len", type=int, default=int(env("TANDEM_MAX_LEN", "2048")))
     p.add_argument("--session-ttl-s", type=float, default=float(env("TANDEM_SESSION_TTL_S", "120")))
     p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="primary GGUF (default: SmolLM2)")
+    add_batching_flags(p, "TANDEM_PRIMARY")
     add_tls_flags(p)
     a = p.parse_args(argv)
     tls = tls_from_args(p, a)
-    return PrimaryServiceConfig(a.host, a.port, a.metrics_port, a.slots, a.max_len, a.session_ttl_s, a.gguf, tls)
+    batching = batching_from_args(p, a)
+    return PrimaryServiceConfig(
+        a.host, a.port, a.metrics_port, a.slots, a.max_len, a.session_ttl_s, a.gguf, tls, batching
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -76,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from tandem.models import BundleConfig, load_primary  # loads JAX
 
     runner, _ = load_primary(BundleConfig(gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots))
-    server = build_server(PrimaryWorker(runner), cfg).start()
+    server = build_server(PrimaryWorker(runner, cfg.batching), cfg).start()
     logging.getLogger("primary_svc").info(
         "serving %s on %s (metrics :%s, %d slots)", SERVICE_NAME, server.address, server.metrics_port, cfg.slots
     )

@@ -13,9 +13,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge
 
 from secondary_svc.servicer import SecondaryServicer
-from tandem.workers import DrafterWorker
+from tandem.workers import BatchingConfig, DrafterWorker
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
-from tandemrpc.server import ServiceServer
+from tandemrpc.server import ServiceServer, add_batching_flags, batching_from_args
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
 
@@ -32,6 +32,7 @@ class SecondaryServiceConfig:
     session_ttl_s: float = 120.0
     gguf_path: Path | None = None  # the primary whose shape the drafters follow (None: the bundled SmolLM2)
     tls: TlsFiles | None = None  # TLS / mutual TLS (tandemrpc.security); None = plaintext
+    batching: BatchingConfig = BatchingConfig()  # sessions per batched model call and the batching window
 
 
 def build_server(workers: dict[str, DrafterWorker], cfg: SecondaryServiceConfig) -> ServiceServer:
@@ -58,6 +59,7 @@ def build_server(workers: dict[str, DrafterWorker], cfg: SecondaryServiceConfig)
         registry=registry,
         tls=cfg.tls,
         housekeeping=[(min(5.0, cfg.session_ttl_s / 2), expire)],
+        max_workers=sum(w.pool.capacity for w in workers.values()) + 16,  # each session's Draft stream holds a thread
     )
 
 
@@ -71,10 +73,14 @@ def parse_args(argv: Sequence[str] | None = None) -> SecondaryServiceConfig:
     p.add_argument("--max-len", type=int, default=int(env("TANDEM_MAX_LEN", "2048")))
     p.add_argument("--session-ttl-s", type=float, default=float(env("TANDEM_SESSION_TTL_S", "120")))
     p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="primary GGUF (default: SmolLM2)")
+    add_batching_flags(p, "TANDEM_SECONDARY")
     add_tls_flags(p)
     a = p.parse_args(argv)
     tls = tls_from_args(p, a)
-    return SecondaryServiceConfig(a.host, a.port, a.metrics_port, a.slots, a.max_len, a.session_ttl_s, a.gguf, tls)
+    batching = batching_from_args(p, a)
+    return SecondaryServiceConfig(
+        a.host, a.port, a.metrics_port, a.slots, a.max_len, a.session_ttl_s, a.gguf, tls, batching
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -84,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     bundle = BundleConfig(gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots)
     runners, routers, sources = load_drafters(primary_config(bundle), bundle)
-    server = build_server({name: DrafterWorker(r, routers[name]) for name, r in runners.items()}, cfg).start()
+    server = build_server(
+        {name: DrafterWorker(r, routers[name], cfg.batching) for name, r in runners.items()}, cfg
+    ).start()
     logging.getLogger("secondary_svc").info(
         "serving %s on %s (metrics :%s, drafters %s)", SERVICE_NAME, server.address, server.metrics_port, sources
     )

@@ -4,6 +4,7 @@ InvalidRequestError   -> INVALID_ARGUMENT    (bad parameters, bad tensors, promp
 SessionNotFoundError  -> NOT_FOUND           (unknown, released or expired session)
 SessionStateError     -> FAILED_PRECONDITION (a call out of order for the session's state)
 PoolExhaustedError    -> RESOURCE_EXHAUSTED  (every cache slot is taken; retry later)
+OverloadedError       -> RESOURCE_EXHAUSTED  (admission limit reached; carries a retry hint)
 
 PrimaryUnavailableError -> UNAVAILABLE       (the primary replica is gone and no other one can take the request over)
 
@@ -39,6 +40,15 @@ class SessionStateError(TandemError):
 
 class PoolExhaustedError(TandemError):
     """Every cache slot is in use."""
+
+
+class OverloadedError(PoolExhaustedError):
+    """The server is at its admission limit (every running place taken and the queue full, or a queued request waited
+    too long). Maps to RESOURCE_EXHAUSTED like a full pool; `retry_after_s` is the server's hint."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DrafterUnavailableError(TandemError):

@@ -94,6 +94,7 @@ class GenerationStats:
     drafter_calls: int = 0  # drafting requests (one per round)
     drafter_failures: int = 0  # 1 when the drafter failed and the request finished with the primary alone
     primary_failovers: int = 0  # times the request moved to another primary replica (re-prefilled)
+    load_shed: bool = False  # the server's load ended speculation early (primary-only rounds from then on)
     prompt_tokens: int = 0
     output_tokens: int = 0
     ttft_s: float = 0.0
@@ -183,6 +184,7 @@ def run_request(
     stop_token_ids: frozenset[int] = frozenset(),
     stats: GenerationStats | None = None,
     failover: Callable[[], PrimaryAPI] | None = None,
+    gamma_cap: Callable[[], int] | None = None,
 ) -> Generator[list[int], None, GenerationResult]:
     """Runs a validated request; yields the tokens each primary pass commits, returns the result (token_ids empty).
 
@@ -199,6 +201,9 @@ def run_request(
         failover: when the primary raises PrimaryUnavailableError, returns the primary of another replica; the
             request re-prefills its prompt and every token emitted so far there and goes on with the primary alone
             (greedy output is unchanged). None: the error propagates.
+        gamma_cap: asked before each round of a speculative mode for the most drafts the server's load allows;
+            0 lets the drafter go and finishes the request with primary-only rounds (lossless, like a drafter
+            failure). None: γ is the request's own.
     """
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(req.prompt_ids)
@@ -217,8 +222,8 @@ def run_request(
                 return kept, "length"
         return kept, None
 
-    def round_budget() -> int:
-        return max(1, min(req.spec.gamma_max, max_tokens - len(emitted) - 1))  # a round emits accepted + 1
+    def round_budget(cap: int) -> int:
+        return max(1, min(req.spec.gamma_max, cap, max_tokens - len(emitted) - 1))  # a round emits accepted + 1
 
     def prefill_somewhere(ids: tuple[int, ...], hidden: bool) -> PrimaryStep:
         """Prefills on the current primary, moving to another replica (failover) while the current one is lost."""
@@ -245,12 +250,17 @@ def run_request(
             if finish is not None:
                 break
             pending = step.next_token
+            cap = req.spec.gamma_max if gamma_cap is None or req.mode == "tandem" else gamma_cap()
+            if drafter is not None and cap == 0:  # the primary is too busy for speculation to pay: let it go
+                stats.load_shed = True
+                drafter.close()
+                drafter = None
             if drafter is not None:
                 try:
                     if drafts is None:
-                        drafts = drafter.start(req.prompt_ids, step.hidden, pending, round_budget())
+                        drafts = drafter.start(req.prompt_ids, step.hidden, pending, round_budget(cap))
                     else:
-                        drafts = drafter.advance(step.accepted, step.hidden, pending, round_budget())
+                        drafts = drafter.advance(step.accepted, step.hidden, pending, round_budget(cap))
                 except DrafterUnavailableError:
                     # Lossless degradation: the primary's cache holds every committed token, so primary-only steps
                     # continue from `pending` exactly as an undisturbed run would have.

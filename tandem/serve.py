@@ -257,6 +257,7 @@ class ServeStack:
         args += ["--metrics-port", str(self.metrics_ports[name]), "--max-len", str(self.max_len)]
         if name == "orchestrator":
             args += ["--primary", self.addresses["primary"], "--secondary", self.addresses["secondary"]]
+            args += ["--max-running", str(self.slots)]  # admission matches the sessions the model services hold
         else:
             args += ["--slots", str(self.slots)]
         if self.gguf_path is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -168,3 +169,29 @@ class ServiceServer:
             signal.signal(sig, lambda *_: done.set())
         done.wait()
         self.stop(grace)
+
+
+def add_batching_flags(parser: Any, env_prefix: str) -> None:
+    """The model services' continuous-batching flags (`tandem.workers.BatchingConfig`), each also an env var."""
+    env = os.environ.get
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=int(env(f"{env_prefix}_MAX_BATCH", "16")),
+        help="most sessions' calls in one batched model call",
+    )
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=float(env(f"{env_prefix}_BATCH_WINDOW_MS", "2")),
+        help="how long an idle model waits for other live sessions' calls before running a batch",
+    )
+
+
+def batching_from_args(parser: Any, args: Any) -> Any:
+    """A BatchingConfig from the flags of `add_batching_flags` (a parser error for bad values)."""
+    from tandem.workers import BatchingConfig
+
+    if args.max_batch < 1 or args.batch_window_ms < 0:
+        parser.error("--max-batch must be >= 1 and --batch-window-ms >= 0")
+    return BatchingConfig(max_batch=args.max_batch, window_s=args.batch_window_ms / 1000)

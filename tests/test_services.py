@@ -40,7 +40,7 @@ MAX_LEN = 256
 class Stack:
     """Primary, Secondary and Orchestrator servers around tiny models, plus the same models in process."""
 
-    def __init__(self, tiny_params) -> None:
+    def __init__(self, tiny_params, **core_kw) -> None:
         served = make_engine(tiny_params, max_len=MAX_LEN, slots=4)  # the services' models
         self.reference = make_engine(tiny_params, max_len=MAX_LEN)  # identical weights, in process
         self.primary_worker = PrimaryWorker(served.primary)
@@ -57,6 +57,7 @@ class Stack:
             max_len=MAX_LEN,
             max_tokens_limit=128,
             default_spec=SpecConfig(gamma_max=4, tau=0.0),
+            **core_kw,
         )
         self.orchestrator, self.core = build_orchestrator(OrchestratorServiceConfig(metrics_port=0, core=core), None)
         self.orchestrator.start()

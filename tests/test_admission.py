@@ -1,0 +1,97 @@
+"""Admission control and load-aware speculation: bounded running places and queue, RESOURCE_EXHAUSTED with a retry
+hint beyond them, and γ that shrinks (down to primary-only rounds, losslessly) as the primary's batch fills."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from conftest import make_engine
+from test_services import Stack
+
+from orchestrator.core import Admission, LoadPolicy
+from tandem.config import SamplingParams, SpecConfig
+from tandem.errors import OverloadedError
+from tandem.rounds import GenerationStats, Request, run_request
+
+
+def test_gamma_shrinks_with_load_down_to_primary_only() -> None:
+    policy = LoadPolicy(full_until=2, primary_only_from=8)
+    assert [policy.gamma_cap(n, 6) for n in range(10)] == [6, 6, 6, 5, 4, 3, 2, 1, 0, 0]
+    assert policy.gamma_cap(7.9, 6) == 1  # never 0 before primary_only_from
+    with pytest.raises(ValueError):
+        LoadPolicy(full_until=4, primary_only_from=4)
+
+
+def test_admission_queues_then_rejects_with_a_hint() -> None:
+    gate = Admission(max_running=1, max_queued=1, timeout_s=5.0)
+    gate.enter()
+    admitted = threading.Event()
+
+    def queued() -> None:
+        gate.enter()
+        admitted.set()
+
+    waiter = threading.Thread(target=queued)
+    waiter.start()
+    while gate.queued == 0:
+        time.sleep(0.001)
+    with pytest.raises(OverloadedError, match="retry in about") as e:
+        gate.enter()  # one running, one queued: the limits
+    assert e.value.retry_after_s > 0 and gate.rejected == 1
+    assert not admitted.wait(0.05)
+    gate.leave()  # the queued request takes the freed place
+    assert admitted.wait(5.0)
+    waiter.join()
+    assert gate.running == 1 and gate.queued == 0
+    short = Admission(max_running=1, max_queued=4, timeout_s=0.05)
+    short.enter()
+    with pytest.raises(OverloadedError, match=r"within 0\.1 s"):
+        short.enter()  # waited its timeout in the queue
+    assert short.queued == 0 and short.running == 1
+
+
+def test_load_shedding_ends_speculation_losslessly(tiny_params) -> None:
+    """The cap drops to 0 after two rounds: the drafter is let go and the primary finishes the request alone."""
+    engine = make_engine(tiny_params, max_len=128)
+    prompt = (5, 9, 2, 30)
+    want = engine.generate(prompt, mode="primary", max_tokens=30).token_ids
+    caps = iter([4, 3])
+    spec = SpecConfig(gamma_max=4, tau=0.0)
+    worker = engine.drafters["tandem-speed"]
+    assert worker is not None
+    stats = GenerationStats()
+    rounds = run_request(
+        Request(prompt, "tandem-speed", 30, spec=spec),
+        "s",
+        engine.primary_worker,
+        worker.open("s", SamplingParams(), spec),
+        max_tokens=30,
+        stats=stats,
+        gamma_cap=lambda: next(caps, 0),
+    )
+    got = [t for chunk in rounds for t in chunk]
+    assert got == want
+    assert stats.load_shed and stats.rounds == 2 and stats.drafted_tokens <= 4 + 3
+    assert len(worker.pool) == 0 and len(engine.primary_worker.pool) == 0
+
+
+def test_overload_is_resource_exhausted_with_retry_pushback(tiny_params) -> None:
+    stack = Stack(tiny_params, max_running=1, max_queued=0)
+    try:
+        first = stack.client.generate([3, 17, 9], mode="primary", max_tokens=100)
+        next(iter(first))  # running: holds the only place
+        with pytest.raises(grpc.RpcError) as e:
+            list(stack.client.generate([3, 17, 9], mode="primary", max_tokens=4))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "server busy" in e.value.details() and "retry in about" in e.value.details()
+        pushback = dict(e.value.trailing_metadata() or ())
+        assert int(pushback["grpc-retry-pushback-ms"]) >= 1000
+        list(first)  # the first request finishes...
+        assert stack.core.admission.running == 0
+        assert len(list(stack.client.generate([3, 17, 9], mode="primary", max_tokens=4))) > 0  # ...and frees its place
+        assert stack.core.metrics.rejected._value.get() == 1
+    finally:
+        stack.close()
