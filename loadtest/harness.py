@@ -65,7 +65,7 @@ class LoadTestConfig:
         slo_tpot_ms: goodput counts requests with TPOT at most this (None: no TPOT SLO).
         seed: seeds the arrival gaps.
         users: virtual users (Ray actors, one gRPC channel each) the requests are spread over.
-        warmup_requests: unmeasured requests per mode, sent at once before the first run (None: the largest max
+        warmup_requests: unmeasured requests per mode and max concurrency, sent before the runs (None: the max
             concurrency, at most num_requests; 0: none).
         timeout_s: deadline of each request (None: none).
     """
@@ -321,14 +321,20 @@ def _scrape(metrics_url: str | None, log: Log) -> str | None:
 
 
 def warm_up(ray: Any, users: Sequence[Any], cfg: LoadTestConfig, prompts: Sequence[Prompt], log: Log) -> None:
-    """Unmeasured requests per mode (cfg.warmup_requests), sent at once, at most the largest concurrency in flight."""
-    concurrency = max(c for _, c in cfg.points())
-    n = min(concurrency, cfg.num_requests) if cfg.warmup_requests is None else cfg.warmup_requests
-    for mode in cfg.modes if n else ():
+    """Unmeasured requests before the runs, for every mode at every max concurrency the test will use (each level
+    batches differently, so each compiles its own shapes): a wave of that many requests (cfg.warmup_requests, if
+    given, instead), sent at once under that concurrency."""
+    for mode, concurrency in cfg.points():
+        n = min(concurrency, cfg.num_requests) if cfg.warmup_requests is None else cfg.warmup_requests
+        if not n:
+            continue
         params = {"mode": mode, "max_tokens": cfg.max_tokens}
         records, _ = drive(ray, users, prompts, params, [0.0] * n, concurrency)
         bad = [r.error for r in records if r.outcome != "completed"]
-        log(f"warm-up {mode}: {len(records) - len(bad)}/{len(records)} completed" + (f"; {bad[0]}" if bad else ""))
+        log(
+            f"warm-up {mode} at max concurrency {concurrency}: {len(records) - len(bad)}/{len(records)} completed"
+            + (f"; {bad[0]}" if bad else "")
+        )
 
 
 def measure(

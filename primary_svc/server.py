@@ -6,12 +6,15 @@ import argparse
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge
 
 from primary_svc.servicer import PrimaryServicer
+from tandem.kvcache import bucket
+from tandem.primary import PrimaryRunner
 from tandem.workers import BatchingConfig, PrimaryWorker
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
 from tandemrpc.server import ServiceServer, add_batching_flags, batching_from_args
@@ -32,6 +35,7 @@ class PrimaryServiceConfig:
     gguf_path: Path | None = None  # None: the bundled SmolLM2
     tls: TlsFiles | None = None  # TLS / mutual TLS (tandemrpc.security); None = plaintext
     batching: BatchingConfig = BatchingConfig()  # sessions per batched model call and the batching window
+    compile_at_start: bool = False  # compile every decode/verify and prefill bucket before reporting SERVING
 
 
 def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceServer:
@@ -60,6 +64,15 @@ def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceSer
     )
 
 
+def compile_buckets(runner: PrimaryRunner, max_batch: int, max_block: int = 8) -> int:
+    """Compiles what serving runs: verify blocks (1..max_block tokens) of every batch bucket up to the slots and
+    max_batch against every cache bucket, and single prefills of every length bucket."""
+    batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= bucket(min(runner.batch, max_batch))]
+    contexts = [a for a in (16 << i for i in range(16)) if a <= runner.max_len] or [runner.max_len]
+    blocks = [t for t in (1, 2, 4, 8, 16) if t <= bucket(max_block)]
+    return runner.compile(batches, blocks, contexts) + runner.compile([1], contexts, [16])
+
+
 def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="python -m primary_svc", description="Tandem primary service (block verify)")
@@ -71,12 +84,18 @@ def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:
     p.add_argument("--session-ttl-s", type=float, default=float(env("TANDEM_SESSION_TTL_S", "120")))
     p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="primary GGUF (default: SmolLM2)")
     add_batching_flags(p, "TANDEM_PRIMARY")
+    p.add_argument(
+        "--compile-at-start",
+        action="store_true",
+        default=env("TANDEM_COMPILE_AT_START", "") not in ("", "0", "false"),
+        help="compile every batch x block x context bucket before SERVING (minutes on a CPU; seconds on a TPU)",
+    )
     add_tls_flags(p)
     a = p.parse_args(argv)
     tls = tls_from_args(p, a)
     batching = batching_from_args(p, a)
     return PrimaryServiceConfig(
-        a.host, a.port, a.metrics_port, a.slots, a.max_len, a.session_ttl_s, a.gguf, tls, batching
+        a.host, a.port, a.metrics_port, a.slots, a.max_len, a.session_ttl_s, a.gguf, tls, batching, a.compile_at_start
     )
 
 
@@ -86,6 +105,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from tandem.models import BundleConfig, load_primary  # loads JAX
 
     runner, _ = load_primary(BundleConfig(gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots))
+    if cfg.compile_at_start:
+        log = logging.getLogger("primary_svc")
+        start = time.perf_counter()
+        n = compile_buckets(runner, cfg.batching.max_batch)
+        log.info("compiled %d shape buckets in %.1f s", n, time.perf_counter() - start)
     server = build_server(PrimaryWorker(runner, cfg.batching), cfg).start()
     logging.getLogger("primary_svc").info(
         "serving %s on %s (metrics :%s, %d slots)", SERVICE_NAME, server.address, server.metrics_port, cfg.slots

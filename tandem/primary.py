@@ -16,7 +16,7 @@ import numpy as np
 from flax import struct
 
 from tandem.config import LlamaConfig
-from tandem.kvcache import KVCache
+from tandem.kvcache import KVCache, bucket
 from tandem.layers import (
     LayerParams,
     Layers,
@@ -251,6 +251,32 @@ class PrimaryRunner:
             taps=self.taps,
         )
         return BlockOutput(logits, top, hidden, slots.shape[0], tokens.shape[1])
+
+    def compile(self, batches: Sequence[int], blocks: Sequence[int], attends: Sequence[int]) -> int:
+        """Compiles the block pass for every (batch, block, attended-length) bucket given, so requests never wait for
+        it (a serving start-up step). Runs each shape once on padding rows only: no slot's cache changes.
+
+        Returns:
+            How many shapes were compiled or found compiled.
+        """
+        shapes = {
+            (bucket(b), bucket(t), min(bucket(a, 16), self.max_len)) for b in batches for t in blocks for a in attends
+        }
+        for b, t, a in sorted(shapes):
+            rows = jnp.zeros((b,), jnp.int32)
+            lengths = jnp.full((b,), self.max_len, jnp.int32)  # padding rows: every write lands past the end
+            *_, self.cache.k, self.cache.v = _forward_block_jit(
+                self.params,
+                np.zeros((b, t), np.int32),
+                rows,
+                lengths,
+                self.cache.k,
+                self.cache.v,
+                cfg=self.cfg,
+                taps=self.taps,
+                attend_len=a,
+            )
+        return len(shapes)
 
     def commit(self, row: int, n: int) -> None:
         """Keeps the first n tokens of the last block in `row`'s cache (a rollback drops the rest)."""

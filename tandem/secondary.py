@@ -454,7 +454,9 @@ class DrafterRunner:
             block[b, : len(p)] = p
         tokens = self.cache.pad_block(block, slots, fed)
         pad_slots, pad_lengths = self.cache.padded_rows(slots)
-        b_pad, cap = tokens.shape[0], bucket(int(gammas.max()))
+        # The drafts buffer is at least 8 wide (γ_max's default bucket): rounds stop on device anyway, and one width
+        # for every γ up to 8 keeps the compiled shapes few.
+        b_pad, cap = tokens.shape[0], bucket(int(gammas.max()), 8)
         attend = min(
             bucket(int((self.cache.lengths[slots] + max(tokens.shape[1], int(fed.max()) + cap)).max()), 16),
             self.max_len,

@@ -153,3 +153,19 @@ def test_batcher_takes_one_call_per_session_and_caps_the_batch() -> None:
 def test_batching_config_is_checked() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         _Batcher(lambda b: None, BatchingConfig(max_batch=0), expected=lambda: 0)
+
+
+def test_compiling_buckets_at_start_covers_serving_shapes_and_changes_no_cache(tiny_params) -> None:
+    from tandem.primary import _forward_block_jit
+
+    runner = PrimaryRunner(TINY, tiny_params, taps=drafter_config(True).tapped_layers, batch=4, max_len=64)
+    runner.forward(np.asarray([[1, 2, 3]]), rows=[1])
+    runner.commit(1, 3)
+    before = (np.asarray(runner.cache.k).copy(), runner.lengths.copy())
+    assert runner.compile([1, 3], [1, 3], [16, 40]) == 8  # buckets: batch 1, 4; block 1, 4; context 16, 64
+    np.testing.assert_array_equal(np.asarray(runner.cache.k), before[0])
+    np.testing.assert_array_equal(runner.lengths, before[1])
+    compiled = _forward_block_jit._cache_size()
+    runner.forward(np.asarray([[4, 5, 6], [7, 8, 9], [1, 1, 1]]), rows=[1, 0, 2])  # batch 4, block 4, context 16
+    runner.forward(np.asarray([[4]]), rows=[1])
+    assert _forward_block_jit._cache_size() == compiled
