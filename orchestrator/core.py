@@ -71,28 +71,64 @@ class OrchestratorConfig:
     max_running: int = 16  # requests running rounds at once (per orchestrator); match the model services' slots
     max_queued: int = 16  # requests waiting for a running place; beyond it requests get RESOURCE_EXHAUSTED
     queue_timeout_s: float = 10.0  # a queued request gives up (RESOURCE_EXHAUSTED) after waiting this long
+    tpot_target_ms: float | None = None  # adapt the running limit to keep time per output token near this (None: off)
     load: LoadPolicy = LoadPolicy()  # how γ shrinks as the primary's batch fills
 
 
 class Admission:
-    """Bounded admission: up to max_running requests run, up to max_queued wait (first come, first served) for at
-    most timeout_s, and any more are turned away at once with a retry hint."""
+    """Bounded admission: up to `limit` requests run, up to max_queued wait (first come, first served) for at most
+    timeout_s, and any more are turned away at once with a retry hint.
 
-    def __init__(self, max_running: int, max_queued: int, timeout_s: float) -> None:
-        if max_running < 1 or max_queued < 0 or timeout_s < 0:
-            raise ValueError("need max_running >= 1, max_queued >= 0 and queue_timeout_s >= 0")
+    Without a TPOT target the limit is max_running. With one, the limit adapts to keep the time per output token of
+    running requests near the target (a batched step slows every request in it): each token's latency feeds an
+    exponential average; above the target the limit drops by one, below 70% of it the limit grows by one (up to
+    max_running), at most one change per `adjust_every_s`.
+    """
+
+    def __init__(
+        self,
+        max_running: int,
+        max_queued: int,
+        timeout_s: float,
+        tpot_target_s: float | None = None,
+        adjust_every_s: float = 0.5,
+    ) -> None:
+        if max_running < 1 or max_queued < 0 or timeout_s < 0 or (tpot_target_s is not None and tpot_target_s <= 0):
+            raise ValueError("need max_running >= 1, max_queued >= 0, queue_timeout_s >= 0 and a positive TPOT target")
         self.max_running, self.max_queued, self.timeout_s = max_running, max_queued, timeout_s
+        self.tpot_target_s, self.adjust_every_s = tpot_target_s, adjust_every_s
+        self.limit = max_running
+        self.tpot_s = 0.0  # the exponential average of per-token latency (with a target)
+        self._adjusted = 0.0
         self._cv = threading.Condition()
         self.running = 0
         self._queue: collections.deque[object] = collections.deque()
         self.rejected = 0
+
+    def observe(self, seconds: float, tokens: int) -> None:
+        """A running request emitted `tokens` tokens `seconds` after its previous chunk."""
+        if self.tpot_target_s is None or tokens < 1:
+            return
+        with self._cv:
+            per_token = seconds / tokens
+            self.tpot_s = per_token if self.tpot_s == 0 else 0.9 * self.tpot_s + 0.1 * per_token
+            now = time.monotonic()
+            if now - self._adjusted < self.adjust_every_s:
+                return
+            if self.tpot_s > self.tpot_target_s and self.limit > 1:
+                self.limit -= 1
+                self._adjusted = now
+            elif self.tpot_s < 0.7 * self.tpot_target_s and self.limit < self.max_running:
+                self.limit += 1
+                self._adjusted = now
+                self._cv.notify_all()
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
     def _retry_hint_s(self) -> float:
-        return 1.0 + self.queued / self.max_running  # about one request's time per wave ahead of the caller
+        return 1.0 + self.queued / self.limit  # about one request's time per wave ahead of the caller
 
     def enter(self, time_remaining_s: float | None = None) -> None:
         """Takes a running place, waiting in the queue if need be.
@@ -101,7 +137,7 @@ class Admission:
             OverloadedError: the queue is full, or no place freed up within timeout_s (or the caller's deadline).
         """
         with self._cv:
-            if self.running < self.max_running and not self._queue:
+            if self.running < self.limit and not self._queue:
                 self.running += 1
                 return
             if len(self._queue) >= self.max_queued:
@@ -115,9 +151,7 @@ class Admission:
             ticket = object()
             self._queue.append(ticket)
             wait_s = self.timeout_s if time_remaining_s is None else min(self.timeout_s, time_remaining_s)
-            admitted = self._cv.wait_for(
-                lambda: self.running < self.max_running and self._queue[0] is ticket, timeout=wait_s
-            )
+            admitted = self._cv.wait_for(lambda: self.running < self.limit and self._queue[0] is ticket, timeout=wait_s)
             if not admitted:
                 self._queue.remove(ticket)
                 self.rejected += 1
@@ -179,6 +213,7 @@ class Metrics:
         self.rejected = Counter(
             "tandem_requests_rejected", "requests turned away with RESOURCE_EXHAUSTED (admission)", registry=registry
         )
+        self.limit = Gauge("tandem_admission_limit", "requests allowed to run at once now", registry=registry)
         self.gamma_cap = Gauge("tandem_load_gamma_cap", "most drafts per round the load allows now", registry=registry)
         self.load_shed = Counter(
             "tandem_load_shed", "requests whose speculation the load ended early", registry=registry
@@ -296,7 +331,9 @@ class Orchestrator:
         self.metrics = Metrics(registry)
         for name, pool in self.pools.items():
             self.metrics.endpoints.labels(service=name).set_function(_count_of(pool))
-        self.admission = Admission(cfg.max_running, cfg.max_queued, cfg.queue_timeout_s)
+        target = None if cfg.tpot_target_ms is None else cfg.tpot_target_ms / 1000
+        self.admission = Admission(cfg.max_running, cfg.max_queued, cfg.queue_timeout_s, target)
+        self.metrics.limit.set_function(lambda: float(self.admission.limit))
         self.metrics.waiting.set_function(lambda: float(self.admission.queued))
         self.metrics.gamma_cap.set_function(lambda: float(self._gamma_cap(cfg.default_spec.gamma_max)))
         self.stop_token_ids = frozenset(tokenizer.stop_token_ids) if tokenizer else frozenset()
@@ -426,6 +463,7 @@ class Orchestrator:
         decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True) if self.tokenizer else None
         stops = StopStringFilter(p.stop)
         start, first_s = time.perf_counter(), 0.0
+        last = start
         self.metrics.running.inc()
         try:
             while True:
@@ -434,7 +472,11 @@ class Orchestrator:
                 except StopIteration as done:
                     result: GenerationResult = done.value
                     break
-                first_s = first_s or time.perf_counter() - start
+                now = time.perf_counter()
+                if first_s:  # decode latency only (a prefill's is TTFT): what the admission limit adapts to
+                    self.admission.observe(now - last, len(tokens))
+                last = now
+                first_s = first_s or now - start
                 text = stops.push(decoder.push(tokens)) if decoder else ""
                 if stops.stopped:  # a stop string: end the rounds now, which releases both sessions
                     rounds.close()

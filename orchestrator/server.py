@@ -87,6 +87,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
         help="a queued request gives up with RESOURCE_EXHAUSTED after this long",
     )
     p.add_argument(
+        "--tpot-target-ms",
+        type=float,
+        default=float(env("TANDEM_TPOT_TARGET_MS", "0")) or None,
+        help="adapt the running limit (up to --max-running) to keep time per output token near this; 0 = off",
+    )
+    p.add_argument(
         "--load-full-until",
         type=int,
         default=int(env("TANDEM_LOAD_FULL_UNTIL", str(LoadPolicy.full_until))),
@@ -113,8 +119,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
             Targets.parse(value)
         except ValueError as e:
             p.error(f"{flag}: {e}")
-    if a.max_running < 1 or a.max_queued < 0 or a.queue_timeout_s < 0:
-        p.error("--max-running must be >= 1, --max-queued and --queue-timeout-s >= 0")
+    if a.max_running < 1 or a.max_queued < 0 or a.queue_timeout_s < 0 or (a.tpot_target_ms or 0) < 0:
+        p.error("--max-running must be >= 1, --max-queued, --queue-timeout-s and --tpot-target-ms >= 0")
     try:
         load = LoadPolicy(a.load_full_until, a.load_primary_only_from)
     except ValueError as e:
@@ -129,6 +135,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
         max_running=a.max_running,
         max_queued=a.max_queued,
         queue_timeout_s=a.queue_timeout_s,
+        tpot_target_ms=a.tpot_target_ms,
         load=load,
     )
     token = read_token(env("TANDEM_AUTH_TOKEN"), a.auth_token_file)

@@ -95,3 +95,23 @@ def test_overload_is_resource_exhausted_with_retry_pushback(tiny_params) -> None
         assert stack.core.metrics.rejected._value.get() == 1
     finally:
         stack.close()
+
+
+def test_running_limit_follows_a_tpot_target() -> None:
+    gate = Admission(max_running=4, max_queued=4, timeout_s=5.0, tpot_target_s=0.1, adjust_every_s=0.0)
+    for _ in range(10):
+        gate.observe(0.9, 3)  # 0.3 s per token: over the target
+    assert gate.limit == 1
+    gate.enter()
+    admitted = threading.Event()
+    waiter = threading.Thread(target=lambda: (gate.enter(), admitted.set()))
+    waiter.start()
+    assert not admitted.wait(0.05)  # one running: the limit
+    for _ in range(60):
+        gate.observe(0.02, 1)  # fast again: the limit grows back, one step per observation
+    assert admitted.wait(5.0)
+    waiter.join()
+    assert gate.limit == 4 and gate.running == 2
+    untargeted = Admission(max_running=2, max_queued=0, timeout_s=1.0)
+    untargeted.observe(10.0, 1)
+    assert untargeted.limit == 2
