@@ -39,8 +39,10 @@ class LoadPolicy:
     on, requests run primary-only rounds (the drafter is let go, losslessly); in between γ shrinks linearly.
     """
 
-    full_until: int = 2
-    primary_only_from: int = 8
+    # Measured here (results/loadtest/sweep_cpu.json): with the shipped drafters (about 1.4 tokens per round) a
+    # batched verify of a few drafts never pays for itself once two or more requests share the primary.
+    full_until: int = 1
+    primary_only_from: int = 4
 
     def __post_init__(self) -> None:
         if not 0 <= self.full_until < self.primary_only_from:

@@ -309,8 +309,8 @@ class PrimaryWorker(_SessionWorker):
             verify: False for standalone Tandem: every draft is kept and the primary adds its free token.
             want_hidden: return the committed positions' tapped states.
         """
-        call = _Verify(session, block=self._check_tokens(tokens), proposals=list(proposals), verify=verify)
-        call.want_hidden = want_hidden
+        block = self._check_tokens(tokens)
+        call = _Verify(session, block=block, proposals=list(proposals), verify=verify, want_hidden=want_hidden)
         return self.batcher.submit(call)  # type: ignore[return-value]
 
     def _run_batch(self, calls: list[_Call]) -> None:
