@@ -12,8 +12,9 @@ How a run goes:
   time.perf_counter from the moment it sends the request, so Ray's dispatch is not counted.
 - RESOURCE_EXHAUSTED (the server's queues are full) counts as `rejected` and is not retried; any other error counts
   as `failed`. Requests cycle over the prompts.
-- Before anything is measured, each mode gets a wave of unmeasured requests, by default as many as the largest max
-  concurrency: the server compiles the batch shapes that concurrency needs then, not during a measured run.
+- Before anything is measured, each mode gets a wave of unmeasured requests at every max concurrency the test uses,
+  by default as many as that concurrency: the server compiles the batch shapes each level needs then, not during a
+  measured run.
 - With a metrics URL, the orchestrator's Prometheus counters are scraped before and after each run and their
   increases reported (`loadtest.metrics.metrics_delta`); the final chunks' stats give the same figures client-side.
 - A sweep runs the whole load at each max concurrency, each mode in turn at each (interleaved).

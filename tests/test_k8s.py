@@ -152,7 +152,9 @@ def exported() -> dict[str, Any]:
     from tandem.models import DRAFTERS
 
     def worker() -> Any:
-        return SimpleNamespace(pool=_Pool(), waiting=0, expire_idle=lambda ttl: None)
+        return SimpleNamespace(
+            pool=_Pool(), waiting=0, expire_idle=lambda ttl: None, batcher=SimpleNamespace(batches=0, calls=0)
+        )
 
     primary = build_primary(worker(), PrimaryServiceConfig())
     secondary = build_secondary({name: worker() for name in DRAFTERS}, SecondaryServiceConfig())
