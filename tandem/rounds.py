@@ -250,7 +250,9 @@ def run_request(
             if finish is not None:
                 break
             pending = step.next_token
-            cap = req.spec.gamma_max if gamma_cap is None or req.mode == "tandem" else gamma_cap()
+            cap = req.spec.gamma_max
+            if drafter is not None and gamma_cap is not None and req.mode != "tandem":
+                cap = gamma_cap()  # asked only while speculating: primary-only rounds never consult the load
             if drafter is not None and cap == 0:  # the primary is too busy for speculation to pay: let it go
                 stats.load_shed = True
                 drafter.close()
