@@ -79,6 +79,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None, help="AdamW peak (default: 1e-3)")
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 100)")
     p.add_argument("--distil-from", type=float, default=None, help="fraction of steps in stage 1 (CE) (default: 0.5)")
+    p.add_argument("--distil-weight", type=float, default=None, help="w in (1-w)·CE + w·soft CE (default: 0.5)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="(default: 250)")
     p.add_argument("--seed", type=int, default=None, help="(default: 0)")
     p.add_argument("--d-model", type=int, default=256)
@@ -97,6 +98,17 @@ def _add_distill_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new", type=int, default=192, help="most answer tokens (default: 192)")
     p.add_argument("--slots", type=int, default=16, help="rows decoded together (default: 16)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long; rerun to continue")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--instructions", metavar="FILE.jsonl", type=Path, default=None, help='answer these {"prompt": ...} lines'
+    )
+    src.add_argument(
+        "--write-instructions",
+        metavar="FILE.jsonl",
+        type=Path,
+        default=None,
+        help="only write the templated instructions (for a machine without the corpus sources) and exit",
+    )
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -414,7 +426,10 @@ def train(args: argparse.Namespace) -> int:
     from tandem.corpus import default_corpus_dir
     from tandem.train import TrainConfig, train_drafters
 
-    flags = ("steps", "batch_size", "seq_len", "block_len", "lr", "warmup", "distil_from", "checkpoint_every", "seed")
+    flags = (
+        *("steps", "batch_size", "seq_len", "block_len", "lr", "warmup"),
+        *("distil_from", "distil_weight", "checkpoint_every", "seed"),
+    )
     given = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     if args.drafters:
         given["drafters"] = tuple(args.drafters.split(","))
@@ -439,11 +454,18 @@ def train(args: argparse.Namespace) -> int:
 
 def distill_data(args: argparse.Namespace) -> int:
     from tandem import selfdistill
+    from tandem.bench import read_prompts
     from tandem.models import BundleConfig, load_primary
 
     cfg = selfdistill.DistillConfig(prompts=args.prompts, max_new=args.max_new, slots=args.slots)
+    if args.write_instructions:
+        lines = [json.dumps({"prompt": p}) + "\n" for p in selfdistill.corpus_instructions(cfg)]
+        args.write_instructions.write_text("".join(lines), encoding="utf-8")
+        print(f"wrote {len(lines)} instructions to {args.write_instructions}")
+        return 0
+    prompts = [p for p, _ in read_prompts(args.instructions)] if args.instructions else None
     runner, tokenizer = load_primary(BundleConfig(slots=cfg.slots, max_len=512 + cfg.max_new))
-    progress = selfdistill.build(args.out, runner, tokenizer, cfg, max_minutes=args.max_minutes)
+    progress = selfdistill.build(args.out, runner, tokenizer, cfg, prompts=prompts, max_minutes=args.max_minutes)
     print(json.dumps(progress, indent=2))
     if progress["done"] < cfg.prompts:
         print(f"stopped after {progress['done']} of {cfg.prompts} prompts; run the same command again to continue")

@@ -39,6 +39,8 @@ _TEMPLATES = (
     "Describe {topic} to a ten-year-old.",
     "Write a {language} function that {task}.",
     "How do I write a program in {language} that {task}? Show the code.",
+    "Show me {language} code that {task}, with comments.",
+    "Write a unit test in {language} for a function that {task}.",
 )
 _LANGUAGES = ("Python", "JavaScript", "Python", "C", "Java", "Rust", "Go")
 _TASKS = (
@@ -62,6 +64,46 @@ _TASKS = (
     "converts a binary string to an integer",
     "flattens a nested list",
     "validates an email address with a regular expression",
+    "finds all prime numbers below a limit",
+    "transposes a matrix",
+    "counts the vowels in a string",
+    "checks whether two strings are anagrams",
+    "finds the second largest number in a list",
+    "converts a string to title case",
+    "implements binary search on a sorted list",
+    "implements a stack with push and pop",
+    "implements a queue using two stacks",
+    "reverses the words in a sentence",
+    "computes the power of a number without using the built-in operator",
+    "rotates a list by k positions",
+    "finds the longest word in a sentence",
+    "counts the lines in a file",
+    "parses a CSV line into fields",
+    "generates a random password",
+    "computes the median of a list",
+    "checks whether a number is prime",
+    "converts a Roman numeral to an integer",
+    "converts an integer to a Roman numeral",
+    "finds the intersection of two lists",
+    "groups words by their first letter",
+    "computes the dot product of two vectors",
+    "checks whether parentheses in a string are balanced",
+    "sorts a list with bubble sort",
+    "sorts a list with merge sort",
+    "finds the minimum and maximum of a list in one pass",
+    "removes the vowels from a string",
+    "computes simple interest",
+    "prints a multiplication table",
+    "converts kilometers to miles",
+    "finds the mode of a list",
+    "chunks a list into pieces of size n",
+    "computes the area of a circle",
+    "counts the occurrences of a word in a text",
+    "returns the list of divisors of a number",
+    "reads a JSON file and prints its keys",
+    "computes the running total of a list",
+    "checks whether a list is sorted",
+    "swaps the keys and values of a dictionary",
 )
 _SENTENCE = re.compile(r"[A-Z][^.!?\n]{40,200}[.!?]")
 _TOPIC = re.compile(r"\b[A-Z][a-z]{4,14}\b")
@@ -79,10 +121,17 @@ class DistillConfig:
 
 
 def instructions(docs: Sequence[str], n: int, seed: int) -> list[str]:
-    """n instruction prompts from templates filled with sentences and topic words of `docs` and programming tasks."""
+    """n distinct instruction prompts from templates filled with sentences and topic words of `docs` and programming
+    tasks (distinct, so that no held-out answer is a copy of a training one).
+
+    Raises:
+        ValueError: the documents cannot fill n distinct prompts.
+    """
     rng = np.random.default_rng(seed)
-    out: list[str] = []
-    while len(out) < n:
+    out: dict[str, None] = {}  # insertion-ordered set
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
         template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
         doc = docs[int(rng.integers(len(docs)))]
         start = int(rng.integers(max(1, len(doc) - 2000)))
@@ -90,15 +139,16 @@ def instructions(docs: Sequence[str], n: int, seed: int) -> list[str]:
         sentences, topics = _SENTENCE.findall(window), _TOPIC.findall(window)
         if ("{sentence}" in template and not sentences) or ("{topic}" in template and not topics):
             continue
-        out.append(
-            template.format(
-                sentence=" ".join(str(sentences[int(rng.integers(len(sentences)))]).split()) if sentences else "",
-                topic=str(topics[int(rng.integers(len(topics)))]) if topics else "",
-                language=_LANGUAGES[int(rng.integers(len(_LANGUAGES)))],
-                task=_TASKS[int(rng.integers(len(_TASKS)))],
-            )
+        prompt = template.format(
+            sentence=" ".join(str(sentences[int(rng.integers(len(sentences)))]).split()) if sentences else "",
+            topic=str(topics[int(rng.integers(len(topics)))]) if topics else "",
+            language=_LANGUAGES[int(rng.integers(len(_LANGUAGES)))],
+            task=_TASKS[int(rng.integers(len(_TASKS)))],
         )
-    return out
+        out[prompt] = None
+    if len(out) < n:
+        raise ValueError(f"the documents give only {len(out)} distinct instructions, {n} asked for")
+    return list(out)
 
 
 def greedy_answers(
@@ -106,28 +156,32 @@ def greedy_answers(
 ) -> Iterator[tuple[int, list[int]]]:
     """The primary's greedy answers, decoding every cache slot together; yields (prompt index, answer ids).
 
-    An answer ends after a stop token (kept) or `max_new` tokens; its slot then takes the next prompt.
+    An answer ends after a stop token (kept) or `max_new` tokens; its slot then takes the next prompt. Slots freed
+    in the same step are prefilled together in one ragged call, so an accelerator stays busy with wide batches.
     """
     queue = iter(enumerate(prompts))
     active: dict[int, tuple[int, list[int]]] = {}  # slot -> (prompt index, answer so far)
 
-    def fill(slot: int) -> None:
-        nxt = next(queue, None)
-        if nxt is None:
+    def fill(slots: Sequence[int]) -> None:
+        taken = [(slot, nxt) for slot, nxt in zip(slots, queue, strict=False)]
+        if not taken:
             return
-        i, ids = nxt
-        runner.truncate(slot, 0)
-        out = runner.forward(np.asarray([ids]), rows=[slot])
-        runner.commit(slot, len(ids))
-        active[slot] = (i, [int(out.top[0, -1])])
+        sizes = [len(ids) for _, (_, ids) in taken]
+        block = np.zeros((len(taken), max(sizes)), np.int32)
+        for b, (slot, (_, ids)) in enumerate(taken):
+            runner.truncate(slot, 0)
+            block[b, : sizes[b]] = ids
+        out = runner.forward(block, rows=[slot for slot, _ in taken], sizes=sizes)
+        for b, (slot, (i, _)) in enumerate(taken):
+            runner.commit(slot, sizes[b])
+            active[slot] = (i, [int(out.top[b, sizes[b] - 1])])
 
-    for slot in range(runner.batch):
-        fill(slot)
+    fill(range(runner.batch))
     while active:
-        for slot in [s for s, (_, ans) in active.items() if ans[-1] in stop_ids or len(ans) >= max_new]:
-            i, ans = active.pop(slot)
-            yield i, ans
-            fill(slot)
+        done = [s for s, (_, ans) in active.items() if ans[-1] in stop_ids or len(ans) >= max_new]
+        for slot in done:
+            yield active.pop(slot)
+        fill(done)
         if not active:
             break
         rows = sorted(active)
@@ -137,17 +191,33 @@ def greedy_answers(
             active[slot][1].append(int(out.top[b, 0]))
 
 
+def corpus_instructions(cfg: DistillConfig) -> list[str]:
+    """The templated instructions `build` answers by default, from the pinned corpus sources' training documents."""
+    return instructions([d for texts in fetch_texts().values() for d in texts], cfg.prompts, cfg.seed)
+
+
 def build(
-    out_dir: Path, runner: PrimaryRunner, tokenizer: Tokenizer, cfg: DistillConfig, *, max_minutes: float | None = None
+    out_dir: Path,
+    runner: PrimaryRunner,
+    tokenizer: Tokenizer,
+    cfg: DistillConfig,
+    *,
+    prompts: Sequence[str] | None = None,
+    max_minutes: float | None = None,
 ) -> dict[str, Any]:
-    """Generates (or resumes) the self-distillation corpus in out_dir; returns its progress record."""
+    """Generates (or resumes) the self-distillation corpus in out_dir; returns its progress record.
+
+    Args:
+        prompts: the instructions to answer, at least cfg.prompts of them (default: `corpus_instructions(cfg)`).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     progress_path = out_dir / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {"done": 0, "tokens": 0}
     if progress.get("config", dataclasses.asdict(cfg)) != dataclasses.asdict(cfg):
         raise ValueError(f"{out_dir} was started with other settings: {progress['config']}")
-    docs = [d for texts in fetch_texts().values() for d in texts]
-    prompts = instructions(docs, cfg.prompts, cfg.seed)
+    prompts = corpus_instructions(cfg) if prompts is None else prompts[: cfg.prompts]
+    if len(prompts) < cfg.prompts:
+        raise ValueError(f"{cfg.prompts} instructions asked for, {len(prompts)} given")
     chats = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}])) for p in prompts]
     is_val = validation_mask("self-distill", cfg.prompts, cfg.val_fraction, cfg.seed)
     todo = list(range(progress["done"], cfg.prompts))

@@ -19,7 +19,7 @@ DOCS = [
 def test_instructions_are_filled_and_reproducible() -> None:
     got = instructions(DOCS, 40, seed=3)
     assert got == instructions(DOCS, 40, seed=3) and got != instructions(DOCS, 40, seed=4)
-    assert len(got) == 40 and not any("{" in p for p in got)
+    assert len(got) == len(set(got)) == 40 and not any("{" in p for p in got)
     assert any("function" in p for p in got) and any("Mississippi" in p or "Whales" in p for p in got)
 
 
