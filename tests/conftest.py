@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
+import jax
 import numpy as np
 import pytest
 
@@ -12,6 +17,19 @@ from tandem.config import DrafterConfig, LlamaConfig
 from tandem.engine import Engine
 from tandem.primary import LlamaParams, PrimaryRunner, params_from_state_dict
 from tandem.workers import BatchingConfig
+
+# One persistent XLA compilation cache for the session, inherited by the services the tests start as processes: a
+# shape of the real model compiled in one process (~4 s each) is loaded from disk by the next. Set before any compile.
+_XLA_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="tandem-test-xla-")
+if _XLA_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _XLA_CACHE:
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+
 
 TINY = LlamaConfig(
     vocab_size=48, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=512

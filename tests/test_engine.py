@@ -97,8 +97,8 @@ def test_seeded_sampling_is_reproducible(tiny_engine: Engine) -> None:
 # --- sampled SPEED against the primary's exact distribution on a 8-token vocabulary ---
 
 SMALL = LlamaConfig(vocab_size=8, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, ffn_dim=32)
-SAMPLING = SamplingParams(temperature=3.0, top_k=6, top_p=0.95)  # ~80 sequences with expected counts >= 5
-N_SAMPLES = 20_000
+SAMPLING = SamplingParams(temperature=3.0, top_k=6, top_p=0.95)  # sequences under 5 expected counts are pooled
+N_SAMPLES = 12_000
 
 
 def _exact_joint(params, prompt: list[int]) -> np.ndarray:
