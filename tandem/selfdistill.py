@@ -163,7 +163,7 @@ def greedy_answers(
     active: dict[int, tuple[int, list[int]]] = {}  # slot -> (prompt index, answer so far)
 
     def fill(slots: Sequence[int]) -> None:
-        taken = [(slot, nxt) for slot, nxt in zip(slots, queue, strict=False)]
+        taken = list(zip(slots, queue, strict=False))  # zip takes a slot first: no prompt is drawn and dropped
         if not taken:
             return
         sizes = [len(ids) for _, (_, ids) in taken]
