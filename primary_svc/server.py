@@ -13,11 +13,11 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge
 
 from primary_svc.servicer import PrimaryServicer
-from tandem.kvcache import bucket
+from tandem.kvcache import buckets
 from tandem.primary import PrimaryRunner
 from tandem.workers import BatchingConfig, PrimaryWorker
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
-from tandemrpc.server import ServiceServer, add_batching_flags, batching_from_args
+from tandemrpc.server import ServiceServer, add_batching_flags, add_compile_flag, batching_from_args
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
 
@@ -66,11 +66,11 @@ def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceSer
 
 def compile_buckets(runner: PrimaryRunner, max_batch: int, max_block: int = 8) -> int:
     """Compiles what serving runs: verify blocks (1..max_block tokens) of every batch bucket up to the slots and
-    max_batch against every cache bucket, and single prefills of every length bucket."""
-    batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= bucket(min(runner.batch, max_batch))]
-    contexts = [a for a in (16 << i for i in range(16)) if a <= runner.max_len] or [runner.max_len]
-    blocks = [t for t in (1, 2, 4, 8, 16) if t <= bucket(max_block)]
-    return runner.compile(batches, blocks, contexts) + runner.compile([1], contexts, [16])
+    max_batch against every cache bucket, and prefills of every length bucket at every batch bucket (prompts that
+    arrive together are prefilled together)."""
+    batches = buckets(min(runner.batch, max_batch))
+    contexts = buckets(runner.max_len, 16, cap=runner.max_len)
+    return runner.compile(batches, buckets(max_block), contexts) + runner.compile(batches, contexts, [16])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:
@@ -84,12 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:
     p.add_argument("--session-ttl-s", type=float, default=float(env("TANDEM_SESSION_TTL_S", "120")))
     p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="primary GGUF (default: SmolLM2)")
     add_batching_flags(p, "TANDEM_PRIMARY")
-    p.add_argument(
-        "--compile-at-start",
-        action="store_true",
-        default=env("TANDEM_COMPILE_AT_START", "") not in ("", "0", "false"),
-        help="compile every batch x block x context bucket before SERVING (minutes on a CPU; seconds on a TPU)",
-    )
+    add_compile_flag(p)
     add_tls_flags(p)
     a = p.parse_args(argv)
     tls = tls_from_args(p, a)

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from secondary_svc.servicer import SecondaryServicer
 from tandem.workers import BatchingConfig, DrafterWorker
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
-from tandemrpc.server import ServiceServer, add_batching_flags, batching_from_args
+from tandemrpc.server import ServiceServer, add_batching_flags, add_compile_flag, batching_from_args
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
 
@@ -33,6 +34,7 @@ class SecondaryServiceConfig:
     gguf_path: Path | None = None  # the primary whose shape the drafters follow (None: the bundled SmolLM2)
     tls: TlsFiles | None = None  # TLS / mutual TLS (tandemrpc.security); None = plaintext
     batching: BatchingConfig = BatchingConfig()  # sessions per batched model call and the batching window
+    compile_at_start: bool = False  # compile every drafting, ingest and step bucket before reporting SERVING
 
 
 def build_server(workers: dict[str, DrafterWorker], cfg: SecondaryServiceConfig) -> ServiceServer:
@@ -74,12 +76,13 @@ def parse_args(argv: Sequence[str] | None = None) -> SecondaryServiceConfig:
     p.add_argument("--session-ttl-s", type=float, default=float(env("TANDEM_SESSION_TTL_S", "120")))
     p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="primary GGUF (default: SmolLM2)")
     add_batching_flags(p, "TANDEM_SECONDARY")
+    add_compile_flag(p)
     add_tls_flags(p)
     a = p.parse_args(argv)
     tls = tls_from_args(p, a)
     batching = batching_from_args(p, a)
     return SecondaryServiceConfig(
-        a.host, a.port, a.metrics_port, a.slots, a.max_len, a.session_ttl_s, a.gguf, tls, batching
+        a.host, a.port, a.metrics_port, a.slots, a.max_len, a.session_ttl_s, a.gguf, tls, batching, a.compile_at_start
     )
 
 
@@ -90,9 +93,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     bundle = BundleConfig(gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots)
     runners, routers, sources = load_drafters(primary_config(bundle), bundle)
-    server = build_server(
-        {name: DrafterWorker(r, routers[name], cfg.batching) for name, r in runners.items()}, cfg
-    ).start()
+    workers = {name: DrafterWorker(r, routers[name], cfg.batching) for name, r in runners.items()}
+    if cfg.compile_at_start:
+        start = time.perf_counter()
+        n = sum(w.compile() for w in workers.values() if w.tandem)
+        logging.getLogger("secondary_svc").info("compiled %d shape buckets in %.1f s", n, time.perf_counter() - start)
+    server = build_server(workers, cfg).start()
     logging.getLogger("secondary_svc").info(
         "serving %s on %s (metrics :%s, drafters %s)", SERVICE_NAME, server.address, server.metrics_port, sources
     )

@@ -16,6 +16,15 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << max(0, (max(n, minimum) - 1).bit_length())
 
 
+def buckets(largest: int, minimum: int = 1, cap: int | None = None) -> list[int]:
+    """Every bucket from bucket(minimum) up to bucket(largest), each clipped to `cap` (the shapes to compile ahead)."""
+    out, b = [], bucket(minimum)
+    while b <= bucket(largest):
+        out.append(b if cap is None else min(b, cap))
+        b *= 2
+    return sorted(set(out))
+
+
 class KVCache:
     """Keys and values [L, B, K, S, H] plus lengths [B]: row b attends to slots < lengths[b].
 

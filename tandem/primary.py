@@ -186,7 +186,7 @@ class BlockOutput:
 
     def __init__(self, logits: jax.Array, top: jax.Array, hidden: jax.Array, batch: int, t: int) -> None:
         self._logits, self._hidden, self.batch, self.t = logits, hidden, batch, t  # logits [V, B_pad * T_pad]
-        self.top: np.ndarray = np.asarray(top[:batch, :t])  # [B, T] the primary's argmax tokens
+        self.top: np.ndarray = np.asarray(top)[:batch, :t]  # [B, T] the primary's argmax tokens
 
     @functools.cached_property
     def logits(self) -> np.ndarray:
@@ -196,8 +196,9 @@ class BlockOutput:
 
     @functools.cached_property
     def hidden(self) -> np.ndarray:
-        """[B, T, n_taps, D] the tapped layers' residual streams."""
-        return np.asarray(self._hidden[: self.batch, : self.t])
+        """[B, T, n_taps, D] the tapped layers' residual streams (cut on the host: slicing the device array would
+        compile a slice for every distinct block length, mid-request)."""
+        return np.asarray(self._hidden)[: self.batch, : self.t]
 
     def __repr__(self) -> str:
         return f"BlockOutput(tokens={self.top.shape}, taps={self._hidden.shape[2]})"

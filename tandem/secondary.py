@@ -34,7 +34,7 @@ from safetensors.numpy import load_file, save_file
 
 from tandem.config import DrafterConfig
 from tandem.errors import ContextFullError
-from tandem.kvcache import KVCache, bucket
+from tandem.kvcache import KVCache, bucket, buckets
 from tandem.layers import (
     LayerParams,
     Layers,
@@ -415,7 +415,7 @@ class DrafterRunner:
         slots, (logits,) = self.cache.apply(_step_jit, self.params, np.asarray(tokens), rows, cfg=self.cfg)
         self.cache.lengths[slots] += t
         t_pad = bucket(t)
-        return np.asarray(logits[:, t - 1 :: t_pad]).T[: slots.shape[0]]  # each row's last fed token
+        return np.asarray(logits)[:, t - 1 :: t_pad].T[: slots.shape[0]]  # each row's last fed token (host slicing)
 
     def draft_greedy(
         self,
@@ -481,6 +481,61 @@ class DrafterRunner:
         self.cache.lengths[slots] += fed + counts - 1
         drafts = np.asarray(drafts)
         return [[int(t) for t in drafts[b, :n]] for b, n in enumerate(counts)]
+
+    def compile(self, batches: Sequence[int], router: RouterParams | None, top_k: int) -> int:
+        """Compiles a Tandem drafter's greedy serving path, so requests never wait for it (a start-up step): drafting
+        rounds (`draft_greedy` feeding t_0 alone, drafts buffer 8) and ingests of every length bucket, for every batch
+        bucket given and attended-length bucket. Runs each shape on padding rows only: no slot's cache changes.
+
+        A vanilla drafter's rounds (which feed whole prompts) and sampled rounds compile on first use: on XLA:CPU
+        every compiled shape holds memory maps, and every shape of both drafters exceeds a process's default limit.
+
+        Args:
+            batches: batch sizes (bucketed).
+            router: the router's weights the greedy rounds use, or None for the max-probability fallback.
+            top_k: the router's feature size.
+
+        Returns:
+            How many shapes were compiled or found compiled.
+        """
+        if not self.cfg.tandem:
+            raise ValueError("only a Tandem drafter's serving shapes are compiled ahead")
+        shapes = 0
+        hidden = (len(self.cfg.tapped_layers), self.cfg.primary_d_model)
+        for b in sorted({bucket(n) for n in batches}):
+            # Padding rows: every write lands past the end. Host arrays for draft_greedy, device ones for ingest,
+            # as their callers pass them (the compiled-function cache tells the two apart).
+            pad_rows, pad_lengths = np.zeros(b, np.int32), np.full(b, self.max_len, np.int32)
+            for a in buckets(self.max_len, 16, cap=self.max_len):
+                *_, self.cache.k, self.cache.v = _draft_greedy_jit(
+                    self.params,
+                    router,
+                    np.zeros((b, 1), np.int32),
+                    np.ones(b, np.int32),
+                    pad_rows,
+                    pad_lengths,
+                    self.cache.k,
+                    self.cache.v,
+                    np.zeros(b, np.int32),
+                    np.zeros(b, np.float32),
+                    cfg=self.cfg,
+                    attend_len=a,
+                    cap=8,  # the drafts buffer's width for every γ up to 8 (see draft_greedy)
+                    top_k=top_k,
+                )
+                shapes += 1
+            for t in buckets(self.max_len, cap=self.max_len):
+                self.cache.k, self.cache.v = _ingest_jit(
+                    self.params,
+                    np.zeros((b, t, *hidden), np.float32),
+                    jnp.asarray(pad_rows),
+                    jnp.asarray(pad_lengths),
+                    self.cache.k,
+                    self.cache.v,
+                    cfg=self.cfg,
+                )
+                shapes += 1
+        return shapes
 
     def ingest(
         self, primary_hidden: np.ndarray, rows: Sequence[int] | None = None, sizes: Sequence[int] | None = None

@@ -24,7 +24,7 @@ from tandem.errors import (
     SessionNotFoundError,
     SessionStateError,
 )
-from tandem.kvcache import bucket
+from tandem.kvcache import bucket, buckets
 from tandem.primary import BlockOutput, PrimaryRunner
 from tandem.rounds import Drafts, PrimaryStep
 from tandem.router import MLPRouter
@@ -530,6 +530,17 @@ class DrafterWorker(_SessionWorker):
             return []
         return [(c, st) for c, st, _ in group]
 
+    def compile(self) -> int:
+        """Compiles a Tandem worker's greedy batches ahead (`DrafterRunner.compile`); returns how many shapes."""
+        router = self._device_router
+        batches = buckets(min(self.runner.batch, self.batcher.cfg.max_batch))
+        return self.runner.compile(batches, None if router is False else router, self._top_k)  # type: ignore[arg-type]
+
+    @property
+    def _top_k(self) -> int:
+        """The router's feature size (0 without an MLP router)."""
+        return self.router.cfg.top_k if isinstance(self.router, MLPRouter) else 0
+
     @property
     def _device_router(self) -> object:
         """The router's device form for greedy rounds on device (None: max-probability), or False when it has none."""
@@ -548,7 +559,6 @@ class DrafterWorker(_SessionWorker):
         """Greedy rounds of the group's sessions, drafted together on device until each one's τ or γ."""
         for _, st in group:
             st.round_start = len(st.tokens) - 1
-        top_k = self.router.cfg.top_k if isinstance(self.router, MLPRouter) else 0
         try:
             drafts = self.runner.draft_greedy(
                 [self._pending(st) for _, st in group],
@@ -556,7 +566,7 @@ class DrafterWorker(_SessionWorker):
                 [self._gamma(st, c.max_drafts) for c, st in group],
                 [st.spec.tau for _, st in group],
                 self._device_router,  # type: ignore[arg-type]
-                top_k,
+                self._top_k,
             )
         except Exception as e:
             for c, _ in group:

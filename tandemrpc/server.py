@@ -188,6 +188,17 @@ def add_batching_flags(parser: Any, env_prefix: str) -> None:
     )
 
 
+def add_compile_flag(parser: Any) -> None:
+    """The model services' `--compile-at-start` (env TANDEM_COMPILE_AT_START, shared by both services)."""
+    parser.add_argument(
+        "--compile-at-start",
+        action="store_true",
+        default=os.environ.get("TANDEM_COMPILE_AT_START", "") not in ("", "0", "false"),
+        help="compile every shape bucket serving runs before SERVING, so no request waits for a compile (minutes on "
+        "a CPU the first time, seconds with a warm JAX_COMPILATION_CACHE_DIR or on a TPU)",
+    )
+
+
 def batching_from_args(parser: Any, args: Any) -> Any:
     """A BatchingConfig from the flags of `add_batching_flags` (a parser error for bad values)."""
     from tandem.workers import BatchingConfig

@@ -169,3 +169,38 @@ def test_compiling_buckets_at_start_covers_serving_shapes_and_changes_no_cache(t
     runner.forward(np.asarray([[4, 5, 6], [7, 8, 9], [1, 1, 1]]), rows=[1, 0, 2])  # batch 4, block 4, context 16
     runner.forward(np.asarray([[4]]), rows=[1])
     assert _forward_block_jit._cache_size() == compiled
+
+
+def test_start_up_compile_covers_batched_prefills_ingests_and_drafting(tiny_params) -> None:
+    """After the primary's and the Tandem drafter's start-up compile, a serving round of two sessions at once (a
+    ragged prefill of 9 and 11 tokens, their ingest, drafting on device, a ragged verify) compiles nothing."""
+    from primary_svc.server import compile_buckets
+    from tandem.primary import _forward_block_jit
+
+    cfg = drafter_config(True)
+    primary = PrimaryRunner(TINY, tiny_params, taps=cfg.tapped_layers, batch=2, max_len=16)
+    drafter = secondary.DrafterRunner(cfg, secondary.materialize(secondary.init_params(cfg), cfg), batch=2, max_len=16)
+    compile_buckets(primary, max_batch=2)
+    assert drafter.compile([1, 2], None, 0) == 2 * (1 + 5)  # batch 1, 2 x (drafting at 16; ingest 1..16)
+    vanilla = drafter_config(False)
+    with pytest.raises(ValueError, match="Tandem"):
+        secondary.DrafterRunner(vanilla, secondary.materialize(secondary.init_params(vanilla), vanilla)).compile(
+            [1], None, 0
+        )
+    jitted = (_forward_block_jit, secondary._draft_greedy_jit, secondary._ingest_jit)
+    compiled = [f._cache_size() for f in jitted]
+
+    sizes = [9, 11]
+    block = np.zeros((2, 11), np.int32)
+    block[0, :9], block[1] = PROMPTS[3], PROMPTS[4]
+    out = primary.forward(block, rows=[0, 1], sizes=sizes)
+    for row, n in enumerate(sizes):
+        primary.commit(row, n)
+    drafter.ingest(out.hidden, rows=[0, 1], sizes=sizes)
+    first = [int(out.top[b, n - 1]) for b, n in enumerate(sizes)]
+    drafts = drafter.draft_greedy([[t] for t in first], [0, 1], [3, 3], [0.0, 0.0], None, 0)
+    verify = np.zeros((2, 1 + max(map(len, drafts))), np.int32)
+    for b, (t, d) in enumerate(zip(first, drafts, strict=True)):
+        verify[b, : 1 + len(d)] = [t, *d]
+    primary.forward(verify, rows=[0, 1], sizes=[1 + len(d) for d in drafts])
+    assert [f._cache_size() for f in jitted] == compiled
