@@ -34,7 +34,7 @@ class SecondaryServiceConfig:
     gguf_path: Path | None = None  # the primary whose shape the drafters follow (None: the bundled SmolLM2)
     tls: TlsFiles | None = None  # TLS / mutual TLS (tandemrpc.security); None = plaintext
     batching: BatchingConfig = BatchingConfig()  # sessions per batched model call and the batching window
-    compile_at_start: bool = False  # compile every drafting, ingest and step bucket before reporting SERVING
+    compile_at_start: bool = False  # compile the Tandem drafter's greedy rounds and ingests before reporting SERVING
 
 
 def build_server(workers: dict[str, DrafterWorker], cfg: SecondaryServiceConfig) -> ServiceServer:

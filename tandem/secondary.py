@@ -487,8 +487,10 @@ class DrafterRunner:
         rounds (`draft_greedy` feeding t_0 alone, drafts buffer 8) and ingests of every length bucket, for every batch
         bucket given and attended-length bucket. Runs each shape on padding rows only: no slot's cache changes.
 
-        A vanilla drafter's rounds (which feed whole prompts) and sampled rounds compile on first use: on XLA:CPU
-        every compiled shape holds memory maps, and every shape of both drafters exceeds a process's default limit.
+        A vanilla drafter's rounds (which feed whole prompts) and sampled rounds compile on first use: compiling every
+        shape of both drafters (~270 at 16 slots and max_len 256) in one process failed on XLA:CPU with LLVM's
+        "Cannot allocate memory" while RAM was free (each executable holds memory maps; the default per-process map
+        limit is 65,530).
 
         Args:
             batches: batch sizes (bucketed).
