@@ -13,7 +13,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge
 
 from primary_svc.servicer import PrimaryServicer
-from tandem.kvcache import buckets
+from tandem.kvcache import MIN_ATTEND, buckets
 from tandem.primary import PrimaryRunner
 from tandem.workers import BatchingConfig, PrimaryWorker
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
@@ -69,8 +69,8 @@ def compile_buckets(runner: PrimaryRunner, max_batch: int, max_block: int = 8) -
     max_batch against every cache bucket, and prefills of every length bucket at every batch bucket (prompts that
     arrive together are prefilled together)."""
     batches = buckets(min(runner.batch, max_batch))
-    contexts = buckets(runner.max_len, 16, cap=runner.max_len)
-    return runner.compile(batches, buckets(max_block), contexts) + runner.compile(batches, contexts, [16])
+    contexts = runner.cache.attend_buckets()
+    return runner.compile(batches, buckets(max_block), contexts) + runner.compile(batches, contexts, [MIN_ATTEND])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:

@@ -10,6 +10,8 @@ import numpy as np
 
 from tandem.errors import ContextFullError
 
+MIN_ATTEND = 16  # the smallest attended-length bucket
+
 
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum): the shape buckets compiled functions are keyed on."""
@@ -130,7 +132,16 @@ class KVCache:
 
     def attend_len(self, rows: np.ndarray) -> int:
         """Cache slots the next call reads: a bucket covering the longest selected row."""
-        return min(bucket(int(self.lengths[rows].max()), 16), self.max_len)
+        return min(bucket(int(self.lengths[rows].max()), MIN_ATTEND), self.max_len)
+
+    def attend_buckets(self) -> list[int]:
+        """Every attended length a call over this cache can use (the shapes to compile ahead)."""
+        return buckets(self.max_len, MIN_ATTEND, cap=self.max_len)
+
+    def padding_rows(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(slots [b], lengths [b]) of a call of padding rows only (compiling a shape ahead): each claims a full
+        context, so its writes land past the cache's end and no slot changes."""
+        return np.zeros(b, np.int32), np.full(b, self.max_len, np.int32)
 
     def advance(self, row: int, n: int) -> None:
         """Keeps n more slots of `row` (the first n tokens of the last block)."""

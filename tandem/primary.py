@@ -16,7 +16,7 @@ import numpy as np
 from flax import struct
 
 from tandem.config import LlamaConfig
-from tandem.kvcache import KVCache, bucket
+from tandem.kvcache import MIN_ATTEND, KVCache, bucket
 from tandem.layers import (
     LayerParams,
     Layers,
@@ -261,11 +261,13 @@ class PrimaryRunner:
             How many shapes were compiled or found compiled.
         """
         shapes = {
-            (bucket(b), bucket(t), min(bucket(a, 16), self.max_len)) for b in batches for t in blocks for a in attends
+            (bucket(b), bucket(t), min(bucket(a, MIN_ATTEND), self.max_len))
+            for b in batches
+            for t in blocks
+            for a in attends
         }
         for b, t, a in sorted(shapes):
-            rows = jnp.zeros((b,), jnp.int32)
-            lengths = jnp.full((b,), self.max_len, jnp.int32)  # padding rows: every write lands past the end
+            rows, lengths = map(jnp.asarray, self.cache.padding_rows(b))
             *_, self.cache.k, self.cache.v = _forward_block_jit(
                 self.params,
                 np.zeros((b, t), np.int32),

@@ -34,7 +34,7 @@ from safetensors.numpy import load_file, save_file
 
 from tandem.config import DrafterConfig
 from tandem.errors import ContextFullError
-from tandem.kvcache import KVCache, bucket, buckets
+from tandem.kvcache import MIN_ATTEND, KVCache, bucket, buckets
 from tandem.layers import (
     LayerParams,
     Layers,
@@ -381,6 +381,9 @@ def ingest(
     return write_cache(cache_k, k, rows, lengths), write_cache(cache_v, v, rows, lengths)
 
 
+# The drafts buffer is at least this wide (γ_max's default bucket): rounds stop on device anyway, and one width for
+# every γ up to 8 keeps the compiled shapes few.
+_DRAFTS_WIDTH = 8
 _step_jit = jax.jit(step, static_argnames=("cfg", "attend_len"), donate_argnums=(4, 5))
 _draft_greedy_jit = jax.jit(draft_greedy, static_argnames=("cfg", "attend_len", "cap", "top_k"), donate_argnums=(6, 7))
 _ingest_jit = jax.jit(ingest, static_argnames=("cfg",), donate_argnums=(4, 5))
@@ -454,11 +457,9 @@ class DrafterRunner:
             block[b, : len(p)] = p
         tokens = self.cache.pad_block(block, slots, fed)
         pad_slots, pad_lengths = self.cache.padded_rows(slots)
-        # The drafts buffer is at least 8 wide (γ_max's default bucket): rounds stop on device anyway, and one width
-        # for every γ up to 8 keeps the compiled shapes few.
-        b_pad, cap = tokens.shape[0], bucket(int(gammas.max()), 8)
+        b_pad, cap = tokens.shape[0], bucket(int(gammas.max()), _DRAFTS_WIDTH)
         attend = min(
-            bucket(int((self.cache.lengths[slots] + max(tokens.shape[1], int(fed.max()) + cap)).max()), 16),
+            bucket(int((self.cache.lengths[slots] + max(tokens.shape[1], int(fed.max()) + cap)).max()), MIN_ATTEND),
             self.max_len,
         )
         drafts, count, self.cache.k, self.cache.v = _draft_greedy_jit(
@@ -505,10 +506,10 @@ class DrafterRunner:
         shapes = 0
         hidden = (len(self.cfg.tapped_layers), self.cfg.primary_d_model)
         for b in sorted({bucket(n) for n in batches}):
-            # Padding rows: every write lands past the end. Host arrays for draft_greedy, device ones for ingest,
-            # as their callers pass them (the compiled-function cache tells the two apart).
-            pad_rows, pad_lengths = np.zeros(b, np.int32), np.full(b, self.max_len, np.int32)
-            for a in buckets(self.max_len, 16, cap=self.max_len):
+            # Host arrays for draft_greedy, device ones for ingest, as their callers pass them (the compiled-function
+            # cache tells the two apart).
+            pad_rows, pad_lengths = self.cache.padding_rows(b)
+            for a in self.cache.attend_buckets():
                 *_, self.cache.k, self.cache.v = _draft_greedy_jit(
                     self.params,
                     router,
@@ -522,7 +523,7 @@ class DrafterRunner:
                     np.zeros(b, np.float32),
                     cfg=self.cfg,
                     attend_len=a,
-                    cap=8,  # the drafts buffer's width for every γ up to 8 (see draft_greedy)
+                    cap=_DRAFTS_WIDTH,
                     top_k=top_k,
                 )
                 shapes += 1
