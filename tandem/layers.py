@@ -162,7 +162,11 @@ def two_part_attention(
         [K, G, H, B, T] attention output.
     """
     scale = q.shape[2] ** -0.5
-    s_ctx = jnp.einsum("KGHBT,BKSH->BKGTS", q, ctx_k) * scale
+    # The context products take the queries batch-major ([B, K, G, T, H], a small copy): with the batch axes leading
+    # in every operand XLA on CPU runs them as batched matrix products, while the feature-major query made it fuse the
+    # masking and exponentials into a loop over the context that cost ~4x more at B = 16 over 256 slots.
+    q_b = jnp.transpose(q, (3, 0, 1, 4, 2))  # [B, K, G, T, H]
+    s_ctx = jnp.einsum("BKGTH,BKSH->BKGTS", q_b, ctx_k) * scale
     s_blk = jnp.einsum("KGHBT,KHBU->BKGTU", q, blk_k) * scale
     s_ctx = jnp.where(ctx_mask[:, None, None], s_ctx, _MASKED)
     s_blk = jnp.where(blk_mask[:, None, None], s_blk, _MASKED)
@@ -172,7 +176,8 @@ def two_part_attention(
     p_ctx = jnp.where(ctx_mask[:, None, None], jnp.exp(s_ctx - m), 0.0)
     p_blk = jnp.where(blk_mask[:, None, None], jnp.exp(s_blk - m), 0.0)
     denom = jnp.sum(p_ctx, axis=-1) + jnp.sum(p_blk, axis=-1)  # [B, K, G, T]
-    out = jnp.einsum("BKGTS,BKSH->KGHBT", p_ctx, ctx_v) + jnp.einsum("BKGTU,KHBU->KGHBT", p_blk, blk_v)
+    o_ctx = jnp.transpose(jnp.einsum("BKGTS,BKSH->BKGTH", p_ctx, ctx_v), (1, 2, 4, 0, 3))  # [K, G, H, B, T]
+    out = o_ctx + jnp.einsum("BKGTU,KHBU->KGHBT", p_blk, blk_v)
     return out / jnp.maximum(jnp.transpose(denom, (1, 2, 0, 3))[:, :, None], 1e-30)
 
 
@@ -265,22 +270,25 @@ def cache_mask(lengths: jax.Array, t: int, s: int) -> jax.Array:
     return jnp.broadcast_to((jnp.arange(s)[None, :] < lengths[:, None])[:, None, :], (lengths.shape[0], t, s))
 
 
-def write_cache(cache: jax.Array, new: jax.Array, rows: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Writes each selected row's block at its own offset.
+KVBuffers = tuple[jax.Array, ...]  # one [R, K, S, H] buffer per layer over all R slots of the pool
+
+
+def write_cache(cache: KVBuffers, new: jax.Array, rows: jax.Array, lengths: jax.Array) -> KVBuffers:
+    """Writes each selected row's block at its own offset, in every layer.
 
     Args:
-        cache: [L, R, K, S, H] over all R slots of the pool.
+        cache: L buffers [R, K, S, H].
         new: [L, B, K, T, H] the block's keys or values.
         rows: [B] slot of each block row.
         lengths: [B] first position to write per row; positions past S are dropped.
 
     Returns:
-        The updated cache (in place when the caller donates it).
+        The updated buffers (in place when the caller donates them).
     """
     positions = lengths[:, None] + jnp.arange(new.shape[3])[None, :]  # [B, T]
-    # Advanced indices split by a slice put their broadcast shape [B, T] first: the update is [B, T, L, K, H].
-    update = jnp.transpose(new, (1, 3, 0, 2, 4)).astype(cache.dtype)
-    return cache.at[:, rows[:, None], :, positions].set(update, mode="drop")
+    # Advanced indices split by a slice put their broadcast shape [B, T] first: each update is [B, T, K, H].
+    update = jnp.transpose(new, (0, 1, 3, 2, 4)).astype(cache[0].dtype)  # [L, B, T, K, H]
+    return tuple(c.at[rows[:, None], :, positions].set(u, mode="drop") for c, u in zip(cache, update, strict=True))
 
 
 def cached_decoder_stack(
@@ -288,23 +296,26 @@ def cached_decoder_stack(
     x: jax.Array,
     rows: jax.Array,
     lengths: jax.Array,
-    cache_k: jax.Array,
-    cache_v: jax.Array,
+    cache_k: KVBuffers,
+    cache_v: KVBuffers,
     *,
-    attend_len: int,
+    attend_len: int | None,
     rope_theta: float,
     eps: float,
     taps: Sequence[int] = (),
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, KVBuffers, KVBuffers]:
     """Runs the stack over a block that follows each row's cached prefix, then writes the block into the cache.
 
     Args:
         layers: one LayerParams per layer.
         x: [D, N] embeddings of the block, row b's tokens at positions lengths[b] .. lengths[b] + T - 1.
-        rows: [B] cache slot of each block row (a subset of the pool, in any order).
+        rows: [B] cache slot of each block row (a subset of the pool, in any order; with attend_len None, every slot
+            in order).
         lengths: [B] cached positions of each row.
-        cache_k, cache_v: [L, R, K, S, H] the whole pool (donated by callers).
-        attend_len: static bucket of attended slots (>= max(lengths)).
+        cache_k, cache_v: L buffers [R, K, S, H], the whole pool (donated by callers).
+        attend_len: static bucket of attended slots (>= max(lengths)): each layer gathers the rows' first attend_len
+            positions. None: the block is the whole pool by slot (B = R) and attention reads each layer's buffer in
+            place, all S positions (see `tandem.kvcache.KVCache`).
         rope_theta: RoPE base.
         eps: RMSNorm epsilon.
         taps: 1-indexed layers whose output residual stream is returned.
@@ -315,15 +326,21 @@ def cached_decoder_stack(
     batch = rows.shape[0]
     t = x.shape[1] // batch
     positions = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    if attend_len is None:
+        ctx_k, ctx_v, attended = cache_k, cache_v, cache_k[0].shape[2]
+    else:
+        # Per layer [B, K, S', H]: one gather per layer, not one of every layer up front (a buffer of all layers is
+        # tens of MB at B = 16, freshly mapped and faulted in on every call; per-layer buffers are reused).
+        ctx_k = tuple(c[rows, :, :attend_len] for c in cache_k)
+        ctx_v = tuple(c[rows, :, :attend_len] for c in cache_v)
+        attended = attend_len
     x, tapped, new_k, new_v = decoder_stack(
         layers,
         x,
         positions,
-        # Per layer [B, K, S', H]: one gather per layer, not one of every layer up front (a buffer of all layers is
-        # tens of MB at B = 16, freshly mapped and faulted in on every call; per-layer buffers are reused).
-        tuple(cache_k[i, rows, :, :attend_len] for i in range(len(layers))),
-        tuple(cache_v[i, rows, :, :attend_len] for i in range(len(layers))),
-        cache_mask(lengths, t, attend_len),
+        ctx_k,
+        ctx_v,
+        cache_mask(lengths, t, attended),
         causal_block_mask(batch, t),
         rope_theta=rope_theta,
         eps=eps,

@@ -18,6 +18,7 @@ from flax import struct
 from tandem.config import LlamaConfig
 from tandem.kvcache import MIN_ATTEND, KVCache, bucket
 from tandem.layers import (
+    KVBuffers,
     LayerParams,
     Layers,
     cached_decoder_stack,
@@ -101,13 +102,13 @@ def forward_block(
     tokens: jax.Array,
     rows: jax.Array,
     lengths: jax.Array,
-    cache_k: jax.Array,
-    cache_v: jax.Array,
+    cache_k: KVBuffers,
+    cache_v: KVBuffers,
     *,
     cfg: LlamaConfig,
     taps: tuple[int, ...],
-    attend_len: int,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    attend_len: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array, KVBuffers, KVBuffers]:
     """One block pass: T new tokens per row after that row's cached prefix.
 
     Args:
@@ -115,10 +116,11 @@ def forward_block(
         tokens: [B, T] token ids; row b's tokens sit at positions lengths[b] .. lengths[b] + T - 1.
         rows: [B] cache slot of each row.
         lengths: [B] cached tokens per row (its slot holds positions < lengths[b]).
-        cache_k, cache_v: [L, R, K, S, H] the KV cache pool (donated by callers).
+        cache_k, cache_v: the KV cache pool, L buffers [R, K, S, H] (donated by callers).
         cfg: static config.
         taps: static 1-indexed layers whose output residual stream is returned.
-        attend_len: static number of cache slots attended (a bucket >= max(lengths)).
+        attend_len: static number of cache slots attended (a bucket >= max(lengths)), or None for a whole-pool call
+            (rows are every slot in order; see `tandem.kvcache.KVCache`).
 
     Returns:
         logits [V, N] (vocabulary-major, N = B*T; see `output_logits`); their argmax [B, T] (greedy requests copy
@@ -184,21 +186,22 @@ class BlockOutput:
     """One block pass over B rows, cut to the rows and tokens actually fed (padding removed); logits and states reach
     the host only when read (a greedy verify needs only the argmax ids). Row b's first sizes[b] tokens are real."""
 
-    def __init__(self, logits: jax.Array, top: jax.Array, hidden: jax.Array, batch: int, t: int) -> None:
-        self._logits, self._hidden, self.batch, self.t = logits, hidden, batch, t  # logits [V, B_pad * T_pad]
-        self.top: np.ndarray = np.asarray(top)[:batch, :t]  # [B, T] the primary's argmax tokens
+    def __init__(self, logits: jax.Array, top: jax.Array, hidden: jax.Array, rows: np.ndarray, t: int) -> None:
+        """rows [B]: the padded call's rows that hold the block's rows (see `tandem.kvcache.KVCache.apply`)."""
+        self._logits, self._hidden, self._rows, self.t = logits, hidden, rows, t  # logits [V, B_pad * T_pad]
+        self.top: np.ndarray = np.asarray(top)[rows, :t]  # [B, T] the primary's argmax tokens
 
     @functools.cached_property
     def logits(self) -> np.ndarray:
         """[B, T, V] (transposed on the host; see `tandem.layers.output_logits`)."""
-        rows = self._hidden.shape[0]  # the padded batch
-        return np.asarray(self._logits).T.reshape(rows, -1, self._logits.shape[0])[: self.batch, : self.t]
+        padded = self._hidden.shape[0]  # the padded batch
+        return np.asarray(self._logits).T.reshape(padded, -1, self._logits.shape[0])[self._rows, : self.t]
 
     @functools.cached_property
     def hidden(self) -> np.ndarray:
         """[B, T, n_taps, D] the tapped layers' residual streams (cut on the host: slicing the device array would
         compile a slice for every distinct block length, mid-request)."""
-        return np.asarray(self._hidden)[: self.batch, : self.t]
+        return np.asarray(self._hidden)[self._rows, : self.t]
 
     def __repr__(self) -> str:
         return f"BlockOutput(tokens={self.top.shape}, taps={self._hidden.shape[2]})"
@@ -242,7 +245,7 @@ class PrimaryRunner:
             BlockOutput with logits [B, T, V] and tapped hidden states [B, T, n_taps, D].
         """
         tokens = np.asarray(tokens)
-        slots, (logits, top, hidden) = self.cache.apply(
+        _, out_rows, (logits, top, hidden) = self.cache.apply(
             _forward_block_jit,
             self.params,
             tokens,
@@ -251,22 +254,22 @@ class PrimaryRunner:
             cfg=self.cfg,
             taps=self.taps,
         )
-        return BlockOutput(logits, top, hidden, slots.shape[0], tokens.shape[1])
+        return BlockOutput(logits, top, hidden, out_rows, tokens.shape[1])
 
     def compile(self, batches: Sequence[int], blocks: Sequence[int], attends: Sequence[int]) -> int:
-        """Compiles the block pass for every (batch, block, attended-length) bucket given, so requests never wait for
-        it (a serving start-up step). Runs each shape once on padding rows only: no slot's cache changes.
+        """Compiles the block pass for every (batch, block, attended-length) bucket given, and the whole-pool call of
+        every block bucket where one of those runs as one (`KVCache.reads_pool`), so requests never wait for a
+        compile (a serving start-up step). Runs each shape once on padding rows only: no slot's cache changes.
 
         Returns:
             How many shapes were compiled or found compiled.
         """
-        shapes = {
-            (bucket(b), bucket(t), min(bucket(a, MIN_ATTEND), self.max_len))
-            for b in batches
-            for t in blocks
-            for a in attends
-        }
-        for b, t, a in sorted(shapes):
+        shapes: set[tuple[int, int, int | None]] = set()
+        for b in map(bucket, batches):
+            for attend in (min(bucket(a, MIN_ATTEND), self.max_len) for a in attends):
+                pool = self.cache.reads_pool(b, attend)
+                shapes |= {(self.batch, bucket(t), None) if pool else (b, bucket(t), attend) for t in blocks}
+        for b, t, a in sorted(shapes, key=lambda s: (s[0], s[1], s[2] or 0)):
             rows, lengths = map(jnp.asarray, self.cache.padding_rows(b))
             *_, self.cache.k, self.cache.v = _forward_block_jit(
                 self.params,

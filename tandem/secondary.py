@@ -36,6 +36,7 @@ from tandem.config import DrafterConfig
 from tandem.errors import ContextFullError
 from tandem.kvcache import MIN_ATTEND, KVCache, bucket, buckets
 from tandem.layers import (
+    KVBuffers,
     LayerParams,
     Layers,
     cached_decoder_stack,
@@ -225,12 +226,12 @@ def _advance(
     tokens: jax.Array,
     rows: jax.Array,
     lengths: jax.Array,
-    cache_k: jax.Array,
-    cache_v: jax.Array,
+    cache_k: KVBuffers,
+    cache_v: KVBuffers,
     *,
     cfg: DrafterConfig,
-    attend_len: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    attend_len: int | None,
+) -> tuple[jax.Array, KVBuffers, KVBuffers]:
     """The stack over T new tokens per row: (x [D, N] before the final norm, cache_k, cache_v)."""
     assert params.embed is not None, "call materialize() first"
     x, _, cache_k, cache_v = cached_decoder_stack(
@@ -252,12 +253,12 @@ def step(
     tokens: jax.Array,
     rows: jax.Array,
     lengths: jax.Array,
-    cache_k: jax.Array,
-    cache_v: jax.Array,
+    cache_k: KVBuffers,
+    cache_v: KVBuffers,
     *,
     cfg: DrafterConfig,
-    attend_len: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    attend_len: int | None,
+) -> tuple[jax.Array, KVBuffers, KVBuffers]:
     """Incremental forward of T new tokens per row against the cache (causal over cache slots < lengths).
 
     Args:
@@ -265,9 +266,9 @@ def step(
         tokens: [B, T] ids at positions lengths .. lengths + T - 1.
         rows: [B] cache slot of each row.
         lengths: [B] valid cache positions per row.
-        cache_k, cache_v: [L, R, K, S, H] the pool (donated).
+        cache_k, cache_v: the pool, L buffers [R, K, S, H] (donated).
         cfg: static config.
-        attend_len: static bucket of attended cache slots.
+        attend_len: static bucket of attended cache slots, or None for a whole-pool call (`tandem.kvcache.KVCache`).
 
     Returns:
         (logits [V, B*T] vocabulary-major, cache_k, cache_v) with the tokens' own keys/values written at lengths.
@@ -283,8 +284,8 @@ def draft_greedy(
     fed: jax.Array,
     rows: jax.Array,
     lengths: jax.Array,
-    cache_k: jax.Array,
-    cache_v: jax.Array,
+    cache_k: KVBuffers,
+    cache_v: KVBuffers,
     gamma: jax.Array,
     tau: jax.Array,
     *,
@@ -292,7 +293,7 @@ def draft_greedy(
     attend_len: int,
     cap: int,
     top_k: int,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, KVBuffers, KVBuffers]:
     """Whole greedy drafting rounds of B sessions in one call: feed each row's pending tokens, then draft until τ or γ.
 
     Draft j is the head's argmax after the previous one; a row keeps drafting while it has fewer than γ drafts and the
@@ -307,7 +308,7 @@ def draft_greedy(
         fed: [B] how many of each row's tokens are real (>= 1).
         rows: [B] the sessions' cache slots.
         lengths: [B] their cached positions.
-        cache_k, cache_v: [L, R, K, S, H] the pool (donated).
+        cache_k, cache_v: the pool, L buffers [R, K, S, H] (donated).
         gamma: [B] most drafts per row, 1 <= gamma <= cap (0 for a padding row: it never drafts).
         tau: [B] τ per row.
         cfg: static config.
@@ -323,7 +324,7 @@ def draft_greedy(
     assert head is not None, "call materialize() first"
     head_ids = params.head_ids
     batch, t = tokens.shape
-    beyond = jnp.full_like(lengths, cache_k.shape[3])  # a write position past the cache's end: dropped
+    beyond = jnp.full_like(lengths, cache_k[0].shape[2])  # a write position past the cache's end: dropped
 
     def decide(x: jax.Array, drafted: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [D, B] -> (each row's next draft [B], whether it keeps drafting after it [B])."""
@@ -358,11 +359,11 @@ def ingest(
     primary_hidden: jax.Array,
     rows: jax.Array,
     lengths: jax.Array,
-    cache_k: jax.Array,
-    cache_v: jax.Array,
+    cache_k: KVBuffers,
+    cache_v: KVBuffers,
     *,
     cfg: DrafterConfig,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[KVBuffers, KVBuffers]:
     """Writes keys/values derived from the primary's states for T positions starting at lengths (replacing own ones).
 
     Args:
@@ -370,7 +371,7 @@ def ingest(
         primary_hidden: [B, T, n_taps, P].
         rows: [B] cache slot of each row.
         lengths: [B] first position per row.
-        cache_k, cache_v: [L, R, K, S, H] the pool (donated).
+        cache_k, cache_v: the pool, L buffers [R, K, S, H] (donated).
         cfg: static config.
 
     Returns:
@@ -415,10 +416,10 @@ class DrafterRunner:
             [B, V] logits of each row's last token.
         """
         t = np.shape(tokens)[1]
-        slots, (logits,) = self.cache.apply(_step_jit, self.params, np.asarray(tokens), rows, cfg=self.cfg)
+        slots, out_rows, (logits,) = self.cache.apply(_step_jit, self.params, np.asarray(tokens), rows, cfg=self.cfg)
         self.cache.lengths[slots] += t
         t_pad = bucket(t)
-        return np.asarray(logits)[:, t - 1 :: t_pad].T[: slots.shape[0]]  # each row's last fed token (host slicing)
+        return np.asarray(logits)[:, t - 1 :: t_pad].T[out_rows]  # each row's last fed token (host slicing)
 
     def draft_greedy(
         self,
@@ -553,7 +554,7 @@ class DrafterRunner:
         """
         t = primary_hidden.shape[1]
         real = None if sizes is None else np.asarray(sizes)
-        slots, _ = self.cache.apply(
+        slots, _, _ = self.cache.apply(
             _ingest_jit, self.params, primary_hidden, rows, sizes=real, dtype=np.float32, attends=False, cfg=self.cfg
         )
         self.cache.lengths[slots] += t if real is None else real

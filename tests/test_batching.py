@@ -19,11 +19,14 @@ from tandem.workers import BatchingConfig, PrimaryWorker, _Batcher, _Call
 PROMPTS = [np.random.default_rng(i).integers(0, TINY.vocab_size, size=3 + 2 * i).tolist() for i in range(8)]
 
 
-def test_ragged_rows_in_one_call_equal_each_row_alone(tiny_params) -> None:
-    """Three sessions at different lengths, with blocks of 3, 1 and 5 tokens, in one padded call (batch bucket 4)."""
+@pytest.mark.parametrize("whole_pool", [False, True])
+def test_ragged_rows_in_one_call_equal_each_row_alone(tiny_params, whole_pool: bool) -> None:
+    """Three sessions at different lengths, with blocks of 3, 1 and 5 tokens, in one padded call (batch bucket 4),
+    gathered or laid out over the whole pool by slot."""
     taps = drafter_config(True).tapped_layers
     batched = PrimaryRunner(TINY, tiny_params, taps=taps, batch=4, max_len=64)
     alone = PrimaryRunner(TINY, tiny_params, taps=taps, batch=4, max_len=64)
+    batched.cache.pool_read_ratio = 1e9 if whole_pool else 0.0
     rows, blocks = [2, 0, 3], [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
     for row, prompt in zip(rows, PROMPTS, strict=False):
         for runner in (batched, alone):
@@ -32,6 +35,8 @@ def test_ragged_rows_in_one_call_equal_each_row_alone(tiny_params) -> None:
     tokens = np.zeros((3, 5), np.int32)
     for b, block in enumerate(blocks):
         tokens[b, : len(block)] = block
+    assert batched.cache.pool_call(np.asarray(rows)) == whole_pool
+    assert not alone.cache.pool_call(np.asarray(rows[:1]))
     out = batched.forward(tokens, rows=rows, sizes=[len(b) for b in blocks])
     assert out.top.shape == (3, 5) and out.logits.shape[:2] == (3, 5)
     for b, (row, block) in enumerate(zip(rows, blocks, strict=True)):
