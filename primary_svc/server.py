@@ -69,8 +69,8 @@ def compile_buckets(runner: PrimaryRunner, max_batch: int, max_block: int = 8) -
     max_batch against every cache bucket, and prefills of every length bucket at every batch bucket (prompts that
     arrive together are prefilled together)."""
     batches = buckets(min(runner.batch, max_batch))
-    contexts = runner.cache.attend_buckets()
-    return runner.compile(batches, buckets(max_block), contexts) + runner.compile(batches, contexts, [MIN_ATTEND])
+    verify = runner.compile(batches, buckets(max_block), runner.cache.attend_buckets())
+    return verify + runner.compile(batches, buckets(runner.max_len, cap=runner.max_len), [MIN_ATTEND])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:

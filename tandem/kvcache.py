@@ -11,7 +11,7 @@ import numpy as np
 
 from tandem.errors import ContextFullError
 
-MIN_ATTEND = 16  # the smallest attended-length bucket
+MIN_ATTEND = 64  # the smallest attended-length bucket
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -29,37 +29,40 @@ def buckets(largest: int, minimum: int = 1, cap: int | None = None) -> list[int]
 
 
 class KVCache:
-    """Keys and values (L per-layer buffers [R, K, S, H]) plus lengths [R]: slot r attends to positions < lengths[r].
+    """Keys and values plus lengths [R]: slot r attends to positions < lengths[r].
 
     Blocks are padded to a power of two along T and along B (rows from different sessions run as one call), and the
-    attended length is bucketed the same way (at least 16 slots), so a few compiled shapes serve every call. Padding
+    attended length is bucketed the same way (at least 64 positions), so a few compiled shapes serve every call. Padding
     sits after the real tokens, so causal attention keeps it from touching real positions; its writes land beyond the
     row's length (or past the cache's end, where they are dropped) and the next call overwrites them.
 
-    A call runs in one of two layouts. *Gathered*: the block's rows are its sessions' slots, in any order, and each
-    layer copies those rows' attended prefixes out of the pool. *Whole pool* (when the block fills most of the pool
-    or its contexts are long; `pool_call`): the block is laid out by slot, R rows with the slots not in the call as
-    padding, and attention reads each layer's buffer in place, with no copy. The buffers are per layer so that a
-    layer's pool is a whole array: a slice of one stacked buffer would be copied anyway.
-    """
+    Layout: per layer, one buffer [R, K, S_j, H] per *segment* of positions, the segments ending at the attended-length
+    buckets (16, 32, 64, ... max_len; `tandem.layers.KVBuffers`). A call attending A positions reads the segments up
+    to A whole: XLA on this CPU runs a product over a whole buffer in place, but copies any slice of one first, and
+    the copy cost more than the attention (a step of 16 rows over 256 positions: 219 ms with one buffer per layer
+    sliced and gathered, 133 ms read in place).
 
-    # A whole-pool call reads every slot's full context in place, but also runs every layer on the padding rows of
-    # the slots not in the call; a gathered call copies the rows' attended prefixes out of the pool first. Measured on
-    # this CPU (SmolLM2, 16 slots of 256 positions, a step in ms, gathered -> whole pool):
-    #   16 rows over 256: 219 -> 133 (1 token), 272 -> 195 (2), 396 -> 291 (4), 582 -> 478 (8);
-    #   16 rows over 128: 152 -> 137 (1 token), 189 -> 190 (2), 301 -> 316 (4);
-    #   8 rows over 256:  135 -> 125 (1 token), 127 -> 194 (2), 224 -> 290 (4).
-    # So a call reads the whole pool when that reads at most this many times the positions the gathered call would.
-    pool_read_ratio: float = 1.0
+    A call runs in one of two ways. *Gathered*: the block's rows are its sessions' slots, in any order, and each
+    layer copies those rows' parts of the attended segments (each a contiguous block) out of the pool. *Whole pool*
+    (when the padded batch is the whole pool; `pool_call`): the block is laid out by slot, R rows with the slots not
+    in the call as padding, and attention reads the segments in place, with no copy.
+    """
 
     def __init__(
         self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: jnp.dtype
     ) -> None:
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.k: tuple[jax.Array, ...] = tuple(jnp.zeros(shape, dtype) for _ in range(n_layers))
-        self.v: tuple[jax.Array, ...] = tuple(jnp.zeros(shape, dtype) for _ in range(n_layers))
-        self.lengths = np.zeros(batch, dtype=np.int32)
         self.batch, self.max_len = batch, max_len
+        ends = self.attend_buckets()
+        sizes = np.diff([0, *ends])
+
+        def buffers() -> tuple[tuple[jax.Array, ...], ...]:
+            return tuple(
+                tuple(jnp.zeros((batch, n_kv_heads, int(s), head_dim), dtype) for s in sizes) for _ in range(n_layers)
+            )
+
+        self.k: tuple[tuple[jax.Array, ...], ...] = buffers()
+        self.v: tuple[tuple[jax.Array, ...], ...] = buffers()
+        self.lengths = np.zeros(batch, dtype=np.int32)
 
     def rows(self, rows: Sequence[int] | None) -> np.ndarray:
         """The selected slots as an int32 array (all slots when None)."""
@@ -115,15 +118,12 @@ class KVCache:
         lengths[: rows.shape[0]] = self.lengths[rows]
         return slots, lengths
 
-    def pool_call(self, rows: np.ndarray) -> bool:
-        """Whether a call over `rows` reads the whole pool in place rather than gathering its rows (`reads_pool`)."""
-        return self.reads_pool(bucket(rows.shape[0]), self.attend_len(rows))
-
-    def reads_pool(self, batch: int, attend_len: int) -> bool:
-        """Whether a call of `batch` padded rows attending `attend_len` positions runs over the whole pool (see the
-        class docstring): when the pool's R * S positions are at most `pool_read_ratio` times the positions the
-        gathered call would copy."""
-        return self.batch * self.max_len <= self.pool_read_ratio * batch * attend_len
+    def pool_call(self, n_rows: int) -> bool:
+        """Whether a call over `n_rows` rows reads the whole pool in place rather than gathering its rows: when its
+        padded batch is the whole pool anyway (see the class docstring). With fewer rows, the whole pool would run every
+        layer on the other slots too (measured, 8 rows of 16 slots over 256 positions: 127 ms gathered, 194 ms over
+        the whole pool, for 2 tokens a row)."""
+        return bucket(n_rows) >= self.batch
 
     def pool_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(slots [R], lengths [R]) of a whole-pool call over `rows`: every slot in order; those not in the call are
@@ -147,24 +147,25 @@ class KVCache:
         """Runs one jitted block call over this cache and keeps the cache it returns.
 
         `fn(params, padded_block, rows, lengths, k, v, **static)` must return its outputs followed by the updated
-        (k, v). With `attends`, the attended-length bucket is passed as `attend_len`, or None for a whole-pool call
-        (`pool_call`), whose block has the pool's R rows laid out by slot. Otherwise the call runs on the padded batch
-        (see `pad_block` and `padded_rows`). fn's outputs have one row per padded row, of bucket(T) tokens.
+        (k, v). With `attends`, the attended-length bucket is passed as `attend_len` and whether the call reads the
+        whole pool (`pool_call`; its block is then the pool's R rows laid out by slot) as `whole_pool`. Otherwise the
+        call runs on the padded batch (see `pad_block` and `padded_rows`). fn's outputs have one row per padded row, of
+        bucket(T) tokens.
 
         Returns:
             (the selected slots [B], the rows of fn's outputs that hold them [B], fn's outputs before the cache).
         """
         slots = self.rows(rows)
         padded = self.pad_block(block, slots, sizes, dtype)
-        if attends and self.pool_call(slots):
-            static["attend_len"] = None
+        if attends:
+            static["attend_len"] = self.attend_len(slots)
+            static["whole_pool"] = self.pool_call(slots.shape[0])
+        if static.get("whole_pool"):
             by_slot = np.zeros((self.batch, *padded.shape[1:]), dtype)
             by_slot[slots] = padded[: slots.shape[0]]
             padded, out_rows = by_slot, slots
             pad_slots, pad_lengths = self.pool_rows(slots)
         else:
-            if attends:
-                static["attend_len"] = self.attend_len(slots)
             out_rows = np.arange(slots.shape[0])
             pad_slots, pad_lengths = self.padded_rows(slots)
         *out, self.k, self.v = fn(
@@ -178,7 +179,7 @@ class KVCache:
 
     def attend_buckets(self) -> list[int]:
         """Every attended length a call over this cache can use (the shapes to compile ahead)."""
-        return buckets(self.max_len, MIN_ATTEND, cap=self.max_len)
+        return buckets(max(self.max_len, MIN_ATTEND), MIN_ATTEND, cap=self.max_len)
 
     def padding_rows(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """(slots [b], lengths [b]) of a call of padding rows only (compiling a shape ahead): each claims a full

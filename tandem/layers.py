@@ -18,6 +18,8 @@ written only after the whole stack has run.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Sequence
 
 import jax
@@ -140,21 +142,27 @@ def qkv_projection(
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
+Context = tuple[jax.Array, ...]  # the context in segments along S (one for training; the cache's buffers in serving)
+
+
 def two_part_attention(
     q: jax.Array,
-    ctx_k: jax.Array,
-    ctx_v: jax.Array,
-    ctx_mask: jax.Array,
+    ctx_k: Context,
+    ctx_v: Context,
+    ctx_mask: Context,
     blk_k: jax.Array,
     blk_v: jax.Array,
     blk_mask: jax.Array,
 ) -> jax.Array:
     """Grouped-query attention over a context part and a block part with one joint softmax.
 
+    The context may come in segments along S (the KV cache keeps one buffer per attended-length bucket, so a call
+    reads whole buffers); a softmax over all segments and the block at once is the same as over their concatenation.
+
     Args:
         q: [K, G, H, B, T] queries (RoPE applied).
-        ctx_k, ctx_v: [B, K, S, H] context keys/values (S may be 0).
-        ctx_mask: [B, T, S] True where query t may read context slot s.
+        ctx_k, ctx_v: segments [B, K, S_j, H] of the context keys/values (S_j may be 0).
+        ctx_mask: segments [B, T, S_j], True where query t may read context slot s.
         blk_k, blk_v: [K, H, B, T] the block's own keys/values.
         blk_mask: [B, T, T] True where query t may read block token u.
 
@@ -166,18 +174,24 @@ def two_part_attention(
     # in every operand XLA on CPU runs them as batched matrix products, while the feature-major query made it fuse the
     # masking and exponentials into a loop over the context that cost ~4x more at B = 16 over 256 slots.
     q_b = jnp.transpose(q, (3, 0, 1, 4, 2))  # [B, K, G, T, H]
-    s_ctx = jnp.einsum("BKGTH,BKSH->BKGTS", q_b, ctx_k) * scale
+    s_ctx = [
+        jnp.where(mask[:, None, None], jnp.einsum("BKGTH,BKSH->BKGTS", q_b, k) * scale, _MASKED)
+        for k, mask in zip(ctx_k, ctx_mask, strict=True)
+    ]
     s_blk = jnp.einsum("KGHBT,KHBU->BKGTU", q, blk_k) * scale
-    s_ctx = jnp.where(ctx_mask[:, None, None], s_ctx, _MASKED)
     s_blk = jnp.where(blk_mask[:, None, None], s_blk, _MASKED)
-    m = jnp.maximum(
-        jnp.max(s_ctx, axis=-1, initial=_MASKED, keepdims=True), jnp.max(s_blk, axis=-1, keepdims=True)
+    m = functools.reduce(
+        jnp.maximum,
+        [jnp.max(s, axis=-1, initial=_MASKED, keepdims=True) for s in s_ctx],
+        jnp.max(s_blk, axis=-1, keepdims=True),
     )  # [B, K, G, T, 1]
-    p_ctx = jnp.where(ctx_mask[:, None, None], jnp.exp(s_ctx - m), 0.0)
+    p_ctx = [jnp.where(mask[:, None, None], jnp.exp(s - m), 0.0) for s, mask in zip(s_ctx, ctx_mask, strict=True)]
     p_blk = jnp.where(blk_mask[:, None, None], jnp.exp(s_blk - m), 0.0)
-    denom = jnp.sum(p_ctx, axis=-1) + jnp.sum(p_blk, axis=-1)  # [B, K, G, T]
-    o_ctx = jnp.transpose(jnp.einsum("BKGTS,BKSH->BKGTH", p_ctx, ctx_v), (1, 2, 4, 0, 3))  # [K, G, H, B, T]
-    out = o_ctx + jnp.einsum("BKGTU,KHBU->KGHBT", p_blk, blk_v)
+    denom = sum((jnp.sum(p, axis=-1) for p in p_ctx), jnp.sum(p_blk, axis=-1))  # [B, K, G, T]
+    o_ctx = sum(jnp.einsum("BKGTS,BKSH->BKGTH", p, v) for p, v in zip(p_ctx, ctx_v, strict=True))  # [B, K, G, T, H]
+    out = jnp.einsum("BKGTU,KHBU->KGHBT", p_blk, blk_v)
+    if p_ctx:
+        out = out + jnp.transpose(o_ctx, (1, 2, 4, 0, 3))  # [K, G, H, B, T]
     return out / jnp.maximum(jnp.transpose(denom, (1, 2, 0, 3))[:, :, None], 1e-30)
 
 
@@ -186,9 +200,9 @@ def decoder_layer(
     x: jax.Array,
     cos: jax.Array,
     sin: jax.Array,
-    ctx_k: jax.Array,
-    ctx_v: jax.Array,
-    ctx_mask: jax.Array,
+    ctx_k: Context,
+    ctx_v: Context,
+    ctx_mask: Context,
     blk_mask: jax.Array,
     eps: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -198,8 +212,8 @@ def decoder_layer(
         p: the layer.
         x: [D, N] residual stream of the block's tokens.
         cos, sin: [H, N] RoPE tables for the block's positions.
-        ctx_k, ctx_v: [B, K, S, H] context keys/values.
-        ctx_mask: [B, T, S].
+        ctx_k, ctx_v: segments [B, K, S_j, H] of the context keys/values.
+        ctx_mask: segments [B, T, S_j].
         blk_mask: [B, T, T].
         eps: RMSNorm epsilon.
 
@@ -207,7 +221,7 @@ def decoder_layer(
         (x_out [D, N], k [B, K, T, H], v [B, K, T, H]): the new residual stream and the block's own keys/values,
         which the caller may write to a cache.
     """
-    batch, t = ctx_mask.shape[:2]
+    batch, t = blk_mask.shape[:2]
     q, k, v = qkv_projection(p, rms_norm(x, p.attn_norm, eps), cos, sin)
     k_heads, g, h, n = q.shape
     q = q.reshape(k_heads, g, h, batch, t)
@@ -224,9 +238,9 @@ def decoder_stack(
     layers: Layers,
     x: jax.Array,
     positions: jax.Array,
-    ctx_k: jax.Array | Sequence[jax.Array],
-    ctx_v: jax.Array | Sequence[jax.Array],
-    ctx_mask: jax.Array,
+    ctx_k: jax.Array | Sequence[Context],
+    ctx_v: jax.Array | Sequence[Context],
+    ctx_mask: jax.Array | Context,
     blk_mask: jax.Array,
     *,
     rope_theta: float,
@@ -239,8 +253,9 @@ def decoder_stack(
         layers: one LayerParams per layer.
         x: [D, N] embeddings of the block's tokens.
         positions: [B, T] absolute positions.
-        ctx_k, ctx_v: [L, B, K, S, H] per-layer context keys/values (an array, or L arrays [B, K, S, H]).
-        ctx_mask: [B, T, S]; blk_mask: [B, T, T].
+        ctx_k, ctx_v: [L, B, K, S, H] per-layer context keys/values (an array, or per layer its segments
+            [B, K, S_j, H]).
+        ctx_mask: [B, T, S], or its segments [B, T, S_j]; blk_mask: [B, T, T].
         rope_theta: RoPE base.
         eps: RMSNorm epsilon.
         taps: 1-indexed layers whose output residual stream is returned.
@@ -250,9 +265,10 @@ def decoder_stack(
         new_k [L, B, K, T, H], new_v [L, B, K, T, H]).
     """
     cos, sin = rope_tables(positions, layers[0].head_dim, rope_theta)
+    masks = _segments(ctx_mask)
     new_k, new_v, hidden = [], [], []
     for i, p in enumerate(layers):
-        x, k, v = decoder_layer(p, x, cos, sin, ctx_k[i], ctx_v[i], ctx_mask, blk_mask, eps)
+        x, k, v = decoder_layer(p, x, cos, sin, _segments(ctx_k[i]), _segments(ctx_v[i]), masks, blk_mask, eps)
         new_k.append(k)
         new_v.append(v)
         hidden.append(x)
@@ -260,35 +276,59 @@ def decoder_stack(
     return x, tapped, jnp.stack(new_k), jnp.stack(new_v)
 
 
+def _segments(context: jax.Array | Context) -> Context:
+    """A context given whole as its one segment."""
+    return context if isinstance(context, tuple) else (context,)
+
+
 def causal_block_mask(batch: int, t: int) -> jax.Array:
     """[B, T, T] lower-triangular mask: token t reads block tokens u <= t."""
     return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), dtype=bool)), (batch, t, t))
 
 
-def cache_mask(lengths: jax.Array, t: int, s: int) -> jax.Array:
-    """[B, T, S] mask reading cache slots s < lengths[b] (the same for every query of the block)."""
-    return jnp.broadcast_to((jnp.arange(s)[None, :] < lengths[:, None])[:, None, :], (lengths.shape[0], t, s))
+def cache_mask(lengths: jax.Array, t: int, size: int, start: int = 0) -> jax.Array:
+    """[B, T, size] mask reading cache positions start + s < lengths[b] (the same for every query of the block)."""
+    readable = (start + jnp.arange(size))[None, :] < lengths[:, None]  # [B, size]
+    return jnp.broadcast_to(readable[:, None, :], (lengths.shape[0], t, size))
 
 
-KVBuffers = tuple[jax.Array, ...]  # one [R, K, S, H] buffer per layer over all R slots of the pool
+# The KV cache pool: per layer, its buffers [R, K, S_j, H] over all R slots, one per segment of positions (segment j
+# holds positions start_j .. start_j + S_j - 1; see `tandem.kvcache.KVCache`).
+KVBuffers = tuple[tuple[jax.Array, ...], ...]
+
+
+def segment_starts(layer: Sequence[jax.Array]) -> list[int]:
+    """The first position of each segment of a layer's buffers [R, K, S_j, H], plus the end of the last."""
+    starts = [0]
+    for buffer in layer:
+        starts.append(starts[-1] + buffer.shape[2])
+    return starts
 
 
 def write_cache(cache: KVBuffers, new: jax.Array, rows: jax.Array, lengths: jax.Array) -> KVBuffers:
-    """Writes each selected row's block at its own offset, in every layer.
+    """Writes each selected row's block at its own offset, in every layer, into the segments its positions fall in.
 
     Args:
-        cache: L buffers [R, K, S, H].
+        cache: per layer, its segments [R, K, S_j, H].
         new: [L, B, K, T, H] the block's keys or values.
         rows: [B] slot of each block row.
-        lengths: [B] first position to write per row; positions past S are dropped.
+        lengths: [B] first position to write per row; positions past the last segment are dropped.
 
     Returns:
         The updated buffers (in place when the caller donates them).
     """
     positions = lengths[:, None] + jnp.arange(new.shape[3])[None, :]  # [B, T]
     # Advanced indices split by a slice put their broadcast shape [B, T] first: each update is [B, T, K, H].
-    update = jnp.transpose(new, (0, 1, 3, 2, 4)).astype(cache[0].dtype)  # [L, B, T, K, H]
-    return tuple(c.at[rows[:, None], :, positions].set(u, mode="drop") for c, u in zip(cache, update, strict=True))
+    update = jnp.transpose(new, (0, 1, 3, 2, 4)).astype(cache[0][0].dtype)  # [L, B, T, K, H]
+    starts = segment_starts(cache[0])
+    at = []  # [B, T] per segment: the position within it, or its size (out of bounds: dropped)
+    for start, end in itertools.pairwise(starts):
+        inside = (positions >= start) & (positions < end)
+        at.append(jnp.where(inside, positions - start, end - start))
+    return tuple(
+        tuple(c.at[rows[:, None], :, p].set(u, mode="drop") for c, p in zip(layer, at, strict=True))
+        for layer, u in zip(cache, update, strict=True)
+    )
 
 
 def cached_decoder_stack(
@@ -299,7 +339,8 @@ def cached_decoder_stack(
     cache_k: KVBuffers,
     cache_v: KVBuffers,
     *,
-    attend_len: int | None,
+    attend_len: int,
+    whole_pool: bool = False,
     rope_theta: float,
     eps: float,
     taps: Sequence[int] = (),
@@ -309,13 +350,13 @@ def cached_decoder_stack(
     Args:
         layers: one LayerParams per layer.
         x: [D, N] embeddings of the block, row b's tokens at positions lengths[b] .. lengths[b] + T - 1.
-        rows: [B] cache slot of each block row (a subset of the pool, in any order; with attend_len None, every slot
-            in order).
+        rows: [B] cache slot of each block row (a subset of the pool, in any order; with whole_pool, every slot in
+            order).
         lengths: [B] cached positions of each row.
-        cache_k, cache_v: L buffers [R, K, S, H], the whole pool (donated by callers).
-        attend_len: static bucket of attended slots (>= max(lengths)): each layer gathers the rows' first attend_len
-            positions. None: the block is the whole pool by slot (B = R) and attention reads each layer's buffer in
-            place, all S positions (see `tandem.kvcache.KVCache`).
+        cache_k, cache_v: per layer, its segments [R, K, S_j, H], the whole pool (donated by callers).
+        attend_len: static number of attended positions: the end of a segment (>= max(lengths)).
+        whole_pool: static; the block is the whole pool by slot (B = R), and attention reads the segments in place
+            instead of gathering the rows out of them (see `tandem.kvcache.KVCache`).
         rope_theta: RoPE base.
         eps: RMSNorm epsilon.
         taps: 1-indexed layers whose output residual stream is returned.
@@ -326,21 +367,25 @@ def cached_decoder_stack(
     batch = rows.shape[0]
     t = x.shape[1] // batch
     positions = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    if attend_len is None:
-        ctx_k, ctx_v, attended = cache_k, cache_v, cache_k[0].shape[2]
-    else:
-        # Per layer [B, K, S', H]: one gather per layer, not one of every layer up front (a buffer of all layers is
-        # tens of MB at B = 16, freshly mapped and faulted in on every call; per-layer buffers are reused).
-        ctx_k = tuple(c[rows, :, :attend_len] for c in cache_k)
-        ctx_v = tuple(c[rows, :, :attend_len] for c in cache_v)
-        attended = attend_len
+    starts = segment_starts(cache_k[0])
+    if attend_len not in starts:
+        raise ValueError(f"attend_len {attend_len} must end a cache segment, one of {starts[1:]}")
+    n = starts.index(attend_len)  # the segments attended
+
+    def context(cache: KVBuffers) -> tuple[tuple[jax.Array, ...], ...]:
+        if whole_pool:
+            return tuple(layer[:n] for layer in cache)
+        # Per layer and segment [B, K, S_j, H]: each row's part of a segment is contiguous, so the gather copies
+        # whole blocks (and only the segments attended).
+        return tuple(tuple(c[rows] for c in layer[:n]) for layer in cache)
+
     x, tapped, new_k, new_v = decoder_stack(
         layers,
         x,
         positions,
-        ctx_k,
-        ctx_v,
-        cache_mask(lengths, t, attended),
+        context(cache_k),
+        context(cache_v),
+        tuple(cache_mask(lengths, t, end - start, start) for start, end in itertools.pairwise(starts[: n + 1])),
         causal_block_mask(batch, t),
         rope_theta=rope_theta,
         eps=eps,

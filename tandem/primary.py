@@ -107,7 +107,8 @@ def forward_block(
     *,
     cfg: LlamaConfig,
     taps: tuple[int, ...],
-    attend_len: int | None,
+    attend_len: int,
+    whole_pool: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, KVBuffers, KVBuffers]:
     """One block pass: T new tokens per row after that row's cached prefix.
 
@@ -116,11 +117,12 @@ def forward_block(
         tokens: [B, T] token ids; row b's tokens sit at positions lengths[b] .. lengths[b] + T - 1.
         rows: [B] cache slot of each row.
         lengths: [B] cached tokens per row (its slot holds positions < lengths[b]).
-        cache_k, cache_v: the KV cache pool, L buffers [R, K, S, H] (donated by callers).
+        cache_k, cache_v: the KV cache pool (`tandem.layers.KVBuffers`, donated by callers).
         cfg: static config.
         taps: static 1-indexed layers whose output residual stream is returned.
-        attend_len: static number of cache slots attended (a bucket >= max(lengths)), or None for a whole-pool call
-            (rows are every slot in order; see `tandem.kvcache.KVCache`).
+        attend_len: static number of cache positions attended (a bucket >= max(lengths)).
+        whole_pool: static; rows are every slot in order and attention reads the cache in place (see
+            `tandem.kvcache.KVCache`).
 
     Returns:
         logits [V, N] (vocabulary-major, N = B*T; see `output_logits`); their argmax [B, T] (greedy requests copy
@@ -137,6 +139,7 @@ def forward_block(
         cache_k,
         cache_v,
         attend_len=attend_len,
+        whole_pool=whole_pool,
         rope_theta=cfg.rope_theta,
         eps=cfg.rms_eps,
         taps=taps,
@@ -179,7 +182,9 @@ def forward_sequence(
 
 
 # One compiled function per (shapes, cfg, taps, attend_len), shared by every runner in the process.
-_forward_block_jit = jax.jit(forward_block, static_argnames=("cfg", "taps", "attend_len"), donate_argnums=(4, 5))
+_forward_block_jit = jax.jit(
+    forward_block, static_argnames=("cfg", "taps", "attend_len", "whole_pool"), donate_argnums=(4, 5)
+)
 
 
 class BlockOutput:
@@ -258,18 +263,21 @@ class PrimaryRunner:
 
     def compile(self, batches: Sequence[int], blocks: Sequence[int], attends: Sequence[int]) -> int:
         """Compiles the block pass for every (batch, block, attended-length) bucket given, and the whole-pool call of
-        every block bucket where one of those runs as one (`KVCache.reads_pool`), so requests never wait for a
-        compile (a serving start-up step). Runs each shape once on padding rows only: no slot's cache changes.
+        batches that fill the pool (`KVCache.pool_call`), so requests never wait for a compile (a serving start-up
+        step). Runs each shape once on padding rows only: no slot's cache changes.
 
         Returns:
             How many shapes were compiled or found compiled.
         """
-        shapes: set[tuple[int, int, int | None]] = set()
-        for b in map(bucket, batches):
-            for attend in (min(bucket(a, MIN_ATTEND), self.max_len) for a in attends):
-                pool = self.cache.reads_pool(b, attend)
-                shapes |= {(self.batch, bucket(t), None) if pool else (b, bucket(t), attend) for t in blocks}
-        for b, t, a in sorted(shapes, key=lambda s: (s[0], s[1], s[2] or 0)):
+        shapes = {
+            (bucket(b), bucket(t), min(bucket(a, MIN_ATTEND), self.max_len))
+            for b in batches
+            for t in blocks
+            for a in attends
+        }
+        for b, t, a in sorted(shapes):
+            pool = self.cache.pool_call(b)
+            b = self.batch if pool else b  # a whole-pool call has one row per slot
             rows, lengths = map(jnp.asarray, self.cache.padding_rows(b))
             *_, self.cache.k, self.cache.v = _forward_block_jit(
                 self.params,
@@ -281,6 +289,7 @@ class PrimaryRunner:
                 cfg=self.cfg,
                 taps=self.taps,
                 attend_len=a,
+                whole_pool=pool,
             )
         return len(shapes)
 

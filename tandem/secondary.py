@@ -48,6 +48,7 @@ from tandem.layers import (
     qkv_projection,
     rms_norm,
     rope_tables,
+    segment_starts,
     tokens_major,
     write_cache,
 )
@@ -230,7 +231,8 @@ def _advance(
     cache_v: KVBuffers,
     *,
     cfg: DrafterConfig,
-    attend_len: int | None,
+    attend_len: int,
+    whole_pool: bool = False,
 ) -> tuple[jax.Array, KVBuffers, KVBuffers]:
     """The stack over T new tokens per row: (x [D, N] before the final norm, cache_k, cache_v)."""
     assert params.embed is not None, "call materialize() first"
@@ -242,6 +244,7 @@ def _advance(
         cache_k,
         cache_v,
         attend_len=attend_len,
+        whole_pool=whole_pool,
         rope_theta=cfg.rope_theta,
         eps=cfg.rms_eps,
     )
@@ -257,7 +260,8 @@ def step(
     cache_v: KVBuffers,
     *,
     cfg: DrafterConfig,
-    attend_len: int | None,
+    attend_len: int,
+    whole_pool: bool = False,
 ) -> tuple[jax.Array, KVBuffers, KVBuffers]:
     """Incremental forward of T new tokens per row against the cache (causal over cache slots < lengths).
 
@@ -268,12 +272,15 @@ def step(
         lengths: [B] valid cache positions per row.
         cache_k, cache_v: the pool, L buffers [R, K, S, H] (donated).
         cfg: static config.
-        attend_len: static bucket of attended cache slots, or None for a whole-pool call (`tandem.kvcache.KVCache`).
+        attend_len: static bucket of attended cache slots.
+        whole_pool: static; rows are every slot in order, read in place (see `tandem.kvcache.KVCache`).
 
     Returns:
         (logits [V, B*T] vocabulary-major, cache_k, cache_v) with the tokens' own keys/values written at lengths.
     """
-    x, cache_k, cache_v = _advance(params, tokens, rows, lengths, cache_k, cache_v, cfg=cfg, attend_len=attend_len)
+    x, cache_k, cache_v = _advance(
+        params, tokens, rows, lengths, cache_k, cache_v, cfg=cfg, attend_len=attend_len, whole_pool=whole_pool
+    )
     return _logits(params, cfg, x), cache_k, cache_v
 
 
@@ -324,7 +331,7 @@ def draft_greedy(
     assert head is not None, "call materialize() first"
     head_ids = params.head_ids
     batch, t = tokens.shape
-    beyond = jnp.full_like(lengths, cache_k[0].shape[2])  # a write position past the cache's end: dropped
+    beyond = jnp.full_like(lengths, segment_starts(cache_k[0])[-1])  # a write position past the cache's end: dropped
 
     def decide(x: jax.Array, drafted: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [D, B] -> (each row's next draft [B], whether it keeps drafting after it [B])."""
@@ -385,7 +392,7 @@ def ingest(
 # The drafts buffer is at least this wide (γ_max's default bucket): rounds stop on device anyway, and one width for
 # every γ up to 8 keeps the compiled shapes few.
 _DRAFTS_WIDTH = 8
-_step_jit = jax.jit(step, static_argnames=("cfg", "attend_len"), donate_argnums=(4, 5))
+_step_jit = jax.jit(step, static_argnames=("cfg", "attend_len", "whole_pool"), donate_argnums=(4, 5))
 _draft_greedy_jit = jax.jit(draft_greedy, static_argnames=("cfg", "attend_len", "cap", "top_k"), donate_argnums=(6, 7))
 _ingest_jit = jax.jit(ingest, static_argnames=("cfg",), donate_argnums=(4, 5))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import jax
 import numpy as np
 import pytest
 from conftest import TINY, drafter_config, make_engine
@@ -19,14 +20,13 @@ from tandem.workers import BatchingConfig, PrimaryWorker, _Batcher, _Call
 PROMPTS = [np.random.default_rng(i).integers(0, TINY.vocab_size, size=3 + 2 * i).tolist() for i in range(8)]
 
 
-@pytest.mark.parametrize("whole_pool", [False, True])
-def test_ragged_rows_in_one_call_equal_each_row_alone(tiny_params, whole_pool: bool) -> None:
-    """Three sessions at different lengths, with blocks of 3, 1 and 5 tokens, in one padded call (batch bucket 4),
-    gathered or laid out over the whole pool by slot."""
+@pytest.mark.parametrize("slots", [4, 6])
+def test_ragged_rows_in_one_call_equal_each_row_alone(tiny_params, slots: int) -> None:
+    """Three sessions at different lengths, with blocks of 3, 1 and 5 tokens, in one padded call (batch bucket 4):
+    over the whole pool of 4 slots laid out by slot, or gathered out of 6."""
     taps = drafter_config(True).tapped_layers
-    batched = PrimaryRunner(TINY, tiny_params, taps=taps, batch=4, max_len=64)
-    alone = PrimaryRunner(TINY, tiny_params, taps=taps, batch=4, max_len=64)
-    batched.cache.pool_read_ratio = 1e9 if whole_pool else 0.0
+    batched = PrimaryRunner(TINY, tiny_params, taps=taps, batch=slots, max_len=64)
+    alone = PrimaryRunner(TINY, tiny_params, taps=taps, batch=slots, max_len=64)
     rows, blocks = [2, 0, 3], [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
     for row, prompt in zip(rows, PROMPTS, strict=False):
         for runner in (batched, alone):
@@ -35,8 +35,7 @@ def test_ragged_rows_in_one_call_equal_each_row_alone(tiny_params, whole_pool: b
     tokens = np.zeros((3, 5), np.int32)
     for b, block in enumerate(blocks):
         tokens[b, : len(block)] = block
-    assert batched.cache.pool_call(np.asarray(rows)) == whole_pool
-    assert not alone.cache.pool_call(np.asarray(rows[:1]))
+    assert batched.cache.pool_call(len(rows)) == (slots == 4)
     out = batched.forward(tokens, rows=rows, sizes=[len(b) for b in blocks])
     assert out.top.shape == (3, 5) and out.logits.shape[:2] == (3, 5)
     for b, (row, block) in enumerate(zip(rows, blocks, strict=True)):
@@ -163,15 +162,21 @@ def test_batching_config_is_checked() -> None:
 def test_compiling_buckets_at_start_covers_serving_shapes_and_changes_no_cache(tiny_params) -> None:
     from tandem.primary import _forward_block_jit
 
-    runner = PrimaryRunner(TINY, tiny_params, taps=drafter_config(True).tapped_layers, batch=4, max_len=64)
+    runner = PrimaryRunner(TINY, tiny_params, taps=drafter_config(True).tapped_layers, batch=4, max_len=256)
     runner.forward(np.asarray([[1, 2, 3]]), rows=[1])
     runner.commit(1, 3)
-    before = (np.asarray(runner.cache.k).copy(), runner.lengths.copy())
-    assert runner.compile([1, 3], [1, 3], [16, 40]) == 8  # buckets: batch 1, 4; block 1, 4; context 16, 64
-    np.testing.assert_array_equal(np.asarray(runner.cache.k), before[0])
+
+    def cache() -> list[np.ndarray]:
+        return [np.asarray(b).copy() for b in jax.tree.leaves((runner.cache.k, runner.cache.v))]
+
+    before = (cache(), runner.lengths.copy())
+    assert runner.compile([1, 3], [1, 3], [16, 100]) == 8  # buckets: batch 1, 4; block 1, 4; context 64, 128
+    for got, want in zip(cache(), before[0], strict=True):
+        np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(runner.lengths, before[1])
     compiled = _forward_block_jit._cache_size()
-    runner.forward(np.asarray([[4, 5, 6], [7, 8, 9], [1, 1, 1]]), rows=[1, 0, 2])  # batch 4, block 4, context 16
+    # batch 4 (the whole pool, laid out by slot), block 4, context 64
+    runner.forward(np.asarray([[4, 5, 6], [7, 8, 9], [1, 1, 1]]), rows=[1, 0, 2])
     runner.forward(np.asarray([[4]]), rows=[1])
     assert _forward_block_jit._cache_size() == compiled
 
