@@ -305,7 +305,9 @@ def segment_starts(layer: Sequence[jax.Array]) -> list[int]:
     return starts
 
 
-def write_cache(cache: KVBuffers, new: jax.Array, rows: jax.Array, lengths: jax.Array) -> KVBuffers:
+def write_cache(
+    cache: KVBuffers, new: jax.Array, rows: jax.Array, lengths: jax.Array, reach: int | None = None
+) -> KVBuffers:
     """Writes each selected row's block at its own offset, in every layer, into the segments its positions fall in.
 
     Args:
@@ -313,6 +315,8 @@ def write_cache(cache: KVBuffers, new: jax.Array, rows: jax.Array, lengths: jax.
         new: [L, B, K, T, H] the block's keys or values.
         rows: [B] slot of each block row.
         lengths: [B] first position to write per row; positions past the last segment are dropped.
+        reach: static bound on the positions kept (any others are dropped): segments from there on are not written,
+            which spares each compiled call their scatters (a third of its compile time at three segments).
 
     Returns:
         The updated buffers (in place when the caller donates them).
@@ -321,12 +325,15 @@ def write_cache(cache: KVBuffers, new: jax.Array, rows: jax.Array, lengths: jax.
     # Advanced indices split by a slice put their broadcast shape [B, T] first: each update is [B, T, K, H].
     update = jnp.transpose(new, (0, 1, 3, 2, 4)).astype(cache[0][0].dtype)  # [L, B, T, K, H]
     starts = segment_starts(cache[0])
-    at = []  # [B, T] per segment: the position within it, or its size (out of bounds: dropped)
+    at = []  # [B, T] per segment written: the position within it, or its size (out of bounds: dropped)
     for start, end in itertools.pairwise(starts):
+        if reach is not None and start >= reach:
+            break
         inside = (positions >= start) & (positions < end)
         at.append(jnp.where(inside, positions - start, end - start))
     return tuple(
-        tuple(c.at[rows[:, None], :, p].set(u, mode="drop") for c, p in zip(layer, at, strict=True))
+        tuple(c.at[rows[:, None], :, p].set(u, mode="drop") for c, p in zip(layer, at, strict=False))
+        + layer[len(at) :]
         for layer, u in zip(cache, update, strict=True)
     )
 
@@ -391,7 +398,13 @@ def cached_decoder_stack(
         eps=eps,
         taps=taps,
     )
-    return x, tapped, write_cache(cache_k, new_k, rows, lengths), write_cache(cache_v, new_v, rows, lengths)
+    reach = attend_len + t  # every real row's length is at most attend_len; padding rows write nowhere
+    return (
+        x,
+        tapped,
+        write_cache(cache_k, new_k, rows, lengths, reach),
+        write_cache(cache_v, new_v, rows, lengths, reach),
+    )
 
 
 def embed_tokens(embed: jax.Array, tokens: jax.Array) -> jax.Array:
