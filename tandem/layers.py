@@ -332,8 +332,7 @@ def write_cache(
         inside = (positions >= start) & (positions < end)
         at.append(jnp.where(inside, positions - start, end - start))
     return tuple(
-        tuple(c.at[rows[:, None], :, p].set(u, mode="drop") for c, p in zip(layer, at, strict=False))
-        + layer[len(at) :]
+        tuple(c.at[rows[:, None], :, p].set(u, mode="drop") for c, p in zip(layer, at, strict=False)) + layer[len(at) :]
         for layer, u in zip(cache, update, strict=True)
     )
 
