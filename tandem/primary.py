@@ -181,7 +181,7 @@ def forward_sequence(
     return tokens_major(logits, batch), tokens_major(tapped, batch)
 
 
-# One compiled function per (shapes, cfg, taps, attend_len), shared by every runner in the process.
+# One compiled function per (shapes, cfg, taps, attend_len, whole_pool), shared by every runner in the process.
 _forward_block_jit = jax.jit(
     forward_block, static_argnames=("cfg", "taps", "attend_len", "whole_pool"), donate_argnums=(4, 5)
 )

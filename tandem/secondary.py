@@ -270,7 +270,7 @@ def step(
         tokens: [B, T] ids at positions lengths .. lengths + T - 1.
         rows: [B] cache slot of each row.
         lengths: [B] valid cache positions per row.
-        cache_k, cache_v: the pool, L buffers [R, K, S, H] (donated).
+        cache_k, cache_v: the pool (`tandem.layers.KVBuffers`, donated).
         cfg: static config.
         attend_len: static bucket of attended cache slots.
         whole_pool: static; rows are every slot in order, read in place (see `tandem.kvcache.KVCache`).
@@ -315,7 +315,7 @@ def draft_greedy(
         fed: [B] how many of each row's tokens are real (>= 1).
         rows: [B] the sessions' cache slots.
         lengths: [B] their cached positions.
-        cache_k, cache_v: the pool, L buffers [R, K, S, H] (donated).
+        cache_k, cache_v: the pool (`tandem.layers.KVBuffers`, donated).
         gamma: [B] most drafts per row, 1 <= gamma <= cap (0 for a padding row: it never drafts).
         tau: [B] τ per row.
         cfg: static config.
@@ -378,7 +378,7 @@ def ingest(
         primary_hidden: [B, T, n_taps, P].
         rows: [B] cache slot of each row.
         lengths: [B] first position per row.
-        cache_k, cache_v: the pool, L buffers [R, K, S, H] (donated).
+        cache_k, cache_v: the pool (`tandem.layers.KVBuffers`, donated).
         cfg: static config.
 
     Returns:
