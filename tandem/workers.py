@@ -49,7 +49,11 @@ _T = TypeVar("_T")
 @dataclasses.dataclass(frozen=True)
 class BatchingConfig:
     max_batch: int = 16  # most sessions' calls in one batched model call
-    window_s: float = 0.002  # how long an idle model waits for more live sessions' calls before it runs a batch
+    # How long an idle model waits for the other live sessions' calls before it runs a batch (it stops waiting once
+    # every live session has a call queued). Behind gRPC the next calls of a batch's sessions come back spread over
+    # tens of ms; with 2 ms the batches split into two halves that alternated for good (16 streams: mean batch 8.0,
+    # 57 tokens/s), with 40 ms they stay whole (mean batch 15.8, 100 tokens/s).
+    window_s: float = 0.040
 
 
 @dataclasses.dataclass

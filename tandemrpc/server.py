@@ -183,7 +183,7 @@ def add_batching_flags(parser: Any, env_prefix: str) -> None:
     parser.add_argument(
         "--batch-window-ms",
         type=float,
-        default=float(env(f"{env_prefix}_BATCH_WINDOW_MS", "2")),
+        default=float(env(f"{env_prefix}_BATCH_WINDOW_MS", "40")),  # BatchingConfig.window_s (why: see there)
         help="how long an idle model waits for other live sessions' calls before running a batch",
     )
 
