@@ -316,7 +316,8 @@ def write_cache(
         rows: [B] slot of each block row.
         lengths: [B] first position to write per row; positions past the last segment are dropped.
         reach: static bound on the positions kept (any others are dropped): segments from there on are not written,
-            which spares each compiled call their scatters (a third of its compile time at three segments).
+            which spares compiled calls their scatters (a SmolLM2 prefill of 64 tokens over 64 positions compiled in
+            7.5 s instead of 9.5).
 
     Returns:
         The updated buffers (in place when the caller donates them).
