@@ -122,8 +122,8 @@ class KVCache:
     def pool_call(self, n_rows: int) -> bool:
         """Whether a call over `n_rows` rows reads the whole pool in place rather than gathering its rows: when its
         padded batch is the whole pool anyway (see the class docstring). With fewer rows, the whole pool would run every
-        layer on the other slots too (measured, 8 rows of 16 slots over 256 positions: 127 ms gathered, 194 ms over
-        the whole pool, for 2 tokens a row)."""
+        layer on the other slots too (measured with the earlier single-buffer layout, 8 rows of 16 slots over 256
+        positions: 127 ms gathered, 194 ms over the whole pool, for 2 tokens a row)."""
         return bucket(n_rows) >= self.batch
 
     def pool_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
