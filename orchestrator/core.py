@@ -413,8 +413,11 @@ class Orchestrator:
         route.deadline = deadline
         route.admitted = self.admission
         drafter = None
+        # Load-aware speculation decided at the start too: a request that would drop its drafter before its first
+        # round never opens a drafter stream, and its prefill sends no primary states.
+        shed = req.mode in ("speed", "tandem-speed") and self._gamma_cap(req.spec.gamma_max) == 0
         try:
-            if req.mode != "primary" and self._drafter_reachable():
+            if req.mode != "primary" and not shed and self._drafter_reachable():
                 route.secondary_lease = self._pin("secondary")
                 kind = pb.DRAFTER_TANDEM if req.mode.startswith("tandem") else pb.DRAFTER_VANILLA
                 channel = route.secondary_lease.channel
@@ -423,7 +426,7 @@ class Orchestrator:
         except BaseException:
             route.release()
             raise
-        return Generation(self._run(p, req, limit, session, route, drafter), session, route, drafter)
+        return Generation(self._run(p, req, limit, session, route, drafter, shed), session, route, drafter)
 
     def _failover(self, route: Route) -> RemotePrimary:
         """Moves a request whose primary pod is unreachable to another pod (the request loop re-prefills there)."""
@@ -449,8 +452,9 @@ class Orchestrator:
         session: str,
         route: Route,
         drafter: RemoteDrafter | None,
+        shed: bool,
     ) -> Generator[Chunk, None, None]:
-        stats = GenerationStats()
+        stats = GenerationStats(load_shed=shed)
         rounds = run_request(
             req,
             session,

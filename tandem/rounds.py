@@ -209,7 +209,7 @@ def run_request(
     stats.prompt_tokens = len(req.prompt_ids)
     start = time.perf_counter()
     emitted: list[int] = []
-    want_hidden = req.mode in ("tandem", "tandem-speed")
+    want_hidden = drafter is not None and req.mode in ("tandem", "tandem-speed")  # the Tandem drafter reads them
 
     def emit(new: list[int]) -> tuple[list[int], str | None]:
         """Cuts new tokens at a stop token or max_tokens; returns (kept tokens, finish reason or None)."""

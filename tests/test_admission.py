@@ -115,3 +115,23 @@ def test_running_limit_follows_a_tpot_target() -> None:
     untargeted = Admission(max_running=2, max_queued=0, timeout_s=1.0)
     untargeted.observe(10.0, 1)
     assert untargeted.limit == 2
+
+
+def test_a_request_the_load_would_shed_at_once_never_opens_a_drafter(tiny_params) -> None:
+    """At a load where γ's cap is already 0, a speculative request runs primary-only from its prefill on: no drafter
+    stream is opened and its prefill asks for no primary states; the output is the primary's."""
+    stack = Stack(tiny_params, load=LoadPolicy(full_until=0, primary_only_from=1))
+    asked_states = []
+    primary = stack.primary_worker
+    real_prefill = primary.prefill
+    primary.prefill = lambda *a: asked_states.append(a[-1]) or real_prefill(*a)  # type: ignore[method-assign]
+    try:
+        prompt = [3, 17, 9, 4]
+        want = stack.reference.generate(tuple(prompt), mode="primary", max_tokens=12).token_ids
+        got = [t for r in stack.client.generate(prompt, mode="tandem-speed", max_tokens=12) for t in r.token_ids]
+        assert got == want
+        assert asked_states == [False]
+        assert stack.core.metrics.load_shed._value.get() == 1 and stack.core.metrics.drafts._value.get() == 0
+        assert stack.settled_sessions() == 0
+    finally:
+        stack.close()
