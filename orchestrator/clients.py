@@ -182,6 +182,7 @@ class RemoteDrafter:
             tau=self.spec.tau,
             max_drafts=max_drafts,
             draft_top_k=self.spec.draft_top_k,
+            tau_first=self.spec.tau_first,
         )
         return self._exchange(pb.DraftRequest(start=start))
 

@@ -186,6 +186,7 @@ class GenerateParams:
     mode: str = DEFAULT_MODE
     gamma_max: int = 0  # 0 = server default
     tau: float | None = None
+    tau_first: float | None = None
     request_id: str = ""
 
 
@@ -204,6 +205,9 @@ class Metrics:
         self.drafts = Counter("tandem_spec_num_drafts", "speculative rounds", registry=registry)
         self.draft_tokens = Counter("tandem_spec_num_draft_tokens", "drafted tokens", registry=registry)
         self.accepted_tokens = Counter("tandem_spec_num_accepted_tokens", "accepted drafted tokens", registry=registry)
+        self.declined_rounds = Counter(
+            "tandem_spec_num_declined_rounds", "rounds the router declined to draft (τ_first)", registry=registry
+        )
         self.accepted_per_pos = Counter(
             "tandem_spec_num_accepted_tokens_per_pos", "accepted drafts by position", ["position"], registry=registry
         )
@@ -235,6 +239,7 @@ class Metrics:
         self.drafts.inc(s.rounds)
         self.draft_tokens.inc(s.drafted_tokens)
         self.accepted_tokens.inc(s.accepted_tokens)
+        self.declined_rounds.inc(s.declined_rounds)
         for pos, n in enumerate(s.accepted_per_position):
             self.accepted_per_pos.labels(position=str(pos)).inc(n)
         self.ttft.observe(first_token_s)
@@ -380,7 +385,10 @@ class Orchestrator:
             raise InvalidRequestError(f"gamma_max must lie in [0, {self.cfg.gamma_max_limit}], got {p.gamma_max}")
         try:
             return SpecConfig(
-                gamma_max=p.gamma_max or d.gamma_max, tau=d.tau if p.tau is None else p.tau, draft_top_k=d.draft_top_k
+                gamma_max=p.gamma_max or d.gamma_max,
+                tau=d.tau if p.tau is None else p.tau,
+                draft_top_k=d.draft_top_k,
+                tau_first=d.tau_first if p.tau_first is None else p.tau_first,
             )
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
@@ -520,6 +528,7 @@ class Orchestrator:
             "prompt_tokens": len(req.prompt_ids),
             "output_tokens": s.output_tokens,
             "rounds": s.rounds,
+            "declined_rounds": s.declined_rounds,
             "acceptance_rate": round(s.acceptance_rate, 4),
             "mean_acceptance_length": round(s.mean_acceptance_length, 4),
             "ttft_s": round(first_s, 4),

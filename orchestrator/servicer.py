@@ -27,6 +27,7 @@ def params_from_proto(r: pb.GenerateRequest) -> GenerateParams:
         mode=mode_name(r.mode),
         gamma_max=r.gamma_max,
         tau=r.tau if r.HasField("tau") else None,
+        tau_first=r.tau_first if r.HasField("tau_first") else None,
         request_id=r.request_id,
     )
 

@@ -51,7 +51,9 @@ class SecondaryServicer(pb_grpc.SecondaryServicer):
                     s = req.start
                     worker = self._worker(s.drafter)
                     try:
-                        spec = SpecConfig(gamma_max=s.gamma_max, tau=s.tau, draft_top_k=s.draft_top_k or 16)
+                        spec = SpecConfig(
+                            gamma_max=s.gamma_max, tau=s.tau, draft_top_k=s.draft_top_k or 16, tau_first=s.tau_first
+                        )
                     except ValueError as e:
                         raise InvalidRequestError(str(e)) from None
                     session = s.session_id or uuid.uuid4().hex

@@ -78,6 +78,7 @@ class BenchConfig:
         max_tokens: tokens generated per prompt.
         gamma_max: most tokens drafted per round (sent explicitly over gRPC too, so both vias draft alike).
         tau: keep drafting while the router's confidence >= tau.
+        tau_first: a round drafts at all only if the router's confidence in its first draft reaches this.
         repeats: passes over the prompt set; per prompt, times are the median over repeats.
         warmup_tokens: tokens of each warm-up generation (None: max_tokens).
         block_cost_context: cached tokens before the block-cost calls (0: an empty cache; None: skip the curve).
@@ -91,6 +92,7 @@ class BenchConfig:
     max_tokens: int = 128
     gamma_max: int = SpecConfig.gamma_max
     tau: float = SpecConfig.tau
+    tau_first: float = SpecConfig.tau_first
     repeats: int = 1
     warmup_tokens: int | None = None
     block_cost_context: int | None = 256
@@ -118,11 +120,11 @@ class BenchConfig:
             raise ValueError(f"unknown peer {self.peer!r}; expected 'hf'")
         if self.peer is not None and "in-process" not in self.vias:
             raise ValueError("a peer runs in process and is compared with the in-process primary: add in-process")
-        SpecConfig(gamma_max=self.gamma_max, tau=self.tau)  # raises ValueError for a bad gamma_max or tau
+        self.spec  # noqa: B018 (raises ValueError for a bad gamma_max, tau or tau_first)
 
     @property
     def spec(self) -> SpecConfig:
-        return SpecConfig(gamma_max=self.gamma_max, tau=self.tau)
+        return SpecConfig(gamma_max=self.gamma_max, tau=self.tau, tau_first=self.tau_first)
 
     @property
     def all_modes(self) -> tuple[str, ...]:
@@ -449,7 +451,12 @@ class GrpcBackend:
         final: Any = None
         start = time.perf_counter()
         chunks = self.client.generate(
-            [int(t) for t in prompt_ids], mode=mode, max_tokens=max_tokens, gamma_max=spec.gamma_max, tau=spec.tau
+            [int(t) for t in prompt_ids],
+            mode=mode,
+            max_tokens=max_tokens,
+            gamma_max=spec.gamma_max,
+            tau=spec.tau,
+            tau_first=spec.tau_first,
         )
         for chunk in chunks:  # read to the end: the last chunk carries the counters
             if chunk.token_ids:
@@ -991,7 +998,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     n = len(report.get("prompts", []))
     out = [
         f"Benchmark ({m.get('date', '?')}, commit {commit_label(m)}): {n} prompts × {cfg.get('max_tokens')} tokens, "
-        f"greedy, batch 1, γ_max = {cfg.get('gamma_max')}, τ = {cfg.get('tau')}, repeats = {cfg.get('repeats')}.",
+        f"greedy, batch 1, γ_max = {cfg.get('gamma_max')}, τ = {cfg.get('tau')}, "
+        f"τ_first = {cfg.get('tau_first', 0)}, repeats = {cfg.get('repeats')}.",
         machine_line(m),
         "",
         "| mode | via | tok/s | speedup | TTFT median / p90 (ms) | TPOT median (ms) | accept length | accept rate "

@@ -171,14 +171,25 @@ class SpecConfig:
     gamma_max: int = 7  # most tokens drafted per round
     tau: float = 0.8  # keep drafting while the router's confidence >= tau; 0 drafts gamma_max every round
     draft_top_k: int = 16  # the drafter samples from its top-K (renormalised); that truncated q is sent sparse
+    # A round speculates at all only if the router's confidence in its first draft reaches tau_first; otherwise it is
+    # a plain one-token primary step, which costs less than a verify of two tokens. 0: always.
+    tau_first: float = 0.4
 
     def __post_init__(self) -> None:
         if self.gamma_max < 1:
             raise ValueError(f"gamma_max must be >= 1, got {self.gamma_max}")
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau must lie in [0, 1], got {self.tau}")
+        if not 0.0 <= self.tau_first <= 1.0:
+            raise ValueError(f"tau_first must lie in [0, 1], got {self.tau_first}")
         if self.draft_top_k < 1:
             raise ValueError(f"draft_top_k must be >= 1, got {self.draft_top_k}")
+
+    @property
+    def first_tau(self) -> float:
+        """The confidence a round's first draft needs for the round to speculate: tau_first, or 0 when τ = 0 (the
+        router off: every round drafts γ_max)."""
+        return self.tau_first if self.tau > 0 else 0.0
 
 
 def save_json(path: Path, obj: dict[str, Any]) -> None:

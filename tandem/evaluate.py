@@ -205,6 +205,7 @@ class SpeedStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    declined: int = 0  # rounds the router declined (τ_first): one-token primary steps
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -214,10 +215,18 @@ class SpeedStats:
         self.rounds += other.rounds
         self.drafted += other.drafted
         self.accepted += other.accepted
+        self.declined += other.declined
 
 
 def simulate_greedy_speed(
-    preds: np.ndarray, conf: np.ndarray, seq: np.ndarray, start: int, end: int, gamma: int, tau: float
+    preds: np.ndarray,
+    conf: np.ndarray,
+    seq: np.ndarray,
+    start: int,
+    end: int,
+    gamma: int,
+    tau: float,
+    tau_first: float = 0.0,
 ) -> SpeedStats:
     """Replays `tandem.rounds.run_request` for one greedy request whose primary output is seq[start:end].
 
@@ -228,9 +237,11 @@ def simulate_greedy_speed(
         end: prompt + tokens the request generates.
         gamma: γ_max.
         tau: τ (0 drafts γ_max every round).
+        tau_first: the confidence a round's first draft needs (`SpecConfig.first_tau`; 0: every round drafts).
 
     Returns:
-        Rounds, drafted tokens (exact up to the first rejected draft of each round) and accepted drafts.
+        Rounds, drafted tokens (exact up to the first rejected draft of each round), accepted drafts and declined
+        rounds.
     """
     stats = SpeedStats()
     m = start  # the pending token's position; the prefill emitted seq[start]
@@ -238,6 +249,11 @@ def simulate_greedy_speed(
     max_tokens = end - start
     while emitted < max_tokens:
         budget = max(1, min(gamma, max_tokens - emitted - 1))
+        if tau_first > 0 and conf[m, 0] < tau_first:  # declined: a one-token primary step emits seq[m + 1]
+            stats.declined += 1
+            emitted += 1
+            m += 1
+            continue
         k = 0
         while True:  # draft d_{k+1} from position m + k, then the τ test on the same logits
             k += 1

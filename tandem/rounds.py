@@ -13,7 +13,8 @@ Modes (DESIGN.md):
 
 A round: the drafter proposes d_1..d_k after the pending token t_0 (τ stopping, at most γ_max), the primary scores
 [t_0, d_1..d_k] in one block, keeps d_1..d_a and emits t' (correction or bonus); the drafter then learns a, t' and
-(Tandem) the primary's states of t_0, d_1..d_a.
+(Tandem) the primary's states of t_0, d_1..d_a. A drafter unsure of d_1 (τ_first) proposes nothing (k = 0): the
+round is then a one-token primary step, which costs less than a verify of two tokens.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class GenerationStats:
     drafted_per_position: list[int] = dataclasses.field(default_factory=list)  # [j]: rounds drafting >= j+1 tokens
     primary_calls: int = 0
     drafter_calls: int = 0  # drafting requests (one per round)
+    declined_rounds: int = 0  # drafting requests the router declined (τ_first): a one-token primary step each
     drafter_failures: int = 0  # 1 when the drafter failed and the request finished with the primary alone
     primary_failovers: int = 0  # times the request moved to another primary replica (re-prefilled)
     load_shed: bool = False  # the server's load ended speculation early (primary-only rounds from then on)
@@ -280,7 +282,10 @@ def run_request(
                     session, [pending, *drafts.tokens], drafts.proposals, req.mode != "tandem", want_hidden
                 )
                 stats.primary_calls += 1
-                stats.record_round(len(drafts.tokens), step.accepted)
+                if drafts.tokens:
+                    stats.record_round(len(drafts.tokens), step.accepted)
+                else:
+                    stats.declined_rounds += 1
                 kept, finish = emit([*drafts.tokens[: step.accepted], step.next_token])
             except PrimaryUnavailableError:
                 if failover is None:

@@ -295,6 +295,7 @@ def draft_greedy(
     cache_v: KVBuffers,
     gamma: jax.Array,
     tau: jax.Array,
+    tau_first: jax.Array,
     *,
     cfg: DrafterConfig,
     attend_len: int,
@@ -304,7 +305,8 @@ def draft_greedy(
     """Whole greedy drafting rounds of B sessions in one call: feed each row's pending tokens, then draft until τ or γ.
 
     Draft j is the head's argmax after the previous one; a row keeps drafting while it has fewer than γ drafts and the
-    router's confidence in its last draft reaches τ (τ <= 0: always). Each draft except a row's last is fed back. One
+    router's confidence in its last draft reaches τ (τ <= 0: always). A row whose first draft's confidence is below
+    its τ_first declines the round: no drafts (τ_first <= 0: never). Each draft except a row's last is fed back. One
     step advances every row still drafting; a row that stopped leaves the step (its writes go past the cache's end and
     are dropped, its drafts and length stay as they are). All rows still drafting hold the same number of drafts.
 
@@ -318,14 +320,15 @@ def draft_greedy(
         cache_k, cache_v: the pool (`tandem.layers.KVBuffers`, donated).
         gamma: [B] most drafts per row, 1 <= gamma <= cap (0 for a padding row: it never drafts).
         tau: [B] τ per row.
+        tau_first: [B] the confidence each row's first draft needs (`SpecConfig.first_tau`).
         cfg: static config.
         attend_len: static bucket covering every row's lengths + fed + gamma.
         cap: static size of the drafts buffer.
         top_k: static router feature size.
 
     Returns:
-        (drafts [B, cap] with row b's first count[b] valid, count [B], cache_k, cache_v); row b's cache holds
-        positions up to lengths[b] + fed[b] + count[b] - 2 (its last draft is not fed).
+        (drafts [B, cap] with row b's first count[b] valid, count [B] (0: declined), cache_k, cache_v); row b's cache
+        holds positions up to lengths[b] + fed[b] + max(count[b], 1) - 2 (its last draft is not fed).
     """
     head = params.embed if params.head is None else params.head  # [N_h, D]
     assert head is not None, "call materialize() first"
@@ -333,31 +336,33 @@ def draft_greedy(
     batch, t = tokens.shape
     beyond = jnp.full_like(lengths, segment_starts(cache_k[0])[-1])  # a write position past the cache's end: dropped
 
-    def decide(x: jax.Array, drafted: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [D, B] -> (each row's next draft [B], whether it keeps drafting after it [B])."""
+    def decide(x: jax.Array, drafted: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [D, B] -> (each row's next draft [B], whether it keeps drafting after it [B], its confidence [B])."""
         scores = output_logits(x, params.final_norm, head, cfg.rms_eps)  # [N_h, B]
         best = jnp.argmax(scores, axis=0)  # [B]
         token = best if head_ids is None else head_ids[best]
-        sure = confidence(router, scores.T, head, top_k) >= tau  # [B]
-        return token.astype(jnp.int32), (drafted < gamma) & ((tau <= 0) | sure)
+        conf = confidence(router, scores.T, head, top_k)  # [B]
+        return token.astype(jnp.int32), (drafted < gamma) & ((tau <= 0) | (conf >= tau)), conf
 
     x, cache_k, cache_v = _advance(params, tokens, rows, lengths, cache_k, cache_v, cfg=cfg, attend_len=attend_len)
     last = x.reshape(x.shape[0], batch, t)[:, jnp.arange(batch), fed - 1]  # [D, B] each row's last real token
-    first, go = decide(last, jnp.int32(1))
+    first, go, conf = decide(last, jnp.int32(1))
+    speculate = (tau_first <= 0) | (conf >= tau_first)  # [B] rows that draft at all this round
+    go = go & speculate
     drafts = jnp.zeros((batch, cap), jnp.int32).at[:, 0].set(first)
 
     def body(carry: tuple) -> tuple:
         i, prev, length, drafts, ck, cv, go = carry
         at = jnp.where(go, length, beyond)  # [B] rows that stopped write nowhere
         x, ck, cv = _advance(params, prev[:, None], rows, at, ck, cv, cfg=cfg, attend_len=attend_len)  # x [D, B]
-        token, more = decide(x, i + 1)
+        token, more, _ = decide(x, i + 1)
         drafts = jnp.where(go[:, None], drafts.at[:, i].set(token), drafts)
         prev = jnp.where(go, token, prev)
         return i + 1, prev, length + go, drafts, ck, cv, go & more
 
     init = (jnp.int32(1), first, lengths + fed, drafts, cache_k, cache_v, go)
     _, _, length, drafts, cache_k, cache_v, _ = jax.lax.while_loop(lambda c: jnp.any(c[-1]), body, init)
-    count = length - lengths - fed + 1  # [B] drafts per row: every draft but the last was fed
+    count = jnp.where(speculate, length - lengths - fed + 1, 0)  # [B] drafts per row: every draft but the last was fed
     return drafts, count, cache_k, cache_v
 
 
@@ -436,6 +441,7 @@ class DrafterRunner:
         tau: Sequence[float],
         router: RouterParams | None,
         top_k: int,
+        tau_first: Sequence[float] | None = None,
     ) -> list[list[int]]:
         """Feeds each row its pending tokens and drafts greedily until τ or γ, every row in one call (`draft_greedy`).
 
@@ -446,9 +452,11 @@ class DrafterRunner:
             tau: per row, τ.
             router: the router's weights, or None for the max-probability fallback.
             top_k: the router's feature size.
+            tau_first: per row, the confidence the first draft needs, or the row declines the round (None: never).
 
         Returns:
-            Per row the drafts d_1..d_k (1 <= k <= gamma); each row's length advances by the tokens fed (all but d_k).
+            Per row the drafts d_1..d_k (k <= gamma; 0 when declined); each row's length advances by the tokens fed
+            (the pending ones and every draft but d_k).
         """
         slots = self.cache.rows(rows)
         fed = np.asarray([len(p) for p in pending], np.int32)
@@ -481,13 +489,14 @@ class DrafterRunner:
             self.cache.v,
             np.pad(gammas, (0, b_pad - gammas.size)),
             np.pad(np.asarray(tau, np.float32), (0, b_pad - gammas.size)),
+            np.pad(np.asarray(tau_first or [0.0] * gammas.size, np.float32), (0, b_pad - gammas.size)),
             cfg=self.cfg,
             attend_len=attend,
             cap=cap,
             top_k=top_k,
         )
         counts = np.asarray(count)[: slots.size]
-        self.cache.lengths[slots] += fed + counts - 1
+        self.cache.lengths[slots] += fed + np.maximum(counts, 1) - 1  # a declined row was fed its pending tokens
         drafts = np.asarray(drafts)
         return [[int(t) for t in drafts[b, :n]] for b, n in enumerate(counts)]
 
@@ -528,6 +537,7 @@ class DrafterRunner:
                     self.cache.k,
                     self.cache.v,
                     np.zeros(b, np.int32),
+                    np.zeros(b, np.float32),
                     np.zeros(b, np.float32),
                     cfg=self.cfg,
                     attend_len=a,

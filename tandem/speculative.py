@@ -197,3 +197,8 @@ def keep_drafting(router: Router, draft_logits: np.ndarray, drafted: int, gamma_
     if drafted >= gamma_max:
         return False
     return tau <= 0.0 or router.confidence(draft_logits) >= tau
+
+
+def speculates(router: Router, draft_logits: np.ndarray, tau_first: float) -> bool:
+    """Whether a round drafts at all: the router's confidence in its first draft reaches τ_first (<= 0: always)."""
+    return tau_first <= 0.0 or router.confidence(draft_logits) >= tau_first

@@ -38,6 +38,7 @@ from tandem.speculative import (
     request_rngs,
     sample,
     sample_sparse,
+    speculates,
     target_probs,
     verify_greedy,
     verify_sampled,
@@ -571,6 +572,7 @@ class DrafterWorker(_SessionWorker):
                 [st.spec.tau for _, st in group],
                 self._device_router,  # type: ignore[arg-type]
                 self._top_k,
+                [st.spec.first_tau for _, st in group],
             )
         except Exception as e:
             for c, _ in group:
@@ -582,12 +584,15 @@ class DrafterWorker(_SessionWorker):
 
     def _draft_on_host(self, st: _DrafterSession, max_drafts: int) -> Drafts:
         """Feeds what the drafter has not seen, then drafts step by step until τ or the budget (sampled rounds, and
-        routers without a device form)."""
+        routers without a device form); no drafts when the first one's confidence is below τ_first."""
         gamma = self._gamma(st, max_drafts)
         st.round_start = len(st.tokens) - 1
         logits = self.runner.step(np.asarray([self._pending(st)]), rows=[st.slot])[0]
         drafts: list[int] = []
         proposals: list[SparseDist] = []
+        if not speculates(self.router, logits, st.spec.first_tau):
+            st.drafts = drafts
+            return Drafts(drafts, proposals)
         while True:
             q = proposal(logits, st.sampling, st.spec.draft_top_k)
             drafts.append(int(q.ids[0]) if st.sampling.greedy else sample_sparse(q, st.rng))

@@ -34,6 +34,7 @@ def build_request(
     gamma_max: int = 0,
     tau: float | None = None,
     request_id: str = "",
+    tau_first: float | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from text, token ids, or chat messages ([{"role": ..., "content": ...}])."""
     if mode not in MODE_ENUMS:
@@ -50,6 +51,8 @@ def build_request(
         req.sampling.seed = seed
     if tau is not None:
         req.tau = tau
+    if tau_first is not None:
+        req.tau_first = tau_first
     if isinstance(prompt, str):
         req.text = prompt
     elif prompt and isinstance(prompt[0], dict):

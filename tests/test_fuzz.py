@@ -124,6 +124,7 @@ def test_fuzz_secondary(stack: Stack) -> None:
         sampling=sampling,
         gamma_max=ints,
         tau=floats,
+        tau_first=floats,
         max_drafts=ints,
         draft_top_k=ints,
     )
@@ -167,13 +168,16 @@ def test_fuzz_orchestrator(stack: Stack) -> None:
         mode=st.sampled_from([0, 1, 2, 3, 4, 11]),
         gamma_max=st.one_of(st.integers(0, 20), ints),
         tau=st.one_of(st.none(), floats),
+        tau_first=st.one_of(st.none(), floats),
     )
-    def run(source, params, max_tokens, stop, mode, gamma_max, tau) -> None:
+    def run(source, params, max_tokens, stop, mode, gamma_max, tau, tau_first) -> None:
         req = pb.GenerateRequest(
             sampling=params, max_tokens=max_tokens, stop=stop, mode=mode, gamma_max=gamma_max, **source
         )
         if tau is not None:
             req.tau = tau
+        if tau_first is not None:
+            req.tau_first = tau_first
         CALLS["orchestrator"] += 1
         try:
             for _ in stub.Generate(req, timeout=60):

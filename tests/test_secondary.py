@@ -11,9 +11,9 @@ import pytest
 from conftest import TINY, drafter_config
 
 from tandem import secondary
-from tandem.config import DrafterConfig, default_layer_map
+from tandem.config import DrafterConfig, SpecConfig, default_layer_map
 from tandem.router import MLPRouter, RouterConfig, init_router
-from tandem.speculative import MaxProbRouter, keep_drafting
+from tandem.speculative import MaxProbRouter, keep_drafting, speculates
 
 T = 11
 
@@ -98,10 +98,18 @@ def test_save_load_round_trip(tmp_path, tandem_mode: bool, dtype: str) -> None:
     assert TINY.vocab_size == cfg2.vocab_size
 
 
-@pytest.mark.parametrize(("head_vocab", "tau", "trained_router"), [(0, 0.0, False), (0, 0.3, False), (24, 0.5, True)])
-def test_greedy_round_on_device_equals_step_by_step(head_vocab: int, tau: float, trained_router: bool) -> None:
+# τ_first sits inside the tiny drafters' first-draft confidences (max probability near 0.03 with the full head, the
+# random MLP router's near 0.46), so that rounds that decline and rounds that draft mix within one call.
+@pytest.mark.parametrize(
+    ("head_vocab", "tau", "tau_first", "trained_router"),
+    [(0, 0.0, 0.0, False), (0, 0.3, 0.03, False), (24, 0.46, 0.466, True)],
+)
+def test_greedy_round_on_device_equals_step_by_step(
+    head_vocab: int, tau: float, tau_first: float, trained_router: bool
+) -> None:
     """`draft_greedy` (one call per round for every session) drafts exactly what the host loop of single steps drafts
-    for each session alone, with sessions of different histories, backlogs and γ in the same call."""
+    for each session alone, with sessions of different histories, backlogs and γ in the same call; a round whose
+    first draft falls below τ_first drafts nothing, and its pending tokens are still fed."""
     cfg = dataclasses.replace(drafter_config(False), head_vocab=head_vocab)
     params = secondary.materialize(secondary.init_params(cfg, seed=3), cfg)
     rcfg = RouterConfig(top_k=2, d_embed=cfg.d_model, hidden=8)
@@ -112,18 +120,25 @@ def test_greedy_round_on_device_equals_step_by_step(head_vocab: int, tau: float,
     rng = np.random.default_rng(0)
     rows = [2, 0, 3]  # three sessions drafted together; slot 1 stays empty
     history = {row: rng.integers(0, cfg.vocab_size, size=9 + 3 * row).tolist() for row in rows}
-    for gammas in ((1, 3, 6), (3, 6, 1), (6, 1, 3)):
+    first_tau = SpecConfig(tau=tau, tau_first=tau_first).first_tau
+    counts = []
+    for gammas in ((1, 3, 6), (3, 6, 1), (6, 1, 3), (4, 4, 4), (5, 2, 3)):
         pending = [history[row][int(fused.lengths[row]) :] for row in rows]
-        got = fused.draft_greedy(pending, rows, gammas, [tau] * 3, device_router, rcfg.top_k)
+        got = fused.draft_greedy(pending, rows, gammas, [tau] * 3, device_router, rcfg.top_k, [first_tau] * 3)
         for row, todo, gamma, drafts in zip(rows, pending, gammas, got, strict=True):
             logits = stepped.step(np.asarray([todo]), rows=[row])[0]
-            want = [int(np.argmax(logits))]
-            while keep_drafting(router, logits, len(want), gamma, tau):
-                logits = stepped.step(np.asarray([[want[-1]]]), rows=[row])[0]
-                want.append(int(np.argmax(logits)))
+            want = []
+            if speculates(router, logits, first_tau):
+                want = [int(np.argmax(logits))]
+                while keep_drafting(router, logits, len(want), gamma, tau):
+                    logits = stepped.step(np.asarray([[want[-1]]]), rows=[row])[0]
+                    want.append(int(np.argmax(logits)))
             assert drafts == want, (row, gamma, drafts, want)
-            assert fused.lengths[row] == stepped.lengths[row] == len(history[row]) + len(want) - 1
+            assert fused.lengths[row] == stepped.lengths[row] == len(history[row]) + max(len(want), 1) - 1
             history[row] += [*want[:1], int(rng.integers(cfg.vocab_size))]  # keep one draft, then a correction
+            counts.append(len(want))
             fused.truncate(row, len(history[row]) - 1)
             stepped.truncate(row, len(history[row]) - 1)
     assert fused.lengths[1] == 0  # other slots untouched
+    if first_tau > 0:  # the thresholds above make both kinds of round happen
+        assert 0 in counts and max(counts) >= 1, counts

@@ -148,7 +148,8 @@ def _engine_drafters(engine: Engine) -> dict[str, Drafter]:
 
 
 @pytest.mark.parametrize("spec", [SpecConfig(gamma_max=2, tau=0.0), SpecConfig(gamma_max=5, tau=0.0),
-                                  SpecConfig(gamma_max=8, tau=0.5)])  # fmt: skip
+                                  SpecConfig(gamma_max=8, tau=0.5, tau_first=0.0),
+                                  SpecConfig(gamma_max=4, tau=0.001, tau_first=0.9)])  # fmt: skip
 def test_speed_simulation_equals_the_engine(tiny_engine: Engine, tiny_params: LlamaParams, spec: SpecConfig) -> None:
     """The evaluation's exact greedy-SPEED replay gives the engine's rounds and accepted tokens, prompt by prompt."""
     prompts = np.random.default_rng(1).integers(0, TINY.vocab_size, size=(5, 6)).astype(np.int32)
@@ -161,9 +162,10 @@ def test_speed_simulation_equals_the_engine(tiny_engine: Engine, tiny_params: Ll
             got = tiny_engine.generate(prompts[row].tolist(), mode=mode, max_tokens=30, spec=spec)
             assert got.token_ids == seqs[row, 6:].tolist()
             sim = simulate_greedy_speed(
-                preds[row], conf[row], seqs[row], 6, int(lengths[row]), spec.gamma_max, spec.tau
+                preds[row], conf[row], seqs[row], 6, int(lengths[row]), spec.gamma_max, spec.tau, spec.first_tau
             )
-            assert (sim.rounds, sim.accepted) == (got.stats.rounds, got.stats.accepted_tokens), (name, row)
+            want = (got.stats.rounds, got.stats.accepted_tokens, got.stats.declined_rounds)
+            assert (sim.rounds, sim.accepted, sim.declined) == want, (name, row)
             accepted_any += sim.accepted
     assert accepted_any > 0
 

@@ -97,7 +97,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "chat", "sampling", "max_tokens", "stop", "mode", "gamma_max", "tau", "request_id")
+    __slots__ = ("text", "token_ids", "chat", "sampling", "max_tokens", "stop", "mode", "gamma_max", "tau", "request_id", "tau_first")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class GenerateRequest(_message.Message):
     GAMMA_MAX_FIELD_NUMBER: _ClassVar[int]
     TAU_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIRST_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     chat: ChatMessages
@@ -118,7 +119,8 @@ class GenerateRequest(_message.Message):
     gamma_max: int
     tau: float
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., gamma_max: _Optional[int] = ..., tau: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
+    tau_first: float
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., gamma_max: _Optional[int] = ..., tau: _Optional[float] = ..., request_id: _Optional[str] = ..., tau_first: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -211,7 +213,7 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class DraftStart(_message.Message):
-    __slots__ = ("session_id", "drafter", "prompt_ids", "hidden", "first_token", "sampling", "gamma_max", "tau", "max_drafts", "draft_top_k")
+    __slots__ = ("session_id", "drafter", "prompt_ids", "hidden", "first_token", "sampling", "gamma_max", "tau", "max_drafts", "draft_top_k", "tau_first")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +224,7 @@ class DraftStart(_message.Message):
     TAU_FIELD_NUMBER: _ClassVar[int]
     MAX_DRAFTS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIRST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     drafter: Drafter
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -232,7 +235,8 @@ class DraftStart(_message.Message):
     tau: float
     max_drafts: int
     draft_top_k: int
-    def __init__(self, session_id: _Optional[str] = ..., drafter: _Optional[_Union[Drafter, str]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., first_token: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., gamma_max: _Optional[int] = ..., tau: _Optional[float] = ..., max_drafts: _Optional[int] = ..., draft_top_k: _Optional[int] = ...) -> None: ...
+    tau_first: float
+    def __init__(self, session_id: _Optional[str] = ..., drafter: _Optional[_Union[Drafter, str]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., first_token: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., gamma_max: _Optional[int] = ..., tau: _Optional[float] = ..., max_drafts: _Optional[int] = ..., draft_top_k: _Optional[int] = ..., tau_first: _Optional[float] = ...) -> None: ...
 
 class DraftAdvance(_message.Message):
     __slots__ = ("accepted", "hidden", "next_token", "max_drafts")
