@@ -129,6 +129,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new", type=int, default=64, help="greedy tokens per prompt for acceptance")
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="rank speculation settings (tau-first, tau, gamma-max) by this machine's costs")
+    p.add_argument("--prompts", required=True, metavar="FILE.jsonl", help='{"prompt": ...} per line, sent as chat')
+    p.add_argument("--max-tokens", type=int, default=128, help="the primary's greedy answer per prompt (default: 128)")
+    p.add_argument("--json", metavar="OUT", type=Path, default=None, help="write every setting's figures here")
+    p.add_argument("--top", type=int, default=8, help="settings shown per drafter (default: 8)")
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="every mode on the same prompts, in process and through gRPC, interleaved, in one run"
@@ -213,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_distill_data(sub)
     _add_eval(sub)
+    _add_tune(sub)
     _add_bench(sub)
     _add_bench_report(sub)
     _add_loadtest(sub)
@@ -510,6 +519,20 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def tune(args: argparse.Namespace) -> int:
+    from tandem.bench import read_prompts
+    from tandem.tuning import TuneConfig, render_markdown
+    from tandem.tuning import tune as run_tune
+
+    if args.max_tokens < 2:
+        raise SystemExit("tandem tune: --max-tokens must be >= 2")
+    report = run_tune(read_prompts(args.prompts), TuneConfig(max_tokens=args.max_tokens))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(render_markdown(report, args.top))
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     from tandem.bench import VIA_CHOICES, BenchConfig, identity_warnings, read_prompts, run_with_bundle, write_outputs
 
@@ -650,6 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": train,
         "distill-data": distill_data,
         "eval": evaluate,
+        "tune": tune,
         "bench": bench,
         "bench-report": bench_report,
         "loadtest": loadtest,

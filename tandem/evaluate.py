@@ -14,6 +14,7 @@ Two families of figures:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -206,6 +207,7 @@ class SpeedStats:
     drafted: int = 0
     accepted: int = 0
     declined: int = 0  # rounds the router declined (τ_first): one-token primary steps
+    blocks: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)  # verify size -> rounds
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -216,6 +218,30 @@ class SpeedStats:
         self.drafted += other.drafted
         self.accepted += other.accepted
         self.declined += other.declined
+        self.blocks.update(other.blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundCosts:
+    """A cost model of greedy SPEED on one machine, in units of a one-token primary step (measured by `tandem tune`).
+
+    Attributes:
+        verify: verify[k - 1] is a primary pass over k tokens; longer blocks cost the last entry.
+        drafter_step: one drafter step (a round of k drafts takes k; a declined round takes one).
+    """
+
+    verify: tuple[float, ...]
+    drafter_step: float
+
+    def block(self, k: int) -> float:
+        return self.verify[min(k, len(self.verify)) - 1]
+
+    def relative_speed(self, stats: SpeedStats) -> float:
+        """Tokens per unit of time over the primary alone's (one token per one-token step)."""
+        tokens = stats.rounds + stats.accepted + stats.declined
+        cost = sum(n * self.block(k) for k, n in stats.blocks.items()) + stats.declined * self.block(1)
+        cost += self.drafter_step * (stats.drafted + stats.declined)
+        return tokens / cost if cost else 1.0
 
 
 def simulate_greedy_speed(
@@ -265,6 +291,7 @@ def simulate_greedy_speed(
         stats.rounds += 1
         stats.drafted += k
         stats.accepted += a
+        stats.blocks[k + 1] += 1
         emitted += a + 1
         m += a + 1
     return stats

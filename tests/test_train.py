@@ -17,6 +17,8 @@ from tandem.engine import Engine
 from tandem.evaluate import (
     Drafter,
     EvalConfig,
+    RoundCosts,
+    SpeedStats,
     acceptance_lengths,
     evaluate,
     greedy_continuations,
@@ -32,6 +34,7 @@ from tandem.train import (
     head_ids_by_frequency,
     load_checkpoint,
 )
+from tandem.tuning import TuneConfig, rank_settings
 
 CFG = TrainConfig(steps=12, batch_size=4, seq_len=24, lr=3e-3, warmup=2, checkpoint_every=4, distil_from=0.5)
 
@@ -168,6 +171,36 @@ def test_speed_simulation_equals_the_engine(tiny_engine: Engine, tiny_params: Ll
             assert (sim.rounds, sim.accepted, sim.declined) == want, (name, row)
             accepted_any += sim.accepted
     assert accepted_any > 0
+
+
+def test_round_costs_price_rounds_and_declines() -> None:
+    """Two rounds (verify 2 and 3 tokens, 3 drafts, 3 accepted) and one declined round: 6 tokens for
+    1.3 + 1.3 + 1.0 + 0.1 x (3 + 1) = 4.0 one-token steps."""
+    stats = SpeedStats(rounds=2, drafted=3, accepted=3, declined=1)
+    stats.blocks.update({2: 1, 3: 1})
+    costs = RoundCosts(verify=(1.0, 1.3, 1.3), drafter_step=0.1)
+    assert costs.relative_speed(stats) == pytest.approx(1.5)
+    assert costs.block(9) == 1.3  # past the measured curve: its last entry
+    assert RoundCosts((1.0,), 0.0).relative_speed(SpeedStats(declined=4)) == 1.0  # declining always = the primary
+
+
+def test_settings_are_ranked_by_the_cost_model(tiny_engine: Engine, tiny_params: LlamaParams) -> None:
+    prompts = np.random.default_rng(2).integers(0, TINY.vocab_size, size=(3, 5)).astype(np.int32)
+    seqs, lengths = greedy_continuations(TINY, tiny_params, prompts, 20)
+    d = _engine_drafters(tiny_engine)["tandem"]
+    preds, conf = round_predictions(TINY, tiny_params, d, seqs, 4, 2)
+    cfg = TuneConfig(tau_firsts=(0.0, 0.9), taus=(0.001, 0.5), gammas=(1, 4))
+    costs = RoundCosts(verify=(1.0, 1.3, 1.3, 1.3, 1.5), drafter_step=0.1)
+    starts = [5] * 3
+    ranked = rank_settings(preds, conf, seqs, starts, lengths.tolist(), costs, cfg)
+    assert len(ranked) == 8
+    speeds = [r["relative_speed"] for r in ranked]
+    assert speeds == sorted(speeds, reverse=True)
+    pick = next(r for r in ranked if (r["tau_first"], r["tau"], r["gamma_max"]) == (0.9, 0.001, 4))
+    total = SpeedStats()
+    for b in range(3):
+        total.add(simulate_greedy_speed(preds[b], conf[b], seqs[b], 5, int(lengths[b]), 4, 0.001, 0.9))
+    assert pick["relative_speed"] == pytest.approx(costs.relative_speed(total)) and pick["declined"] == total.declined
 
 
 def test_evaluate_reports_every_figure(tiny_engine: Engine, tiny_params: LlamaParams) -> None:
