@@ -9,7 +9,15 @@ E2EL, throughput, goodput) together with the orchestrator's speculation counters
 A client like any other: it speaks the public API only. Ray is imported when a test runs (pip install '.[loadtest]').
 """
 
-from loadtest.harness import LoadTestConfig, arrival_gaps, chat_prompts, ray_session, run_loadtest, stream_one
+from loadtest.harness import (
+    LoadTestConfig,
+    arrival_gaps,
+    chat_prompts,
+    ray_session,
+    run_loadtest,
+    stream_one,
+    summarize_repeats,
+)
 from loadtest.metrics import RequestRecord, metrics_delta, spec_from_records, summarize
 from loadtest.report import render_markdown, render_plot, write_outputs
 
@@ -26,5 +34,6 @@ __all__ = [
     "spec_from_records",
     "stream_one",
     "summarize",
+    "summarize_repeats",
     "write_outputs",
 ]

@@ -17,7 +17,9 @@ How a run goes:
   measured run.
 - With a metrics URL, the orchestrator's Prometheus counters are scraped before and after each run and their
   increases reported (`loadtest.metrics.metrics_delta`); the final chunks' stats give the same figures client-side.
-- A sweep runs the whole load at each max concurrency, each mode in turn at each (interleaved).
+- A sweep runs the whole load at each max concurrency, each mode in turn at each (interleaved). With repeats, each
+  concurrency runs every mode `repeats` times, the order of the modes reversed every other pass (so drift on a shared
+  machine hits them alike), and `summary` gives each mode's median over its repeats and its ratio to the first mode.
 
 Ray: `ray_address` joins a running cluster (whose nodes need this project installed, as in its container image);
 otherwise a local instance with a few CPUs, a capped object store, no dashboard and token auth off (DESIGN.md) is
@@ -31,6 +33,7 @@ import dataclasses
 import math
 import os
 import random
+import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -69,6 +72,7 @@ class LoadTestConfig:
         warmup_requests: unmeasured requests per mode and max concurrency, sent before the runs (None: the max
             concurrency, at most num_requests; 0: none).
         timeout_s: deadline of each request (None: none).
+        repeats: runs of every mode at each max concurrency (see `schedule`).
     """
 
     num_requests: int = 100
@@ -84,6 +88,7 @@ class LoadTestConfig:
     users: int = 2
     warmup_requests: int | None = None
     timeout_s: float | None = 600.0
+    repeats: int = 1
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -91,8 +96,8 @@ class LoadTestConfig:
             raise ValueError(f"modes must be some of {', '.join(MODES)}, got {', '.join(self.modes) or 'none'}")
         if len(set(self.modes)) != len(self.modes):
             raise ValueError(f"modes repeat: {', '.join(self.modes)}")
-        if self.num_requests < 1 or self.max_tokens < 1 or self.users < 1:
-            raise ValueError("num_requests, max_tokens and users must be >= 1")
+        if self.num_requests < 1 or self.max_tokens < 1 or self.users < 1 or self.repeats < 1:
+            raise ValueError("num_requests, max_tokens, users and repeats must be >= 1")
         if not (math.isfinite(self.rate) and self.rate >= 0):
             raise ValueError(f"rate must be a finite number >= 0 (0: all at once), got {self.rate}")
         if not (math.isfinite(self.burstiness) and self.burstiness > 0):
@@ -108,13 +113,24 @@ class LoadTestConfig:
 
     @property
     def is_sweep(self) -> bool:
-        """Several runs (a sweep, or several modes): the report lists them under `sweep`."""
-        return bool(self.sweep) or len(self.modes) > 1
+        """Several runs (a sweep, several modes or repeats): the report lists them under `sweep`."""
+        return bool(self.sweep) or len(self.modes) > 1 or self.repeats > 1
 
     def points(self) -> list[tuple[str, int]]:
-        """(mode, max concurrency) of each run, in the order they run: every mode at one concurrency, then the next."""
+        """Each distinct (mode, max concurrency): every mode at one concurrency, then the next."""
         concurrencies = self.sweep or (self.max_concurrency or self.num_requests,)
         return [(mode, c) for c in concurrencies for mode in self.modes]
+
+    def schedule(self) -> list[tuple[str, int, int]]:
+        """(mode, max concurrency, repeat) of each run, in the order they run: at each concurrency, `repeats` passes
+        over the modes, every other pass in reverse order (A B B A ...)."""
+        concurrencies = self.sweep or (self.max_concurrency or self.num_requests,)
+        return [
+            (mode, c, r)
+            for c in concurrencies
+            for r in range(self.repeats)
+            for mode in (self.modes if r % 2 == 0 else self.modes[::-1])
+        ]
 
 
 def arrival_gaps(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
@@ -381,6 +397,34 @@ def measure(
     }
 
 
+def summarize_repeats(runs: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> list[dict[str, Any]]:
+    """Per max concurrency and mode: the median over repeats of output throughput and p99 TPOT, the run count, and
+    (`ratio_to_first`) the median throughput over the first mode's at the same concurrency (None for the first)."""
+    out = []
+    for c in dict.fromkeys(r["max_concurrency"] for r in runs):
+        medians = {}
+        for mode in modes:
+            mine = [r for r in runs if r["max_concurrency"] == c and r["mode"] == mode]
+            if not mine:
+                continue
+            p99 = [r["tpot"]["p99"] for r in mine if r["tpot"]["p99"] is not None]
+            medians[mode] = statistics.median(r["output_throughput"] for r in mine)
+            out.append(
+                {
+                    "max_concurrency": c,
+                    "mode": mode,
+                    "runs": len(mine),
+                    "output_throughput": medians[mode],
+                    "output_throughputs": [r["output_throughput"] for r in mine],
+                    "tpot_p99": statistics.median(p99) if p99 else None,
+                }
+            )
+        base = medians.get(modes[0])
+        for row in out[-len(medians) :]:
+            row["ratio_to_first"] = None if row["mode"] == modes[0] or not base else row["output_throughput"] / base
+    return out
+
+
 def run_loadtest(
     cfg: LoadTestConfig,
     prompts: Sequence[Prompt],
@@ -435,7 +479,8 @@ def run_loadtest(
                 warm_up(ray, users, cfg, prompts, log)
                 runs = [
                     measure(ray, users, cfg, prompts, mode, c, metrics_url=metrics_url, progress=progress, log=log)
-                    for mode, c in points
+                    | {"repeat": r}
+                    for mode, c, r in cfg.schedule()
                 ]
             finally:
                 for u in users:
@@ -455,6 +500,7 @@ def run_loadtest(
     }
     if cfg.is_sweep:
         report["sweep"] = runs
+        report["summary"] = summarize_repeats(runs, cfg.modes)
     else:
         report.update(runs[0])
     return report

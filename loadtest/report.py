@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,21 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"| {_n(r['tpot']['p50'])} / {_n(r['tpot']['p99'])} | {_n(r['itl']['p50'])} "
             f"| {_n(r['e2el']['p50'], '.0f')} | {_n(acceptance_length(r), '.2f')} |"
         )
+    summary = report.get("summary", [])
+    if summary and (len(summary) < len(runs) or len({r["mode"] for r in summary}) > 1):
+        first = summary[0]["mode"]
+        out += [
+            "",
+            f"| max concurrency | mode | runs | output tok/s, median | each run | ÷ {first} | p99 TPOT (ms), median |",
+            "|---:|---|---:|---:|---|---:|---:|",
+        ]
+        for row in summary:
+            each = " / ".join(f"{v:.1f}" for v in row["output_throughputs"])
+            out.append(
+                f"| {row['max_concurrency']} | {row['mode']} | {row['runs']} | {_n(row['output_throughput'])} "
+                f"| {each} | {_n(row['ratio_to_first'], '.2f')}{'x' if row['ratio_to_first'] else ''} "
+                f"| {_n(row['tpot_p99'])} |"
+            )
     if len(runs) == 1:
         out += ["", "| latency (ms) | mean | p50 | p90 | p99 |", "|---|---:|---:|---:|---:|"]
         for key, name in LATENCIES:
@@ -74,7 +90,7 @@ def _cdf(ax: Any, values: Sequence[float], label: str) -> None:
 
 def render_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """A PNG: for one run, the CDFs of TTFT and TPOT; for a sweep, output throughput and p99 TPOT against max
-    concurrency, a line per mode.
+    concurrency, a line per mode (through the medians of repeated runs, each run a dot).
 
     Raises:
         SystemExit: matplotlib is not installed (pip install '.[bench]').
@@ -100,8 +116,16 @@ def render_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
             (axes[1], "p99 TPOT (ms)", lambda r: r["tpot"]["p99"]),
         ):
             for mode in modes:
-                points = [(r["max_concurrency"], value(r)) for r in runs if r["mode"] == mode and value(r) is not None]
-                ax.plot([c for c, _ in points], [v for _, v in points], marker="o", label=mode)
+                mine = [r for r in runs if r["mode"] == mode and value(r) is not None]
+                concurrencies = list(dict.fromkeys(r["max_concurrency"] for r in mine))
+                medians = [
+                    statistics.median(value(r) for r in mine if r["max_concurrency"] == c) for c in concurrencies
+                ]
+                line = ax.plot(concurrencies, medians, marker="o", label=mode)[0]
+                if len(mine) > len(concurrencies):  # repeats: every run as a dot, the line through their medians
+                    ax.scatter(
+                        [r["max_concurrency"] for r in mine], [value(r) for r in mine], s=10, color=line.get_color()
+                    )
             ax.set_xscale("log", base=2)
             concurrencies = sorted({r["max_concurrency"] for r in runs})
             ax.set_xticks(concurrencies, [str(c) for c in concurrencies])

@@ -198,6 +198,9 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput counts requests within this TTFT")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput counts requests within this TPOT")
     p.add_argument("--sweep", default=None, metavar="C1,C2,...", help="run the load at each max concurrency")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="runs of every mode at each concurrency, alternating order (default: 1)"
+    )
     p.add_argument("--metrics-url", default=None, help="the orchestrator's /metrics, for speculation counters")
     p.add_argument("--seed", type=int, default=0, help="seeds the arrival gaps (default: 0)")
     p.add_argument("--users", type=int, default=2, help="virtual users: Ray actors, one gRPC channel each (default: 2)")
@@ -615,6 +618,7 @@ def loadtest(args: argparse.Namespace) -> int:
             users=args.users,
             warmup_requests=args.warmup,
             timeout_s=args.timeout,
+            repeats=args.repeats,
         )
         prompts = chat_prompts(read_prompts(args.prompts))
     except (ValueError, OSError) as e:

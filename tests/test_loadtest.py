@@ -25,6 +25,7 @@ from loadtest import (
     render_plot,
     run_loadtest,
     summarize,
+    summarize_repeats,
 )
 from orchestrator.core import Metrics
 from tandem.cli import main
@@ -119,6 +120,12 @@ def test_config_checks_and_run_order() -> None:
     assert cfg.is_sweep
     assert cfg.points() == [("primary", 1), ("tandem-speed", 1), ("primary", 4), ("tandem-speed", 4)]
     assert LoadTestConfig(num_requests=7).points() == [("tandem-speed", 7)]  # no limit: every request at once
+    twice = LoadTestConfig(modes=("primary", "tandem-speed"), sweep=(1, 4), repeats=2)
+    assert twice.points() == cfg.points()  # warm-up once per mode and concurrency
+    assert [(m[0], c, r) for m, c, r in twice.schedule()] == [
+        ("p", 1, 0), ("t", 1, 0), ("t", 1, 1), ("p", 1, 1), ("p", 4, 0), ("t", 4, 0), ("t", 4, 1), ("p", 4, 1),
+    ]  # fmt: skip
+    assert LoadTestConfig(repeats=3).is_sweep
     for bad in (
         dict(modes=("fast",)),
         dict(rate=-1.0),
@@ -127,6 +134,7 @@ def test_config_checks_and_run_order() -> None:
         dict(sweep=(2,), max_concurrency=2),
         dict(slo_tpot_ms=0.0),
         dict(num_requests=0),
+        dict(repeats=0),
     ):
         with pytest.raises(ValueError):
             LoadTestConfig(**bad)  # type: ignore[arg-type]
@@ -194,6 +202,24 @@ def test_rejected_and_failed_requests_are_counted_not_retried(ray_local: None, f
     assert render_plot(report, tmp_path / "cdf.png").stat().st_size > 0  # the single run's CDFs
 
 
+def test_summary_of_repeats_is_the_median_and_its_ratio() -> None:
+    def run(mode: str, c: int, tok_s: float, p99: float | None) -> dict:
+        return {"mode": mode, "max_concurrency": c, "output_throughput": tok_s, "tpot": {"p99": p99}}
+
+    runs = [run("primary", 1, 10.0, 50.0), run("tandem-speed", 1, 12.0, 40.0), run("tandem-speed", 1, 30.0, None),
+            run("primary", 1, 11.0, 60.0), run("tandem-speed", 1, 9.0, 45.0), run("primary", 1, 40.0, 70.0),
+            run("primary", 8, 20.0, 90.0)]  # fmt: skip
+    summary = summarize_repeats(runs, ("primary", "tandem-speed"))
+    assert [(r["max_concurrency"], r["mode"], r["runs"]) for r in summary] == [
+        (1, "primary", 3), (1, "tandem-speed", 3), (8, "primary", 1)
+    ]  # fmt: skip
+    p1, t1, p8 = summary
+    assert (p1["output_throughput"], p1["tpot_p99"], p1["ratio_to_first"]) == (11.0, 60.0, None)
+    assert (t1["output_throughput"], t1["tpot_p99"]) == (12.0, 42.5)  # the run without a p99 is left out of it
+    assert t1["ratio_to_first"] == pytest.approx(12.0 / 11.0) and t1["output_throughputs"] == [12.0, 30.0, 9.0]
+    assert p8["ratio_to_first"] is None
+
+
 def test_command_line_sweep(ray_local: None, fake_target: str, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "ok", "category": "chat"}\n{"prompt": "full"}\n')
@@ -201,11 +227,15 @@ def test_command_line_sweep(ray_local: None, fake_target: str, tmp_path: Path) -
     argv = ["loadtest", "--target", fake_target, "--prompts", str(prompts), "--num-requests", "4", "--rate", "200"]
     argv += ["--mode", "primary,tandem-speed", "--sweep", "1,2", "--slo-ttft-ms", "10000", "--json", str(out)]
     argv += ["--markdown", str(md), "--plot", str(png), "--no-progress", "--warmup", "0", "--users", "1"]
-    assert main(argv) == 0
+    assert main([*argv, "--repeats", "2"]) == 0
     report = json.loads(out.read_text())
     runs = report["sweep"]
-    assert [(r["mode"], r["max_concurrency"]) for r in runs] == [
-        ("primary", 1), ("tandem-speed", 1), ("primary", 2), ("tandem-speed", 2),
+    assert [(r["mode"], r["max_concurrency"], r["repeat"]) for r in runs] == [
+        ("primary", 1, 0), ("tandem-speed", 1, 0), ("tandem-speed", 1, 1), ("primary", 1, 1),
+        ("primary", 2, 0), ("tandem-speed", 2, 0), ("tandem-speed", 2, 1), ("primary", 2, 1),
+    ]  # fmt: skip
+    assert [(r["mode"], r["max_concurrency"], r["runs"]) for r in report["summary"]] == [
+        ("primary", 1, 2), ("tandem-speed", 1, 2), ("primary", 2, 2), ("tandem-speed", 2, 2),
     ]  # fmt: skip
     for r in runs:
         assert (r["completed"], r["rejected"], r["failed"]) == (2, 2, 0)
@@ -213,6 +243,7 @@ def test_command_line_sweep(ray_local: None, fake_target: str, tmp_path: Path) -
         assert r["output_throughput"] == pytest.approx(3 * r["request_throughput"])
     assert report["config"]["rate"] == 200 and report["args"]["prompts"] == str(prompts)
     assert "| tandem-speed | 2 | 2 | 2 | 0 |" in md.read_text() and png.stat().st_size > 0
+    assert "| 2 | tandem-speed | 2 |" in md.read_text()  # the summary's row
 
 
 @pytest.fixture(scope="module")
