@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tandem.bench import log_stderr, measure_block_cost, measure_drafter_step, tokenize_prompts
+from tandem.bench import log_stderr, machine_info, measure_block_cost, measure_drafter_step, tokenize_prompts
 from tandem.config import SpecConfig
 from tandem.evaluate import Drafter, RoundCosts, SpeedStats, round_predictions, simulate_greedy_speed
 from tandem.models import BundleConfig, load_bundle
@@ -102,7 +102,8 @@ def tune(
         log: progress lines.
 
     Returns:
-        The JSON `tandem tune` writes: config, measured costs, and per drafter the ranked settings and the default's.
+        The JSON `tandem tune` writes: config, machine, measured costs, and per drafter the ranked settings and the
+        default's.
     """
     bundle = load_bundle(dataclasses.replace(bundle_cfg, max_len=cfg.max_len))
     engine = bundle.engine
@@ -120,6 +121,7 @@ def tune(
     default = SpecConfig()
     report: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
+        "machine": machine_info(),
         "block_cost_ms": block_ms,
         "default": {"tau_first": default.tau_first, "tau": default.tau, "gamma_max": default.gamma_max},
         "drafters": {},
