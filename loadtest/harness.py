@@ -398,30 +398,34 @@ def measure(
 
 
 def summarize_repeats(runs: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> list[dict[str, Any]]:
-    """Per max concurrency and mode: the median over repeats of output throughput and p99 TPOT, the run count, and
-    (`ratio_to_first`) the median throughput over the first mode's at the same concurrency (None for the first)."""
+    """Per max concurrency and mode: the medians over repeats of output throughput and p99 TPOT, the run count, and
+    `ratio_to_first`: the median over repeats of the mode's throughput ÷ the first mode's in the same repeat (each
+    such pair ran back to back, so drift between repeats cancels); None for the first mode."""
     out = []
     for c in dict.fromkeys(r["max_concurrency"] for r in runs):
-        medians = {}
+        here = [r for r in runs if r["max_concurrency"] == c]
+        by_repeat = {r.get("repeat", 0): r["output_throughput"] for r in here if r["mode"] == modes[0]}
         for mode in modes:
-            mine = [r for r in runs if r["max_concurrency"] == c and r["mode"] == mode]
+            mine = [r for r in here if r["mode"] == mode]
             if not mine:
                 continue
             p99 = [r["tpot"]["p99"] for r in mine if r["tpot"]["p99"] is not None]
-            medians[mode] = statistics.median(r["output_throughput"] for r in mine)
+            paired = [
+                r["output_throughput"] / by_repeat[r.get("repeat", 0)]
+                for r in mine
+                if by_repeat.get(r.get("repeat", 0))
+            ]
             out.append(
                 {
                     "max_concurrency": c,
                     "mode": mode,
                     "runs": len(mine),
-                    "output_throughput": medians[mode],
+                    "output_throughput": statistics.median(r["output_throughput"] for r in mine),
                     "output_throughputs": [r["output_throughput"] for r in mine],
                     "tpot_p99": statistics.median(p99) if p99 else None,
+                    "ratio_to_first": statistics.median(paired) if mode != modes[0] and paired else None,
                 }
             )
-        base = medians.get(modes[0])
-        for row in out[-len(medians) :]:
-            row["ratio_to_first"] = None if row["mode"] == modes[0] or not base else row["output_throughput"] / base
     return out
 
 

@@ -62,7 +62,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         first = summary[0]["mode"]
         out += [
             "",
-            f"| max concurrency | mode | runs | output tok/s, median | each run | ÷ {first} | p99 TPOT (ms), median |",
+            f"| max concurrency | mode | runs | output tok/s, median | each run | ÷ {first} (paired) "
+            "| p99 TPOT (ms), median |",
             "|---:|---|---:|---:|---|---:|---:|",
         ]
         for row in summary:

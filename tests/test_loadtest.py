@@ -202,21 +202,23 @@ def test_rejected_and_failed_requests_are_counted_not_retried(ray_local: None, f
     assert render_plot(report, tmp_path / "cdf.png").stat().st_size > 0  # the single run's CDFs
 
 
-def test_summary_of_repeats_is_the_median_and_its_ratio() -> None:
-    def run(mode: str, c: int, tok_s: float, p99: float | None) -> dict:
-        return {"mode": mode, "max_concurrency": c, "output_throughput": tok_s, "tpot": {"p99": p99}}
+def test_summary_of_repeats_is_the_median_and_the_paired_ratio() -> None:
+    def run(mode: str, c: int, repeat: int, tok_s: float, p99: float | None) -> dict:
+        return {"mode": mode, "max_concurrency": c, "repeat": repeat, "output_throughput": tok_s, "tpot": {"p99": p99}}
 
-    runs = [run("primary", 1, 10.0, 50.0), run("tandem-speed", 1, 12.0, 40.0), run("tandem-speed", 1, 30.0, None),
-            run("primary", 1, 11.0, 60.0), run("tandem-speed", 1, 9.0, 45.0), run("primary", 1, 40.0, 70.0),
-            run("primary", 8, 20.0, 90.0)]  # fmt: skip
+    runs = [run("primary", 1, 0, 10.0, 50.0), run("tandem-speed", 1, 0, 12.0, 40.0),
+            run("tandem-speed", 1, 1, 30.0, None), run("primary", 1, 1, 20.0, 60.0),
+            run("primary", 1, 2, 40.0, 70.0), run("tandem-speed", 1, 2, 36.0, 45.0),
+            run("primary", 8, 0, 20.0, 90.0)]  # fmt: skip
     summary = summarize_repeats(runs, ("primary", "tandem-speed"))
     assert [(r["max_concurrency"], r["mode"], r["runs"]) for r in summary] == [
         (1, "primary", 3), (1, "tandem-speed", 3), (8, "primary", 1)
     ]  # fmt: skip
     p1, t1, p8 = summary
-    assert (p1["output_throughput"], p1["tpot_p99"], p1["ratio_to_first"]) == (11.0, 60.0, None)
-    assert (t1["output_throughput"], t1["tpot_p99"]) == (12.0, 42.5)  # the run without a p99 is left out of it
-    assert t1["ratio_to_first"] == pytest.approx(12.0 / 11.0) and t1["output_throughputs"] == [12.0, 30.0, 9.0]
+    assert (p1["output_throughput"], p1["tpot_p99"], p1["ratio_to_first"]) == (20.0, 60.0, None)
+    assert (t1["output_throughput"], t1["tpot_p99"]) == (30.0, 42.5)  # the run without a p99 is left out of it
+    # per repeat 1.2, 1.5, 0.9: the median of the pairs, not 30 / 20 (the medians' ratio)
+    assert t1["ratio_to_first"] == pytest.approx(1.2) and t1["output_throughputs"] == [12.0, 30.0, 36.0]
     assert p8["ratio_to_first"] is None
 
 
