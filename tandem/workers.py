@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -50,10 +50,10 @@ _T = TypeVar("_T")
 @dataclasses.dataclass(frozen=True)
 class BatchingConfig:
     max_batch: int = 16  # most sessions' calls in one batched model call
-    # How long an idle model waits for the other live sessions' calls before it runs a batch (it stops waiting once
-    # every live session has a call queued). Behind gRPC the next calls of a batch's sessions come back spread over
-    # tens of ms; with 2 ms the batches split into two halves that alternated for good (16 streams: mean batch 8.0,
-    # 57 tokens/s), with 40 ms they stay whole (mean batch 15.8, 100 tokens/s).
+    # How long an idle model waits for the calls of live sessions that are due within it (`_Batcher._gather`).
+    # Behind gRPC the next calls of a batch's sessions come back spread over tens of ms; with 2 ms the batches split
+    # into two halves that alternated for good (16 streams: mean batch 8.0, 57 tokens/s), with 40 ms they stay whole
+    # (mean batch 15.8, 100 tokens/s).
     window_s: float = 0.040
 
 
@@ -120,15 +120,19 @@ class _Batcher:
     """Continuous batching by flat combining: the caller that finds the model idle takes every queued call (up to
     max_batch, one per session), runs them as one batch for everyone, and hands back the results; the others wait.
 
-    Calls that arrive while a batch runs make up the next one. An idle model waits up to `window_s` for more calls while
-    fewer are queued than there are live sessions (`expected()`); a lone session never waits. It owns no thread, so an
-    in-process engine and a service share it.
+    Calls that arrive while a batch runs make up the next one. An idle model waits up to `window_s` for the calls of
+    the live sessions (`live()`) that are due within it (see `_gather`); a lone session never waits. It owns no
+    thread, so an in-process engine and a service share it.
     """
 
-    def __init__(self, run: Callable[[list[_Call]], None], cfg: BatchingConfig, expected: Callable[[], int]) -> None:
+    def __init__(
+        self, run: Callable[[list[_Call]], None], cfg: BatchingConfig, live: Callable[[], Collection[str]]
+    ) -> None:
         if cfg.max_batch < 1 or cfg.window_s < 0:
             raise ValueError(f"max_batch must be >= 1 and window_s >= 0, got {cfg}")
-        self._run, self.cfg, self._expected = run, cfg, expected
+        self._run, self.cfg, self._live = run, cfg, live
+        self._done: dict[str, float] = {}  # session -> when its last call here finished (time.monotonic)
+        self._turnaround: dict[str, float] = {}  # session -> average time from a finished call to its next call
         self._cv = threading.Condition()
         self._queue: list[_Call] = []
         self._busy = False
@@ -143,6 +147,10 @@ class _Batcher:
     def submit(self, call: _Call) -> object:
         """Queues a call and returns its result once a batch has run it (raising its error, if any)."""
         with self._cv:
+            done = self._done.get(call.session)
+            if done is not None:
+                gap, last = time.monotonic() - done, self._turnaround.get(call.session)
+                self._turnaround[call.session] = gap if last is None else 0.5 * (last + gap)
             self._queue.append(call)
             self._cv.notify_all()
             while not call.done:
@@ -160,8 +168,10 @@ class _Batcher:
                     finally:
                         self._cv.acquire()
                 finally:
+                    finished = time.monotonic()
                     for c in batch:
                         c.done = True
+                        self._done[c.session] = finished
                     self.batches += 1
                     self.calls += len(batch)
                     self._busy = False
@@ -171,13 +181,25 @@ class _Batcher:
         return call.result
 
     def _gather(self) -> None:
-        """The batching window (called holding the condition): wait for calls of the other live sessions."""
+        """The batching window (called holding the condition): wait, up to window_s, for the calls of the live
+        sessions that are due within it, i.e. whose last call here finished less than their turnaround (how long their
+        calls take to come back, on average) before the window ends. A session gives up its claim once it is overdue by
+        a whole turnaround. So a session busy elsewhere for longer (at the other model service, or with its client)
+        does not hold the batch, and neither does a session seen once."""
         deadline = time.monotonic() + self.cfg.window_s
-        while len(self._queue) < min(self.cfg.max_batch, self._expected()):
-            left = deadline - time.monotonic()
-            if left <= 0:
+        live = set(self._live())
+        for gone in [s for s in self._done if s not in live]:
+            del self._done[gone]
+            self._turnaround.pop(gone, None)
+        due = {s: self._done[s] + 2 * t for s, t in self._turnaround.items() if self._done[s] + t <= deadline}
+        while len(self._queue) < self.cfg.max_batch:
+            now, queued = time.monotonic(), {c.session for c in self._queue}
+            give_up = [by for s, by in due.items() if s not in queued and by > now]
+            if not give_up:
                 return
-            self._cv.wait(left)
+            self._cv.wait(min(deadline, max(give_up)) - now)
+            if time.monotonic() >= deadline:
+                return
 
     def _take(self) -> list[_Call]:
         """Oldest first, one call per session (a second call of a session waits for the next batch)."""
@@ -210,7 +232,7 @@ class _SessionWorker:
     def __init__(self, slots: int, batching: BatchingConfig) -> None:
         self.pool = _SlotPool(slots)
         self.pool_lock = threading.Lock()  # pool changes; held while a batch looks its sessions up
-        self.batcher = _Batcher(self._run_batch, batching, expected=self.pool.__len__)
+        self.batcher = _Batcher(self._run_batch, batching, live=lambda: self.pool.sessions.keys())
 
     @property
     def waiting(self) -> int:

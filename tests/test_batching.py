@@ -4,6 +4,7 @@ concurrent requests produce the tokens they produce one at a time."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -140,7 +141,7 @@ def test_batcher_takes_one_call_per_session_and_caps_the_batch() -> None:
         for c in batch:
             c.result = c.session
 
-    batcher = _Batcher(run, BatchingConfig(max_batch=2, window_s=0.0), expected=lambda: 0)
+    batcher = _Batcher(run, BatchingConfig(max_batch=2, window_s=0.0), live=lambda: ())
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(batcher.submit, _Call("x"))
         while not batcher._busy:  # the first call runs alone; the next three queue behind it
@@ -154,9 +155,34 @@ def test_batcher_takes_one_call_per_session_and_caps_the_batch() -> None:
     assert all(len(set(b)) == len(b) for b in seen)  # never two calls of one session in one batch
 
 
+def test_the_window_waits_for_due_sessions_only() -> None:
+    """A session whose calls come back quickly holds the next batch for its call (a batch stays whole); one that is
+    busy elsewhere for longer than the window does not hold it."""
+    seen: list[list[str]] = []
+
+    def run(batch: list[_Call]) -> None:
+        seen.append(sorted(c.session for c in batch))
+        for c in batch:
+            c.result = c.session
+
+    batcher = _Batcher(run, BatchingConfig(window_s=0.5), live=lambda: ("fast", "slow"))
+    for session, pause in (("slow", 1.0), ("fast", 0.2)):  # turnarounds: 1 s (past the window), then 0.2 s
+        batcher.submit(_Call(session))
+        time.sleep(pause)
+        batcher.submit(_Call(session))
+    start = time.monotonic()
+    batcher.submit(_Call("fast"))  # "slow" is due in ~0.8 s: past the window, so no wait
+    assert time.monotonic() - start < 0.15 and seen[-1] == ["fast"]
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(lambda: (time.sleep(0.05), batcher.submit(_Call("fast")))[1])
+        assert batcher.submit(_Call("slow")) == "slow"  # "fast" (turnaround now ~0.1 s) is due: the batch waits
+        assert later.result() == "fast"
+    assert seen[-1] == ["fast", "slow"]
+
+
 def test_batching_config_is_checked() -> None:
     with pytest.raises(ValueError, match="max_batch"):
-        _Batcher(lambda b: None, BatchingConfig(max_batch=0), expected=lambda: 0)
+        _Batcher(lambda b: None, BatchingConfig(max_batch=0), live=lambda: ())
 
 
 def test_compiling_buckets_at_start_covers_serving_shapes_and_changes_no_cache(tiny_params) -> None:
