@@ -160,7 +160,8 @@ def test_cancel_releases_model_service_slots(served: Served) -> None:
 def test_a_service_that_dies_while_starting_fails_fast(tmp_path: Path) -> None:
     stack = ServeStack(gguf_path=tmp_path / "missing.gguf", log_dir=tmp_path / "logs", startup_timeout_s=60)
     start = time.monotonic()
-    with pytest.raises(ServeError, match=r"exited with code [1-9]") as err:
+    # Any failing exit: an error exit, or a signal (-6: gRPC's poller has aborted the dying process at exit, seen once).
+    with pytest.raises(ServeError, match=r"exited with code -?[1-9]") as err:
         stack.start()
     assert time.monotonic() - start < 30
     assert "missing.gguf" in str(err.value)  # the tail of the failing service's log
