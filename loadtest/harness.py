@@ -116,18 +116,21 @@ class LoadTestConfig:
         """Several runs (a sweep, several modes or repeats): the report lists them under `sweep`."""
         return bool(self.sweep) or len(self.modes) > 1 or self.repeats > 1
 
+    @property
+    def concurrencies(self) -> tuple[int, ...]:
+        """The max concurrencies the load runs at (no limit: every request at once)."""
+        return self.sweep or (self.max_concurrency or self.num_requests,)
+
     def points(self) -> list[tuple[str, int]]:
         """Each distinct (mode, max concurrency): every mode at one concurrency, then the next."""
-        concurrencies = self.sweep or (self.max_concurrency or self.num_requests,)
-        return [(mode, c) for c in concurrencies for mode in self.modes]
+        return [(mode, c) for c in self.concurrencies for mode in self.modes]
 
     def schedule(self) -> list[tuple[str, int, int]]:
         """(mode, max concurrency, repeat) of each run, in the order they run: at each concurrency, `repeats` passes
         over the modes, every other pass in reverse order (A B B A ...)."""
-        concurrencies = self.sweep or (self.max_concurrency or self.num_requests,)
         return [
             (mode, c, r)
-            for c in concurrencies
+            for c in self.concurrencies
             for r in range(self.repeats)
             for mode in (self.modes if r % 2 == 0 else self.modes[::-1])
         ]

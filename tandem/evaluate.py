@@ -297,6 +297,31 @@ def simulate_greedy_speed(
     return stats
 
 
+def replay(
+    preds: np.ndarray,
+    conf: np.ndarray,
+    seqs: np.ndarray,
+    starts: Sequence[int],
+    ends: Sequence[int],
+    gamma: int,
+    tau: float,
+    tau_first: float = 0.0,
+) -> SpeedStats:
+    """`simulate_greedy_speed` over every row of [B, ...] predictions, summed; rows of fewer than 2 tokens are left out.
+
+    Args:
+        preds, conf: [B, T, G] from `round_predictions`.
+        seqs: [B, T] prompt + the primary's greedy continuation per row.
+        starts, ends: per row, the prompt's length and the continuation's end.
+        gamma, tau, tau_first: as `simulate_greedy_speed` takes them.
+    """
+    total = SpeedStats()
+    for b in range(seqs.shape[0]):
+        if ends[b] - starts[b] >= 2:
+            total.add(simulate_greedy_speed(preds[b], conf[b], seqs[b], starts[b], ends[b], gamma, tau, tau_first))
+    return total
+
+
 def acceptance_lengths(
     pcfg: LlamaConfig,
     pparams: LlamaParams,
@@ -315,11 +340,7 @@ def acceptance_lengths(
         settings = {f"gamma_{g}": (g, 0.0) for g in cfg.gammas} | {"adaptive": (cfg.gamma_max, cfg.tau)}
         res: dict[str, Any] = {}
         for key, (g, tau) in settings.items():
-            total = SpeedStats()
-            for row in range(seqs.shape[0]):
-                if lengths[row] - p < 2:
-                    continue
-                total.add(simulate_greedy_speed(preds[row], conf[row], seqs[row], p, int(lengths[row]), g, tau))
+            total = replay(preds, conf, seqs, [p] * seqs.shape[0], [int(n) for n in lengths], g, tau)
             res[key] = total.mean_acceptance_length
             res[f"{key}_rounds"] = total.rounds
         out[name] = res

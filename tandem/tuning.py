@@ -20,7 +20,7 @@ import numpy as np
 
 from tandem.bench import log_stderr, machine_info, measure_block_cost, measure_drafter_step, tokenize_prompts
 from tandem.config import SpecConfig
-from tandem.evaluate import Drafter, RoundCosts, SpeedStats, round_predictions, simulate_greedy_speed
+from tandem.evaluate import Drafter, RoundCosts, replay, round_predictions
 from tandem.models import BundleConfig, load_bundle
 from tandem.router import MLPRouter
 
@@ -69,10 +69,7 @@ def rank_settings(
     ranked = []
     for tau_first, tau, gamma in itertools.product(cfg.tau_firsts, cfg.taus, cfg.gammas):
         first_tau = SpecConfig(gamma_max=gamma, tau=tau, tau_first=tau_first).first_tau
-        total = SpeedStats()
-        for b in range(seqs.shape[0]):
-            if ends[b] - starts[b] >= 2:
-                total.add(simulate_greedy_speed(preds[b], conf[b], seqs[b], starts[b], ends[b], gamma, tau, first_tau))
+        total = replay(preds, conf, seqs, starts, ends, gamma, tau, first_tau)
         ranked.append(
             {
                 "tau_first": tau_first,
@@ -164,11 +161,11 @@ def tune(
 
 def render_markdown(report: dict[str, Any], top: int = 8) -> str:
     """The best settings per drafter and the default's, as markdown tables."""
-    verify = report["block_cost_ms"]
-    one = verify[min(verify, key=int)]
+    block_ms = report["block_cost_ms"]  # keys are strings once read back from JSON
+    one = block_ms[min(block_ms, key=int)]
     out = [
         "Primary verify of k tokens ÷ one token: "
-        + ", ".join(f"k={k}: {float(v) / one:.2f}" for k, v in sorted(verify.items(), key=lambda kv: int(kv[0]))),
+        + ", ".join(f"k={k}: {float(v) / one:.2f}" for k, v in sorted(block_ms.items(), key=lambda kv: int(kv[0]))),
         "",
     ]
     for name, d in report["drafters"].items():
