@@ -105,7 +105,6 @@ class Admission:
         self._cv = threading.Condition()
         self.running = 0
         self._queue: collections.deque[object] = collections.deque()
-        self.rejected = 0
 
     def observe(self, seconds: float, tokens: int) -> None:
         """A running request emitted `tokens` tokens `seconds` after its previous chunk."""
@@ -143,7 +142,6 @@ class Admission:
                 self.running += 1
                 return
             if len(self._queue) >= self.max_queued:
-                self.rejected += 1
                 hint = self._retry_hint_s()
                 raise OverloadedError(
                     f"server busy: {self.running} requests running and {len(self._queue)} queued (the limits); "
@@ -156,7 +154,6 @@ class Admission:
             admitted = self._cv.wait_for(lambda: self.running < self.limit and self._queue[0] is ticket, timeout=wait_s)
             if not admitted:
                 self._queue.remove(ticket)
-                self.rejected += 1
                 self._cv.notify_all()
                 hint = self._retry_hint_s()
                 raise OverloadedError(

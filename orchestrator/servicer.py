@@ -47,6 +47,7 @@ def chunk_to_proto(c: Chunk, request_id: str) -> pb.GenerateResponse:
                 mean_acceptance_length=s.mean_acceptance_length,
                 ttft_s=s.ttft_s,
                 elapsed_s=s.elapsed_s,
+                declined_rounds=s.declined_rounds,
             )
         )
     return out

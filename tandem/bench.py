@@ -68,12 +68,32 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 # -- configuration and inputs -------------------------------------------------------------------------------------
 
 
+def split_mode(label: str) -> tuple[str, SpecConfig | None]:
+    """A mode label, `MODE` or `MODE@TAU_FIRST:TAU:GAMMA_MAX`, as (engine mode, its own settings or None).
+
+    Raises:
+        ValueError: settings that are not three numbers, or out of range.
+    """
+    mode, sep, settings = label.partition("@")
+    if not sep:
+        return mode, None
+    parts = settings.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError("expected three values")
+        return mode, SpecConfig(tau_first=float(parts[0]), tau=float(parts[1]), gamma_max=int(parts[2]))
+    except ValueError as e:
+        raise ValueError(f"mode {label!r}: expected MODE@TAU_FIRST:TAU:GAMMA_MAX ({e})") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """What one benchmark run measures.
 
     Attributes:
-        modes: engine modes (tandem.config.MODES), run in this order; must include "primary" (the baseline).
+        modes: engine modes (tandem.config.MODES), run in this order; must include "primary" (the baseline). A mode
+            may carry its own speculation settings as `MODE@TAU_FIRST:TAU:GAMMA_MAX` (e.g. `tandem-speed@0:0.8:7`),
+            so settings are compared like modes: interleaved, in one run, the label keying every result.
         vias: "in-process" and/or "grpc".
         max_tokens: tokens generated per prompt.
         gamma_max: most tokens drafted per round (sent explicitly over gRPC too, so both vias draft alike).
@@ -101,7 +121,7 @@ class BenchConfig:
     peer: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.modes if m not in MODES]
+        unknown = [m for m in self.modes if split_mode(m)[0] not in MODES]
         if unknown:
             raise ValueError(f"unknown mode(s) {', '.join(unknown)}; expected some of {', '.join(MODES)}")
         if BASELINE not in self.modes:
@@ -120,11 +140,17 @@ class BenchConfig:
             raise ValueError(f"unknown peer {self.peer!r}; expected 'hf'")
         if self.peer is not None and "in-process" not in self.vias:
             raise ValueError("a peer runs in process and is compared with the in-process primary: add in-process")
-        self.spec  # noqa: B018 (raises ValueError for a bad gamma_max, tau or tau_first)
+        for mode in self.modes:
+            self.spec_of(mode)  # raises ValueError for a bad gamma_max, tau or tau_first
 
     @property
     def spec(self) -> SpecConfig:
         return SpecConfig(gamma_max=self.gamma_max, tau=self.tau, tau_first=self.tau_first)
+
+    def spec_of(self, mode: str) -> SpecConfig:
+        """The settings a mode label runs with: its own (`MODE@TAU_FIRST:TAU:GAMMA_MAX`), else the run's."""
+        own = split_mode(mode)[1]
+        return own if own is not None else self.spec
 
     @property
     def all_modes(self) -> tuple[str, ...]:
@@ -480,7 +506,7 @@ class GrpcBackend:
             accepted_tokens=st.accepted_tokens,
             accepted_per_position=tuple(st.accepted_per_position),
             primary_calls=passes,
-            drafter_calls=st.rounds,  # the request loop asks the drafter once per round
+            drafter_calls=st.rounds + st.declined_rounds,  # the request loop asks the drafter once per round
         )
 
     def close(self) -> None:
@@ -759,7 +785,6 @@ def run(
                 else:
                     assert engine is not None
                     backends[via, mode] = InProcessBackend(engine)
-        spec = cfg.spec
         counters_before = orchestrator_counters(metrics_url) if metrics_url else None
 
         warm_tokens = cfg.max_tokens if cfg.warmup_tokens is None else cfg.warmup_tokens
@@ -769,7 +794,7 @@ def run(
                 peer.warmup()
             for (via, mode), backend in backends.items():
                 t0 = time.perf_counter()
-                backend.generate(longest.ids, mode, warm_tokens, spec)
+                backend.generate(longest.ids, split_mode(mode)[0], warm_tokens, cfg.spec_of(mode))
                 log(f"warm-up {mode} ({via}): {time.perf_counter() - t0:.2f}s")
 
         samples: dict[tuple[str, str], list[list[Sample]]] = {key: [[] for _ in prompts] for key in backends}
@@ -777,8 +802,11 @@ def run(
         n = 0
         for r in range(cfg.repeats):
             for i, prompt in enumerate(prompts):
-                for (via, mode), backend in backends.items():  # interleaved: each mode in turn on this prompt
-                    s = backend.generate(prompt.ids, mode, cfg.max_tokens, spec)
+                # Interleaved: each mode in turn on this prompt, in reverse order every other time (A B B A ...), so
+                # that drift on a shared machine hits every mode alike.
+                turns = list(backends.items())
+                for (via, mode), backend in turns if (r * len(prompts) + i) % 2 == 0 else turns[::-1]:
+                    s = backend.generate(prompt.ids, split_mode(mode)[0], cfg.max_tokens, cfg.spec_of(mode))
                     samples[via, mode][i].append(s)
                     n += 1
                     rep = f" repeat {r + 1}" if cfg.repeats > 1 else ""
@@ -957,7 +985,7 @@ def identity_warnings(report: Mapping[str, Any]) -> list[str]:
         where = ", ".join(f"prompt {d['prompt'] + 1} ({d['via']}) at token {d['position']}" for d in found[:4])
         more = f" and {len(found) - 4} more" if len(found) > 4 else ""
         prompts = len({d["prompt"] for d in found})
-        if mode in LOSSY_MODES:
+        if split_mode(mode)[0] in LOSSY_MODES:
             lines.append(f"note: {mode} (standalone, unverified by design) differs from primary on {prompts}/{n}")
         else:
             lines.append(f"WARNING: {mode} is NOT identical to primary on {prompts}/{n} prompts: {where}{more}")
@@ -1016,7 +1044,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 continue
             ttft = f"{_f(r['ttft_s_median'], '.0f', 1000)} / {_f(r['ttft_s_p90'], '.0f', 1000)}"
             same = identical.get(mode)
-            mark = "✓" if same else ("✗ (by design)" if mode in LOSSY_MODES else "**✗**")
+            mark = "✓" if same else ("✗ (by design)" if split_mode(mode)[0] in LOSSY_MODES else "**✗**")
             out.append(
                 f"| {mode} | {via} | {_f(r['tokens_per_s'])} | {_f(by_via.get(via, {}).get(mode), '.2f', suffix='×')} "
                 f"| {ttft} | {_f(r['tpot_s_median'], '.1f', 1000)} | {_f(r['mean_acceptance_length'], '.2f')} "
@@ -1027,6 +1055,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     out.append(
         "Speedup: tokens/s over `primary` through the same via (peer modes: over the in-process primary). "
         "tok/s: median over prompts of output tokens / end-to-end latency, measured by the client."
+        + (
+            " A mode named MODE@τ_first:τ:γ_max ran with those settings instead of the run's."
+            if any(split_mode(m)[1] for m in report.get("modes", {}))
+            else ""
+        )
     )
     tax = report.get("tax") or {}
     if tax:

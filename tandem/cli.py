@@ -145,7 +145,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per prompt (default: 128)")
     p.add_argument("--json", metavar="OUT", type=Path, required=True, help="write the report here")
     p.add_argument(
-        "--modes", default=",".join(MODES), help=f"comma-separated, must include primary (default: {','.join(MODES)})"
+        "--modes",
+        default=",".join(MODES),
+        help="comma-separated, must include primary; MODE@TAU_FIRST:TAU:GAMMA_MAX runs a mode with its own settings "
+        f"(e.g. tandem-speed@0:0.8:7), so settings compare like modes (default: {','.join(MODES)})",
     )
     p.add_argument(
         "--via", choices=("in-process", "grpc", "both"), default="both", help="where the modes run (default: both)"
@@ -660,7 +663,7 @@ def _positive_int(text: str, flag: str) -> int:
 def _summary(s: dict[str, Any]) -> str:
     return (
         f"{s['output_tokens']} tokens in {s['elapsed_s']:.2f}s ({s['tokens_per_s']:.1f} tok/s), rounds={s['rounds']}, "
-        f"accepted {s['accepted_tokens']}/{s['drafted_tokens']} drafts"
+        f"accepted {s['accepted_tokens']}/{s['drafted_tokens']} drafts, declined rounds={s['declined_rounds']}"
     )
 
 

@@ -139,6 +139,7 @@ def stats_from_response(final: pb.GenerateResponse) -> dict[str, Any]:
         "drafted_tokens": s.drafted_tokens,
         "accepted_tokens": s.accepted_tokens,
         "accepted_per_position": list(s.accepted_per_position),
+        "declined_rounds": s.declined_rounds,
         "prompt_tokens": u.prompt_tokens,
         "output_tokens": u.completion_tokens,
         "ttft_s": s.ttft_s,

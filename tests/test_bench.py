@@ -23,6 +23,7 @@ from secondary_svc.server import build_server as build_secondary
 from tandem import bench
 from tandem.bench import BenchConfig, BenchPrompt, Sample
 from tandem.cli import build_parser, main
+from tandem.config import SpecConfig
 from tandem.engine import Engine
 from tandem.workers import DrafterWorker, PrimaryWorker
 
@@ -189,6 +190,15 @@ def test_config_is_validated() -> None:
         BenchConfig(gamma_max=0)
     with pytest.raises(ValueError, match="in-process"):
         BenchConfig(vias=("grpc",), peer="hf")
+    with pytest.raises(ValueError, match="TAU_FIRST:TAU:GAMMA_MAX"):
+        BenchConfig(modes=("primary", "speed@0.5:3"))
+    with pytest.raises(ValueError, match="gamma_max"):
+        BenchConfig(modes=("primary", "speed@0.5:0.5:0"))
+    with pytest.raises(ValueError, match="unknown mode"):
+        BenchConfig(modes=("primary", "turbo@0:0.8:7"))
+    arms = BenchConfig(modes=("primary", "tandem-speed", "tandem-speed@0:0.8:7"), gamma_max=2, tau=0.3)
+    assert arms.spec_of("tandem-speed") == SpecConfig(gamma_max=2, tau=0.3)
+    assert arms.spec_of("tandem-speed@0:0.8:7") == SpecConfig(gamma_max=7, tau=0.8, tau_first=0.0)
     cfg = BenchConfig(modes=("primary",), peer="hf")
     assert cfg.all_modes == ("primary", "hf", "hf-assisted") and cfg.vias_of("hf") == ("in-process",)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -336,7 +346,7 @@ def _check_run(report: dict, modes: Sequence[str], vias: Sequence[str]) -> None:
 
 def test_run_in_process_over_the_tiny_engine(engine: Engine) -> None:
     cfg = BenchConfig(
-        modes=("primary", "tandem-speed"),
+        modes=("primary", "tandem-speed", "tandem-speed@0:0:1"),
         vias=("in-process",),
         max_tokens=TOKENS,
         gamma_max=3,
@@ -349,12 +359,18 @@ def test_run_in_process_over_the_tiny_engine(engine: Engine) -> None:
     report = bench.run(cfg, PROMPTS, engine=engine, log=lines.append)
     _check_run(report, cfg.modes, cfg.vias)
     assert report["args"]["max_tokens"] == TOKENS  # the config, without a command line
-    assert [line.split(":")[0] for line in lines[2:6]] == [
-        "[1/4] prompt 1 primary (in-process)",
-        "[2/4] prompt 1 tandem-speed (in-process)",
-        "[3/4] prompt 2 primary (in-process)",
-        "[4/4] prompt 2 tandem-speed (in-process)",
-    ]  # interleaved: each mode in turn on each prompt, after one warm-up per mode
+    assert [line.split(": ")[0] for line in lines[3:9]] == [
+        "[1/6] prompt 1 primary (in-process)",
+        "[2/6] prompt 1 tandem-speed (in-process)",
+        "[3/6] prompt 1 tandem-speed@0:0:1 (in-process)",
+        "[4/6] prompt 2 tandem-speed@0:0:1 (in-process)",
+        "[5/6] prompt 2 tandem-speed (in-process)",
+        "[6/6] prompt 2 primary (in-process)",
+    ]  # interleaved, A B B A: each mode in turn on each prompt, after one warm-up per mode
+    arm = report["modes"]["tandem-speed@0:0:1"]  # its own settings: one draft in every round (τ = 0)
+    assert arm["drafted_tokens"] == arm["rounds"] and arm["mean_acceptance_length"] <= 2.0
+    spec = report["modes"]["tandem-speed"]  # the run's settings: γ_max = 3, τ = 0
+    assert spec["drafted_tokens"] > spec["rounds"]
     assert list(report["block_cost"]) == ["1", "2"] and report["block_cost"]["1"] == 1.0
     assert report["block_cost_context"] == 0 and set(report["block_cost_ms"]) == {"1", "2"}
     assert set(report["drafter_step_ms"]) == {"tandem", "vanilla"}
@@ -362,17 +378,32 @@ def test_run_in_process_over_the_tiny_engine(engine: Engine) -> None:
 
 
 def test_run_in_process_and_through_grpc(engine: Engine, stack: Stack) -> None:
+    declining = "tandem-speed@1:0.5:3"  # no draft is that sure: the router declines every round
     cfg = BenchConfig(
-        modes=("primary", "tandem-speed"), max_tokens=TOKENS, gamma_max=3, tau=0.0, block_cost_context=None
+        modes=("primary", "tandem-speed", declining),
+        max_tokens=TOKENS,
+        gamma_max=3,
+        tau=0.0,
+        block_cost_context=None,
     )
     metrics = f"http://127.0.0.1:{stack.orchestrator.metrics_port}/metrics"
     report = bench.run(cfg, PROMPTS, engine=engine, target=stack.orchestrator.address, metrics_url=metrics, log=print)
-    _check_run(report, cfg.modes, ("in-process", "grpc"))
-    assert report["consistent_across_vias"] == {"primary": True, "tandem-speed": True}
-    assert set(report["tax"]) == {"primary", "tandem-speed"} and all(t > 0 for t in report["tax"].values())
-    ip, gr = report["in_process"]["tandem-speed"], report["modes"]["tandem-speed"]
-    for key in ("rounds", "drafted_tokens", "accepted_tokens", "accepted_per_position", "primary_calls_per_token"):
-        assert ip[key] == gr[key], key  # the same request loop on both sides
+    _check_run(report, cfg.modes[:2], ("in-process", "grpc"))
+    assert report["consistent_across_vias"] == {"primary": True, "tandem-speed": True, declining: True}
+    assert set(report["tax"]) == set(cfg.modes) and all(t > 0 for t in report["tax"].values())
+    for mode in cfg.modes[1:]:
+        ip, gr = report["in_process"][mode], report["modes"][mode]
+        for key in (
+            "rounds",
+            "drafted_tokens",
+            "accepted_tokens",
+            "accepted_per_position",
+            "primary_calls_per_token",
+            "drafter_calls_per_token",
+        ):
+            assert ip[key] == gr[key], (mode, key)  # the same request loop on both sides
+    declined = report["modes"][declining]
+    assert declined["drafter_calls_per_token"] > declined["rounds"] / declined["output_tokens"]  # declines count
     assert report["server_counters"] == {"drafter_fallbacks": 0.0, "failovers": 0.0}
     assert report["block_cost"] is None and bench.identity_warnings(report) == []
     assert stack.settled_sessions() == 0

@@ -11,6 +11,7 @@ from tandem import secondary
 from tandem.config import DrafterConfig, LlamaConfig, SamplingParams, SpecConfig
 from tandem.engine import Engine
 from tandem.primary import PrimaryRunner, params_from_state_dict
+from tandem.rounds import GenerationStats
 from tandem.speculative import target_probs
 
 PROMPTS = [list(np.random.default_rng(i).integers(0, TINY.vocab_size, size=3 + i % 7)) for i in range(20)]
@@ -127,13 +128,19 @@ def _exact_joint(params, prompt: list[int]) -> np.ndarray:
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def _sample_counts(engine: Engine, prompt: list[int], mode: str, n: int) -> np.ndarray:
+def _sample_counts(
+    engine: Engine, prompt: list[int], mode: str, n: int, spec: SpecConfig
+) -> tuple[np.ndarray, GenerationStats]:
+    """Counts of each sampled 3-token continuation over seeds 0..n-1, and the speculation counters summed."""
     counts = np.zeros((8, 8, 8))
-    spec = SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3)  # q covers 3 of 8 tokens: the residual path is exercised
+    total = GenerationStats()
     for seed in range(n):
         sampling = SamplingParams(SAMPLING.temperature, SAMPLING.top_k, SAMPLING.top_p, seed=seed)
-        counts[tuple(engine.generate(prompt, mode=mode, max_tokens=3, sampling=sampling, spec=spec).token_ids)] += 1
-    return counts
+        result = engine.generate(prompt, mode=mode, max_tokens=3, sampling=sampling, spec=spec)
+        counts[tuple(result.token_ids)] += 1
+        total.rounds += result.stats.rounds
+        total.declined_rounds += result.stats.declined_rounds
+    return counts, total
 
 
 def _gof_pvalue(counts: np.ndarray, expected_probs: np.ndarray) -> float:
@@ -151,7 +158,16 @@ def _gof_pvalue(counts: np.ndarray, expected_probs: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-def test_sampled_speculation_matches_primary_distribution() -> None:
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3),  # q covers 3 of 8 tokens: the residual path is exercised
+        # The router declines about a third of the rounds (τ_first): those are plain sampled primary steps.
+        SpecConfig(gamma_max=2, tau=0.3, tau_first=0.17, draft_top_k=3),
+    ],
+    ids=["every-round-drafts", "some-rounds-declined"],
+)
+def test_sampled_speculation_matches_primary_distribution(spec: SpecConfig) -> None:
     params = params_from_state_dict(SMALL, tiny_state(SMALL, seed=3))
     tcfg, vcfg = drafter_config(True, SMALL), drafter_config(False, SMALL)
     engine = Engine(
@@ -161,9 +177,11 @@ def test_sampled_speculation_matches_primary_distribution() -> None:
     )
     prompt = [1, 5, 2]
     joint = _exact_joint(params, prompt)
-    counts = _sample_counts(engine, prompt, "tandem-speed", N_SAMPLES)
+    counts, counters = _sample_counts(engine, prompt, "tandem-speed", N_SAMPLES, spec)
     pvalue = _gof_pvalue(counts, joint)
     assert pvalue > 1e-3, pvalue
-    # The test has teeth: standalone Tandem (drafts kept unverified) is not distributed like the primary.
-    wrong = _sample_counts(engine, prompt, "tandem", 2_000)
-    assert _gof_pvalue(wrong, joint) < 1e-6
+    assert counters.rounds > 0 and (counters.declined_rounds > 0) == (spec.first_tau > 0), counters
+    if spec.first_tau == 0:
+        # The test has teeth: standalone Tandem (drafts kept unverified) is not distributed like the primary.
+        wrong, _ = _sample_counts(engine, prompt, "tandem", 2_000, spec)
+        assert _gof_pvalue(wrong, joint) < 1e-6

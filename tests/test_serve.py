@@ -132,7 +132,14 @@ def test_cli_generate_json_against_the_stack(served: Served) -> None:
     assert out["finish_reason"] in ("length", "stop") and 1 <= len(out["token_ids"]) <= 8
     tok, engine = served.reference.tokenizer, served.reference.engine
     assert out["token_ids"] == engine.generate(tok.encode(out["prompt"]), mode="primary", max_tokens=8).token_ids
-    for key in ("rounds", "drafted_tokens", "accepted_tokens", "accepted_per_position", "mean_acceptance_length"):
+    for key in (
+        "rounds",
+        "drafted_tokens",
+        "accepted_tokens",
+        "accepted_per_position",
+        "declined_rounds",
+        "mean_acceptance_length",
+    ):
         assert key in out["stats"]
     assert out["stats"]["output_tokens"] == len(out["token_ids"]) and out["stats"]["tokens_per_s"] > 0
 

@@ -131,7 +131,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "accepted_per_position", "mean_acceptance_length", "ttft_s", "elapsed_s")
+    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "accepted_per_position", "mean_acceptance_length", "ttft_s", "elapsed_s", "declined_rounds")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,7 @@ class SpeculationStats(_message.Message):
     MEAN_ACCEPTANCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted_tokens: int
     accepted_tokens: int
@@ -146,7 +147,8 @@ class SpeculationStats(_message.Message):
     mean_acceptance_length: float
     ttft_s: float
     elapsed_s: float
-    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., mean_acceptance_length: _Optional[float] = ..., ttft_s: _Optional[float] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+    declined_rounds: int
+    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., mean_acceptance_length: _Optional[float] = ..., ttft_s: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., declined_rounds: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "usage", "stats", "request_id")
