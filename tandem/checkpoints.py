@@ -283,6 +283,30 @@ def hf_config(d: dict[str, Any]) -> LlamaConfig:
     )
 
 
+def hf_config_dict(config: LlamaConfig) -> dict[str, Any]:
+    """The Hugging Face Llama config of `config` (the inverse of `hf_config`): plain RoPE, SiLU, no biases."""
+    return {
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.ffn_dim,
+        "rope_theta": config.rope_theta,  # older readers; newer ones read rope_parameters
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rms_norm_eps": config.rms_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "max_position_embeddings": config.max_seq_len,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+
+
 def load_hf_safetensors(directory: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     """Load a Hugging Face Llama checkpoint directory (`config.json` + `model.safetensors` or a sharded index).
 
@@ -324,28 +348,7 @@ def save_hf_safetensors(directory: str | Path, config: LlamaConfig, state_dict: 
     check_state_dict(config, state_dict)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    hf = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model,
-        "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads,
-        "head_dim": config.head_dim,
-        "intermediate_size": config.ffn_dim,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": None,
-        "rms_norm_eps": config.rms_eps,
-        "tie_word_embeddings": config.tie_embeddings,
-        "max_position_embeddings": config.max_seq_len,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": "float32",
-    }
+    hf = {"architectures": ["LlamaForCausalLM"], **hf_config_dict(config), "torch_dtype": "float32"}
     (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state_dict.items()}
     safetensors.numpy.save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})

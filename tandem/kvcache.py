@@ -174,9 +174,10 @@ class KVCache:
         )
         return slots, out_rows, out
 
-    def attend_len(self, rows: np.ndarray) -> int:
-        """Cache slots the next call reads: a bucket covering the longest selected row."""
-        return min(bucket(int(self.lengths[rows].max()), MIN_ATTEND), self.max_len)
+    def attend_len(self, rows: np.ndarray, ahead: int = 0) -> int:
+        """Cache slots the next call reads: a bucket covering the longest selected row, plus `ahead` positions the
+        call itself writes before it reads them (a drafting round's fed tokens and drafts)."""
+        return min(bucket(int(self.lengths[rows].max()) + ahead, MIN_ATTEND), self.max_len)
 
     def attend_buckets(self) -> list[int]:
         """Every attended length a call over this cache can use (the shapes to compile ahead)."""

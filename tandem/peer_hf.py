@@ -65,7 +65,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.initialization import no_init_weights
 
 from tandem import secondary
-from tandem.checkpoints import check_state_dict, load_gguf
+from tandem.checkpoints import check_state_dict, hf_config_dict, load_gguf
 from tandem.config import DrafterConfig, LlamaConfig
 from tandem.models import WEIGHTS_DIR, BundleConfig, drafter_config
 from tandem.tokenizer import Tokenizer
@@ -105,24 +105,7 @@ class PeerResult:
 
 def hf_llama_config(cfg: LlamaConfig) -> transformers.LlamaConfig:
     """The `transformers.LlamaConfig` of a model shaped like `cfg` (float32, default RoPE, no biases)."""
-    return transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.rms_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id,
-        attention_bias=False,
-        mlp_bias=False,
-    )
+    return transformers.LlamaConfig(**hf_config_dict(cfg))
 
 
 def build_hf_llama(cfg: LlamaConfig, state_dict: dict[str, np.ndarray]) -> transformers.LlamaForCausalLM:

@@ -34,7 +34,7 @@ from safetensors.numpy import load_file, save_file
 
 from tandem.config import DrafterConfig
 from tandem.errors import ContextFullError
-from tandem.kvcache import MIN_ATTEND, KVCache, bucket, buckets
+from tandem.kvcache import KVCache, bucket, buckets
 from tandem.layers import (
     KVBuffers,
     LayerParams,
@@ -474,10 +474,7 @@ class DrafterRunner:
         tokens = self.cache.pad_block(block, slots, fed)
         pad_slots, pad_lengths = self.cache.padded_rows(slots)
         b_pad, cap = tokens.shape[0], bucket(int(gammas.max()), _DRAFTS_WIDTH)
-        attend = min(
-            bucket(int((self.cache.lengths[slots] + max(tokens.shape[1], int(fed.max()) + cap)).max()), MIN_ATTEND),
-            self.max_len,
-        )
+        attend = self.cache.attend_len(slots, ahead=max(tokens.shape[1], int(fed.max()) + cap))
         drafts, count, self.cache.k, self.cache.v = _draft_greedy_jit(
             self.params,
             router,

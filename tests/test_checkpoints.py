@@ -15,6 +15,7 @@ from tandem import assets
 from tandem.checkpoints import (
     gguf_config,
     hf_config,
+    hf_config_dict,
     llama_param_shapes,
     load_gguf,
     load_hf_safetensors,
@@ -131,6 +132,7 @@ def test_hf_config_parsing() -> None:
     newer = {k: v for k, v in base.items() if k != "rope_theta"}
     newer["rope_parameters"] = {"rope_type": "default", "rope_theta": 1234.0}
     assert hf_config(newer).rope_theta == 1234.0
+    assert hf_config(hf_config_dict(config)) == config  # the writer's dict reads back as the same config
     for bad in [
         {"rope_scaling": {"type": "linear", "factor": 2.0}},
         {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}},
