@@ -51,6 +51,8 @@ def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceSer
     batches.set_function(lambda: worker.batcher.batches)
     calls = Gauge("tandem_primary_batched_calls", "session calls those batches served (monotonic)", registry=registry)
     calls.set_function(lambda: worker.batcher.calls)
+    busy = Gauge("tandem_primary_busy_seconds", "seconds spent running model calls (monotonic)", registry=registry)
+    busy.set_function(lambda: worker.busy_s)
     return ServiceServer(
         lambda server: pb_grpc.add_PrimaryServicer_to_server(PrimaryServicer(worker), server),
         [SERVICE_NAME],

@@ -43,10 +43,17 @@ def build_server(workers: dict[str, DrafterWorker], cfg: SecondaryServiceConfig)
     used = Gauge("tandem_secondary_slots_used", "drafter cache slots held", ["drafter"], registry=registry)
     total = Gauge("tandem_secondary_slots_total", "drafter cache slots", ["drafter"], registry=registry)
     queued = Gauge("tandem_secondary_queue_depth", "calls waiting for a drafter", ["drafter"], registry=registry)
+    busy = Gauge(
+        "tandem_secondary_busy_seconds",
+        "seconds spent running drafter calls (monotonic)",
+        ["drafter"],
+        registry=registry,
+    )
     for name, w in workers.items():
         used.labels(drafter=name).set_function(w.pool.__len__)
         total.labels(drafter=name).set(w.pool.capacity)
         queued.labels(drafter=name).set_function(functools.partial(getattr, w, "waiting"))
+        busy.labels(drafter=name).set_function(functools.partial(getattr, w, "busy_s"))
 
     def expire() -> None:
         for w in workers.values():

@@ -209,6 +209,8 @@ class Sample:
         accepted_per_position: [j]: rounds that kept draft j+1.
         primary_calls: primary passes (None: unknown).
         drafter_calls: drafting requests (None: unknown).
+        model_s: seconds the model services (or in-process workers) spent running model calls during the generation,
+            their batch time summed (None: unknown); the rest of e2el_s is orchestration overhead.
     """
 
     token_ids: tuple[int, ...]
@@ -221,6 +223,7 @@ class Sample:
     accepted_per_position: tuple[int, ...] = ()
     primary_calls: int | None = None
     drafter_calls: int | None = None
+    model_s: float | None = None
 
     @property
     def output_tokens(self) -> int:
@@ -280,14 +283,16 @@ def sum_positions(rows: Iterable[Sequence[int]]) -> list[int]:
 
 
 def combine_repeats(repeats: Sequence[Sample]) -> Sample:
-    """One prompt's repeats as one sample: median TTFT and E2EL, the first repeat's tokens and counters."""
+    """One prompt's repeats as one sample: median TTFT, E2EL and model time, the first repeat's tokens and counters."""
     if not repeats:
         raise ValueError("no samples")
     first = repeats[0]
     ttft = median(s.ttft_s for s in repeats if s.ttft_s is not None)
     e2el = median(s.e2el_s for s in repeats)
     assert e2el is not None
-    return dataclasses.replace(first, ttft_s=ttft, e2el_s=e2el)
+    known = [s.model_s for s in repeats if s.model_s is not None]
+    model = median(known) if len(known) == len(repeats) else None
+    return dataclasses.replace(first, ttft_s=ttft, e2el_s=e2el, model_s=model)
 
 
 def summarize(per_prompt: Sequence[Sequence[Sample]]) -> dict[str, Any]:
@@ -301,8 +306,10 @@ def summarize(per_prompt: Sequence[Sequence[Sample]]) -> dict[str, Any]:
         tpot_s_{median,p90,mean}; e2el_s_median; pooled speculation counters (rounds, drafted_tokens,
         accepted_tokens, accepted_per_position) and the rates derived from them (mean_acceptance_length,
         acceptance_rate, acceptance_per_position; None without speculation); primary_calls_per_token and
-        drafter_calls_per_token (None when unknown); deterministic (every repeat gave the same tokens); outputs
-        (token ids per prompt); per_prompt (each prompt's figures).
+        drafter_calls_per_token (None when unknown); model_s (model services' time, summed over prompts) and
+        overhead (1 − model_s / summed E2EL: the share of the client's time spent outside model calls; None when
+        unknown); deterministic (every repeat gave the same tokens); outputs (token ids per prompt); per_prompt (each
+        prompt's figures).
     """
     rows = [combine_repeats(reps) for reps in per_prompt]
     tps = [s.tokens_per_s for s in rows]
@@ -314,6 +321,8 @@ def summarize(per_prompt: Sequence[Sequence[Sample]]) -> dict[str, Any]:
     accepted = sum(s.accepted_tokens or 0 for s in spec)
     accepted_pos = sum_positions(s.accepted_per_position for s in spec)
     out_tokens = sum(s.output_tokens for s in rows)
+    model_s = sum(s.model_s or 0.0 for s in rows) if all(s.model_s is not None for s in rows) else None
+    e2el_s = sum(s.e2el_s for s in rows)
 
     def per_token(counts: list[int | None]) -> float | None:
         if not out_tokens or any(c is None for c in counts):
@@ -342,6 +351,8 @@ def summarize(per_prompt: Sequence[Sequence[Sample]]) -> dict[str, Any]:
         "acceptance_per_position": [a / rounds for a in accepted_pos] if rounds else [],
         "primary_calls_per_token": per_token([s.primary_calls for s in rows]),
         "drafter_calls_per_token": per_token([s.drafter_calls for s in rows]),
+        "model_s": model_s,
+        "overhead": 1.0 - model_s / e2el_s if model_s is not None and e2el_s > 0 else None,
         "deterministic": all(all(r.token_ids == reps[0].token_ids for r in reps) for reps in per_prompt),
         "outputs": [list(s.token_ids) for s in rows],
         "per_prompt": [
@@ -357,6 +368,7 @@ def summarize(per_prompt: Sequence[Sequence[Sample]]) -> dict[str, Any]:
                 "accepted_tokens": s.accepted_tokens,
                 "primary_calls": s.primary_calls,
                 "drafter_calls": s.drafter_calls,
+                "model_s": s.model_s,
             }
             for s in rows
         ],
@@ -422,9 +434,15 @@ class InProcessBackend:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
+    def _busy_s(self) -> float:
+        """The workers' model time so far (each drafter worker once, though two modes share the Tandem one)."""
+        drafters = {id(w): w for w in self.engine.drafters.values() if w is not None}.values()
+        return self.engine.primary_worker.busy_s + sum((w.busy_s for w in drafters), 0.0)
+
     def generate(self, prompt_ids: Sequence[int], mode: str, max_tokens: int, spec: SpecConfig) -> Sample:
         tokens: list[int] = []
         ttft: float | None = None
+        busy = self._busy_s()
         start = time.perf_counter()
         stream = self.engine.stream(prompt_ids, mode=mode, max_tokens=max_tokens, sampling=SamplingParams(), spec=spec)
         while True:
@@ -449,6 +467,7 @@ class InProcessBackend:
             accepted_per_position=tuple(s.accepted_per_position),
             primary_calls=s.primary_calls,
             drafter_calls=s.drafter_calls,
+            model_s=self._busy_s() - busy,
         )
 
 
@@ -458,13 +477,18 @@ class GrpcBackend:
     Args:
         target: the orchestrator's HOST:PORT.
         timeout_s: deadline per request.
+        service_metrics: the Prometheus endpoints of the model services behind it; their busy-seconds gauges, read
+            before and after each request (outside its timing), give the request's model time (empty: unknown).
     """
 
-    def __init__(self, target: str, timeout_s: float | None = 600.0) -> None:
+    def __init__(self, target: str, timeout_s: float | None = 600.0, service_metrics: Sequence[str] = ()) -> None:
         from tandemrpc.client import TandemClient
 
-        self.target = target
+        self.target, self.service_metrics = target, tuple(service_metrics)
         self.client = TandemClient(target, timeout_s=timeout_s)
+
+    def _busy_s(self) -> float | None:
+        return sum(busy_seconds(url) for url in self.service_metrics) if self.service_metrics else None
 
     def generate(self, prompt_ids: Sequence[int], mode: str, max_tokens: int, spec: SpecConfig) -> Sample:
         from tandemrpc.client import IncompleteStreamError
@@ -475,6 +499,7 @@ class GrpcBackend:
         ttft: float | None = None
         passes = 0
         final: Any = None
+        busy = self._busy_s()
         start = time.perf_counter()
         chunks = self.client.generate(
             [int(t) for t in prompt_ids],
@@ -495,6 +520,7 @@ class GrpcBackend:
         e2el = time.perf_counter() - start
         if final is None:
             raise IncompleteStreamError(f"{self.target}: the stream ended without its final chunk")
+        after = self._busy_s()
         st = final.stats
         return Sample(
             token_ids=tuple(tokens),
@@ -507,6 +533,7 @@ class GrpcBackend:
             accepted_per_position=tuple(st.accepted_per_position),
             primary_calls=passes,
             drafter_calls=st.rounds + st.declined_rounds,  # the request loop asks the drafter once per round
+            model_s=None if busy is None or after is None else after - busy,
         )
 
     def close(self) -> None:
@@ -718,6 +745,16 @@ def fetch_metrics(metrics_url: str, timeout_s: float = 5.0) -> str:
         return str(resp.read().decode("utf-8", "replace"))
 
 
+def busy_seconds(metrics_url: str, timeout_s: float = 5.0) -> float:
+    """A model service's time spent running model calls so far: its `tandem_*_busy_seconds` gauges summed."""
+    total = 0.0
+    for line in fetch_metrics(metrics_url, timeout_s).splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("tandem_") and name.split("{")[0].endswith("_busy_seconds"):
+            total += float(value)
+    return total
+
+
 def orchestrator_counters(metrics_url: str, timeout_s: float = 5.0) -> dict[str, float]:
     """The orchestrator's fallback counters from its Prometheus endpoint (nonzero: some requests ran degraded)."""
     out: dict[str, float] = {}
@@ -745,6 +782,7 @@ def run(
     args: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     metrics_url: str | None = None,
+    service_metrics: Sequence[str] = (),
     log: Callable[[str], None] = log_stderr,
 ) -> dict[str, Any]:
     """Runs the benchmark and returns its report (see `build_report`).
@@ -758,6 +796,7 @@ def run(
         args: the command line's arguments, recorded in the report (default: the config).
         extra: more top-level report entries (e.g. where the drafters came from).
         metrics_url: the orchestrator's Prometheus endpoint; its fallback counters are recorded if given.
+        service_metrics: the model services' Prometheus endpoints, for each gRPC request's model time (overhead).
         log: progress lines.
 
     Raises:
@@ -772,7 +811,9 @@ def run(
     if cfg.peer is not None and peer is None:
         raise ValueError(f"cfg.peer={cfg.peer!r} needs a peer")
     backends: dict[tuple[str, str], Backend] = {}
-    grpc_backend = GrpcBackend(target) if "grpc" in cfg.vias and target is not None else None
+    grpc_backend = (
+        GrpcBackend(target, service_metrics=service_metrics) if "grpc" in cfg.vias and target is not None else None
+    )
     try:
         for mode in cfg.all_modes:
             for via in cfg.vias_of(mode):
@@ -1067,6 +1108,24 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         for mode, t in tax.items():
             ip, gr = results["in-process"][mode], results["grpc"][mode]
             out.append(f"| {mode} | {_f(ip['tokens_per_s'])} | {_f(gr['tokens_per_s'])} | {_f(t, '.2f', suffix='×')} |")
+    overhead_rows = [
+        (mode, via, r)
+        for mode in report.get("modes", {})
+        for via in VIAS
+        if (r := results.get(via, {}).get(mode)) and r.get("overhead") is not None
+    ]
+    if overhead_rows:
+        out += [
+            "",
+            "Orchestration overhead: the share of the client's end-to-end time spent outside the model workers' "
+            "batched calls (request loop, batching hand-off and, through gRPC, serialization and transport).",
+            "",
+            "| mode | via | model time (s) | end-to-end (s) | overhead |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for mode, via, r in overhead_rows:
+            e2el = _f(sum(p["e2el_s"] for p in r["per_prompt"]), ".2f")
+            out.append(f"| {mode} | {via} | {_f(r['model_s'], '.2f')} | {e2el} | {_f(r['overhead'], '.1%')} |")
     pos_rows = [
         (mode, via, r["acceptance_per_position"])
         for mode in report.get("modes", {})
@@ -1259,6 +1318,7 @@ def run_with_bundle(
                 }
             },
             metrics_url=stack.metrics_urls["orchestrator"] if stack is not None else None,
+            service_metrics=[stack.metrics_urls[k] for k in ("primary", "secondary")] if stack is not None else (),
             log=log,
         )
     finally:

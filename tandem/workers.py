@@ -138,6 +138,7 @@ class _Batcher:
         self._busy = False
         self.batches = 0  # batched model rounds run so far
         self.calls = 0  # calls they served (calls / batches = the mean batch size)
+        self.busy_s = 0.0  # seconds spent running batches (what is not model time is the callers' overhead)
 
     @property
     def waiting(self) -> int:
@@ -159,9 +160,11 @@ class _Batcher:
                     continue
                 self._busy = True
                 batch: list[_Call] = []
+                started: float | None = None
                 try:
                     self._gather()
                     batch = self._take()
+                    started = time.monotonic()
                     self._cv.release()
                     try:
                         self._run_all(batch)
@@ -169,6 +172,8 @@ class _Batcher:
                         self._cv.acquire()
                 finally:
                     finished = time.monotonic()
+                    if started is not None:
+                        self.busy_s += finished - started
                     for c in batch:
                         c.done = True
                         self._done[c.session] = finished
@@ -238,6 +243,11 @@ class _SessionWorker:
     def waiting(self) -> int:
         """Calls queued for the model (the queue-depth gauge)."""
         return self.batcher.waiting
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds this worker has spent running batched model calls (monotonic)."""
+        return self.batcher.busy_s
 
     def _run_batch(self, calls: list[_Call]) -> None:
         raise NotImplementedError

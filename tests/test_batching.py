@@ -180,6 +180,22 @@ def test_the_window_waits_for_due_sessions_only() -> None:
     assert seen[-1] == ["fast", "slow"]
 
 
+def test_busy_time_counts_batches_run_not_idle_time() -> None:
+    """busy_s (the services' busy-seconds gauges) sums the time batches ran, not the time between calls."""
+
+    def run(batch: list[_Call]) -> None:
+        time.sleep(0.05)
+        for c in batch:
+            c.result = c.session
+
+    batcher = _Batcher(run, BatchingConfig(window_s=0.0), live=lambda: ("a",))
+    start = time.monotonic()
+    for _ in range(3):
+        batcher.submit(_Call("a"))
+        time.sleep(0.1)
+    assert 0.15 <= batcher.busy_s < 0.25 and time.monotonic() - start >= 0.45
+
+
 def test_batching_config_is_checked() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         _Batcher(lambda b: None, BatchingConfig(max_batch=0), live=lambda: ())

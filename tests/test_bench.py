@@ -387,7 +387,16 @@ def test_run_in_process_and_through_grpc(engine: Engine, stack: Stack) -> None:
         block_cost_context=None,
     )
     metrics = f"http://127.0.0.1:{stack.orchestrator.metrics_port}/metrics"
-    report = bench.run(cfg, PROMPTS, engine=engine, target=stack.orchestrator.address, metrics_url=metrics, log=print)
+    services = [f"http://127.0.0.1:{s.metrics_port}/metrics" for s in (stack.primary, stack.secondary)]
+    report = bench.run(
+        cfg,
+        PROMPTS,
+        engine=engine,
+        target=stack.orchestrator.address,
+        metrics_url=metrics,
+        service_metrics=services,
+        log=print,
+    )
     _check_run(report, cfg.modes[:2], ("in-process", "grpc"))
     assert report["consistent_across_vias"] == {"primary": True, "tandem-speed": True, declining: True}
     assert set(report["tax"]) == set(cfg.modes) and all(t > 0 for t in report["tax"].values())
@@ -404,6 +413,12 @@ def test_run_in_process_and_through_grpc(engine: Engine, stack: Stack) -> None:
             assert ip[key] == gr[key], (mode, key)  # the same request loop on both sides
     declined = report["modes"][declining]
     assert declined["drafter_calls_per_token"] > declined["rounds"] / declined["output_tokens"]  # declines count
+    for via in ("in-process", "grpc"):  # the model services' busy time against the client's: the overhead
+        for mode in cfg.modes:
+            r = report["results"][via][mode]
+            e2el = sum(p["e2el_s"] for p in r["per_prompt"])
+            assert 0 < r["model_s"] < e2el and r["overhead"] == pytest.approx(1 - r["model_s"] / e2el), (via, mode)
+    assert "| tandem-speed | grpc |" in bench.render_markdown(report).split("Orchestration overhead")[1]
     assert report["server_counters"] == {"drafter_fallbacks": 0.0, "failovers": 0.0}
     assert report["block_cost"] is None and bench.identity_warnings(report) == []
     assert stack.settled_sessions() == 0
