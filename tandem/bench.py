@@ -1280,6 +1280,8 @@ def run_with_bundle(
     rows: Sequence[tuple[str, str]],
     *,
     target: str | None = None,
+    metrics_url: str | None = None,
+    service_metrics: Sequence[str] = (),
     max_len: int = 2048,
     startup_timeout_s: float = 600.0,
     args: Mapping[str, Any] | None = None,
@@ -1288,6 +1290,8 @@ def run_with_bundle(
     """`tandem bench`: the bundled models in process, and (via grpc) `target` or a ServeStack started here (slots=1).
 
     The stack is launched before JAX is loaded here (no fork of a JAX process) and loads while the bundle does.
+    `metrics_url` (the orchestrator's) and `service_metrics` (the model services') describe a given `target`; a stack
+    started here brings its own.
     """
     stack = None
     if "grpc" in cfg.vias and target is None:
@@ -1317,8 +1321,8 @@ def run_with_bundle(
                     "grpc_server": None if target is None else "ServeStack(slots=1) started here" if stack else "given",
                 }
             },
-            metrics_url=stack.metrics_urls["orchestrator"] if stack is not None else None,
-            service_metrics=[stack.metrics_urls[k] for k in ("primary", "secondary")] if stack is not None else (),
+            metrics_url=stack.metrics_urls["orchestrator"] if stack is not None else metrics_url,
+            service_metrics=[stack.metrics_urls[k] for k in ("primary", "secondary")] if stack else service_metrics,
             log=log,
         )
     finally:

@@ -155,6 +155,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--peer", choices=("hf",), default=None, help="also run tandem.peer_hf.HFPeer as hf, hf-assisted")
     p.add_argument("--target", default=None, help="orchestrator HOST:PORT for --via grpc (default: start one here)")
+    p.add_argument(
+        "--metrics-url", default=None, metavar="URL", help="with --target: the orchestrator's metrics (fallback counts)"
+    )
+    p.add_argument(
+        "--service-metrics",
+        default=None,
+        metavar="URL,URL",
+        help="with --target: the model services' metrics endpoints, for the gRPC orchestration overhead",
+    )
     p.add_argument("--gamma-max", type=int, default=SpecConfig.gamma_max, help=f"(default: {SpecConfig.gamma_max})")
     p.add_argument("--tau", type=float, default=SpecConfig.tau, help=f"(default: {SpecConfig.tau})")
     p.add_argument("--tau-first", type=float, default=SpecConfig.tau_first, help=f"(default: {SpecConfig.tau_first})")
@@ -562,6 +571,8 @@ def bench(args: argparse.Namespace) -> int:
         raise SystemExit(f"tandem bench: {e}") from None
     if args.target is not None and "grpc" not in cfg.vias:
         raise SystemExit("tandem bench: --target needs --via grpc or both")
+    if args.target is None and (args.metrics_url or args.service_metrics):
+        raise SystemExit("tandem bench: --metrics-url and --service-metrics describe a --target")
     import grpc
 
     from tandem.errors import InvalidRequestError
@@ -572,6 +583,8 @@ def bench(args: argparse.Namespace) -> int:
             cfg,
             rows,
             target=args.target,
+            metrics_url=args.metrics_url,
+            service_metrics=_csv(args.service_metrics) if args.service_metrics else (),
             max_len=args.max_len,
             startup_timeout_s=args.startup_timeout,
             args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

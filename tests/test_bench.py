@@ -260,6 +260,12 @@ def test_bench_command_line_parses() -> None:
         )
     with pytest.raises(SystemExit, match="must include 'primary'"):
         main(["bench", "--prompts", "bench/prompts.jsonl", "--json", "o.json", "--modes", "speed"])
+    with pytest.raises(SystemExit, match="describe a --target"):
+        main(["bench", "--prompts", "bench/prompts.jsonl", "--json", "o.json", "--service-metrics", "http://x:1/m"])
+    args = build_parser().parse_args(
+        ["bench", "--prompts", "p", "--json", "o", "--target", "h:1", "--service-metrics", "http://a/m,http://b/m"]
+    )
+    assert args.service_metrics == "http://a/m,http://b/m" and args.metrics_url is None
 
 
 # -- end to end over the tiny models ----------------------------------------------------------------------------
