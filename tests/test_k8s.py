@@ -153,7 +153,11 @@ def exported() -> dict[str, Any]:
 
     def worker() -> Any:
         return SimpleNamespace(
-            pool=_Pool(), waiting=0, expire_idle=lambda ttl: None, batcher=SimpleNamespace(batches=0, calls=0)
+            pool=_Pool(),
+            waiting=0,
+            busy_s=0.0,
+            expire_idle=lambda ttl: None,
+            batcher=SimpleNamespace(batches=0, calls=0),
         )
 
     primary = build_primary(worker(), PrimaryServiceConfig())
