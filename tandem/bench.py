@@ -747,12 +747,14 @@ def fetch_metrics(metrics_url: str, timeout_s: float = 5.0) -> str:
 
 def busy_seconds(metrics_url: str, timeout_s: float = 5.0) -> float:
     """A model service's time spent running model calls so far: its `tandem_*_busy_seconds` gauges summed."""
-    total = 0.0
-    for line in fetch_metrics(metrics_url, timeout_s).splitlines():
-        name, _, value = line.rpartition(" ")
-        if name.startswith("tandem_") and name.split("{")[0].endswith("_busy_seconds"):
-            total += float(value)
-    return total
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        float(sample.value)
+        for family in text_string_to_metric_families(fetch_metrics(metrics_url, timeout_s))
+        if family.name.startswith("tandem_") and family.name.endswith("_busy_seconds")
+        for sample in family.samples
+    )
 
 
 def orchestrator_counters(metrics_url: str, timeout_s: float = 5.0) -> dict[str, float]:

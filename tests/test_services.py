@@ -67,9 +67,10 @@ class Stack:
         return len(self.primary_worker.pool) + sum(len(w.pool) for w in self.drafters.values())
 
     def settled_sessions(self, within_s: float = 1.0) -> int:
-        """Live sessions once releases in flight have landed (the secondary closes when its stream ends)."""
+        """Live sessions once releases in flight have landed (the secondary closes when its stream ends) and the
+        orchestrator's requests have left admission (a client sees its last chunk before the server's cleanup)."""
         deadline = time.monotonic() + within_s
-        while self.live_sessions() and time.monotonic() < deadline:
+        while (self.live_sessions() or self.core.admission.running) and time.monotonic() < deadline:
             time.sleep(0.02)
         return self.live_sessions()
 
@@ -289,11 +290,9 @@ def test_a_finished_request_has_released_its_drafter_slot(stack: Stack, monkeypa
         return release(session)
 
     monkeypatch.setattr(worker, "release", slow_release)
-    # Load-aware speculation sheds the drafter while other requests still hold admission places: wait for requests
-    # of earlier tests that are still unwinding (a client sees its last chunk before the server's cleanup runs).
-    deadline = time.monotonic() + 5.0
-    while stack.core.admission.running and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # Load-aware speculation sheds the drafter while other requests hold admission places: let earlier tests'
+    # requests finish unwinding first.
+    assert stack.settled_sessions(within_s=5.0) == 0
     for i in range(2):
         chunks = list(stack.client.generate([3, 4, 5 + i], mode="tandem-speed", max_tokens=6))
         port = stack.orchestrator.metrics_port
