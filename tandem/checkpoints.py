@@ -203,16 +203,57 @@ def load_gguf(
             continue
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest-first
         w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
-        if name.endswith("q_proj.weight"):
-            w = unpermute_rope_rows(w, config.n_heads)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute_rope_rows(w, config.n_kv_heads)
-        state[name] = np.array(w, dtype=np.float32, order="C")  # own the memory, not the file's mmap
+        state[name] = np.array(_hf_rows(w, name, config), dtype=np.float32, order="C")  # own it, not the file's mmap
     if only is None:
         check_state_dict(config, state)
     elif missing := set(only) - set(state):
         raise ValueError(f"GGUF has no tensors {sorted(missing)}")
     return config, state
+
+
+def _hf_rows(w: np.ndarray, name: str, config: LlamaConfig) -> np.ndarray:
+    """A GGUF matrix (or per-row data such as block scales) in HF row order: q/k rows un-permuted."""
+    if name.endswith("q_proj.weight"):
+        return unpermute_rope_rows(w, config.n_heads)
+    if name.endswith("k_proj.weight"):
+        return unpermute_rope_rows(w, config.n_kv_heads)
+    return w
+
+
+QuantBlocks = tuple[np.ndarray, np.ndarray, np.ndarray]  # q [O, I] int8, scale [O, I/32], offset [O, I/32] float32
+
+
+def gguf_quant_blocks(source: str | Path | gguf.GGUFReader) -> dict[str, QuantBlocks]:
+    """The Q8_0 and Q4_1 matrices of a GGUF file as integers with per-block scales, in HF names and row order.
+
+    Each row's 32-input block b holds weights scale[row, b] * q + offset[row, b] (Q8_0: float16 d and signed 8-bit q,
+    offset 0; Q4_1: float16 d and m, q in 0..15), which `tandem.kernels.dequantize` turns back into exactly the
+    float32 weights `load_gguf` returns. Tensors stored any other way are left out.
+
+    Returns:
+        {HF name: (q [O, I] int8, scale [O, I/32] float32, offset [O, I/32] float32)}.
+    """
+    reader = source if isinstance(source, gguf.GGUFReader) else gguf.GGUFReader(source)
+    config = gguf_config(reader)
+    out: dict[str, QuantBlocks] = {}
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type
+        if kind not in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1):
+            continue
+        name = _hf_name(tensor.name)
+        rows = int(tensor.shape[-1])
+        _, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+        raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, -1, block_bytes)  # [O, I/32, bytes per block]
+        scale = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if kind == gguf.GGMLQuantizationType.Q8_0:  # half d, int8 qs[32]
+            offset = np.zeros_like(scale)
+            q = raw[..., 2:].copy().view(np.int8)
+        else:  # half d, half m, uint8 qs[16]: element j is qs[j] & 15, element j + 16 is qs[j] >> 4
+            offset = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            nibbles = raw[..., 4:]
+            q = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).astype(np.int8)
+        out[name] = tuple(np.ascontiguousarray(_hf_rows(a, name, config)) for a in (q.reshape(rows, -1), scale, offset))  # type: ignore[assignment]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- HF safetensors

@@ -27,8 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from tandem.kernels import QLinear
+
 # Finite stand-in for -inf: a fully masked row then yields zeros instead of NaNs.
 _MASKED = -1e30
+
+
+Weight = jax.Array | QLinear  # [out, in], applied as `W @ x`
 
 
 @struct.dataclass
@@ -36,15 +41,17 @@ class LayerParams:
     """One decoder layer's weights, `[out, in]`.
 
     Query row n * H + h is head n's component h, and query head n belongs to key/value head n // G (Hugging Face
-    `repeat_kv` order), so the fused rows are Hugging Face's q_proj, k_proj and v_proj stacked.
+    `repeat_kv` order), so the fused rows are Hugging Face's q_proj, k_proj and v_proj stacked. A weight is a float
+    array or, in a primary loaded from a quantized GGUF, a `QLinear` (the same float array plus integer panels for the
+    CPU kernel); both are applied as `W @ x`.
     """
 
     attn_norm: jax.Array  # [D]
-    wqkv: jax.Array  # [(K*G + 2K) * H, D]: query heads, then key heads, then value heads
-    wo: jax.Array  # [D, K*G*H]
+    wqkv: Weight  # [(K*G + 2K) * H, D]: query heads, then key heads, then value heads
+    wo: Weight  # [D, K*G*H]
     mlp_norm: jax.Array  # [D]
-    w_gate_up: jax.Array  # [2F, D]: gate rows, then up rows
-    w_down: jax.Array  # [D, F]
+    w_gate_up: Weight  # [2F, D]: gate rows, then up rows
+    w_down: Weight  # [D, F]
     n_kv_heads: int = struct.field(pytree_node=False)  # K
     head_dim: int = struct.field(pytree_node=False)  # H
 
@@ -412,7 +419,7 @@ def embed_tokens(embed: jax.Array, tokens: jax.Array) -> jax.Array:
     return embed[tokens.reshape(-1)].T
 
 
-def output_logits(x: jax.Array, final_norm: jax.Array, head: jax.Array, eps: float) -> jax.Array:
+def output_logits(x: jax.Array, final_norm: jax.Array, head: Weight, eps: float) -> jax.Array:
     """[D, N] residual stream -> [V', N] logits through the final norm and a [V', D] head.
 
     Logits stay vocabulary-major: on this CPU, XLA fuses a transpose to [N, V'] into the product and picks a kernel

@@ -20,7 +20,7 @@ import numpy as np
 
 from tandem import secondary
 from tandem.assets import smollm2_gguf_path
-from tandem.checkpoints import gguf_config, load_gguf
+from tandem.checkpoints import gguf_config, gguf_quant_blocks, load_gguf
 from tandem.config import DrafterConfig, LlamaConfig
 from tandem.engine import Engine
 from tandem.primary import LlamaParams, PrimaryRunner, params_from_state_dict
@@ -86,10 +86,11 @@ def primary_config(cfg: BundleConfig) -> LlamaConfig:
 
 
 def load_primary_params(cfg: BundleConfig) -> tuple[LlamaConfig, LlamaParams, Tokenizer]:
-    """The primary's config, float32 weights and tokenizer from the GGUF."""
+    """The primary's config, float32 weights (with the quantized matrices' integer panels) and tokenizer."""
     reader = gguf.GGUFReader(cfg.resolved_gguf())
     pcfg, state = load_gguf(reader)
-    return pcfg, params_from_state_dict(pcfg, state, jnp.float32), Tokenizer.from_gguf(reader)
+    params = params_from_state_dict(pcfg, state, jnp.float32, blocks=gguf_quant_blocks(reader))
+    return pcfg, params, Tokenizer.from_gguf(reader)
 
 
 def load_primary(cfg: BundleConfig) -> tuple[PrimaryRunner, Tokenizer]:

@@ -7,6 +7,7 @@ dict, the block forward, and `PrimaryRunner`, which owns a cache and compiles on
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -15,12 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from tandem.checkpoints import QuantBlocks
 from tandem.config import LlamaConfig
+from tandem.kernels import QLinear, QPanels, to_panels
 from tandem.kvcache import MIN_ATTEND, KVCache, bucket
 from tandem.layers import (
     KVBuffers,
     LayerParams,
     Layers,
+    Weight,
     cached_decoder_stack,
     causal_block_mask,
     decoder_stack,
@@ -39,28 +43,48 @@ class LlamaParams:
     layers: Layers  # one LayerParams per layer
     final_norm: jax.Array  # [D]
     lm_head: jax.Array | None  # [V, D] when untied, else None
+    head_panels: QPanels | None = None  # the head's integer panels, when it came quantized
 
     @property
-    def head(self) -> jax.Array:
-        """[V, D] the output head."""
-        return self.embed if self.lm_head is None else self.lm_head
+    def head(self) -> Weight:
+        """[V, D] the output head (a QLinear when it has integer panels)."""
+        w = self.embed if self.lm_head is None else self.lm_head
+        return w if self.head_panels is None else QLinear(w, self.head_panels)
 
 
-def params_from_state_dict(cfg: LlamaConfig, sd: dict[str, np.ndarray], dtype: jnp.dtype = jnp.float32) -> LlamaParams:
+def params_from_state_dict(
+    cfg: LlamaConfig,
+    sd: dict[str, np.ndarray],
+    dtype: jnp.dtype = jnp.float32,
+    blocks: dict[str, QuantBlocks] | None = None,
+) -> LlamaParams:
     """Converts a Hugging Face Llama state dict ([out, in] matrices) into fused per-layer weights.
 
     Args:
         cfg: the model's config.
         sd: float arrays named like `model.layers.{i}.self_attn.q_proj.weight` (see tandem.checkpoints).
         dtype: parameter dtype on device.
+        blocks: the same matrices as integers with block scales (`checkpoints.gguf_quant_blocks`), whose dequantized
+            values must be the arrays in `sd`. A fused weight whose parts all have blocks, and the head, then also get
+            integer panels for the CPU kernel (`tandem.kernels`); nothing else changes.
 
     Returns:
         LlamaParams; query head n belongs to key/value head n // G, as in HF's repeat_kv.
     """
 
+    def panels(names: Sequence[str]) -> QPanels | None:
+        parts = [(blocks or {}).get(name) for name in names]
+        if not parts or any(part is None for part in parts):
+            return None
+        return to_panels(*(np.concatenate([part[j] for part in parts if part is not None]) for j in range(3)))
+
+    def weight(w: Weight, names: Sequence[str]) -> Weight:
+        found = panels(names) if dtype == jnp.float32 else None
+        return w if found is None or isinstance(w, QLinear) else QLinear(w, found)
+
     def layer(i: int) -> LayerParams:
         w = {name: sd[f"model.layers.{i}.{name}.weight"] for name in _HF_LAYER_NAMES}
-        return fuse_layer(
+        fused = fuse_layer(
             w["input_layernorm"],
             w["self_attn.q_proj"],
             w["self_attn.k_proj"],
@@ -74,13 +98,23 @@ def params_from_state_dict(cfg: LlamaConfig, sd: dict[str, np.ndarray], dtype: j
             head_dim=cfg.head_dim,
             dtype=dtype,
         )
+        name = functools.partial("model.layers.{}.{}.weight".format, i)
+        return dataclasses.replace(
+            fused,
+            wqkv=weight(fused.wqkv, [name(n) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]),
+            wo=weight(fused.wo, [name("self_attn.o_proj")]),
+            w_gate_up=weight(fused.w_gate_up, [name("mlp.gate_proj"), name("mlp.up_proj")]),
+            w_down=weight(fused.w_down, [name("mlp.down_proj")]),
+        )
 
     head = None if cfg.tie_embeddings else jnp.asarray(sd["lm_head.weight"], dtype)
+    head_name = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
     return LlamaParams(
         embed=jnp.asarray(sd["model.embed_tokens.weight"], dtype),
         layers=tuple(layer(i) for i in range(cfg.n_layers)),
         final_norm=jnp.asarray(sd["model.norm.weight"], dtype),
         lm_head=head,
+        head_panels=panels([head_name]) if dtype == jnp.float32 else None,
     )
 
 

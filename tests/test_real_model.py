@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from reference_numpy import reference_forward
 
+from tandem import kernels
 from tandem.assets import smollm2_gguf_path
-from tandem.checkpoints import load_gguf
+from tandem.checkpoints import gguf_quant_blocks, load_gguf
 from tandem.config import SpecConfig
 from tandem.models import Bundle, BundleConfig, load_bundle
 
@@ -45,6 +46,21 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def bundle() -> Bundle:
     return load_bundle(BundleConfig(max_len=256))
+
+
+def test_gguf_blocks_dequantize_to_exactly_the_loaded_weights() -> None:
+    reader = gguf.GGUFReader(smollm2_gguf_path())
+    _, state = load_gguf(reader)
+    blocks = gguf_quant_blocks(reader)
+    assert len(blocks) == 1 + 7 * 30  # the Q8_0 embedding and every layer's seven Q4_1 matrices
+    for name, (q, scale, offset) in blocks.items():
+        np.testing.assert_array_equal(kernels.dequantize(q, scale, offset), state[name], err_msg=name)
+
+
+def test_the_served_primary_runs_its_products_on_integer_panels(bundle: Bundle) -> None:
+    params = bundle.engine.primary.params
+    assert all(isinstance(layer.w_down, kernels.QLinear) for layer in params.layers)
+    assert isinstance(params.head, kernels.QLinear)
 
 
 def test_logits_match_independent_numpy_forward(bundle: Bundle) -> None:

@@ -1,0 +1,207 @@
+"""A weight-only int8 matrix product for the CPU primary, as an XLA FFI custom call (`qmatmul.cc`).
+
+The bundled SmolLM2 GGUF stores its layer weights as Q4_1 and its embedding as Q8_0 blocks: per row and per 32
+inputs, one float16 scale (and for Q4_1 one float16 offset) and 32 small integers. Dequantized to float32 they are the
+model the project serves; XLA then streams 4 bytes per weight on every step. `qmatmul` streams the integers (1 byte per
+weight, plus the scales) and dequantizes in registers, so the memory-bound products of a decode step or a short
+verify block read ~3x fewer bytes. A whole SmolLM2 step of k tokens after 256 cached tokens, measured on this 2-core
+CPU in one session: 13.4 / 14.4 / 17.0 / 30.3 ms at k = 1 / 2 / 4 / 8 with the kernel against 18.1 / 23.8 / 23.9 /
+31.2 ms in XLA (`tandem bench`'s block-cost table measures it). Beyond 8 columns the product is compute-bound, XLA's
+float32 GEMM is faster, and `QLinear` hands it to XLA.
+
+Every output element is one float32 sum over the inputs in a fixed order (even and odd inputs apart, then added),
+so a column's result is bitwise the same whatever the other columns are (tests/test_kernels.py): the products add no
+difference between a k-token verify and k one-token steps. The rest of a step (attention, norms) is XLA's and not
+bitwise batch-invariant, so a verify's logits still differ from single steps' in the last bits, as they did before.
+
+The library is compiled from `qmatmul.cc` on first use (g++ or c++ against jaxlib's FFI headers, ~2 s) into
+`$TANDEM_KERNEL_CACHE` (default `~/.cache/tandem/kernels`), keyed by the source, jaxlib's version and the flags. It is
+used only on the CPU backend of an x86-64 machine with AVX2 and FMA; elsewhere (TPU, GPU, no compiler,
+`TANDEM_QMATMUL=0`) every product runs in XLA on the float32 weights, which `QLinear` always keeps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32  # inputs per scale/offset (GGUF's Q4_1 and Q8_0 block)
+PANEL = 8  # output rows per panel: one AVX2 register of float32
+MAX_COLUMNS = 8  # products with more columns run in XLA (compute-bound there; XLA's GEMM is faster)
+_TARGET = "tandem_qmatmul"
+_SOURCE = Path(__file__).with_name("qmatmul.cc")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-std=c++17", "-w")
+
+
+@struct.dataclass
+class QPanels:
+    """Integer weights in 8-row panels: W[p*8 + r, i] = scale[p, i // 32, r] * q[p, i, r] + offset[p, i // 32, r]."""
+
+    q: jax.Array  # [O/8, I, 8] int8
+    scale: jax.Array  # [O/8, I/32, 8] float32
+    offset: jax.Array  # [O/8, I/32, 8] float32
+
+
+@struct.dataclass
+class QLinear:
+    """A weight `[out, in]` kept as float32 (`w`) and, where it came quantized, as integer panels.
+
+    `QLinear @ x` is `w @ x` for x [in, N]; with panels, the kernel available and N <= MAX_COLUMNS, it runs `qmatmul`.
+    """
+
+    w: jax.Array  # [O, I] float32, the dequantized weight
+    panels: QPanels | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """[O, I], as the float32 weight's."""
+        return tuple(self.w.shape)
+
+    def __matmul__(self, x: jax.Array) -> jax.Array:
+        """[O, I] @ [I, N] -> [O, N]."""
+        if self.panels is not None and x.ndim == 2 and x.shape[1] <= MAX_COLUMNS and available():
+            return qmatmul(self.panels, x)
+        return self.w @ x
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Row-blocked integers to float32, rounded as the kernel rounds them (one fused multiply-add).
+
+    Args:
+        q: [O, I] integers (int8).
+        scale, offset: [O, I/32] float32.
+
+    Returns:
+        [O, I] float32 = scale * q + offset per 32-input block; exact for GGUF's Q8_0 and Q4_1, where scale and
+        offset are float16 values and |q| < 2^8, so the product is exact and only the sum rounds.
+    """
+    blocks = q.reshape(q.shape[0], -1, BLOCK).astype(np.float64)
+    w = blocks * scale[..., None].astype(np.float64) + offset[..., None].astype(np.float64)
+    return w.reshape(q.shape).astype(np.float32)
+
+
+def to_panels(q: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> QPanels:
+    """Row-blocked integers ([O, I] int8, scale and offset [O, I/32]) to the kernel's 8-row panels.
+
+    Raises:
+        ValueError: O is not a multiple of 8 or I not a multiple of 32.
+    """
+    o, i = q.shape
+    if o % PANEL or i % BLOCK or scale.shape != (o, i // BLOCK) or offset.shape != scale.shape:
+        raise ValueError(f"cannot panel a [{o}, {i}] weight with scales {scale.shape}: need O % 8 == 0, I % 32 == 0")
+
+    def panels(a: np.ndarray) -> np.ndarray:  # [O, X] -> [O/8, X, 8]
+        return np.ascontiguousarray(a.reshape(o // PANEL, PANEL, -1).transpose(0, 2, 1))
+
+    return QPanels(
+        q=jnp.asarray(panels(q.astype(np.int8))),
+        scale=jnp.asarray(panels(scale.astype(np.float32))),
+        offset=jnp.asarray(panels(offset.astype(np.float32))),
+    )
+
+
+def qlinear(q: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> QLinear:
+    """A QLinear from row-blocked integers: the float32 weight (`dequantize`) and its panels (`to_panels`)."""
+    return QLinear(w=jnp.asarray(dequantize(q, scale, offset)), panels=to_panels(q, scale, offset))
+
+
+def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GGUF Q8_0-style blocks of a float weight (lossy; for tests and models that come unquantized).
+
+    Args:
+        w: [O, I] floats, I a multiple of 32.
+
+    Returns:
+        (q [O, I] int8, scale [O, I/32] float32 holding float16 values, offset [O, I/32] zeros).
+    """
+    blocks = w.reshape(w.shape[0], -1, BLOCK).astype(np.float32)
+    scale = (np.abs(blocks).max(axis=-1) / 127.0).astype(np.float16).astype(np.float32)
+    safe = np.where(scale == 0, 1.0, scale)
+    q = np.clip(np.rint(blocks / safe[..., None]), -127, 127).astype(np.int8).reshape(w.shape)
+    return q, scale, np.zeros_like(scale)
+
+
+def qmatmul(panels: QPanels, x: jax.Array) -> jax.Array:
+    """The kernel: [O/8, I, 8] panels times x [I, N] float32 -> [O, N] float32. Call `available()` first."""
+    out = jax.ShapeDtypeStruct((panels.q.shape[0] * PANEL, x.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(_TARGET, out)(x.astype(jnp.float32), panels.q, panels.scale, panels.offset)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether `qmatmul` can run here: CPU backend, x86-64 with AVX2 and FMA, a compiler, not disabled by env.
+
+    Compiles and registers the custom call on first success; logs why not otherwise.
+    """
+    reason = _unavailable_reason()
+    if reason is None:
+        try:
+            lib = ctypes.cdll.LoadLibrary(str(_build()))
+            jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.TandemQMatmul), platform="cpu")
+        except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+            reason = f"building it failed: {e}"
+    if reason is not None:
+        log.info("int8 product kernel off (%s); products run in XLA on float32 weights", reason)
+        return False
+    return True
+
+
+def _unavailable_reason() -> str | None:
+    if os.environ.get("TANDEM_QMATMUL", "1").lower() in ("0", "off", "false", "no"):
+        return "TANDEM_QMATMUL=0"
+    if jax.default_backend() != "cpu":
+        return f"backend is {jax.default_backend()}"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"machine is {platform.machine()}"
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "no /proc/cpuinfo"
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    if not {"avx2", "fma"} <= set(flags):
+        return "the CPU lacks AVX2 or FMA"
+    if _compiler() is None:
+        return "no C++ compiler (g++ or c++) on PATH"
+    return None
+
+
+def _compiler() -> str | None:
+    return shutil.which("g++") or shutil.which("c++")
+
+
+def _build() -> Path:
+    """The compiled library, built once per source, jaxlib version and flags (atomic rename: safe across processes)."""
+    import jaxlib
+
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + jaxlib.__version__.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("TANDEM_KERNEL_CACHE", Path.home() / ".cache" / "tandem" / "kernels"))
+    lib = cache / f"qmatmul-{key}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    compiler = _compiler()
+    assert compiler is not None
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        out = Path(tmp) / lib.name
+        cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr[-2000:]}")
+        os.replace(out, lib)
+    return lib

@@ -1,0 +1,122 @@
+"""The CPU int8 product kernel (tandem.kernels): exact against a float64 reference, batch-invariant per column, used
+by the primary when its weights come quantized, and off cleanly where it cannot run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY, make_engine, tiny_state
+
+from tandem import kernels
+from tandem.primary import PrimaryRunner, params_from_state_dict
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the int8 kernel cannot run on this machine")
+
+
+def random_blocks(out: int, inp: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1-like blocks: q in 0..15, float16 scales and offsets of both signs."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (out, inp)).astype(np.int8)
+    scale = (rng.standard_normal((out, inp // kernels.BLOCK)) * 0.01).astype(np.float16).astype(np.float32)
+    offset = (rng.standard_normal((out, inp // kernels.BLOCK)) * 0.05).astype(np.float16).astype(np.float32)
+    return q, scale, offset
+
+
+@needs_kernel
+@pytest.mark.parametrize(("out", "inp"), [(8, 32), (24, 64), (960, 576), (576, 1536)])
+def test_product_matches_float64_reference(out: int, inp: int) -> None:
+    blocks = random_blocks(out, inp)
+    x = np.random.default_rng(1).standard_normal((inp, 5)).astype(np.float32)
+    got = np.asarray(kernels.qmatmul(kernels.to_panels(*blocks), jnp.asarray(x)))
+    want = kernels.dequantize(*blocks).astype(np.float64) @ x.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@needs_kernel
+def test_each_column_is_bitwise_independent_of_the_others() -> None:
+    panels = kernels.to_panels(*random_blocks(576, 576))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((576, kernels.MAX_COLUMNS)).astype(np.float32)
+    full = np.asarray(kernels.qmatmul(panels, jnp.asarray(x)))
+    for n in range(1, kernels.MAX_COLUMNS + 1):
+        other = rng.standard_normal((576, n)).astype(np.float32)
+        other[:, 0] = x[:, 0]  # column 0 alone, beside 0..n-1 different neighbours
+        got = np.asarray(kernels.qmatmul(panels, jnp.asarray(other)))
+        np.testing.assert_array_equal(got[:, 0], full[:, 0], err_msg=f"N = {n}")
+        np.testing.assert_array_equal(np.asarray(kernels.qmatmul(panels, jnp.asarray(x[:, :n]))), full[:, :n])
+
+
+@needs_kernel
+def test_qlinear_uses_the_kernel_up_to_max_columns_and_xla_beyond() -> None:
+    layer = kernels.qlinear(*random_blocks(64, 96))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((96, kernels.MAX_COLUMNS + 1)).astype(np.float32))
+    small, large = x[:, : kernels.MAX_COLUMNS], x
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(lambda v: layer @ v)(small)), np.asarray(kernels.qmatmul(layer.panels, small))
+    )
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: layer @ v)(large)), np.asarray(layer.w @ large))
+
+
+def test_to_panels_round_trips_and_rejects_shapes_it_cannot_panel() -> None:
+    q, scale, offset = random_blocks(16, 64)
+    panels = kernels.to_panels(q, scale, offset)
+    assert panels.q.shape == (2, 64, 8) and panels.scale.shape == (2, 2, 8)
+    np.testing.assert_array_equal(np.asarray(panels.q)[1, :, 3], q[8 + 3])  # row p*8 + r is panel p, lane r
+    with pytest.raises(ValueError, match="O % 8"):
+        kernels.to_panels(q[:12], scale[:12], offset[:12])
+    with pytest.raises(ValueError, match="I % 32"):
+        kernels.to_panels(q[:, :48], scale[:, :1], offset[:, :1])
+
+
+def test_quantize_q8_is_close_and_dequantizes_exactly_as_blocks_say() -> None:
+    w = np.random.default_rng(4).standard_normal((8, 64)).astype(np.float32)
+    q, scale, offset = kernels.quantize_q8(w)
+    assert q.dtype == np.int8 and not offset.any()
+    np.testing.assert_allclose(kernels.dequantize(q, scale, offset), w, atol=np.abs(w).max() / 100)
+    np.testing.assert_array_equal(kernels.quantize_q8(np.zeros((8, 32), np.float32))[0], 0)  # no division by zero
+
+
+def quantized_tiny_params():
+    """The tiny model with every matrix Q8_0-quantized: its float weights are the blocks' dequantized values."""
+    state = tiny_state()
+    blocks = {name: kernels.quantize_q8(w) for name, w in state.items() if w.ndim == 2}
+    state = {name: kernels.dequantize(*blocks[name]) if name in blocks else w for name, w in state.items()}
+    return state, params_from_state_dict(TINY, state, blocks=blocks)
+
+
+def test_quantized_primary_gets_panels_for_every_product() -> None:
+    _, params = quantized_tiny_params()
+    for layer in params.layers:
+        for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down):
+            assert isinstance(w, kernels.QLinear) and w.panels is not None
+            assert w.panels.q.shape == (w.shape[0] // 8, w.shape[1], 8)
+    assert isinstance(params.head, kernels.QLinear)
+
+
+@needs_kernel
+def test_quantized_primary_matches_its_float_twin_and_stays_lossless() -> None:
+    state, params = quantized_tiny_params()
+    plain = params_from_state_dict(TINY, state)  # the same float weights, every product in XLA
+    tokens = np.asarray([[3, 14, 15, 9, 26, 5, 35, 8]], np.int32)
+    got, want = (PrimaryRunner(TINY, p, batch=1, max_len=64).forward(tokens).logits for p in (params, plain))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    engine = make_engine(params)
+    for seed in range(6):
+        prompt = list(np.random.default_rng(seed).integers(0, TINY.vocab_size, size=4 + seed))
+        want_ids = engine.generate(prompt, mode="primary", max_tokens=40).token_ids
+        for mode in ("speed", "tandem-speed"):
+            assert engine.generate(prompt, mode=mode, max_tokens=40).token_ids == want_ids, (mode, seed)
+
+
+def test_the_kernel_can_be_switched_off() -> None:
+    code = "from tandem import kernels; print(kernels.available())"
+    env = {**os.environ, "TANDEM_QMATMUL": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
