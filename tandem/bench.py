@@ -707,8 +707,15 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
+def _int8_kernel() -> bool:
+    """Whether a primary loaded on this machine, with this environment, runs its products in `tandem.kernels`."""
+    from tandem import kernels
+
+    return kernels.available()
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, RAM, Python, JAX and the date and git commit of this run."""
+    """CPU model, cores, RAM, Python, JAX, whether the int8 kernel runs, and the date and git commit of this run."""
     mem = _proc_field("/proc/meminfo", "MemTotal")  # "131072000 kB"
     try:
         affinity: int | None = len(os.sched_getaffinity(0))
@@ -725,6 +732,7 @@ def machine_info() -> dict[str, Any]:
         "jax": _version("jax"),
         "jaxlib": _version("jaxlib"),
         "grpcio": _version("grpcio"),
+        "int8_kernel": _int8_kernel(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
@@ -1055,9 +1063,12 @@ def commit_label(machine: Mapping[str, Any]) -> str:
 def machine_line(machine: Mapping[str, Any]) -> str:
     """`machine_info()` as one markdown sentence."""
     m = machine
+    kernel = m.get("int8_kernel")
+    products = "" if kernel is None else ", int8 kernel on" if kernel else ", int8 kernel off (XLA float32 products)"
     return (
         f"Machine: {m.get('cpu', '?')}, {m.get('cpu_affinity') or m.get('cpu_count')} cores usable "
-        f"({m.get('cpu_count')} online), {m.get('ram_gib')} GiB RAM, Python {m.get('python')}, JAX {m.get('jax')}."
+        f"({m.get('cpu_count')} online), {m.get('ram_gib')} GiB RAM, Python {m.get('python')}, JAX {m.get('jax')}"
+        f"{products}."
     )
 
 

@@ -168,14 +168,15 @@ class SamplingParams:
 class SpecConfig:
     """How a speculative round drafts."""
 
-    # Defaults: the setting `tandem tune` ranked first for the shipped Tandem drafter on this 2-core CPU
-    # (results/tune/tune_cpu.md; tuned on bench/tune_prompts.jsonl, checked on the benchmark's prompts: README, Speed).
-    gamma_max: int = 3  # most tokens drafted per round
-    tau: float = 0.5  # keep drafting while the router's confidence >= tau; 0 drafts gamma_max every round
+    # Defaults: the setting `tandem tune` ranked first for the shipped Tandem drafter on this 2-core CPU with the int8
+    # kernel (results/tune/tune_cpu.md; tuned on bench/tune_prompts.jsonl, checked on the benchmark's prompts: README,
+    # Speed). With γ_max = 1, τ only matters where a caller raises γ_max; 0.8 is the paper's.
+    gamma_max: int = 1  # most tokens drafted per round
+    tau: float = 0.8  # keep drafting while the router's confidence >= tau; 0 drafts gamma_max every round
     draft_top_k: int = 16  # the drafter samples from its top-K (renormalised); that truncated q is sent sparse
     # A round speculates at all only if the router's confidence in its first draft reaches tau_first; otherwise it is
-    # a plain one-token primary step, which costs less than a verify of two tokens. 0: always.
-    tau_first: float = 0.5
+    # a plain one-token primary step, which can cost less than a verify of two tokens. 0: always.
+    tau_first: float = 0.0
 
     def __post_init__(self) -> None:
         if self.gamma_max < 1:
