@@ -631,19 +631,51 @@ def measure_block_cost(
     The k's take turns (one call each, `calls` times over), after `warmup` calls of each. Uses cache slot `row` (free:
     no request may run meanwhile) and leaves it empty.
     """
+    return measure_block_costs([primary], context=context, max_k=max_k, calls=calls, warmup=warmup, row=row)[0]
+
+
+def measure_block_costs(
+    primaries: Sequence[PrimaryRunner],
+    *,
+    context: int,
+    max_k: int = 16,
+    calls: int = 9,
+    warmup: int = 2,
+    row: int = 0,
+) -> list[dict[int, float]]:
+    """`measure_block_cost` of several runners at once, every (runner, k) taking turns, so drift hits all alike."""
     import numpy as np
 
-    primary.truncate(row, 0)
-    try:
+    ks = range(1, max_k + 1)
+    fns = []
+    for primary in primaries:
+        primary.truncate(row, 0)
         if context:
             primary.forward(_context_ids(context, primary.cfg.vocab_size), [row])
             primary.commit(row, context)
-        ks = range(1, max_k + 1)
         blocks = [np.ones((1, k), dtype=np.int32) for k in ks]
-        fns = [functools.partial(primary.forward, block, [row]) for block in blocks]  # forward does not advance
-        return dict(zip(ks, _time_ms(fns, calls, warmup), strict=True))
+        fns += [functools.partial(primary.forward, block, [row]) for block in blocks]  # forward does not advance
+    try:
+        ms = _time_ms(fns, calls, warmup)
     finally:
-        primary.truncate(row, 0)
+        for primary in primaries:
+            primary.truncate(row, 0)
+    return [dict(zip(ks, ms[i * max_k : (i + 1) * max_k], strict=True)) for i in range(len(primaries))]
+
+
+def xla_twin(primary: PrimaryRunner) -> PrimaryRunner | None:
+    """A runner on the same float32 weights with every product in XLA, when `primary` runs the int8 kernel (else None).
+
+    Shares the weights (no copy); has its own cache of the same shape, so the same compiled paths are measured.
+    """
+    from tandem import kernels
+    from tandem.primary import float_only
+
+    if not kernels.available() or primary.params.head_panels is None:
+        return None
+    return type(primary)(
+        primary.cfg, float_only(primary.params), taps=primary.taps, batch=primary.batch, max_len=primary.max_len
+    )
 
 
 def measure_drafter_step(
@@ -874,12 +906,19 @@ def run(
             grpc_backend.close()
 
     block_ms: dict[int, float] | None = None
+    block_ms_xla: dict[int, float] | None = None
     drafter_ms: dict[str, float] | None = None
     if engine is not None and cfg.block_cost_context is not None:
         calls = cfg.block_cost_calls
-        block_ms = measure_block_cost(
-            engine.primary, context=cfg.block_cost_context, max_k=cfg.block_cost_max_k, calls=calls
+        twin = xla_twin(engine.primary)  # the int8 kernel's baseline, measured in the same interleaving
+        costs = measure_block_costs(
+            [engine.primary, *([twin] if twin is not None else [])],
+            context=cfg.block_cost_context,
+            max_k=cfg.block_cost_max_k,
+            calls=calls,
         )
+        block_ms, block_ms_xla = costs[0], (costs[1] if twin is not None else None)
+        del twin
         log(f"block cost after {cfg.block_cost_context} tokens: k=1 {block_ms[1]:.2f} ms")
         drafter_ms = {}
         for name, key in (("tandem", "tandem-speed"), ("vanilla", "speed")):
@@ -893,6 +932,7 @@ def run(
         prompts,
         samples,
         block_ms=block_ms,
+        block_ms_xla=block_ms_xla,
         drafter_ms=drafter_ms,
         machine=machine_info(),
         args=dict(args) if args is not None else jsonable(dataclasses.asdict(cfg)),
@@ -919,6 +959,7 @@ def build_report(
     samples: Mapping[tuple[str, str], Sequence[Sequence[Sample]]],
     *,
     block_ms: Mapping[int, float] | None = None,
+    block_ms_xla: Mapping[int, float] | None = None,
     drafter_ms: Mapping[str, float] | None = None,
     machine: Mapping[str, Any] | None = None,
     args: Mapping[str, Any] | None = None,
@@ -933,6 +974,7 @@ def build_report(
         prompts: the prompt set.
         samples: (via, mode) -> [i]: the repeats of prompt i.
         block_ms: k -> ms per primary forward of k tokens.
+        block_ms_xla: the same with every product in XLA on float32 weights (when the int8 kernel ran; else None).
         drafter_ms: drafter name -> ms per one-token step.
         machine: `machine_info()`.
         args: the command line's arguments.
@@ -953,6 +995,7 @@ def build_report(
         consistent_across_vias.<mode>: in-process and gRPC outputs equal (when both ran);
         tax.<mode>: in-process tokens/s ÷ gRPC tokens/s (when both ran);
         block_cost.<k>: ms(k) / ms(1); block_cost_ms.<k>; block_cost_context;
+        block_cost_ms_xla.<k>, block_cost_xla.<k>: the same for the primary's XLA float32 twin (or null);
         drafter_step_ms.<name>; drafter_step_ratio.<name>: ÷ the primary's k = 1;
         server_counters: drafter fallbacks and primary failovers the orchestrator counted during the run (or null).
         Keys k are strings (JSON object keys).
@@ -1003,6 +1046,8 @@ def build_report(
         "tax": {},
         "block_cost": None,
         "block_cost_ms": None,
+        "block_cost_xla": None,
+        "block_cost_ms_xla": None,
         "block_cost_context": cfg.block_cost_context if block_ms else None,
         "drafter_step_ms": dict(drafter_ms) if drafter_ms else None,
         "drafter_step_ratio": None,
@@ -1019,6 +1064,9 @@ def build_report(
     if block_ms:
         report["block_cost_ms"] = {str(k): v for k, v in sorted(block_ms.items())}
         report["block_cost"] = {str(k): v for k, v in block_cost_ratios(block_ms).items()}
+        if block_ms_xla:
+            report["block_cost_ms_xla"] = {str(k): v for k, v in sorted(block_ms_xla.items())}
+            report["block_cost_xla"] = {str(k): v for k, v in block_cost_ratios(block_ms_xla).items()}
         if drafter_ms:
             report["drafter_step_ratio"] = {name: ms / block_ms[1] for name, ms in drafter_ms.items()}
     report.update(extra or {})
@@ -1170,6 +1218,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "| ms | " + " | ".join(_f(block_ms[k], ".1f") for k in ks) + " |",
             "| ÷ k=1 | " + " | ".join(_f(block[k], ".2f") for k in ks) + " |",
         ]
+        xla_ms, xla = report.get("block_cost_ms_xla"), report.get("block_cost_xla")
+        if xla_ms and xla:
+            out += [
+                "| ms, XLA float32 products | " + " | ".join(_f(xla_ms.get(k), ".1f") for k in ks) + " |",
+                "| ÷ k=1 (XLA) | " + " | ".join(_f(xla.get(k), ".2f") for k in ks) + " |",
+                "",
+                "The first rows run the primary's products of up to 8 tokens in the int8 kernel (`tandem.kernels`); "
+                "the XLA rows are the same weights with every product in XLA, timed in the same interleaving.",
+            ]
     drafter_ms, drafter_ratio = report.get("drafter_step_ms"), report.get("drafter_step_ratio") or {}
     if drafter_ms:
         out += ["", "| drafter | ms per 1-token step | ÷ primary k=1 |", "|---|---:|---:|"]
@@ -1236,13 +1293,15 @@ def render_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
     block_ms = report.get("block_cost_ms")
     if block_ms:
         ks = [int(k) for k in block_ms]
-        ax2.plot(ks, [report["block_cost"][str(k)] for k in ks], marker="o")
+        xla_ms = report.get("block_cost_ms_xla")
+        ax2.plot(ks, [block_ms[str(k)] for k in ks], marker="o", label="as served")
+        if xla_ms:
+            ax2.plot(ks, [xla_ms[str(k)] for k in ks], marker="s", label="XLA float32 products")
+            ax2.legend(loc="upper left")
         ax2.set_xticks(ks)
         ax2.set_xlabel("k (tokens per primary forward)")
-        ax2.set_ylabel("cost ÷ cost of k = 1")
-        ax2.set_title(
-            f"primary block cost after {report.get('block_cost_context')} tokens (k=1: {block_ms['1']:.1f} ms)"
-        )
+        ax2.set_ylabel("ms per forward")
+        ax2.set_title(f"primary block cost after {report.get('block_cost_context')} tokens")
         ax2.grid(alpha=0.3)
     else:
         ax2.set_axis_off()

@@ -118,6 +118,26 @@ def params_from_state_dict(
     )
 
 
+def float_only(params: LlamaParams) -> LlamaParams:
+    """The same weights with the integer panels dropped: every product runs in XLA on the float32 arrays (the
+    kernel's baseline in `tandem bench`; no weights are copied)."""
+
+    def plain(w: Weight) -> Weight:
+        return w.w if isinstance(w, QLinear) else w
+
+    layers = tuple(
+        dataclasses.replace(
+            layer,
+            wqkv=plain(layer.wqkv),
+            wo=plain(layer.wo),
+            w_gate_up=plain(layer.w_gate_up),
+            w_down=plain(layer.w_down),
+        )
+        for layer in params.layers
+    )
+    return dataclasses.replace(params, layers=layers, head_panels=None)
+
+
 _HF_LAYER_NAMES = (
     "input_layernorm",
     "self_attn.q_proj",
