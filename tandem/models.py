@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tandem import secondary
+from tandem import kernels, secondary
 from tandem.assets import smollm2_gguf_path
 from tandem.checkpoints import gguf_config, gguf_quant_blocks, load_gguf
 from tandem.config import DrafterConfig, LlamaConfig
@@ -86,10 +86,12 @@ def primary_config(cfg: BundleConfig) -> LlamaConfig:
 
 
 def load_primary_params(cfg: BundleConfig) -> tuple[LlamaConfig, LlamaParams, Tokenizer]:
-    """The primary's config, float32 weights (with the quantized matrices' integer panels) and tokenizer."""
+    """The primary's config, float32 weights and tokenizer from the GGUF; where the int8 kernel runs
+    (`tandem.kernels.available()`), the quantized matrices also keep their integer panels."""
     reader = gguf.GGUFReader(cfg.resolved_gguf())
     pcfg, state = load_gguf(reader)
-    params = params_from_state_dict(pcfg, state, jnp.float32, blocks=gguf_quant_blocks(reader))
+    blocks = gguf_quant_blocks(reader) if kernels.available() else None
+    params = params_from_state_dict(pcfg, state, jnp.float32, blocks=blocks)
     return pcfg, params, Tokenizer.from_gguf(reader)
 
 
