@@ -25,10 +25,17 @@ if _XLA_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
+# The int8 kernel (tandem.kernels) is compiled into a fresh directory each session, as on a new machine, and the
+# services the tests start as processes load it from there.
+_KERNEL_CACHE = None if "TANDEM_KERNEL_CACHE" in os.environ else tempfile.mkdtemp(prefix="tandem-test-kernels-")
+if _KERNEL_CACHE:
+    os.environ["TANDEM_KERNEL_CACHE"] = _KERNEL_CACHE
+
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    if _XLA_CACHE:
-        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+    for cache in (_XLA_CACHE, _KERNEL_CACHE):
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 TINY = LlamaConfig(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +113,12 @@ def test_quantized_primary_matches_its_float_twin_and_stays_lossless() -> None:
         want_ids = engine.generate(prompt, mode="primary", max_tokens=40).token_ids
         for mode in ("speed", "tandem-speed"):
             assert engine.generate(prompt, mode=mode, max_tokens=40).token_ids == want_ids, (mode, seed)
+
+
+@needs_kernel
+def test_the_library_is_built_once_into_the_kernel_cache() -> None:
+    libraries = list(Path(os.environ["TANDEM_KERNEL_CACHE"]).glob("qmatmul-*.so"))
+    assert len(libraries) == 1, libraries  # conftest points the cache at a fresh directory: built by this session
 
 
 def test_the_kernel_can_be_switched_off() -> None:
