@@ -252,7 +252,10 @@ def gguf_quant_blocks(source: str | Path | gguf.GGUFReader) -> dict[str, QuantBl
             offset = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
             nibbles = raw[..., 4:]
             q = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).astype(np.int8)
-        out[name] = tuple(np.ascontiguousarray(_hf_rows(a, name, config)) for a in (q.reshape(rows, -1), scale, offset))  # type: ignore[assignment]
+        q, scale, offset = (
+            np.ascontiguousarray(_hf_rows(a, name, config)) for a in (q.reshape(rows, -1), scale, offset)
+        )
+        out[name] = (q, scale, offset)
     return out
 
 

@@ -4,10 +4,10 @@ The bundled SmolLM2 GGUF stores its layer weights as Q4_1 and its embedding as Q
 inputs, one float16 scale (and for Q4_1 one float16 offset) and 32 small integers. Dequantized to float32 they are the
 model the project serves; XLA then streams 4 bytes per weight on every step. `qmatmul` streams the integers (1 byte per
 weight, plus the scales) and dequantizes in registers, so the memory-bound products of a decode step or a short
-verify block read ~3x fewer bytes. A whole SmolLM2 step of k tokens after 256 cached tokens, measured on this 2-core
-CPU in one session: 13.4 / 14.4 / 17.0 / 30.3 ms at k = 1 / 2 / 4 / 8 with the kernel against 18.1 / 23.8 / 23.9 /
-31.2 ms in XLA (`tandem bench`'s block-cost table measures it). Beyond 8 columns the product is compute-bound, XLA's
-float32 GEMM is faster, and `QLinear` hands it to XLA.
+verify block read ~3x fewer bytes. A whole SmolLM2 step of k tokens after 256 cached tokens on this 2-core CPU, the
+kernel and XLA interleaved in one `tandem bench` run (results/bench/bench_cpu.json): 13.9 / 14.0 / 16.7 / 26.5 ms at
+k = 1 / 2 / 4 / 8 against 18.5 / 23.9 / 24.2 / 29.5 ms with XLA's float32 products. Beyond 8 columns the product is
+compute-bound, XLA's float32 GEMM is faster, and `QLinear` hands it to XLA.
 
 Every output element is one float32 sum over the inputs in a fixed order (even and odd inputs apart, then added),
 so a column's result is bitwise the same whatever the other columns are (tests/test_kernels.py): the products add no
@@ -147,19 +147,21 @@ def qmatmul(panels: QPanels, x: jax.Array) -> jax.Array:
 
 @functools.cache
 def available() -> bool:
-    """Whether `qmatmul` can run here: CPU backend, x86-64 with AVX2 and FMA, a compiler, not disabled by env.
+    """Whether `qmatmul` can run here: CPU backend, x86-64 with AVX2 and FMA, the library built (or a compiler to build
+    it), not disabled by `TANDEM_QMATMUL=0`.
 
-    Compiles and registers the custom call on first success; logs why not otherwise.
+    Builds and registers the custom call on the first call; logs why not otherwise (a warning when this machine could
+    run the kernel but the build failed).
     """
     reason = _unavailable_reason()
-    if reason is None:
-        try:
-            lib = ctypes.cdll.LoadLibrary(str(_build()))
-            jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.TandemQMatmul), platform="cpu")
-        except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-            reason = f"building it failed: {e}"
     if reason is not None:
         log.info("int8 product kernel off (%s); products run in XLA on float32 weights", reason)
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.TandemQMatmul), platform="cpu")
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        log.warning("int8 product kernel off: building it failed (%s); products run in XLA on float32 weights", e)
         return False
     return True
 
