@@ -1281,10 +1281,10 @@ def render_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
     width = 0.8 / max(1, len(vias))
     for j, via in enumerate(vias):
         xs = [i + (j - (len(vias) - 1) / 2) * width for i in range(len(modes))]
-        ys = [(results[via].get(m) or {}).get("tokens_per_s") or 0.0 for m in modes]
-        bars = ax1.bar(xs, ys, width, label=via)
+        ran = [(x, results[via][m]["tokens_per_s"]) for x, m in zip(xs, modes, strict=True) if m in results[via]]
+        bars = ax1.bar([x for x, _ in ran], [y or 0.0 for _, y in ran], width, label=via)  # a peer runs in process only
         ax1.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax1.set_xticks(range(len(modes)), modes)
+    ax1.set_xticks(range(len(modes)), modes, rotation=15, ha="right")
     ax1.set_ylim(0, 1.25 * max([ax1.get_ylim()[1], 1e-9]))  # headroom for the legend above the bars
     ax1.set_ylabel("tokens/s (median over prompts)")
     cfg = report.get("config", {})
