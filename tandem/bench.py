@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -785,25 +785,30 @@ def fetch_metrics(metrics_url: str, timeout_s: float = 5.0) -> str:
         return str(resp.read().decode("utf-8", "replace"))
 
 
-def busy_seconds(metrics_url: str, timeout_s: float = 5.0) -> float:
-    """A model service's time spent running model calls so far: its `tandem_*_busy_seconds` gauges summed."""
+def _samples(metrics_url: str, timeout_s: float) -> Iterator[Any]:
+    """Every sample of a service's Prometheus exposition, parsed by prometheus_client (as loadtest.metrics does)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    for family in text_string_to_metric_families(fetch_metrics(metrics_url, timeout_s)):
+        yield from family.samples
+
+
+def busy_seconds(metrics_url: str, timeout_s: float = 5.0) -> float:
+    """A model service's time spent running model calls so far: its `tandem_*_busy_seconds` gauges summed."""
     return sum(
-        float(sample.value)
-        for family in text_string_to_metric_families(fetch_metrics(metrics_url, timeout_s))
-        if family.name.startswith("tandem_") and family.name.endswith("_busy_seconds")
-        for sample in family.samples
+        float(s.value)
+        for s in _samples(metrics_url, timeout_s)
+        if s.name.startswith("tandem_") and s.name.endswith("_busy_seconds")
     )
 
 
 def orchestrator_counters(metrics_url: str, timeout_s: float = 5.0) -> dict[str, float]:
     """The orchestrator's fallback counters from its Prometheus endpoint (nonzero: some requests ran degraded)."""
     out: dict[str, float] = {}
-    for line in fetch_metrics(metrics_url, timeout_s).splitlines():
-        name, _, value = line.partition(" ")
-        if name in FALLBACK_COUNTERS:
-            out[FALLBACK_COUNTERS[name]] = float(value)
+    for s in _samples(metrics_url, timeout_s):
+        if s.name in FALLBACK_COUNTERS:
+            key = FALLBACK_COUNTERS[s.name]
+            out[key] = out.get(key, 0.0) + float(s.value)
     return out
 
 

@@ -18,18 +18,22 @@ from tandem.engine import Engine
 from tandem.primary import LlamaParams, PrimaryRunner, params_from_state_dict
 from tandem.workers import BatchingConfig
 
-# One persistent XLA compilation cache for the session, inherited by the services the tests start as processes: a
-# shape of the real model compiled in one process (~4 s each) is loaded from disk by the next. Set before any compile.
-_XLA_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="tandem-test-xla-")
-if _XLA_CACHE:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
-# The int8 kernel (tandem.kernels) is compiled into a fresh directory each session, as on a new machine, and the
-# services the tests start as processes load it from there.
-_KERNEL_CACHE = None if "TANDEM_KERNEL_CACHE" in os.environ else tempfile.mkdtemp(prefix="tandem-test-kernels-")
-if _KERNEL_CACHE:
-    os.environ["TANDEM_KERNEL_CACHE"] = _KERNEL_CACHE
+def _session_dir(var: str, prefix: str) -> str | None:
+    """Points `var` at a fresh temporary directory for this session (removed at its end), unless the caller set it.
+    The services the tests start as processes inherit it."""
+    if var in os.environ:
+        return None
+    os.environ[var] = tempfile.mkdtemp(prefix=prefix)
+    return os.environ[var]
+
+
+# One persistent XLA compilation cache for the session: a shape of the real model compiled in one process (~4 s each)
+# is loaded from disk by the next. Set before any compile.
+_XLA_CACHE = _session_dir("JAX_COMPILATION_CACHE_DIR", "tandem-test-xla-")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+# The int8 kernel (tandem.kernels) is compiled into a fresh directory each session, as on a new machine.
+_KERNEL_CACHE = _session_dir("TANDEM_KERNEL_CACHE", "tandem-test-kernels-")
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
