@@ -72,15 +72,18 @@ def params_from_state_dict(
         LlamaParams; query head n belongs to key/value head n // G, as in HF's repeat_kv.
     """
 
+    quantized = blocks if dtype == jnp.float32 else None  # the kernel computes in float32
+
     def panels(names: Sequence[str]) -> QPanels | None:
-        parts = [(blocks or {}).get(name) for name in names]
+        parts = [(quantized or {}).get(name) for name in names]
         if not parts or any(part is None for part in parts):
             return None
         return to_panels(*(np.concatenate([part[j] for part in parts if part is not None]) for j in range(3)))
 
     def weight(w: Weight, names: Sequence[str]) -> Weight:
-        found = panels(names) if dtype == jnp.float32 else None
-        return w if found is None or isinstance(w, QLinear) else QLinear(w, found)
+        assert not isinstance(w, QLinear)  # fuse_layer gives float arrays
+        found = panels(names)
+        return w if found is None else QLinear(w, found)
 
     def layer(i: int) -> LayerParams:
         w = {name: sd[f"model.layers.{i}.{name}.weight"] for name in _HF_LAYER_NAMES}
@@ -114,7 +117,7 @@ def params_from_state_dict(
         layers=tuple(layer(i) for i in range(cfg.n_layers)),
         final_norm=jnp.asarray(sd["model.norm.weight"], dtype),
         lm_head=head,
-        head_panels=panels([head_name]) if dtype == jnp.float32 else None,
+        head_panels=panels([head_name]),
     )
 
 
