@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -82,9 +83,14 @@ class Admission:
     timeout_s, and any more are turned away at once with a retry hint.
 
     Without a TPOT target the limit is max_running. With one, the limit adapts to keep the time per output token of
-    running requests near the target (a batched step slows every request in it): each token's latency feeds an
-    exponential average; above the target the limit drops by one, below 70% of it the limit grows by one (up to
-    max_running), at most one change per `adjust_every_s`.
+    running requests under the target (a batched step, and every admitted request's prefill, slows every request
+    running): each chunk's per-token latency feeds an exponential average, and at most once per `adjust_every_s`
+    - above the target, the limit drops in proportion to the overshoot: to running · target / average (at least one
+      less, never below 1), judged only once the running requests are within the limit, so a cut is not repeated
+      before the requests admitted under the old limit have drained;
+    - below `headroom` · target, it grows by one, but only while it binds (as many running as it allows): a limit
+      that nothing has tested is not raised, so an idle server does not admit a burst at a size it never measured.
+    It starts at 1 (a slow start), so the first burst of an overload is not admitted before anything was measured.
     """
 
     def __init__(
@@ -94,12 +100,13 @@ class Admission:
         timeout_s: float,
         tpot_target_s: float | None = None,
         adjust_every_s: float = 0.5,
+        headroom: float = 0.7,
     ) -> None:
         if max_running < 1 or max_queued < 0 or timeout_s < 0 or (tpot_target_s is not None and tpot_target_s <= 0):
             raise ValueError("need max_running >= 1, max_queued >= 0, queue_timeout_s >= 0 and a positive TPOT target")
         self.max_running, self.max_queued, self.timeout_s = max_running, max_queued, timeout_s
-        self.tpot_target_s, self.adjust_every_s = tpot_target_s, adjust_every_s
-        self.limit = max_running
+        self.tpot_target_s, self.adjust_every_s, self.headroom = tpot_target_s, adjust_every_s, headroom
+        self.limit = max_running if tpot_target_s is None else 1
         self.tpot_s = 0.0  # the exponential average of per-token latency (with a target)
         self._adjusted = 0.0
         self._cv = threading.Condition()
@@ -116,10 +123,16 @@ class Admission:
             now = time.monotonic()
             if now - self._adjusted < self.adjust_every_s:
                 return
-            if self.tpot_s > self.tpot_target_s and self.limit > 1:
-                self.limit -= 1
-                self._adjusted = now
-            elif self.tpot_s < 0.7 * self.tpot_target_s and self.limit < self.max_running:
+            if self.tpot_s > self.tpot_target_s:
+                if self.running <= self.limit and self.limit > 1:
+                    fits = math.floor(self.running * self.tpot_target_s / self.tpot_s)
+                    self.limit = max(1, min(self.limit - 1, fits))
+                    self._adjusted = now
+            elif (
+                self.tpot_s < self.headroom * self.tpot_target_s
+                and self.running >= self.limit
+                and self.limit < self.max_running
+            ):
                 self.limit += 1
                 self._adjusted = now
                 self._cv.notify_all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -98,23 +99,52 @@ def test_overload_is_resource_exhausted_with_retry_pushback(tiny_params) -> None
 
 
 def test_running_limit_follows_a_tpot_target() -> None:
-    gate = Admission(max_running=4, max_queued=4, timeout_s=5.0, tpot_target_s=0.1, adjust_every_s=0.0)
-    for _ in range(10):
-        gate.observe(0.9, 3)  # 0.3 s per token: over the target
-    assert gate.limit == 1
+    """With a target the limit starts at 1, grows one step while it binds and TPOT is well under the target, and
+    drops in proportion to an overshoot once the running requests are within it."""
+    gate = Admission(max_running=8, max_queued=8, timeout_s=5.0, tpot_target_s=0.1, adjust_every_s=0.0)
+    assert gate.limit == 1  # slow start: nothing measured yet
+    gate.observe(0.02, 1)
+    assert gate.limit == 1  # fast, but nothing runs: an untested limit is not raised
+    entered: list[threading.Thread] = []
+
+    def enter_in_background() -> threading.Thread:
+        t = threading.Thread(target=gate.enter)
+        t.start()
+        entered.append(t)
+        return t
+
     gate.enter()
-    admitted = threading.Event()
-    waiter = threading.Thread(target=lambda: (gate.enter(), admitted.set()))
-    waiter.start()
-    assert not admitted.wait(0.05)  # one running: the limit
-    for _ in range(60):
-        gate.observe(0.02, 1)  # fast again: the limit grows back, one step per observation
-    assert admitted.wait(5.0)
-    waiter.join()
-    assert gate.limit == 4 and gate.running == 2
+    for _ in range(5):
+        enter_in_background()
+    for want in range(2, 7):
+        gate.observe(0.02, 1)  # fast, and the limit binds: one more place, taken by a waiter at once
+        assert gate.limit == want
+        _wait_for(lambda w=want: gate.running == w)
+    gate.observe(0.02, 1)
+    assert gate.limit == 7  # six running under six: it binds, so it grows (nobody takes the place)
+    gate.observe(0.02, 1)
+    assert gate.limit == 7  # six running do not bind a limit of 7: it stays
+    for t in entered:
+        t.join()
+    gate.tpot_s = 0.0  # forget the fast tokens
+    gate.observe(0.3, 1)  # 3x the target with 6 running: the limit drops to 6 * 0.1 / 0.3 = 2 at once
+    assert gate.limit == 2
+    gate.observe(0.3, 1)
+    assert gate.limit == 2  # six still run under a limit of 2: no second cut before they drain
+    for _ in range(4):
+        gate.leave()
+    gate.observe(0.3, 1)
+    assert gate.limit == 1 and gate.running == 2
     untargeted = Admission(max_running=2, max_queued=0, timeout_s=1.0)
     untargeted.observe(10.0, 1)
     assert untargeted.limit == 2
+
+
+def _wait_for(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 def test_a_request_the_load_would_shed_at_once_never_opens_a_drafter(tiny_params) -> None:
