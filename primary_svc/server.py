@@ -36,6 +36,7 @@ class PrimaryServiceConfig:
     tls: TlsFiles | None = None  # TLS / mutual TLS (tandemrpc.security); None = plaintext
     batching: BatchingConfig = BatchingConfig()  # sessions per batched model call and the batching window
     compile_at_start: bool = False  # compile every decode/verify and prefill bucket before reporting SERVING
+    prefix_rows: int = 4  # prompts whose first positions later prompts may reuse (tandem.kvcache.PrefixCache); 0 = off
 
 
 def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceServer:
@@ -53,6 +54,18 @@ def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceSer
     calls.set_function(lambda: worker.batcher.calls)
     busy = Gauge("tandem_primary_busy_seconds", "seconds spent running model calls (monotonic)", registry=registry)
     busy.set_function(lambda: worker.busy_s)
+    prefixes = worker.prefixes
+    if prefixes is not None:
+        hits = Gauge(
+            "tandem_primary_prefix_hits", "prefills that reused a cached prefix (monotonic)", registry=registry
+        )
+        hits.set_function(lambda: prefixes.hits)
+        reused = Gauge(
+            "tandem_primary_prefix_reused_positions",
+            "prompt positions taken from the prefix cache (monotonic)",
+            registry=registry,
+        )
+        reused.set_function(lambda: prefixes.reused)
     return ServiceServer(
         lambda server: pb_grpc.add_PrimaryServicer_to_server(PrimaryServicer(worker), server),
         [SERVICE_NAME],
@@ -85,14 +98,32 @@ def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:
     p.add_argument("--max-len", type=int, default=int(env("TANDEM_MAX_LEN", "2048")))
     p.add_argument("--session-ttl-s", type=float, default=float(env("TANDEM_SESSION_TTL_S", "120")))
     p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="primary GGUF (default: SmolLM2)")
+    p.add_argument(
+        "--prefix-cache-rows",
+        type=int,
+        default=int(env("TANDEM_PREFIX_CACHE_ROWS", "4")),
+        help="prompts whose first 64 positions later prompts that start the same way reuse (0: off)",
+    )
     add_batching_flags(p, "TANDEM_PRIMARY")
     add_compile_flag(p)
     add_tls_flags(p)
     a = p.parse_args(argv)
     tls = tls_from_args(p, a)
     batching = batching_from_args(p, a)
+    if a.prefix_cache_rows < 0:
+        p.error("--prefix-cache-rows must be >= 0")
     return PrimaryServiceConfig(
-        a.host, a.port, a.metrics_port, a.slots, a.max_len, a.session_ttl_s, a.gguf, tls, batching, a.compile_at_start
+        a.host,
+        a.port,
+        a.metrics_port,
+        a.slots,
+        a.max_len,
+        a.session_ttl_s,
+        a.gguf,
+        tls,
+        batching,
+        a.compile_at_start,
+        a.prefix_cache_rows,
     )
 
 
@@ -107,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         start = time.perf_counter()
         n = compile_buckets(runner, cfg.batching.max_batch)
         log.info("compiled %d shape buckets in %.1f s", n, time.perf_counter() - start)
-    server = build_server(PrimaryWorker(runner, cfg.batching), cfg).start()
+    server = build_server(PrimaryWorker(runner, cfg.batching, cfg.prefix_rows), cfg).start()
     logging.getLogger("primary_svc").info(
         "serving %s on %s (metrics :%s, %d slots)", SERVICE_NAME, server.address, server.metrics_port, cfg.slots
     )

@@ -32,6 +32,7 @@ class Engine:
         routers: dict[str, Router | None] | None = None,
         stop_token_ids: Sequence[int] = (),
         batching: BatchingConfig = BatchingConfig(),
+        prefix_rows: int = 4,
     ) -> None:
         if tandem_drafter is not None:
             if not tandem_drafter.cfg.tandem:
@@ -46,7 +47,7 @@ class Engine:
             if d is not None and d.cfg.vocab_size != primary.cfg.vocab_size:
                 raise ValueError(f"drafter vocabulary {d.cfg.vocab_size} != primary's {primary.cfg.vocab_size}")
         self.primary = primary
-        self.primary_worker = PrimaryWorker(primary, batching)
+        self.primary_worker = PrimaryWorker(primary, batching, prefix_rows)
         routers = routers or {}
         tandem = DrafterWorker(tandem_drafter, routers.get("tandem"), batching) if tandem_drafter is not None else None
         vanilla = (

@@ -195,3 +195,123 @@ class KVCache:
     def truncate(self, row: int, length: int) -> None:
         """Forgets every slot >= length in `row` (rollback)."""
         self.lengths[row] = min(int(self.lengths[row]), length)
+
+
+def _copy_rows(
+    dst: tuple[jax.Array, ...], src: tuple[jax.Array, ...], to: jax.Array, at: jax.Array
+) -> tuple[jax.Array, ...]:
+    """dst[i][to] = src[i][at] for every buffer i: one row of each [rows, K, S, H] buffer (dst donated)."""
+    return tuple(d.at[to].set(s[at]) for d, s in zip(dst, src, strict=True))
+
+
+_copy_rows_jit = jax.jit(_copy_rows, donate_argnums=0)
+
+
+class PrefixCache:
+    """Prompts' first positions kept across sessions, so a prompt that starts like an earlier one (a chat template's
+    system prompt, a shared instruction) prefills only the rest.
+
+    Each of `rows` rows holds the first segment (positions < 64) of one earlier prompt's keys and values in every
+    layer, the tokens they belong to, and the states a prefill returns for them ([S, n_taps, D], on the host). A new
+    prompt takes the row it shares the longest common prefix with, up to one token short of the whole prompt (its
+    last token must run to give the next one): the row's positions are copied into the prompt's slot, which then
+    holds `m` cached positions. Positions of the row past m come along and lie beyond the slot's length, where they
+    are never read and the prefill of the rest overwrites them. A prefilled prompt then takes over the row it shared
+    a prefix with, or, sharing none, the least recently used row (`save`).
+
+    A cached position's keys and values are those the earlier prefill computed. The same position computed in a
+    differently shaped call (another batch or block bucket) may differ in the last bits, exactly as a prompt's cold
+    prefill already does when it shares a batch with other prompts.
+    """
+
+    def __init__(self, cache: KVCache, rows: int, state_shape: tuple[int, ...]) -> None:
+        """
+        Args:
+            cache: the pool the rows copy from and to.
+            rows: prompts kept (each costs the first segment of every layer's keys and values).
+            state_shape: (n_taps, D) of the states a prefill returns per position.
+        """
+        if rows < 1:
+            raise ValueError(f"a prefix cache needs at least one row, got {rows}")
+        self.size = cache.k[0][0].shape[2]  # positions a row keeps: the first segment's
+        self.k = tuple(jnp.zeros((rows, *layer[0].shape[1:]), layer[0].dtype) for layer in cache.k)
+        self.v = tuple(jnp.zeros((rows, *layer[0].shape[1:]), layer[0].dtype) for layer in cache.v)
+        self.tokens: list[np.ndarray] = [np.zeros(0, np.int64) for _ in range(rows)]
+        self.states = np.zeros((rows, self.size, *state_shape), np.float32)
+        self._used = [0] * rows  # when each row was last saved or read (a counter), for LRU
+        self._shared = [0] * rows  # the longest prefix reused from each row
+        self._clock = 0
+        self.hits = 0  # prefills that found a shared prefix
+        self.reused = 0  # positions they did not compute
+        # Compile both copies now (a start-up step): slot 0 to row 0 and back, which leaves slot 0 as it was.
+        self._from_pool(cache, 0, 0)
+        self._into_pool(cache, 0, 0)
+
+    def match(self, prompt: np.ndarray) -> tuple[int, int]:
+        """(row, m): the row sharing the longest prefix with `prompt`, and how many positions of it to reuse (at most
+        len(prompt) - 1; m = 0: none)."""
+        best, best_m = 0, 0
+        limit = min(prompt.size - 1, self.size)
+        for row, tokens in enumerate(self.tokens):
+            n = min(limit, tokens.size)
+            differ = np.flatnonzero(tokens[:n] != prompt[:n])
+            m = int(differ[0]) if differ.size else n
+            if m > best_m:
+                best, best_m = row, m
+        return best, best_m
+
+    def load(self, cache: KVCache, row: int, slot: int, m: int) -> np.ndarray:
+        """Copies the row into `slot` and makes it hold m cached positions; returns their states [m, n_taps, D]."""
+        self._into_pool(cache, row, slot)
+        cache.lengths[slot] = m
+        self._touch(row)
+        if m:
+            self.hits += 1
+            self.reused += m
+            self._shared[row] = max(self._shared[row], m)
+        return self.states[row, :m].copy()  # a later save may reuse the row before the caller is done
+
+    def save(self, cache: KVCache, slot: int, prompt: np.ndarray, states: np.ndarray) -> None:
+        """Keeps the first positions of the prompt just prefilled in `slot`, unless a row already holds all of them:
+        in the row it shares the longest prefix with, if it shares at least as much as any prompt reused from that
+        row (a family of prompts with one system prompt keeps one row, which goes on serving that prefix), or else in
+        the least recently used row.
+
+        Args:
+            cache: the pool, with the prompt's positions written.
+            slot: the prompt's slot.
+            prompt: [n] its tokens.
+            states: [>= min(n, size), n_taps, D] the states of its first positions.
+        """
+        n = min(prompt.size, self.size)
+        if n and any(t.size >= n and np.array_equal(t[:n], prompt[:n]) for t in self.tokens):
+            return
+        row, shared = self.match(prompt)
+        if not shared or shared < self._shared[row]:
+            row, self._shared[row] = int(np.argmin(self._used)), 0
+        self._from_pool(cache, slot, row)
+        self.tokens[row] = prompt[:n].copy()
+        self.states[row, :n] = states[:n]
+        self._touch(row)
+
+    def _from_pool(self, cache: KVCache, slot: int, row: int) -> None:
+        """Copies the slot's first segment of every layer into the row."""
+        layers = len(self.k)
+        copied = _copy_rows_jit((*self.k, *self.v), _first_segments(cache), jnp.int32(row), jnp.int32(slot))
+        self.k, self.v = copied[:layers], copied[layers:]
+
+    def _into_pool(self, cache: KVCache, row: int, slot: int) -> None:
+        """Copies the row into the slot's first segment of every layer (the pool's buffers are donated)."""
+        layers = len(self.k)
+        first = _copy_rows_jit(_first_segments(cache), (*self.k, *self.v), jnp.int32(slot), jnp.int32(row))
+        cache.k = tuple((s, *layer[1:]) for s, layer in zip(first[:layers], cache.k, strict=True))
+        cache.v = tuple((s, *layer[1:]) for s, layer in zip(first[layers:], cache.v, strict=True))
+
+    def _touch(self, row: int) -> None:
+        self._clock += 1
+        self._used[row] = self._clock
+
+
+def _first_segments(cache: KVCache) -> tuple[jax.Array, ...]:
+    """Every layer's first segment [R, K, S_0, H], keys then values."""
+    return (*(layer[0] for layer in cache.k), *(layer[0] for layer in cache.v))

@@ -24,7 +24,7 @@ from tandem.errors import (
     SessionNotFoundError,
     SessionStateError,
 )
-from tandem.kvcache import bucket, buckets
+from tandem.kvcache import PrefixCache, bucket, buckets
 from tandem.primary import BlockOutput, PrimaryRunner
 from tandem.rounds import Drafts, PrimaryStep
 from tandem.router import MLPRouter
@@ -293,6 +293,7 @@ class _Prefill(_Call):
     prompt: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     sampling: SamplingParams = SamplingParams()
     want_hidden: bool = False
+    reused: np.ndarray | None = None  # [m, n_taps, D] states of the first m positions, from the prefix cache
 
 
 @dataclasses.dataclass(eq=False)
@@ -307,9 +308,20 @@ class PrimaryWorker(_SessionWorker):
     """The primary's side of requests: prefill, block verify (or standalone processing) and release. Concurrent calls
     of different sessions run as one block pass over their rows."""
 
-    def __init__(self, runner: PrimaryRunner, batching: BatchingConfig = BatchingConfig()) -> None:
+    def __init__(
+        self, runner: PrimaryRunner, batching: BatchingConfig = BatchingConfig(), prefix_rows: int = 4
+    ) -> None:
+        """
+        Args:
+            runner: the primary and its cache (one slot per session).
+            batching: max batch and batching window.
+            prefix_rows: prompts whose first positions are kept for later prompts that start the same way
+                (`tandem.kvcache.PrefixCache`); 0 turns prefix caching off.
+        """
         super().__init__(runner.batch, batching)
         self.runner = runner
+        states = (len(runner.taps), runner.cfg.d_model)
+        self.prefixes = PrefixCache(runner.cache, prefix_rows, states) if prefix_rows else None
 
     @property
     def vocab_size(self) -> int:
@@ -371,7 +383,12 @@ class PrimaryWorker(_SessionWorker):
             )
             self.runner.truncate(state.slot, 0)
             assert isinstance(state, _PrimarySession)
-            return c, state, c.prompt
+            if self.prefixes is None:
+                return c, state, c.prompt
+            row, m = self.prefixes.match(c.prompt)
+            if m:
+                c.reused = self.prefixes.load(self.runner.cache, row, state.slot, m)
+            return c, state, c.prompt[m:]
         assert isinstance(c, _Verify)
         state = self.pool.get(c.session)
         assert isinstance(state, _PrimarySession)
@@ -410,7 +427,14 @@ class PrimaryWorker(_SessionWorker):
         if isinstance(c, _Prefill):
             self.runner.commit(st.slot, block.size)
             token = _pick(out, b, block.size - 1, st.sampling, st.rng)
-            return PrimaryStep(0, token, out.hidden[b, : block.size] if c.want_hidden else None)
+            if not c.want_hidden and self.prefixes is None:
+                return PrimaryStep(0, token, None)
+            states = out.hidden[b, : block.size]  # [n - m, n_taps, D]
+            if c.reused is not None:
+                states = np.concatenate([c.reused, states])  # [n, n_taps, D]
+            if self.prefixes is not None:
+                self.prefixes.save(self.runner.cache, st.slot, c.prompt, states)
+            return PrimaryStep(0, token, states if c.want_hidden else None)
         assert isinstance(c, _Verify)
         drafts = [int(t) for t in block[1:]]
         if not c.verify:

@@ -110,6 +110,9 @@ def test_grpc_output_equals_in_process(stack: Stack) -> None:
         standalone = stack.reference.generate(prompt, mode="tandem", max_tokens=40, spec=spec).token_ids
         assert _tokens(stack.client.generate(prompt, mode="tandem", max_tokens=40))[0] == standalone
     assert stack.settled_sessions() == 0
+    # Every prompt ran once per mode: all but its first run reused its positions from the prefix cache.
+    assert _metric(stack.primary.metrics_port, "tandem_primary_prefix_hits") >= 3 * len(PROMPTS)
+    assert _metric(stack.primary.metrics_port, "tandem_primary_prefix_reused_positions") > 0
 
 
 def test_seeded_sampling_matches_in_process(stack: Stack) -> None:
