@@ -3,12 +3,12 @@ tokens after it are the same. Usage: `.venv/bin/python bench/prefix_prefill.py [
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import numpy as np
 
+from tandem.bench import read_prompts, tokenize_prompts
 from tandem.config import SamplingParams
 from tandem.models import BundleConfig, load_primary
 from tandem.workers import PrimaryWorker
@@ -19,10 +19,7 @@ GREEDY = SamplingParams()
 def main(path: str = "bench/prompts.jsonl", passes: int = 3, tokens: int = 64) -> None:
     runner, tok = load_primary(BundleConfig(slots=2, max_len=256))
     workers = {rows: PrimaryWorker(runner, prefix_rows=rows) for rows in (4, 0)}
-    prompts = []
-    for line in open(path, encoding="utf-8"):
-        chat = [{"role": "user", "content": json.loads(line)["prompt"]}]
-        prompts.append(tok.encode(tok.apply_chat_template(chat)))
+    prompts = [list(p.ids) for p in tokenize_prompts(read_prompts(path), tok)]
     ms: dict[int, list[float]] = {rows: [] for rows in workers}
     outputs: dict[int, list[list[int]]] = {rows: [] for rows in workers}
     for p in range(passes):  # the first pass compiles and fills the cache; it is not timed
