@@ -1,4 +1,4 @@
-"""Host-side bookkeeping for a slot-shaped KV cache: arrays, per-row lengths and shape buckets."""
+"""Host-side bookkeeping for a slot-shaped KV cache: arrays, per-row lengths and shape buckets; the prefix cache."""
 
 from __future__ import annotations
 
@@ -287,8 +287,9 @@ class PrefixCache:
         if n and any(t.size >= n and np.array_equal(t[:n], prompt[:n]) for t in self.tokens):
             return
         row, shared = self.match(prompt)
-        if not shared or shared < self._shared[row]:
-            row, self._shared[row] = int(np.argmin(self._used)), 0
+        if not shared or shared < self._shared[row]:  # a new family, or one that would lose a reused prefix
+            row = int(np.argmin(self._used))
+            self._shared[row] = 0
         self._from_pool(cache, slot, row)
         self.tokens[row] = prompt[:n].copy()
         self.states[row, :n] = states[:n]
