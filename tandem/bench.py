@@ -105,6 +105,9 @@ class BenchConfig:
         block_cost_max_k: the curve covers k = 1..block_cost_max_k.
         block_cost_calls: timed calls per k (median), after two warm-up calls.
         peer: "hf" adds the modes hf and hf-assisted (tandem.peer_hf.HFPeer, in process); None: no peer.
+        prefix_cache_rows: the Primary's prefix cache (`tandem.kvcache.PrefixCache`) in process and in services
+            started here. 0 (off) by default: the modes run the same prompts one after another, and with the cache
+            every mode but the first on a prompt would reuse all of it but its last token.
     """
 
     modes: tuple[str, ...] = MODES
@@ -119,6 +122,7 @@ class BenchConfig:
     block_cost_max_k: int = 16
     block_cost_calls: int = 9
     peer: str | None = None
+    prefix_cache_rows: int = 0
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if split_mode(m)[0] not in MODES]
@@ -132,6 +136,8 @@ class BenchConfig:
             raise ValueError(f"vias must be distinct values of {', '.join(VIAS)}, got {self.vias}")
         if self.max_tokens < 1 or self.repeats < 1 or self.block_cost_max_k < 1 or self.block_cost_calls < 1:
             raise ValueError("max_tokens, repeats, block_cost_max_k and block_cost_calls must be >= 1")
+        if self.prefix_cache_rows < 0:
+            raise ValueError(f"prefix_cache_rows must be >= 0, got {self.prefix_cache_rows}")
         if self.warmup_tokens is not None and self.warmup_tokens < 0:
             raise ValueError("warmup_tokens must be >= 0 (0: no warm-up)")
         if self.block_cost_context is not None and self.block_cost_context < 0:
@@ -1328,15 +1334,22 @@ def tokenize_prompts(rows: Sequence[tuple[str, str]], tokenizer: Any) -> list[Be
 
 
 def launch_stack(
-    *, slots: int, max_len: int, startup_timeout_s: float = 600.0, log: Callable[[str], None] = log_stderr
+    *,
+    slots: int,
+    max_len: int,
+    startup_timeout_s: float = 600.0,
+    prefix_cache_rows: int | None = None,
+    log: Callable[[str], None] = log_stderr,
 ) -> ServeStack:
     """A ServeStack on free ports, launched but not yet serving (see `wait_serving`); the caller stop()s it.
 
     Launching first lets the caller do its own start-up (load a bundle, start Ray) while the services load.
+    `prefix_cache_rows` sets the Primary's `--prefix-cache-rows` (None: its default).
     """
     from tandem.serve import ServeStack
 
-    stack = ServeStack(port=0, slots=slots, max_len=max_len, startup_timeout_s=startup_timeout_s)
+    extra = {} if prefix_cache_rows is None else {"primary": ["--prefix-cache-rows", str(prefix_cache_rows)]}
+    stack = ServeStack(port=0, slots=slots, max_len=max_len, startup_timeout_s=startup_timeout_s, extra_args=extra)
     log(f"starting primary, secondary and orchestrator (slots={slots}, max_len={max_len}); logs in {stack.log_dir}")
     stack.launch()
     return stack
@@ -1372,11 +1385,17 @@ def run_with_bundle(
     """
     stack = None
     if "grpc" in cfg.vias and target is None:
-        stack = launch_stack(slots=1, max_len=max_len, startup_timeout_s=startup_timeout_s, log=log)
+        stack = launch_stack(
+            slots=1,
+            max_len=max_len,
+            startup_timeout_s=startup_timeout_s,
+            prefix_cache_rows=cfg.prefix_cache_rows,
+            log=log,
+        )
     try:
         from tandem.models import BundleConfig, load_bundle
 
-        bundle_cfg = BundleConfig(max_len=max_len)
+        bundle_cfg = BundleConfig(max_len=max_len, prefix_rows=cfg.prefix_cache_rows)
         bundle = load_bundle(bundle_cfg)
         log(f"loaded the bundle in process: {bundle.drafter_sources}")
         peer = load_peer(cfg.peer, bundle_cfg) if cfg.peer else None

@@ -179,6 +179,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--warmup-tokens", type=int, default=None, metavar="N", help="tokens per warm-up run (default: --max-tokens)"
     )
     p.add_argument("--max-len", type=int, default=2048, help="context slots per sequence (default: 2048)")
+    p.add_argument(
+        "--prefix-cache-rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the primary's prefix cache in process and in services started here (default: 0, off, so modes that "
+        "follow one another on a prompt all prefill it cold)",
+    )
     p.add_argument("--startup-timeout", type=float, default=600.0, metavar="S", help="for the services started here")
 
 
@@ -563,6 +571,7 @@ def bench(args: argparse.Namespace) -> int:
             warmup_tokens=args.warmup_tokens,
             block_cost_context=None if args.no_block_cost else args.block_cost_context,
             peer=args.peer,
+            prefix_cache_rows=args.prefix_cache_rows,
         )
         if args.limit is not None and args.limit < 1:
             raise ValueError("--limit must be >= 1")

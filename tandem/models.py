@@ -42,6 +42,7 @@ class BundleConfig:
     drafter_d_model: int = 256  # shape of randomly initialised drafters (shipped ones carry their own config)
     drafter_layers: int = 4
     drafter_seed: int = 0
+    prefix_rows: int = 4  # the primary's prefix cache rows (tandem.kvcache.PrefixCache); 0 = off
 
     def resolved_gguf(self) -> Path:
         return self.gguf_path or smollm2_gguf_path()
@@ -162,5 +163,6 @@ def load_bundle(cfg: BundleConfig = BundleConfig()) -> Bundle:
         drafters["vanilla"],
         routers=routers,
         stop_token_ids=tokenizer.stop_token_ids,
+        prefix_rows=cfg.prefix_rows,
     )
     return Bundle(engine, tokenizer, primary.cfg, sources)

@@ -196,6 +196,9 @@ def test_config_is_validated() -> None:
         BenchConfig(modes=("primary", "speed@0.5:0.5:0"))
     with pytest.raises(ValueError, match="unknown mode"):
         BenchConfig(modes=("primary", "turbo@0:0.8:7"))
+    with pytest.raises(ValueError, match="prefix_cache_rows"):
+        BenchConfig(prefix_cache_rows=-1)
+    assert BenchConfig().prefix_cache_rows == 0  # modes follow one another on each prompt: none reuses another's
     arms = BenchConfig(modes=("primary", "tandem-speed", "tandem-speed@0:0.8:7"), gamma_max=2, tau=0.3)
     assert arms.spec_of("tandem-speed") == SpecConfig(gamma_max=2, tau=0.3)
     assert arms.spec_of("tandem-speed@0:0.8:7") == SpecConfig(gamma_max=7, tau=0.8, tau_first=0.0)
