@@ -158,6 +158,7 @@ def exported() -> dict[str, Any]:
             busy_s=0.0,
             expire_idle=lambda ttl: None,
             batcher=SimpleNamespace(batches=0, calls=0),
+            prefixes=SimpleNamespace(hits=0, reused=0),
         )
 
     primary = build_primary(worker(), PrimaryServiceConfig())
