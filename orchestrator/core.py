@@ -104,6 +104,8 @@ class Admission:
     ) -> None:
         if max_running < 1 or max_queued < 0 or timeout_s < 0 or (tpot_target_s is not None and tpot_target_s <= 0):
             raise ValueError("need max_running >= 1, max_queued >= 0, queue_timeout_s >= 0 and a positive TPOT target")
+        if not 0 < headroom < 1:
+            raise ValueError(f"headroom must lie in (0, 1), got {headroom}")
         self.max_running, self.max_queued, self.timeout_s = max_running, max_queued, timeout_s
         self.tpot_target_s, self.adjust_every_s, self.headroom = tpot_target_s, adjust_every_s, headroom
         self.limit = max_running if tpot_target_s is None else 1

@@ -138,6 +138,8 @@ def test_running_limit_follows_a_tpot_target() -> None:
     untargeted = Admission(max_running=2, max_queued=0, timeout_s=1.0)
     untargeted.observe(10.0, 1)
     assert untargeted.limit == 2
+    with pytest.raises(ValueError, match="headroom"):
+        Admission(max_running=2, max_queued=0, timeout_s=1.0, tpot_target_s=0.1, headroom=1.0)
 
 
 def _wait_for(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
