@@ -93,3 +93,50 @@ def test_a_prefix_cache_needs_a_row(tiny_params) -> None:
     runner = make_engine(tiny_params, slots=1).primary
     with pytest.raises(ValueError, match="at least one row"):
         PrefixCache(runner.cache, 0, (1, TINY.d_model))
+
+
+def test_reuse_stops_at_the_first_segment(pair) -> None:
+    """A long shared prefix reuses the first 64 positions (the rows' size) and computes the rest."""
+    warm, cold = pair
+    assert warm.prefixes is not None and warm.prefixes.size == 64
+    long = [(7 * i + 3) % TINY.vocab_size for i in range(70)]
+    _decode(warm, "seed", long)
+    prompt = [*long[:68], 1, 2, 3]
+    got, got_states = _decode(warm, "w", prompt)
+    want, want_states = _decode(cold, "c", prompt)
+    assert got == want
+    np.testing.assert_allclose(got_states, want_states, rtol=1e-5, atol=1e-5)
+    assert warm.prefixes.reused == 64
+
+
+def test_prefills_batched_together_reuse_alike(tiny_params) -> None:
+    """Prefills that meet in one batch, some reusing a row and one filling it, give the cold prefills' tokens."""
+    import threading
+
+    from tandem.workers import BatchingConfig
+
+    batching = BatchingConfig(window_s=0.2)
+    warm = PrimaryWorker(make_engine(tiny_params, max_len=128, slots=3).primary, batching, prefix_rows=2)
+    cold = PrimaryWorker(make_engine(tiny_params, max_len=128, slots=3).primary, batching, prefix_rows=0)
+    _decode(warm, "seed", [*SYSTEM, 9])
+    prompts = {"a": [*SYSTEM, 4, 4], "b": [*SYSTEM, 30], "c": [40, 41, 42, 43]}
+    firsts: dict[str, int] = {}
+    barrier = threading.Barrier(len(prompts))
+    batches, calls = warm.batcher.batches, warm.batcher.calls
+
+    def prefill(session: str) -> None:
+        barrier.wait()
+        firsts[session] = warm.prefill(session, prompts[session], GREEDY, False).next_token
+
+    threads = [threading.Thread(target=prefill, args=(s,)) for s in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert warm.batcher.calls - calls > warm.batcher.batches - batches  # some of the prefills shared a batch
+    for session, prompt in prompts.items():
+        tokens = [firsts[session]]
+        for _ in range(8):
+            tokens.append(warm.verify(session, [tokens[-1]], [], True, False).next_token)
+        assert tokens == _decode(cold, session, prompt, steps=8)[0], session
+    assert warm.prefixes is not None and warm.prefixes.hits == 2
