@@ -165,6 +165,40 @@ class FakeOrchestrator(pb_grpc.OrchestratorServicer):
         yield pb.GenerateResponse(finish_reason=pb.FINISH_REASON_LENGTH, usage=usage, stats=stats)
 
 
+class _FlakyRay:
+    """Stands in for the ray module: its first `failures` local starts time out as Ray's node start can."""
+
+    def __init__(self, failures: int, error: str = "The current node timed out during startup. ...") -> None:
+        self.failures, self.error = failures, error
+        self.inits = self.shutdowns = 0
+
+    def is_initialized(self) -> bool:
+        return False
+
+    def init(self, **_: object) -> None:
+        self.inits += 1
+        if self.inits <= self.failures:
+            raise Exception(self.error)  # what Ray raises
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loadtest import harness
+
+    flaky = _FlakyRay(failures=1)
+    monkeypatch.setattr(harness, "_ray", lambda: flaky)
+    with ray_session(log=lambda _: None) as ray:
+        assert ray is flaky and flaky.inits == 2
+    assert flaky.shutdowns == 2  # after the failed start, and at the end
+    for failing in (_FlakyRay(failures=2), _FlakyRay(failures=1, error="some other failure")):
+        monkeypatch.setattr(harness, "_ray", lambda f=failing: f)
+        with pytest.raises(Exception, match=r"timed out|other failure"), ray_session(log=lambda _: None):
+            pass
+        assert failing.inits == (2 if failing.failures == 2 else 1)
+
+
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
     """One local Ray instance for the module (started as the harness starts its own); the harness reuses it."""
