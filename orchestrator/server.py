@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from orchestrator.core import LoadPolicy, Orchestrator, OrchestratorConfig
 from orchestrator.routing import Targets
 from orchestrator.servicer import OrchestratorServicer
+from tandem.serve import die_with_parent
 from tandem.tokenizer import Tokenizer
 from tandemrpc.security import BearerTokenInterceptor, TlsFiles, add_tls_flags, read_token, tls_from_args
 from tandemrpc.server import ServiceServer
@@ -143,6 +144,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    die_with_parent()  # started by ServeStack: stop when it dies
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg, gguf_path = parse_args(argv)
     from tandem.assets import smollm2_gguf_path

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from primary_svc.servicer import PrimaryServicer
 from tandem.kvcache import MIN_ATTEND, buckets
 from tandem.primary import PrimaryRunner
+from tandem.serve import die_with_parent
 from tandem.workers import BatchingConfig, PrimaryWorker
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
 from tandemrpc.server import ServiceServer, add_batching_flags, add_compile_flag, batching_from_args
@@ -128,6 +129,7 @@ def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    die_with_parent()  # started by ServeStack: stop when it dies
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = parse_args(argv)
     from tandem.models import BundleConfig, load_primary  # loads JAX

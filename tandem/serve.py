@@ -98,25 +98,29 @@ def log_tail(path: Path, lines: int = 25, max_bytes: int = 16_384) -> str:
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
-def _die_with_parent_hook(parent_pid: int) -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM the child when its parent dies (None elsewhere).
+PARENT_ENV = "TANDEM_DIE_WITH_PARENT"  # set by ServeStack for its children: the pid whose death should stop them
 
-    Keeps a killed `tandem serve` or test run from leaving three model servers behind. Linux ties this to the
-    parent *thread*: start the stack from a thread that outlives it (the main thread, normally).
+
+def die_with_parent() -> None:
+    """Asks Linux to SIGTERM this process when its parent dies, if `PARENT_ENV` names the parent (a no-op otherwise).
+
+    ServeStack sets the variable for the services it starts, and each service calls this first thing, which keeps a
+    killed `tandem serve` or test run from leaving three model servers behind. It is done here rather than in a
+    `preexec_fn`: a preexec_fn makes `subprocess` fork() instead of vfork(), and gRPC's fork handlers in a parent
+    that has gRPC loaded then sometimes killed the child before its exec ("epoll_wait error: Bad file descriptor",
+    abort; seen once in a full test run here, and reported as grpc/grpc#43055). Linux ties this to the parent
+    *thread*: start the stack from a thread that outlives it (the main thread, normally).
     """
-    if not sys.platform.startswith("linux"):
-        return None
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: the child only calls it
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return None
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent_pid:  # the parent died before the request took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return hook
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class ServeStack:
@@ -233,7 +237,9 @@ class ServeStack:
         self.metrics_ports = dict(zip(SERVICES, ports[3:], strict=True))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # log lines reach the files as they happen
-        hook = _die_with_parent_hook(os.getpid()) if self.die_with_parent else None
+        env.pop(PARENT_ENV, None)
+        if self.die_with_parent:
+            env[PARENT_ENV] = str(os.getpid())  # each service calls die_with_parent() first
         try:
             for name in SERVICES:
                 with open(self.log_path(name), "wb") as logf:
@@ -244,7 +250,6 @@ class ServeStack:
                         stderr=subprocess.STDOUT,
                         env=env,
                         start_new_session=True,  # a terminal's Ctrl-C reaches only us; stop() shuts them down in order
-                        preexec_fn=hook,
                     )
                 log.info("started %s (pid %d), log %s", name, self.processes[name].pid, self.log_path(name))
         except BaseException:

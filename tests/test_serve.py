@@ -17,17 +17,11 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from tandem.models import Bundle, BundleConfig, load_bundle
-from tandem.serve import ServeError, ServeStack, health_status
+from tandem.serve import PARENT_ENV, ServeError, ServeStack, health_status
 from tandemrpc.client import TandemClient, build_request
 from tandemrpc.v1 import tandem_pb2 as pb
 
-pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.slow,
-    # ServeStack's children ask for SIGTERM on our death (prctl) between fork and exec; once this process has JAX
-    # loaded, JAX warns about any fork, though the child runs no JAX code and execs at once.
-    pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning"),
-]
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 MAX_LEN, SLOTS = 512, 2
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
@@ -192,3 +186,15 @@ def test_killing_the_drafter_process_keeps_the_output(served: Served) -> None:
         assert again == want
     fallbacks = _gauge(served.stack.metrics_urls["orchestrator"], "tandem_drafter_fallbacks_total")
     assert fallbacks == 1  # the next request skipped the Secondary, marked down, instead of failing over again
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_service_started_for_a_parent_that_is_gone_stops_itself() -> None:
+    """die_with_parent(), the first thing each service runs: a child whose named parent is not its parent (it died
+    before the child got going) sends itself SIGTERM; under its real parent it runs on."""
+    code = "from tandem.serve import die_with_parent; die_with_parent(); print('running')"
+    for parent, want in ((os.getpid(), 0), (1, -15)):  # 1: never our pid
+        env = {**os.environ, PARENT_ENV: str(parent)}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == want, done.stderr
+        assert ("running" in done.stdout) == (want == 0)
