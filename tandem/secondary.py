@@ -284,6 +284,34 @@ def step(
     return _logits(params, cfg, x), cache_k, cache_v
 
 
+def ingest(
+    params: DrafterParams,
+    primary_hidden: jax.Array,
+    rows: jax.Array,
+    lengths: jax.Array,
+    cache_k: KVBuffers,
+    cache_v: KVBuffers,
+    *,
+    cfg: DrafterConfig,
+) -> tuple[KVBuffers, KVBuffers]:
+    """Writes keys/values derived from the primary's states for T positions starting at lengths (replacing own ones).
+
+    Args:
+        params: drafter weights (Tandem).
+        primary_hidden: [B, T, n_taps, P].
+        rows: [B] cache slot of each row.
+        lengths: [B] first position per row.
+        cache_k, cache_v: the pool (`tandem.layers.KVBuffers`, donated).
+        cfg: static config.
+
+    Returns:
+        The updated caches.
+    """
+    positions = lengths[:, None] + jnp.arange(primary_hidden.shape[1])[None, :]
+    k, v = primary_context_kv(params, cfg, primary_hidden, positions)
+    return write_cache(cache_k, k, rows, lengths), write_cache(cache_v, v, rows, lengths)
+
+
 def draft_greedy(
     params: DrafterParams,
     router: RouterParams | None,
@@ -296,13 +324,16 @@ def draft_greedy(
     gamma: jax.Array,
     tau: jax.Array,
     tau_first: jax.Array,
+    primary_hidden: jax.Array | None = None,
+    ingested: jax.Array | None = None,
     *,
     cfg: DrafterConfig,
     attend_len: int,
     cap: int,
     top_k: int,
 ) -> tuple[jax.Array, jax.Array, KVBuffers, KVBuffers]:
-    """Whole greedy drafting rounds of B sessions in one call: feed each row's pending tokens, then draft until τ or γ.
+    """Whole greedy drafting rounds of B sessions in one call: write each row's new primary states (Tandem), feed its
+    pending tokens, then draft until τ or γ.
 
     Draft j is the head's argmax after the previous one; a row keeps drafting while it has fewer than γ drafts and the
     router's confidence in its last draft reaches τ (τ <= 0: always). A row whose first draft's confidence is below
@@ -321,17 +352,26 @@ def draft_greedy(
         gamma: [B] most drafts per row, 1 <= gamma <= cap (0 for a padding row: it never drafts).
         tau: [B] τ per row.
         tau_first: [B] the confidence each row's first draft needs (`SpecConfig.first_tau`).
+        primary_hidden: [B, S, n_taps, P] the primary's states of each row's last round (t_0, d_1..d_a), written
+            from lengths on as `ingest` writes them, before the pending tokens; one device call per round instead of
+            two. None: nothing to write (a vanilla drafter, or states ingested already).
+        ingested: [B] how many of primary_hidden's positions are real per row (0..S); the pending tokens follow them
+            and overwrite the padding's writes.
         cfg: static config.
-        attend_len: static bucket covering every row's lengths + fed + gamma.
+        attend_len: static bucket covering every row's lengths + ingested + fed + gamma.
         cap: static size of the drafts buffer.
         top_k: static router feature size.
 
     Returns:
         (drafts [B, cap] with row b's first count[b] valid, count [B] (0: declined), cache_k, cache_v); row b's cache
-        holds positions up to lengths[b] + fed[b] + max(count[b], 1) - 2 (its last draft is not fed).
+        holds positions up to lengths[b] + ingested[b] + fed[b] + max(count[b], 1) - 2 (its last draft is not fed).
     """
     head = params.embed if params.head is None else params.head  # [N_h, D]
     assert head is not None, "call materialize() first"
+    if primary_hidden is not None:
+        assert ingested is not None, "primary_hidden needs ingested"
+        cache_k, cache_v = ingest(params, primary_hidden, rows, lengths, cache_k, cache_v, cfg=cfg)
+        lengths = lengths + ingested  # [B] where each row's pending tokens go
     head_ids = params.head_ids
     batch, t = tokens.shape
     beyond = jnp.full_like(lengths, segment_starts(cache_k[0])[-1])  # a write position past the cache's end: dropped
@@ -366,37 +406,15 @@ def draft_greedy(
     return drafts, count, cache_k, cache_v
 
 
-def ingest(
-    params: DrafterParams,
-    primary_hidden: jax.Array,
-    rows: jax.Array,
-    lengths: jax.Array,
-    cache_k: KVBuffers,
-    cache_v: KVBuffers,
-    *,
-    cfg: DrafterConfig,
-) -> tuple[KVBuffers, KVBuffers]:
-    """Writes keys/values derived from the primary's states for T positions starting at lengths (replacing own ones).
-
-    Args:
-        params: drafter weights (Tandem).
-        primary_hidden: [B, T, n_taps, P].
-        rows: [B] cache slot of each row.
-        lengths: [B] first position per row.
-        cache_k, cache_v: the pool (`tandem.layers.KVBuffers`, donated).
-        cfg: static config.
-
-    Returns:
-        The updated caches.
-    """
-    positions = lengths[:, None] + jnp.arange(primary_hidden.shape[1])[None, :]
-    k, v = primary_context_kv(params, cfg, primary_hidden, positions)
-    return write_cache(cache_k, k, rows, lengths), write_cache(cache_v, v, rows, lengths)
-
-
 # The drafts buffer is at least this wide (γ_max's default bucket): rounds stop on device anyway, and one width for
 # every γ up to 8 keeps the compiled shapes few.
 _DRAFTS_WIDTH = 8
+# A Tandem round's new primary states (t_0 and the accepted drafts: 1 + a positions) are written by the drafting call
+# itself, padded to the first of these widths that holds them. On this CPU an ingest call of their own cost 0.25-0.6 ms
+# per round more, most of it the call itself: right after the primary's pass the drafter's call runs cold (measured
+# 0.15 ms back to back, 0.8 ms after a primary step). One width covers the default γ_max = 1 and adds no compiled
+# shapes; a prompt's states, and a round's wider ones (γ_max > 1), are ingested by a call of their own first.
+INGEST_WIDTHS = (2,)
 _step_jit = jax.jit(step, static_argnames=("cfg", "attend_len", "whole_pool"), donate_argnums=(4, 5))
 _draft_greedy_jit = jax.jit(draft_greedy, static_argnames=("cfg", "attend_len", "cap", "top_k"), donate_argnums=(6, 7))
 _ingest_jit = jax.jit(ingest, static_argnames=("cfg",), donate_argnums=(4, 5))
@@ -442,31 +460,45 @@ class DrafterRunner:
         router: RouterParams | None,
         top_k: int,
         tau_first: Sequence[float] | None = None,
+        hidden: Sequence[np.ndarray | None] | None = None,
     ) -> list[list[int]]:
-        """Feeds each row its pending tokens and drafts greedily until τ or γ, every row in one call (`draft_greedy`).
+        """Writes each row's new primary states (Tandem), feeds its pending tokens and drafts greedily until τ or γ,
+        every row in one call (`draft_greedy`).
 
         Args:
-            pending: per row, the tokens the drafter has not seen yet (at least one).
+            pending: per row, the tokens the drafter has not seen yet (at least one), after its states.
             rows: the rows' distinct cache slots.
             gamma: per row, the most drafts (>= 1).
             tau: per row, τ.
             router: the router's weights, or None for the max-probability fallback.
             top_k: the router's feature size.
             tau_first: per row, the confidence the first draft needs, or the row declines the round (None: never).
+            hidden: a Tandem drafter's rows' new primary states, [n_b, n_taps, P] each (None for a row with none),
+                written at each row's length before its pending tokens (None: no row has any).
 
         Returns:
-            Per row the drafts d_1..d_k (k <= gamma; 0 when declined); each row's length advances by the tokens fed
-            (the pending ones and every draft but d_k).
+            Per row the drafts d_1..d_k (k <= gamma; 0 when declined); each row's length advances by its states and
+            the tokens fed (the pending ones and every draft but d_k).
         """
         slots = self.cache.rows(rows)
         fed = np.asarray([len(p) for p in pending], np.int32)
         gammas = np.asarray(gamma, np.int32)
-        longest = self.cache.lengths[slots] + fed + gammas
+        states = [None] * slots.size if hidden is None else list(hidden)
+        ingested = np.asarray([0 if h is None else h.shape[0] for h in states], np.int32)
+        if ingested.max() > INGEST_WIDTHS[-1]:  # too wide to write in the drafting call: a call of their own first
+            big = [b for b, n in enumerate(ingested) if n > INGEST_WIDTHS[-1]]
+            wide = np.zeros((len(big), int(ingested.max()), *states[big[0]].shape[1:]), np.float32)  # type: ignore[union-attr]
+            for i, b in enumerate(big):
+                wide[i, : ingested[b]] = states[b]
+                states[b] = None
+            self.ingest(wide, rows=slots[big].tolist(), sizes=ingested[big].tolist())
+            ingested[big] = 0
+        longest = self.cache.lengths[slots] + ingested + fed + gammas
         if (longest > self.max_len).any():
             i = int(np.argmax(longest > self.max_len))
             raise ContextFullError(
-                f"context full: {int(self.cache.lengths[slots[i]])} cached + {int(fed[i])} pending + {int(gammas[i])} "
-                f"drafts exceed max_len {self.max_len}"
+                f"context full: {int(self.cache.lengths[slots[i]])} cached + {int(ingested[i] + fed[i])} pending + "
+                f"{int(gammas[i])} drafts exceed max_len {self.max_len}"
             )
         block = np.zeros((slots.shape[0], int(fed.max())), np.int32)
         for b, p in enumerate(pending):
@@ -474,7 +506,17 @@ class DrafterRunner:
         tokens = self.cache.pad_block(block, slots, fed)
         pad_slots, pad_lengths = self.cache.padded_rows(slots)
         b_pad, cap = tokens.shape[0], bucket(int(gammas.max()), _DRAFTS_WIDTH)
-        attend = self.cache.attend_len(slots, ahead=max(tokens.shape[1], int(fed.max()) + cap))
+        primary_hidden = None
+        if self.cfg.tandem:  # always through the ingesting call, so one compiled shape serves rounds with and without
+            width = next(w for w in INGEST_WIDTHS if w >= ingested.max())
+            primary_hidden = np.zeros((b_pad, width, len(self.cfg.tapped_layers), self.cfg.primary_d_model), np.float32)
+            for b, h in enumerate(states):
+                if h is not None:
+                    primary_hidden[b, : h.shape[0]] = h
+        elif hidden is not None:
+            raise ValueError("a vanilla drafter reads no primary states")
+        ahead = max(tokens.shape[1], int(fed.max()) + cap) + (0 if primary_hidden is None else primary_hidden.shape[1])
+        attend = self.cache.attend_len(slots, ahead=ahead)
         drafts, count, self.cache.k, self.cache.v = _draft_greedy_jit(
             self.params,
             router,
@@ -487,20 +529,23 @@ class DrafterRunner:
             np.pad(gammas, (0, b_pad - gammas.size)),
             np.pad(np.asarray(tau, np.float32), (0, b_pad - gammas.size)),
             np.pad(np.asarray(tau_first or [0.0] * gammas.size, np.float32), (0, b_pad - gammas.size)),
+            primary_hidden,
+            None if primary_hidden is None else np.pad(ingested, (0, b_pad - ingested.size)),
             cfg=self.cfg,
             attend_len=attend,
             cap=cap,
             top_k=top_k,
         )
         counts = np.asarray(count)[: slots.size]
-        self.cache.lengths[slots] += fed + np.maximum(counts, 1) - 1  # a declined row was fed its pending tokens
+        self.cache.lengths[slots] += ingested + fed + np.maximum(counts, 1) - 1  # a declined row was fed its pending
         drafts = np.asarray(drafts)
         return [[int(t) for t in drafts[b, :n]] for b, n in enumerate(counts)]
 
     def compile(self, batches: Sequence[int], router: RouterParams | None, top_k: int) -> int:
         """Compiles a Tandem drafter's greedy serving path, so requests never wait for it (a start-up step): drafting
-        rounds (`draft_greedy` feeding t_0 alone, drafts buffer 8) and ingests of every length bucket, for every batch
-        bucket given and attended-length bucket. Runs each shape on padding rows only: no slot's cache changes.
+        rounds (`draft_greedy` writing states of each `INGEST_WIDTHS` and feeding t_0 alone, drafts buffer 8) and
+        ingests of every length bucket, for every batch bucket given and attended-length bucket. Runs each shape on
+        padding rows only: no slot's cache changes.
 
         A vanilla drafter's rounds (which feed whole prompts) and sampled rounds compile on first use: compiling every
         shape of both drafters (~270 at 16 slots and max_len 256) in one process failed on XLA:CPU with LLVM's
@@ -524,24 +569,27 @@ class DrafterRunner:
             # cache tells the two apart).
             pad_rows, pad_lengths = self.cache.padding_rows(b)
             for a in self.cache.attend_buckets():
-                *_, self.cache.k, self.cache.v = _draft_greedy_jit(
-                    self.params,
-                    router,
-                    np.zeros((b, 1), np.int32),
-                    np.ones(b, np.int32),
-                    pad_rows,
-                    pad_lengths,
-                    self.cache.k,
-                    self.cache.v,
-                    np.zeros(b, np.int32),
-                    np.zeros(b, np.float32),
-                    np.zeros(b, np.float32),
-                    cfg=self.cfg,
-                    attend_len=a,
-                    cap=_DRAFTS_WIDTH,
-                    top_k=top_k,
-                )
-                shapes += 1
+                for width in INGEST_WIDTHS:
+                    *_, self.cache.k, self.cache.v = _draft_greedy_jit(
+                        self.params,
+                        router,
+                        np.zeros((b, 1), np.int32),
+                        np.ones(b, np.int32),
+                        pad_rows,
+                        pad_lengths,
+                        self.cache.k,
+                        self.cache.v,
+                        np.zeros(b, np.int32),
+                        np.zeros(b, np.float32),
+                        np.zeros(b, np.float32),
+                        np.zeros((b, width, *hidden), np.float32),
+                        np.zeros(b, np.int32),
+                        cfg=self.cfg,
+                        attend_len=a,
+                        cap=_DRAFTS_WIDTH,
+                        top_k=top_k,
+                    )
+                    shapes += 1
             for t in buckets(self.max_len, cap=self.max_len):
                 self.cache.k, self.cache.v = _ingest_jit(
                     self.params,

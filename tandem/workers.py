@@ -532,25 +532,24 @@ class DrafterWorker(_SessionWorker):
                     rounds.append(self._prepare(c))
                 except Exception as e:
                     c.error = e
-        ready: list[tuple[_Round, _DrafterSession]] = []
-        to_ingest: list[tuple[_Round, _DrafterSession, np.ndarray]] = []
+        device = self._device_router is not False
+        on_device, on_host, to_ingest = [], [], []
         for c, st, h in rounds:
-            if h is None:
-                ready.append((c, st))
+            if st.sampling.greedy and device:
+                on_device.append((c, st, h))  # its primary states are written in the drafting call
+            elif h is None:
+                on_host.append((c, st))
             else:
                 to_ingest.append((c, st, h))
         for group in _groups(to_ingest, lambda r: r[2].shape[0]):
-            ready += self._ingest(group)
-        device = self._device_router is not False
-        on_device = [(c, st) for c, st in ready if st.sampling.greedy and device]
-        for drafting in _groups(on_device, lambda r: len(self._pending(r[1]))):
+            on_host += self._ingest(group)
+        for drafting in _groups(on_device, lambda r: len(self._pending(r[1], r[2]))):
             self._draft_on_device(drafting)
-        for c, st in ready:
-            if not (st.sampling.greedy and device):
-                try:
-                    c.result = self._draft_on_host(st, c.max_drafts)
-                except Exception as e:
-                    c.error = e
+        for c, st in on_host:
+            try:
+                c.result = self._draft_on_host(st, c.max_drafts)
+            except Exception as e:
+                c.error = e
 
     def _prepare(self, c: _Round) -> tuple[_Round, _DrafterSession, np.ndarray | None]:
         """Checks the call against its session's state and records the verdict: (call, session, states to ingest).
@@ -609,32 +608,35 @@ class DrafterWorker(_SessionWorker):
             return self.router.device_params
         return None if isinstance(self.router, MaxProbRouter) else False
 
-    def _pending(self, st: _DrafterSession) -> list[int]:
-        """What the drafter has not seen: t_0, plus a vanilla backlog."""
-        return st.tokens[int(self.runner.lengths[st.slot]) :]
+    def _pending(self, st: _DrafterSession, states: np.ndarray | None = None) -> list[int]:
+        """What the drafter has not seen: t_0, plus a vanilla backlog (after the positions `states` will fill)."""
+        return st.tokens[int(self.runner.lengths[st.slot]) + (0 if states is None else states.shape[0]) :]
 
     def _gamma(self, st: _DrafterSession, max_drafts: int) -> int:
         return max(1, min(max_drafts, st.spec.gamma_max))
 
-    def _draft_on_device(self, group: list[tuple[_Round, _DrafterSession]]) -> None:
-        """Greedy rounds of the group's sessions, drafted together on device until each one's τ or γ."""
-        for _, st in group:
+    def _draft_on_device(self, group: list[tuple[_Round, _DrafterSession, np.ndarray | None]]) -> None:
+        """Greedy rounds of the group's sessions, drafted together on device until each one's τ or γ (after writing
+        their new primary states, Tandem)."""
+        pending = [self._pending(st, h) for _, st, h in group]
+        for _, st, _ in group:
             st.round_start = len(st.tokens) - 1
         try:
             drafts = self.runner.draft_greedy(
-                [self._pending(st) for _, st in group],
-                [st.slot for _, st in group],
-                [self._gamma(st, c.max_drafts) for c, st in group],
-                [st.spec.tau for _, st in group],
+                pending,
+                [st.slot for _, st, _ in group],
+                [self._gamma(st, c.max_drafts) for c, st, _ in group],
+                [st.spec.tau for _, st, _ in group],
                 self._device_router,  # type: ignore[arg-type]
                 self._top_k,
-                [st.spec.first_tau for _, st in group],
+                [st.spec.first_tau for _, st, _ in group],
+                [h for _, _, h in group] if self.tandem else None,
             )
         except Exception as e:
-            for c, _ in group:
+            for c, _, _ in group:
                 c.error = e
             return
-        for (c, st), d in zip(group, drafts, strict=True):
+        for (c, st, _), d in zip(group, drafts, strict=True):
             st.drafts = d
             c.result = Drafts(d, [])
 

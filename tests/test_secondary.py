@@ -61,6 +61,45 @@ def test_vanilla_training_forward_equals_incremental() -> None:
     np.testing.assert_allclose(np.stack([first, *rest], axis=1), parallel[:, 3:], atol=1e-5)
 
 
+def test_tandem_round_writes_its_states_in_the_drafting_call() -> None:
+    """A Tandem round's primary states written by the drafting call itself (`draft_greedy(hidden=...)`: padded to a
+    width of `INGEST_WIDTHS`, rows of different sizes, none, or too many for one call) leave the same drafts, lengths
+    and cache as an `ingest` call of their own before drafting."""
+    cfg = drafter_config(True)
+    params = secondary.materialize(secondary.init_params(cfg, seed=4), cfg)
+    fused = secondary.DrafterRunner(cfg, params, batch=4, max_len=64)
+    apart = secondary.DrafterRunner(cfg, params, batch=4, max_len=64)
+    rng = np.random.default_rng(1)
+    rows = [3, 0, 2]
+    taps = (len(cfg.tapped_layers), cfg.primary_d_model)
+    for sizes in ((10, 0, 1), (2, 1, 0), (1, 5, 2), (0, 2, 9)):
+        states = [rng.standard_normal((n, *taps)).astype(np.float32) if n else None for n in sizes]
+        pending = [[int(t)] for t in rng.integers(cfg.vocab_size, size=len(rows))]
+        for row, h in zip(rows, states, strict=True):
+            if h is not None:
+                apart.ingest(h[None], rows=[row])
+        args = (pending, rows, [3, 1, 2], [0.0] * 3, None, 0)
+        got, want = fused.draft_greedy(*args, hidden=states), apart.draft_greedy(*args)
+        assert got == want
+        np.testing.assert_array_equal(fused.lengths, apart.lengths)
+        for a, b in zip(
+            jax.tree.leaves((fused.cache.k, fused.cache.v)),
+            jax.tree.leaves((apart.cache.k, apart.cache.v)),
+            strict=True,
+        ):
+            for row in rows:
+                n = min(int(fused.lengths[row]), a.shape[2])
+                np.testing.assert_allclose(np.asarray(a[row, :, :n]), np.asarray(b[row, :, :n]), atol=1e-5)
+        for row in rows:  # keep one draft, as a round that accepted it would
+            fused.truncate(row, int(fused.lengths[row]) - 1)
+            apart.truncate(row, int(apart.lengths[row]) - 1)
+    assert fused.lengths[1] == 0  # other slots untouched
+    with pytest.raises(ValueError, match="vanilla"):
+        vcfg = drafter_config(False)
+        vanilla = secondary.DrafterRunner(vcfg, secondary.materialize(secondary.init_params(vcfg), vcfg), batch=1)
+        vanilla.draft_greedy([[1]], [0], [1], [0.0], None, 0, hidden=[None])
+
+
 def test_tandem_reads_primary_states_and_vanilla_does_not() -> None:
     tcfg, vcfg = drafter_config(True), drafter_config(False)
     tokens, hidden = _inputs(tcfg)
