@@ -40,10 +40,14 @@ class LoadPolicy:
     on, requests run primary-only rounds (the drafter is let go, losslessly); in between γ shrinks linearly.
     """
 
-    # Measured here (results/loadtest/sweep_cpu.json): with the shipped drafters (about 1.4 tokens per round) a
-    # batched verify of a few drafts never pays for itself once two or more requests share the primary.
+    # Measured here: with the shipped drafters (about 1.44 tokens per round at γ = 1) a batched verify of drafts does
+    # not pay for itself once two requests share the primary. A step of 2 rows × 2 tokens costs ~1.33x 2 rows × 1
+    # token, and 3 rows run padded to 4, where 2 tokens a row cost ~1.6x one; the drafter's round comes on top. With
+    # speculation down to one draft at 2 and 3 requests, tandem-speed made 0.84x and 0.74x primary's output at 2 and 3
+    # streams (results/loadtest/low_concurrency_before_cpu.json); primary-only from 2 on, 1.03x and 0.99x
+    # (results/loadtest/low_concurrency_cpu.json).
     full_until: int = 1
-    primary_only_from: int = 4
+    primary_only_from: int = 2
 
     def __post_init__(self) -> None:
         if not 0 <= self.full_until < self.primary_only_from:
