@@ -43,6 +43,7 @@ class BundleConfig:
     drafter_layers: int = 4
     drafter_seed: int = 0
     prefix_rows: int = 4  # the primary's prefix cache rows (tandem.kvcache.PrefixCache); 0 = off
+    quantize_drafters: bool = True  # drafters' products as Q8_0 for the int8 kernel, where it runs (secondary.quantize)
 
     def resolved_gguf(self) -> Path:
         return self.gguf_path or smollm2_gguf_path()
@@ -148,6 +149,8 @@ def load_drafters(
             dcfg = drafter_config(primary, name, cfg)
             params = secondary.init_params(dcfg, cfg.drafter_seed + i)
             sources[name] = f"random seed {cfg.drafter_seed + i}"
+        if cfg.quantize_drafters and kernels.available():
+            params = secondary.quantize(params)
         runners[name] = secondary.DrafterRunner(dcfg, params, batch=cfg.slots, max_len=cfg.max_len)
         routers[name] = router
     return runners, routers, sources

@@ -18,7 +18,7 @@ from flax import struct
 
 from tandem.checkpoints import QuantBlocks
 from tandem.config import LlamaConfig
-from tandem.kernels import QLinear, QPanels, to_panels
+from tandem.kernels import QLinear, QPanels, float_weight, to_panels
 from tandem.kvcache import MIN_ATTEND, KVCache, bucket
 from tandem.layers import (
     KVBuffers,
@@ -125,16 +125,13 @@ def float_only(params: LlamaParams) -> LlamaParams:
     """The same weights with the integer panels dropped: every product runs in XLA on the float32 arrays (the
     kernel's baseline in `tandem bench`; no weights are copied)."""
 
-    def plain(w: Weight) -> Weight:
-        return w.w if isinstance(w, QLinear) else w
-
     layers = tuple(
         dataclasses.replace(
             layer,
-            wqkv=plain(layer.wqkv),
-            wo=plain(layer.wo),
-            w_gate_up=plain(layer.w_gate_up),
-            w_down=plain(layer.w_down),
+            wqkv=float_weight(layer.wqkv),
+            wo=float_weight(layer.wo),
+            w_gate_up=float_weight(layer.w_gate_up),
+            w_down=float_weight(layer.w_down),
         )
         for layer in params.layers
     )

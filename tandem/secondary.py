@@ -34,11 +34,13 @@ from safetensors.numpy import load_file, save_file
 
 from tandem.config import DrafterConfig
 from tandem.errors import ContextFullError
+from tandem.kernels import BLOCK, PANEL, QLinear, float_weight, qlinear, quantize_q8
 from tandem.kvcache import KVCache, bucket, buckets
 from tandem.layers import (
     KVBuffers,
     LayerParams,
     Layers,
+    Weight,
     cached_decoder_stack,
     causal_block_mask,
     decoder_stack,
@@ -67,10 +69,10 @@ class DrafterParams:
     embed: jax.Array | None  # [V, D]; None only in a shared-embedding drafter's trainable parameters
     layers: Layers  # one LayerParams per drafter layer
     final_norm: jax.Array  # [D]
-    proj: tuple[jax.Array, ...] | None  # per layer [D, P] from primary width P; None for the vanilla drafter
+    proj: tuple[Weight, ...] | None  # per layer [D, P] from primary width P; None for the vanilla drafter
     embed_proj: jax.Array | None = None  # [P, D] when cfg.shared_embed: embed = primary_embed @ embed_proj
     head_ids: jax.Array | None = None  # [N] int32 token ids of a restricted head (cfg.head_vocab == N)
-    head: jax.Array | None = None  # [N, D] = embed[head_ids]
+    head: Weight | None = None  # [N, D] = embed[head_ids] (Q8_0 blocks once `quantize`d)
 
 
 def init_params(cfg: DrafterConfig, seed: int = 0, dtype: jnp.dtype = jnp.float32) -> DrafterParams:
@@ -129,6 +131,37 @@ def materialize(
     if params.head_ids is not None:
         params = dataclasses.replace(params, head=params.embed[params.head_ids])
     return params
+
+
+def quantize(params: DrafterParams) -> DrafterParams:
+    """The serving form on a CPU with the int8 kernel: every matrix a drafting round multiplies by (the layers'
+    products, the projections of the primary's states and the head) as Q8_0 blocks (`tandem.kernels.QLinear`).
+
+    A round reads each of them once, right after the primary's pass has evicted them from the caches, so on this CPU
+    its cost follows the bytes it streams: ~32 MB of float32 weights against ~10 MB of integers and scales. Lossy, like
+    any quantization, but only in what the drafter proposes: verification stays exact. `embed` stays float (a round
+    gathers one row of it), and so does the head's float copy the router reads the top tokens' embeddings from.
+
+    Args:
+        params: materialized drafter weights.
+
+    Returns:
+        The same params with QLinear products (a matrix the kernel cannot take, with inputs not a multiple of 32 or
+        outputs not a multiple of 8, stays float).
+    """
+
+    def q8(w: Weight) -> Weight:
+        if isinstance(w, QLinear) or w.shape[0] % PANEL or w.shape[1] % BLOCK:
+            return w
+        return qlinear(*quantize_q8(np.asarray(w, np.float32)))
+
+    layers = tuple(
+        dataclasses.replace(p, wqkv=q8(p.wqkv), wo=q8(p.wo), w_gate_up=q8(p.w_gate_up), w_down=q8(p.w_down))
+        for p in params.layers
+    )
+    proj = None if params.proj is None else tuple(q8(w) for w in params.proj)
+    head = None if params.head is None else q8(params.head)
+    return dataclasses.replace(params, layers=layers, proj=proj, head=head)
 
 
 def primary_context_kv(
@@ -381,7 +414,7 @@ def draft_greedy(
         scores = output_logits(x, params.final_norm, head, cfg.rms_eps)  # [N_h, B]
         best = jnp.argmax(scores, axis=0)  # [B]
         token = best if head_ids is None else head_ids[best]
-        conf = confidence(router, scores.T, head, top_k)  # [B]
+        conf = confidence(router, scores.T, float_weight(head), top_k)  # [B]
         return token.astype(jnp.int32), (drafted < gamma) & ((tau <= 0) | (conf >= tau)), conf
 
     x, cache_k, cache_v = _advance(params, tokens, rows, lengths, cache_k, cache_v, cfg=cfg, attend_len=attend_len)
@@ -633,7 +666,7 @@ class DrafterRunner:
 #   w_down [L, F, D]; proj [L, P, D].
 
 
-def _stored_layers(layers: Layers, proj: tuple[jax.Array, ...] | None) -> dict[str, np.ndarray]:
+def _stored_layers(layers: Layers, proj: tuple[Weight, ...] | None) -> dict[str, np.ndarray]:
     """Per-layer fused [out, in] weights -> the stacked on-disk tensors."""
     k, h, g = layers[0].n_kv_heads, layers[0].head_dim, layers[0].group_size
     d = layers[0].wqkv.shape[1]
@@ -655,7 +688,7 @@ def _stored_layers(layers: Layers, proj: tuple[jax.Array, ...] | None) -> dict[s
     }
     stored = {f"layers.{name}": a for name, a in out.items()}
     if proj is not None:
-        stored["proj"] = np.stack([np.asarray(w).T for w in proj])
+        stored["proj"] = np.stack([np.asarray(float_weight(w)).T for w in proj])
     return stored
 
 

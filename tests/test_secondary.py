@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY, drafter_config
 
-from tandem import secondary
+from tandem import kernels, secondary
 from tandem.config import DrafterConfig, SpecConfig, default_layer_map
 from tandem.router import MLPRouter, RouterConfig, init_router
 from tandem.speculative import MaxProbRouter, keep_drafting, speculates
@@ -98,6 +98,34 @@ def test_tandem_round_writes_its_states_in_the_drafting_call() -> None:
         vcfg = drafter_config(False)
         vanilla = secondary.DrafterRunner(vcfg, secondary.materialize(secondary.init_params(vcfg), vcfg), batch=1)
         vanilla.draft_greedy([[1]], [0], [1], [0.0], None, 0, hidden=[None])
+
+
+def test_quantized_drafter_runs_its_q8_weights() -> None:
+    """`quantize` (the serving form) turns every product of a drafting round into Q8_0 blocks, leaves the embedding
+    float, and its rounds equal the float path's on the same Q8_0-rounded weights: drafts, and logits to float32
+    rounding (the kernel sums in another order than XLA)."""
+    cfg = drafter_config(True, d_model=32, n_heads=4, n_kv_heads=2, ffn_dim=64, head_vocab=24)
+    params = secondary.materialize(secondary.init_params(cfg, seed=6), cfg)
+    quantized = secondary.quantize(params)
+    products = [w for p in quantized.layers for w in (p.wqkv, p.wo, p.w_gate_up, p.w_down)]
+    assert all(isinstance(w, kernels.QLinear) for w in [*products, *quantized.proj, quantized.head])
+    assert not isinstance(quantized.embed, kernels.QLinear)
+    want = kernels.dequantize(*kernels.quantize_q8(np.asarray(params.head)))
+    np.testing.assert_array_equal(np.asarray(quantized.head.w), want)
+    rounded = jax.tree.map(
+        kernels.float_weight, quantized, is_leaf=lambda x: isinstance(x, kernels.QLinear)
+    )  # the same Q8_0 weights, every product in XLA
+    runners = [secondary.DrafterRunner(cfg, p, batch=2, max_len=64) for p in (quantized, rounded)]
+    tokens, hidden = _inputs(cfg)
+    logits = []
+    for runner in runners:
+        runner.ingest(hidden[:, :6])
+        logits.append(runner.step(tokens[:, :3]))
+        logits.append(np.asarray(runner.draft_greedy([[1], [2]], [0, 1], [3, 3], [0.0, 0.0], None, 0)))
+    np.testing.assert_allclose(logits[0], logits[2], atol=1e-4)
+    np.testing.assert_array_equal(logits[1], logits[3])
+    tiny = secondary.materialize(secondary.init_params(drafter_config(True)), drafter_config(True))
+    assert not isinstance(secondary.quantize(tiny).layers[0].wqkv, kernels.QLinear)  # d = 16: the kernel takes 32
 
 
 def test_tandem_reads_primary_states_and_vanilla_does_not() -> None:

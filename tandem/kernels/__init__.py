@@ -75,11 +75,21 @@ class QLinear:
         """[O, I], as the float32 weight's."""
         return tuple(self.w.shape)
 
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The float weight's dtype (what `W @ x` returns)."""
+        return self.w.dtype
+
     def __matmul__(self, x: jax.Array) -> jax.Array:
         """[O, I] @ [I, N] -> [O, N]."""
         if self.panels is not None and x.ndim == 2 and x.shape[1] <= MAX_COLUMNS and available():
             return qmatmul(self.panels, x)
         return self.w @ x
+
+
+def float_weight(w: jax.Array | QLinear) -> jax.Array:
+    """A weight's float array, whichever form it has."""
+    return w.w if isinstance(w, QLinear) else w
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
