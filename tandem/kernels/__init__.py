@@ -5,8 +5,8 @@ inputs, one float16 scale (and for Q4_1 one float16 offset) and 32 small integer
 model the project serves; XLA then streams 4 bytes per weight on every step. `qmatmul` streams the integers (1 byte per
 weight, plus the scales) and dequantizes in registers, so the memory-bound products of a decode step or a short
 verify block read ~3x fewer bytes. A whole SmolLM2 step of k tokens after 256 cached tokens on this 2-core CPU, the
-kernel and XLA interleaved in one `tandem bench` run (results/bench/bench_cpu.json): 13.5 / 14.3 / 17.0 / 26.7 ms at
-k = 1 / 2 / 4 / 8 against 18.9 / 24.3 / 25.7 / 30.2 ms with XLA's float32 products. Beyond 8 columns the product is
+kernel and XLA interleaved in one `tandem bench` run (results/bench/bench_cpu.json): 13.9 / 14.5 / 17.2 / 26.4 ms at
+k = 1 / 2 / 4 / 8 against 16.2 / 22.6 / 23.6 / 28.8 ms with XLA's float32 products. Beyond 8 columns the product is
 compute-bound, XLA's float32 GEMM is faster, and `QLinear` hands it to XLA.
 
 Every output element is one float32 sum over the inputs in a fixed order (even and odd inputs apart, then added),
