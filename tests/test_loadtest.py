@@ -4,8 +4,13 @@ stack (every request completes with its tokens; server counters equal the respon
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -29,6 +34,7 @@ from loadtest import (
 )
 from orchestrator.core import Metrics
 from tandem.cli import main
+from tandem.serve import free_ports
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
 
@@ -201,9 +207,34 @@ def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch: pytest.Mon
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    """One local Ray instance for the module (started as the harness starts its own); the harness reuses it."""
-    with ray_session(num_cpus=2):
-        yield
+    """One local Ray instance for the module, which the harness reuses.
+
+    Started by `ray start --head --block` in a fresh process, not by `ray.init` here: Ray starts its daemons with a
+    `preexec_fn` (a fork that runs Python before exec), and in this process, where earlier tests left JAX's and
+    gRPC's threads, that child could hang before exec (its locks copied mid-use), so the raylet never came up. CI lost
+    the module to "The current node timed out during startup" twice in a row. `tandem loadtest` itself loads no JAX.
+    """
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    (port,) = free_ports(1)
+    ray_cli = Path(sys.executable).with_name("ray")
+    args = ["start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"]
+    args += [f"--object-store-memory={128 * 2**20}", "--disable-usage-stats"]
+    head = subprocess.Popen([str(ray_cli), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        with contextlib.ExitStack() as session:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    session.enter_context(ray_session(address=f"127.0.0.1:{port}"))
+                    break
+                except Exception:  # the head is not up yet
+                    assert head.poll() is None and time.monotonic() < deadline, "the local Ray head did not start"
+                    time.sleep(1)
+            yield
+    finally:
+        head.terminate()  # `ray start --block` stops the daemons it started
+        head.wait(60)
 
 
 @pytest.fixture(scope="module")
