@@ -439,6 +439,16 @@ def draft_greedy(
     return drafts, count, cache_k, cache_v
 
 
+def stack_states(states: Sequence[np.ndarray | None], batch: int, width: int, tail: tuple[int, ...]) -> np.ndarray:
+    """Per-row primary states ([n_b, *tail] each; None: none) as one zero-padded [batch, width, *tail] float32 block,
+    row b's first n_b positions real (what `ingest` and `draft_greedy` take with their per-row sizes)."""
+    out = np.zeros((batch, width, *tail), np.float32)
+    for b, h in enumerate(states):
+        if h is not None:
+            out[b, : h.shape[0]] = h
+    return out
+
+
 # The drafts buffer is at least this wide (γ_max's default bucket): rounds stop on device anyway, and one width for
 # every γ up to 8 keeps the compiled shapes few.
 _DRAFTS_WIDTH = 8
@@ -518,13 +528,13 @@ class DrafterRunner:
         gammas = np.asarray(gamma, np.int32)
         states = [None] * slots.size if hidden is None else list(hidden)
         ingested = np.asarray([0 if h is None else h.shape[0] for h in states], np.int32)
+        tail = (len(self.cfg.tapped_layers), self.cfg.primary_d_model)
         if ingested.max() > INGEST_WIDTHS[-1]:  # too wide to write in the drafting call: a call of their own first
             big = [b for b, n in enumerate(ingested) if n > INGEST_WIDTHS[-1]]
-            wide = np.zeros((len(big), int(ingested.max()), *states[big[0]].shape[1:]), np.float32)  # type: ignore[union-attr]
-            for i, b in enumerate(big):
-                wide[i, : ingested[b]] = states[b]
-                states[b] = None
+            wide = stack_states([states[b] for b in big], len(big), int(ingested.max()), tail)
             self.ingest(wide, rows=slots[big].tolist(), sizes=ingested[big].tolist())
+            for b in big:
+                states[b] = None
             ingested[big] = 0
         longest = self.cache.lengths[slots] + ingested + fed + gammas
         if (longest > self.max_len).any():
@@ -542,10 +552,7 @@ class DrafterRunner:
         primary_hidden = None
         if self.cfg.tandem:  # always through the ingesting call, so one compiled shape serves rounds with and without
             width = next(w for w in INGEST_WIDTHS if w >= ingested.max())
-            primary_hidden = np.zeros((b_pad, width, len(self.cfg.tapped_layers), self.cfg.primary_d_model), np.float32)
-            for b, h in enumerate(states):
-                if h is not None:
-                    primary_hidden[b, : h.shape[0]] = h
+            primary_hidden = stack_states(states, b_pad, width, tail)
         elif hidden is not None:
             raise ValueError("a vanilla drafter reads no primary states")
         ahead = max(tokens.shape[1], int(fed.max()) + cap) + (0 if primary_hidden is None else primary_hidden.shape[1])

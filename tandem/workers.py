@@ -28,7 +28,7 @@ from tandem.kvcache import PrefixCache, bucket, buckets
 from tandem.primary import BlockOutput, PrimaryRunner
 from tandem.rounds import Drafts, PrimaryStep
 from tandem.router import MLPRouter
-from tandem.secondary import DrafterRunner
+from tandem.secondary import DrafterRunner, stack_states
 from tandem.speculative import (
     MaxProbRouter,
     Router,
@@ -579,9 +579,7 @@ class DrafterWorker(_SessionWorker):
     def _ingest(self, group: list[tuple[_Round, _DrafterSession, np.ndarray]]) -> list[tuple[_Round, _DrafterSession]]:
         """Writes the group's primary states into their rows in one call; returns the rounds that can draft."""
         sizes = [h.shape[0] for _, _, h in group]
-        states = np.zeros((len(group), max(sizes), *group[0][2].shape[1:]), np.float32)
-        for b, (_, _, h) in enumerate(group):
-            states[b, : sizes[b]] = h
+        states = stack_states([h for _, _, h in group], len(group), max(sizes), group[0][2].shape[1:])
         try:
             self.runner.ingest(states, rows=[st.slot for _, st, _ in group], sizes=sizes)
         except Exception as e:
