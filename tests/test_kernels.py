@@ -54,6 +54,21 @@ def test_each_column_is_bitwise_independent_of_the_others() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 3, 5, kernels.MAX_COLUMNS])
+def test_four_bit_panels_give_bitwise_the_eight_bit_product(n: int) -> None:
+    q, scale, offset = random_blocks(960, 576, seed=5)
+    four = kernels.to_panels(q, scale, offset)
+    eight = kernels.QPanels(  # the same blocks as 8-bit panels (to_panels picks 4-bit ones for them)
+        q=jnp.asarray(np.ascontiguousarray(q.reshape(120, 8, 576).transpose(0, 2, 1))),
+        scale=four.scale.astype(jnp.float32),
+        offset=four.offset.astype(jnp.float32),
+    )
+    assert four.four_bit and not eight.four_bit
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((576, n)).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(kernels.qmatmul(four, x)), np.asarray(kernels.qmatmul(eight, x)))
+
+
+@needs_kernel
 def test_qlinear_uses_the_kernel_up_to_max_columns_and_xla_beyond() -> None:
     layer = kernels.qlinear(*random_blocks(64, 96))
     x = jnp.asarray(np.random.default_rng(3).standard_normal((96, kernels.MAX_COLUMNS + 1)).astype(np.float32))
@@ -66,9 +81,17 @@ def test_qlinear_uses_the_kernel_up_to_max_columns_and_xla_beyond() -> None:
 
 def test_to_panels_round_trips_and_rejects_shapes_it_cannot_panel() -> None:
     q, scale, offset = random_blocks(16, 64)
-    panels = kernels.to_panels(q, scale, offset)
-    assert panels.q.shape == (2, 64, 8) and panels.scale.shape == (2, 2, 8)
-    np.testing.assert_array_equal(np.asarray(panels.q)[1, :, 3], q[8 + 3])  # row p*8 + r is panel p, lane r
+    panels = kernels.to_panels(q, scale, offset)  # Q4_1-like: two inputs per byte, float16 scales
+    assert panels.four_bit and panels.q.shape == (2, 32, 8) and panels.scale.shape == (2, 2, 8)
+    assert panels.scale.dtype == jnp.float16 and panels.offset.dtype == jnp.float16
+    packed = np.asarray(panels.q)[1, :, 3]  # row p*8 + r is panel p, lane r
+    np.testing.assert_array_equal(packed & 15, q[8 + 3, 0::2])
+    np.testing.assert_array_equal(packed >> 4, q[8 + 3, 1::2])
+    wide = kernels.to_panels(q - 8, scale, offset)  # a negative integer: 8-bit panels
+    assert not wide.four_bit and wide.q.shape == (2, 64, 8) and wide.scale.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(wide.q)[1, :, 3], q[8 + 3] - 8)
+    unhalved = kernels.to_panels(q, scale + np.float32(1e-7), offset)  # a scale float16 cannot hold: 8-bit panels
+    assert not unhalved.four_bit
     with pytest.raises(ValueError, match="O % 8"):
         kernels.to_panels(q[:12], scale[:12], offset[:12])
     with pytest.raises(ValueError, match="I % 32"):

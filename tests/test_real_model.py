@@ -61,6 +61,11 @@ def test_the_served_primary_runs_its_products_on_integer_panels(bundle: Bundle) 
     params = bundle.engine.primary.params
     assert all(isinstance(layer.w_down, kernels.QLinear) for layer in params.layers)
     assert isinstance(params.head, kernels.QLinear)
+    if kernels.available():  # Q4_1 layers keep two integers per byte, the Q8_0 head one
+        for layer in params.layers:
+            for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down):
+                assert isinstance(w, kernels.QLinear) and w.panels is not None and w.panels.four_bit
+        assert params.head_panels is not None and not params.head_panels.four_bit
 
 
 def test_logits_match_independent_numpy_forward(bundle: Bundle) -> None:

@@ -2,11 +2,12 @@
 
 The bundled SmolLM2 GGUF stores its layer weights as Q4_1 and its embedding as Q8_0 blocks: per row and per 32
 inputs, one float16 scale (and for Q4_1 one float16 offset) and 32 small integers. Dequantized to float32 they are the
-model the project serves; XLA then streams 4 bytes per weight on every step. `qmatmul` streams the integers (1 byte per
-weight, plus the scales) and dequantizes in registers, so the memory-bound products of a decode step or a short
-verify block read ~3x fewer bytes. A whole SmolLM2 step of k tokens after 256 cached tokens on this 2-core CPU, the
-kernel and XLA interleaved in one `tandem bench` run (results/bench/bench_cpu.json): 13.9 / 14.5 / 17.2 / 26.4 ms at
-k = 1 / 2 / 4 / 8 against 16.2 / 22.6 / 23.6 / 28.8 ms with XLA's float32 products. Beyond 8 columns the product is
+model the project serves; XLA then streams 4 bytes per weight on every step. `qmatmul` streams the integers and
+dequantizes in registers: Q4_1 blocks stay two integers per byte with float16 scales and offsets (0.625 bytes per
+weight), Q8_0 and other 8-bit blocks one integer per byte with float32 scales (1.25 bytes). A whole SmolLM2 step of k
+tokens after 256 cached tokens on the 2-core AMD EPYC VM, the kernel (then 1.25 bytes per weight throughout) and XLA
+interleaved in one `tandem bench` run (results/bench/bench_cpu.json): 13.9 / 14.5 / 17.2 / 26.4 ms at k = 1 / 2 / 4 /
+8 against 16.2 / 22.6 / 23.6 / 28.8 ms with XLA's float32 products. Beyond 8 columns the product is
 compute-bound, XLA's float32 GEMM is faster, and `QLinear` hands it to XLA.
 
 Every output element is one float32 sum over the inputs in a fixed order (even and odd inputs apart, then added),
@@ -17,7 +18,7 @@ bitwise batch-invariant, so a verify's logits still differ from single steps' in
 The library is compiled from `qmatmul.cc` on first use (g++ or c++ against jaxlib's FFI headers, ~2 s) into
 `$TANDEM_KERNEL_CACHE` (default: `kernels/` in the asset cache, `$TANDEM_CACHE` or `~/.cache/tandem`), keyed by the
 source, jaxlib's version and the flags; the CPU container image ships it prebuilt. It is used only on the CPU backend
-of an x86-64 machine with AVX2 and FMA; elsewhere (TPU, GPU, no compiler and no built library, `TANDEM_QMATMUL=0`)
+of an x86-64 machine with AVX2, FMA and F16C; elsewhere (TPU, GPU, no compiler and no built library, `TANDEM_QMATMUL=0`)
 every product runs in XLA on the float32 weights, which `QLinear` always keeps.
 """
 
@@ -46,18 +47,28 @@ log = logging.getLogger(__name__)
 BLOCK = 32  # inputs per scale/offset (GGUF's Q4_1 and Q8_0 block)
 PANEL = 8  # output rows per panel: one AVX2 register of float32
 MAX_COLUMNS = 8  # products with more columns run in XLA (compute-bound there; XLA's GEMM is faster)
-_TARGET = "tandem_qmatmul"
+_TARGET = "tandem_qmatmul"  # 8-bit panels
+_TARGET4 = "tandem_qmatmul4"  # 4-bit panels
 _SOURCE = Path(__file__).with_name("qmatmul.cc")
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-std=c++17", "-w")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-w")
 
 
 @struct.dataclass
 class QPanels:
-    """Integer weights in 8-row panels: W[p*8 + r, i] = scale[p, i // 32, r] * q[p, i, r] + offset[p, i // 32, r]."""
+    """Integer weights in 8-row panels: W[p*8 + r, i] = scale[p, i // 32, r] * q(p, i, r) + offset[p, i // 32, r].
 
-    q: jax.Array  # [O/8, I, 8] int8
-    scale: jax.Array  # [O/8, I/32, 8] float32
-    offset: jax.Array  # [O/8, I/32, 8] float32
+    8-bit: q [O/8, I, 8] int8 and q(p, i, r) = q[p, i, r]; scale and offset float32. 4-bit (every q in 0..15, scales
+    and offsets float16 values, as in GGUF's Q4_1): q [O/8, I/2, 8] uint8 with input i in the low and input i + 1 in
+    the high nibble of q[p, i // 2, r] (i even); scale and offset float16.
+    """
+
+    q: jax.Array  # [O/8, I, 8] int8, or [O/8, I/2, 8] uint8 (4-bit)
+    scale: jax.Array  # [O/8, I/32, 8] float32, or float16 (4-bit)
+    offset: jax.Array  # [O/8, I/32, 8] float32, or float16 (4-bit)
+
+    @property
+    def four_bit(self) -> bool:
+        return self.q.dtype == jnp.uint8
 
 
 @struct.dataclass
@@ -108,8 +119,15 @@ def dequantize(q: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarr
     return w.reshape(q.shape).astype(np.float32)
 
 
+def _fits_half(a: np.ndarray) -> bool:
+    """Every value is a float16 value (so storing it as float16 loses nothing)."""
+    with np.errstate(over="ignore"):  # a value beyond float16's range becomes inf: not equal, as it should be
+        return bool(np.array_equal(a.astype(np.float16).astype(np.float32), a))
+
+
 def to_panels(q: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> QPanels:
-    """Row-blocked integers ([O, I] int8, scale and offset [O, I/32]) to the kernel's 8-row panels.
+    """Row-blocked integers ([O, I] int8, scale and offset [O, I/32]) to the kernel's 8-row panels: 4-bit ones when
+    every integer lies in 0..15 and every scale and offset is a float16 value (GGUF's Q4_1), else 8-bit ones.
 
     Raises:
         ValueError: O is not a multiple of 8 or I not a multiple of 32.
@@ -121,6 +139,13 @@ def to_panels(q: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> QPanels:
     def panels(a: np.ndarray) -> np.ndarray:  # [O, X] -> [O/8, X, 8]
         return np.ascontiguousarray(a.reshape(o // PANEL, PANEL, -1).transpose(0, 2, 1))
 
+    if q.min(initial=0) >= 0 and q.max(initial=0) <= 15 and _fits_half(scale) and _fits_half(offset):
+        nibbles = panels(q.astype(np.uint8))  # [O/8, I, 8]
+        return QPanels(
+            q=jnp.asarray(nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)),  # [O/8, I/2, 8]: input i low, i + 1 high
+            scale=jnp.asarray(panels(scale.astype(np.float16))),
+            offset=jnp.asarray(panels(offset.astype(np.float16))),
+        )
     return QPanels(
         q=jnp.asarray(panels(q.astype(np.int8))),
         scale=jnp.asarray(panels(scale.astype(np.float32))),
@@ -150,15 +175,17 @@ def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def qmatmul(panels: QPanels, x: jax.Array) -> jax.Array:
-    """The kernel: [O/8, I, 8] panels times x [I, N] float32 -> [O, N] float32. Call `available()` first."""
+    """The kernel: [O, I] panels times x [I, N] float32 -> [O, N] float32. Call `available()` first."""
     out = jax.ShapeDtypeStruct((panels.q.shape[0] * PANEL, x.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(_TARGET, out)(x.astype(jnp.float32), panels.q, panels.scale, panels.offset)
+    return jax.ffi.ffi_call(_TARGET4 if panels.four_bit else _TARGET, out)(
+        x.astype(jnp.float32), panels.q, panels.scale, panels.offset
+    )
 
 
 @functools.cache
 def available() -> bool:
-    """Whether `qmatmul` can run here: CPU backend, x86-64 with AVX2 and FMA, the library built (or a compiler to build
-    it), not disabled by `TANDEM_QMATMUL=0`.
+    """Whether `qmatmul` can run here: CPU backend, x86-64 with AVX2, FMA and F16C, the library built (or a compiler to
+    build it), not disabled by `TANDEM_QMATMUL=0`.
 
     Builds and registers the custom call on the first call; logs why not otherwise (a warning when this machine could
     run the kernel but the build failed).
@@ -170,6 +197,7 @@ def available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.TandemQMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET4, jax.ffi.pycapsule(lib.TandemQMatmul4), platform="cpu")
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         log.warning("int8 product kernel off: building it failed (%s); products run in XLA on float32 weights", e)
         return False
@@ -188,8 +216,8 @@ def _unavailable_reason() -> str | None:
     except OSError:
         return "no /proc/cpuinfo"
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    if not {"avx2", "fma"} <= set(flags):
-        return "the CPU lacks AVX2 or FMA"
+    if not {"avx2", "fma", "f16c"} <= set(flags):
+        return "the CPU lacks AVX2, FMA or F16C"
     return None
 
 
