@@ -14,9 +14,8 @@
 // end), whatever N is and however the work is split over threads: a column of y is bitwise the same whether its token
 // came alone or in a block of 8, so the products add no difference between a k-token verify and k one-token steps.
 //
-// A pass streams the weights once for up to 4 columns (more columns take further passes over the same
-// panels, from cache), dequantizing each 8-weight row of a panel once per pass; panels are split over XLA's intra-op
-// thread pool.
+// A pass streams the weights once for up to 4 columns (more columns take further passes over the same panels, from
+// cache), dequantizing each 8-weight row of a panel once per pass; panels are split over XLA's intra-op thread pool.
 
 #include <immintrin.h>
 
@@ -47,7 +46,8 @@ struct Problem {
 template <bool kFour>
 inline __m256 LoadScales(const void* base, int64_t index) {
   if constexpr (kFour) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + index)));
+    const uint16_t* halves = static_cast<const uint16_t*>(base) + index;
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(halves)));
   } else {
     return _mm256_loadu_ps(static_cast<const float*>(base) + index);
   }
