@@ -296,9 +296,17 @@ def test_a_finished_request_has_released_its_drafter_slot(stack: Stack, monkeypa
     # Load-aware speculation sheds the drafter while other requests hold admission places: let earlier tests'
     # requests finish unwinding first.
     assert stack.settled_sessions(within_s=5.0) == 0
+    # An earlier test's drafter failure that ended its request (a cancellation or deadline) marks the Secondary down
+    # for 2 s without counting a fallback; requests then skip the drafter. Wait for the probe to bring it back.
+    deadline = time.monotonic() + 5.0
+    while not stack.core._drafter_reachable() and time.monotonic() < deadline:
+        time.sleep(0.05)
     for i in range(2):
         chunks = list(stack.client.generate([3, 4, 5 + i], mode="tandem-speed", max_tokens=6))
         port = stack.orchestrator.metrics_port
-        why = {m: _metric(port, m) for m in ("tandem_load_shed_total", "tandem_drafter_fallbacks_total")}
+        why: dict[str, object] = {
+            m: _metric(port, m) for m in ("tandem_load_shed_total", "tandem_drafter_fallbacks_total")
+        }
+        why.update(secondary_down=stack.core.pools["secondary"].down_state(), running=stack.core.admission.running)
         assert chunks[-1].stats.rounds >= 1, f"request {i} did not speculate: {why}"
         assert stack.live_sessions() == 0, f"request {i} left a session behind"
