@@ -1,13 +1,15 @@
 """The primary's block cost alone: ms per `PrimaryRunner.forward` of k = 1..8 tokens after 256 cached tokens (median
-of 15 interleaved calls, as `tandem bench` measures it), as one JSON line. Compare two commits in alternating
-processes (a kernel or flag changes per process), e.g.
-`git worktree add /tmp/base BASE; for r in 1 2 3; do PYTHONPATH=/tmp/base .venv/bin/python bench/block_cost.py;
-.venv/bin/python bench/block_cost.py; done` (~1 min per process)."""
+of 15 interleaved calls, as `tandem bench` measures it), as one JSON line. Usage: `bench/block_cost.py [SLOTS]`; with
+1 slot (the default, as `tandem bench` runs) the call reads the cache in place, with more it gathers its row. Compare
+two commits in alternating processes (a kernel or flag changes per process), e.g. `git worktree add /tmp/base BASE;
+for r in 1 2 3; do PYTHONPATH=/tmp/base .venv/bin/python bench/block_cost.py; .venv/bin/python bench/block_cost.py;
+done` (~1 min per process)."""
 
 from __future__ import annotations
 
 import json
 import platform
+import sys
 
 import tandem
 from tandem import kernels
@@ -15,8 +17,8 @@ from tandem.bench import measure_block_cost
 from tandem.models import BundleConfig, load_primary
 
 
-def main(context: int = 256, max_k: int = 8) -> None:
-    runner, _ = load_primary(BundleConfig(slots=1, max_len=2 * context))
+def main(slots: int = 1, context: int = 256, max_k: int = 8) -> None:
+    runner, _ = load_primary(BundleConfig(slots=slots, max_len=2 * context))
     ms = measure_block_cost(runner, context=context, max_k=max_k, calls=15)
     print(
         json.dumps(
@@ -24,6 +26,7 @@ def main(context: int = 256, max_k: int = 8) -> None:
                 "source": tandem.__file__,
                 "cpu": platform.processor() or platform.machine(),
                 "int8_kernel": kernels.available(),
+                "slots": slots,
                 "context": context,
                 "ms": {k: round(v, 2) for k, v in ms.items()},
             }
@@ -32,4 +35,4 @@ def main(context: int = 256, max_k: int = 8) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*map(int, sys.argv[1:2]))
