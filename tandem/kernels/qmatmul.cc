@@ -149,35 +149,27 @@ ffi::Error Run(ffi::ThreadPool pool, const Problem& problem, int64_t panels) {
   return ffi::Error::Success();
 }
 
-ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
-                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
-                       ffi::ResultBuffer<ffi::F32> y) {
+// The handler of either form (8-bit: int8 q with float32 scales; 4-bit: uint8 q with float16 scales): checks the
+// shapes, then runs the product.
+template <ffi::DataType kQ, ffi::DataType kScale>
+ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<kQ> q, ffi::Buffer<kScale> scale,
+                       ffi::Buffer<kScale> offset, ffi::ResultBuffer<ffi::F32> y) {
+  constexpr bool kFour = kQ == ffi::DataType::U8;
+  constexpr int64_t kInputsPerByte = kFour ? 2 : 1;
   auto xd = x.dimensions();
   auto qd = q.dimensions();
-  if (xd.size() != 2 || qd.size() != 3 || qd[2] != 8 || qd[1] != xd[0] || xd[0] % kBlock != 0) {
-    return ffi::Error::InvalidArgument("qmatmul: expected x [I, N], q [P, I, 8] with I a multiple of 32");
+  if (xd.size() != 2 || qd.size() != 3 || qd[2] != 8 || kInputsPerByte * qd[1] != xd[0] || xd[0] % kBlock != 0) {
+    return ffi::Error::InvalidArgument(kFour ? "qmatmul: expected x [I, N], 4-bit q [P, I/2, 8] with I a multiple of 32"
+                                             : "qmatmul: expected x [I, N], q [P, I, 8] with I a multiple of 32");
   }
   const Problem pr{x.typed_data(), q.typed_data(), scale.typed_data(), offset.typed_data(), y->typed_data(),
                    xd[0], xd[1]};
-  return Run<false>(pool, pr, qd[0]);
-}
-
-ffi::Error QMatmul4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
-                        ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset,
-                        ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions();
-  auto qd = q.dimensions();
-  if (xd.size() != 2 || qd.size() != 3 || qd[2] != 8 || 2 * qd[1] != xd[0] || xd[0] % kBlock != 0) {
-    return ffi::Error::InvalidArgument("qmatmul4: expected x [I, N], q [P, I/2, 8] with I a multiple of 32");
-  }
-  const Problem pr{x.typed_data(), q.typed_data(), scale.typed_data(), offset.typed_data(), y->typed_data(),
-                   xd[0], xd[1]};
-  return Run<true>(pool, pr, qd[0]);
+  return Run<kFour>(pool, pr, qd[0]);
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemQMatmul, QMatmulImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemQMatmul, (QMatmulImpl<ffi::S8, ffi::F32>),
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -186,7 +178,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemQMatmul, QMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemQMatmul4, QMatmul4Impl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemQMatmul4, (QMatmulImpl<ffi::U8, ffi::F16>),
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
