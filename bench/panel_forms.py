@@ -1,6 +1,6 @@
 """The int8 kernel's two panel forms on SmolLM2's real Q4_1 layer weights: 4-bit panels (what the primary serves)
 against 8-bit panels of the same blocks, each weight of all 30 layers, 1 / 2 / 4 / 8 columns, interleaved call by
-call in one process, outputs checked bitwise equal. Usage: `.venv/bin/python bench/panel_forms.py` (~1 min)."""
+call in one process, outputs checked bitwise equal. Usage: `.venv/bin/python bench/panel_forms.py` (~15 s)."""
 
 from __future__ import annotations
 
