@@ -53,65 +53,58 @@ inline __m256 LoadScales(const void* base, int64_t index) {
   }
 }
 
-// Accumulates panels [p0, p0 + TP) against columns [c0, c0 + TC). Each output keeps two partial sums, over even and
-// over odd inputs, added at the end: that order is the same for every tile shape and both weight forms, and two
-// chains per output keep the FMA units busy when a tile has few outputs.
-template <int TP, int TC, bool kFour>
-inline void Tile(const Problem& pr, int64_t p0, int64_t c0) {
+// Accumulates panel p against columns [c0, c0 + TC). Each output keeps two partial sums, over even and over odd
+// inputs, added at the end: that order is the same for every tile width and both weight forms, and two chains per
+// output keep the FMA units busy when a tile has few columns. (Two panels per one-column tile, four chains, made
+// one-column products ~20% slower on a Zen 4 EPYC and no faster on a Sapphire Rapids Xeon; README, Speed.)
+template <int TC, bool kFour>
+inline void Tile(const Problem& pr, int64_t p, int64_t c0) {
   constexpr int64_t kPairBytes = kFour ? 8 : 16;  // bytes of q per panel and pair of inputs
   const __m128i low4 = _mm_set1_epi8(15);
-  __m256 even[TP][TC], odd[TP][TC];
-  for (int a = 0; a < TP; ++a)
-    for (int c = 0; c < TC; ++c) even[a][c] = odd[a][c] = _mm256_setzero_ps();
+  __m256 even[TC], odd[TC];
+  for (int c = 0; c < TC; ++c) even[c] = odd[c] = _mm256_setzero_ps();
   const int64_t nb = pr.in / kBlock;
   for (int64_t b = 0; b < nb; ++b) {
-    for (int a = 0; a < TP; ++a) {
-      const __m256 s = LoadScales<kFour>(pr.scale, ((p0 + a) * nb + b) * 8);
-      const __m256 o = LoadScales<kFour>(pr.offset, ((p0 + a) * nb + b) * 8);
-      const uint8_t* qp = static_cast<const uint8_t*>(pr.q) + ((p0 + a) * pr.in + b * kBlock) / 2 * kPairBytes;
-      const float* xp = pr.x + b * kBlock * pr.n + c0;
-      for (int64_t i = 0; i < kBlock; i += 2, qp += kPairBytes, xp += 2 * pr.n) {
-        __m256i q0, q1;  // input i's and input i+1's 8 rows as int32
-        if constexpr (kFour) {
-          const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qp));
-          q0 = _mm256_cvtepu8_epi32(_mm_and_si128(v, low4));
-          q1 = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low4));
-        } else {
-          const __m128i q16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qp));
-          q0 = _mm256_cvtepi8_epi32(q16);
-          q1 = _mm256_cvtepi8_epi32(_mm_srli_si128(q16, 8));
-        }
-        const __m256 w0 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(q0), o);
-        const __m256 w1 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(q1), o);
-        for (int c = 0; c < TC; ++c) {
-          even[a][c] = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(xp + c), even[a][c]);
-          odd[a][c] = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(xp + pr.n + c), odd[a][c]);
-        }
+    const __m256 s = LoadScales<kFour>(pr.scale, (p * nb + b) * 8);
+    const __m256 o = LoadScales<kFour>(pr.offset, (p * nb + b) * 8);
+    const uint8_t* qp = static_cast<const uint8_t*>(pr.q) + (p * pr.in + b * kBlock) / 2 * kPairBytes;
+    const float* xp = pr.x + b * kBlock * pr.n + c0;
+    for (int64_t i = 0; i < kBlock; i += 2, qp += kPairBytes, xp += 2 * pr.n) {
+      __m256i q0, q1;  // input i's and input i+1's 8 rows as int32
+      if constexpr (kFour) {
+        const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qp));
+        q0 = _mm256_cvtepu8_epi32(_mm_and_si128(v, low4));
+        q1 = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low4));
+      } else {
+        const __m128i q16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qp));
+        q0 = _mm256_cvtepi8_epi32(q16);
+        q1 = _mm256_cvtepi8_epi32(_mm_srli_si128(q16, 8));
+      }
+      const __m256 w0 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(q0), o);
+      const __m256 w1 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(q1), o);
+      for (int c = 0; c < TC; ++c) {
+        even[c] = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(xp + c), even[c]);
+        odd[c] = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(xp + pr.n + c), odd[c]);
       }
     }
   }
   alignas(32) float out[8];
-  for (int a = 0; a < TP; ++a)
-    for (int c = 0; c < TC; ++c) {
-      _mm256_store_ps(out, _mm256_add_ps(even[a][c], odd[a][c]));
-      for (int r = 0; r < 8; ++r) pr.y[((p0 + a) * 8 + r) * pr.n + c0 + c] = out[r];
-    }
+  for (int c = 0; c < TC; ++c) {
+    _mm256_store_ps(out, _mm256_add_ps(even[c], odd[c]));
+    for (int r = 0; r < 8; ++r) pr.y[(p * 8 + r) * pr.n + c0 + c] = out[r];
+  }
 }
 
 template <bool kFour>
 void Panels(const Problem& pr, int64_t p_begin, int64_t p_end) {
   for (int64_t c0 = 0; c0 < pr.n; c0 += 4) {
     const int64_t cols = std::min<int64_t>(4, pr.n - c0);
-    int64_t p = p_begin;
-    if (cols == 1) {  // one column: two panels per tile, so four independent FMA chains hide the FMA latency
-      for (; p + 2 <= p_end; p += 2) Tile<2, 1, kFour>(pr, p, c0);
-    }
-    for (; p < p_end; ++p) {
+    for (int64_t p = p_begin; p < p_end; ++p) {
       switch (cols) {
-        case 1: Tile<1, 1, kFour>(pr, p, c0); break;
-        case 2: Tile<1, 2, kFour>(pr, p, c0); break;
-        case 3: Tile<1, 3, kFour>(pr, p, c0); break;
-        default: Tile<1, 4, kFour>(pr, p, c0); break;
+        case 1: Tile<1, kFour>(pr, p, c0); break;
+        case 2: Tile<2, kFour>(pr, p, c0); break;
+        case 3: Tile<3, kFour>(pr, p, c0); break;
+        default: Tile<4, kFour>(pr, p, c0); break;
       }
     }
   }
