@@ -44,6 +44,10 @@ class BundleConfig:
     drafter_seed: int = 0
     prefix_rows: int = 4  # the primary's prefix cache rows (tandem.kvcache.PrefixCache); 0 = off
     quantize_drafters: bool = True  # drafters' products as Q8_0 for the int8 kernel, where it runs (secondary.quantize)
+    # the primary's Q4_1 layer products take 8-bit inputs and integer dot products, where the kernel runs
+    # (tandem.primary.params_from_state_dict). Off: not lossless yet, since the rounding turns the attention's
+    # last-bit differences between a k-token verify and single steps into different tokens (README, Speed)
+    int8_activations: bool = False
 
     def resolved_gguf(self) -> Path:
         return self.gguf_path or smollm2_gguf_path()
@@ -93,7 +97,7 @@ def load_primary_params(cfg: BundleConfig) -> tuple[LlamaConfig, LlamaParams, To
     reader = gguf.GGUFReader(cfg.resolved_gguf())
     pcfg, state = load_gguf(reader)
     blocks = gguf_quant_blocks(reader) if kernels.available() else None
-    params = params_from_state_dict(pcfg, state, jnp.float32, blocks=blocks)
+    params = params_from_state_dict(pcfg, state, jnp.float32, blocks=blocks, int8_activations=cfg.int8_activations)
     return pcfg, params, Tokenizer.from_gguf(reader)
 
 

@@ -57,6 +57,7 @@ def params_from_state_dict(
     sd: dict[str, np.ndarray],
     dtype: jnp.dtype = jnp.float32,
     blocks: dict[str, QuantBlocks] | None = None,
+    int8_activations: bool = False,
 ) -> LlamaParams:
     """Converts a Hugging Face Llama state dict ([out, in] matrices) into fused per-layer weights.
 
@@ -67,6 +68,10 @@ def params_from_state_dict(
         blocks: the same matrices as integers with block scales (`checkpoints.gguf_quant_blocks`), whose dequantized
             values must be the arrays in `sd`. A fused weight whose parts all have blocks, and the head, then also get
             integer panels for the CPU kernel (`tandem.kernels`); nothing else changes.
+        int8_activations: the layers' 4-bit panels come in the dot form (`tandem.kernels.QPanels.dot`): their
+            products quantize each token's inputs to 8 bits per 32-input block, as llama.cpp's CPU products of Q4_1
+            weights do, and run integer dot products. The model then differs from the float32 one by that rounding
+            (the head keeps float inputs).
 
     Returns:
         LlamaParams; query head n belongs to key/value head n // G, as in HF's repeat_kv.
@@ -74,15 +79,16 @@ def params_from_state_dict(
 
     quantized = blocks if dtype == jnp.float32 else None  # the kernel computes in float32
 
-    def panels(names: Sequence[str]) -> QPanels | None:
+    def panels(names: Sequence[str], dot: bool = False) -> QPanels | None:
         parts = [(quantized or {}).get(name) for name in names]
         if not parts or any(part is None for part in parts):
             return None
-        return to_panels(*(np.concatenate([part[j] for part in parts if part is not None]) for j in range(3)))
+        q, scale, offset = (np.concatenate([part[j] for part in parts if part is not None]) for j in range(3))
+        return to_panels(q, scale, offset, dot=dot)
 
     def weight(w: Weight, names: Sequence[str]) -> Weight:
         assert not isinstance(w, QLinear)  # fuse_layer gives float arrays
-        found = panels(names)
+        found = panels(names, dot=int8_activations)
         return w if found is None else QLinear(w, found)
 
     def layer(i: int) -> LayerParams:

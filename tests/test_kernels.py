@@ -53,6 +53,48 @@ def test_each_column_is_bitwise_independent_of_the_others() -> None:
         np.testing.assert_array_equal(np.asarray(kernels.qmatmul(panels, jnp.asarray(x[:, :n]))), full[:, :n])
 
 
+def dot_reference(q: np.ndarray, scale: np.ndarray, offset: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The dot form's product in float64: each column of x quantized per 32-input block as the kernel does."""
+    o, i = q.shape
+    xb = x.reshape(i // kernels.BLOCK, kernels.BLOCK, -1)  # [I/32, 32, N]
+    amax = np.abs(xb).max(axis=1)  # [I/32, N]
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    xq = np.rint(xb * inv[:, None]).astype(np.float64)  # round half to even, as nearbyint
+    d = (amax / np.float32(127)).astype(np.float64)
+    dots = np.einsum("obk,bkn->obn", q.reshape(o, -1, kernels.BLOCK).astype(np.float64), xq)  # [O, I/32, N]
+    sums = xb.astype(np.float64).sum(axis=1)  # [I/32, N]
+    return (scale[..., None] * d * dots + offset[..., None] * sums).sum(axis=1)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("out", "inp", "n"), [(8, 32, 1), (24, 64, 3), (960, 576, 8), (576, 1536, 13)])
+def test_dot_form_matches_its_float64_reference(out: int, inp: int, n: int) -> None:
+    blocks = random_blocks(out, inp, seed=7)
+    x = np.random.default_rng(8).standard_normal((inp, n)).astype(np.float32)
+    x[:32, 0] = 0.0  # an all-zero block quantizes to zeros
+    panels = kernels.to_panels(*blocks, dot=True)
+    assert panels.dot and panels.q.shape == (out // 8, inp // 8, 8, 4)
+    got = np.asarray(kernels.qmatmul(panels, jnp.asarray(x)))
+    want = dot_reference(*blocks, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    exact = kernels.dequantize(*blocks).astype(np.float64) @ x.astype(np.float64)  # what 8-bit inputs cost
+    assert np.abs(got - exact).max() <= 0.05 * np.abs(exact).max()
+
+
+@needs_kernel
+def test_dot_form_columns_are_bitwise_independent_at_any_width() -> None:
+    panels = kernels.to_panels(*random_blocks(576, 576, seed=9), dot=True)
+    layer = kernels.QLinear(jnp.zeros((576, 576), jnp.float32), panels)
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((576, 3)).astype(np.float32)
+    alone = np.asarray(kernels.qmatmul(panels, jnp.asarray(x)))
+    for n in (1, 3, 4, 5, 8, 9, 17):  # wider than MAX_COLUMNS too: dot-form products never go to XLA
+        other = rng.standard_normal((576, n)).astype(np.float32)
+        other[:, : min(n, 3)] = x[:, : min(n, 3)]
+        got = np.asarray(jax.jit(lambda v: layer @ v)(jnp.asarray(other)))
+        np.testing.assert_array_equal(got[:, : min(n, 3)], alone[:, : min(n, 3)], err_msg=f"N = {n}")
+
+
 @needs_kernel
 @pytest.mark.parametrize("n", [1, 2, 3, 5, kernels.MAX_COLUMNS])
 def test_four_bit_panels_give_bitwise_the_eight_bit_product(n: int) -> None:

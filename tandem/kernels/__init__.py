@@ -49,6 +49,7 @@ PANEL = 8  # output rows per panel: one AVX2 register of float32
 MAX_COLUMNS = 8  # products with more columns run in XLA (compute-bound there; XLA's GEMM is faster)
 _TARGET = "tandem_qmatmul"  # 8-bit panels
 _TARGET4 = "tandem_qmatmul4"  # 4-bit panels
+_TARGET_DOT = "tandem_qmatmul4_dot"  # 4-bit panels in the dot layout, inputs quantized to 8 bits
 _SOURCE = Path(__file__).with_name("qmatmul.cc")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-w")
 
@@ -59,23 +60,32 @@ class QPanels:
 
     8-bit: q [O/8, I, 8] int8 and q(p, i, r) = q[p, i, r]; scale and offset float32. 4-bit (every q in 0..15, scales
     and offsets float16 values, as in GGUF's Q4_1): q [O/8, I/2, 8] uint8 with input i in the low and input i + 1 in
-    the high nibble of q[p, i // 2, r] (i even); scale and offset float16.
+    the high nibble of q[p, i // 2, r] (i even); scale and offset float16. Dot form (4-bit integers whose product
+    quantizes its inputs to 8 bits, `dot`): q [O/8, I/8, 8, 4] uint8 with input 8g + j in the low and 8g + 4 + j in
+    the high nibble of q[p, g, r, j]; scale and offset float16.
     """
 
-    q: jax.Array  # [O/8, I, 8] int8, or [O/8, I/2, 8] uint8 (4-bit)
-    scale: jax.Array  # [O/8, I/32, 8] float32, or float16 (4-bit)
-    offset: jax.Array  # [O/8, I/32, 8] float32, or float16 (4-bit)
+    q: jax.Array  # [O/8, I, 8] int8, [O/8, I/2, 8] uint8 (4-bit) or [O/8, I/8, 8, 4] uint8 (dot form)
+    scale: jax.Array  # [O/8, I/32, 8] float32, or float16 (4-bit and dot form)
+    offset: jax.Array  # [O/8, I/32, 8] float32, or float16 (4-bit and dot form)
 
     @property
     def four_bit(self) -> bool:
         return self.q.dtype == jnp.uint8
+
+    @property
+    def dot(self) -> bool:
+        """The product quantizes its inputs to 8 bits per 32-input block and runs integer dot products."""
+        return self.q.ndim == 4
 
 
 @struct.dataclass
 class QLinear:
     """A weight `[out, in]` kept as float32 (`w`) and, where it came quantized, as integer panels.
 
-    `QLinear @ x` is `w @ x` for x [in, N]; with panels, the kernel available and N <= MAX_COLUMNS, it runs `qmatmul`.
+    `QLinear @ x` is `w @ x` for x [in, N]; with panels and the kernel available, it runs `qmatmul` for
+    N <= MAX_COLUMNS, and for every N with dot-form panels (whose product is not `w @ x` but its 8-bit-input
+    approximation, which must then not depend on how many columns share the call).
     """
 
     w: jax.Array  # [O, I] float32, the dequantized weight
@@ -93,8 +103,9 @@ class QLinear:
 
     def __matmul__(self, x: jax.Array) -> jax.Array:
         """[O, I] @ [I, N] -> [O, N]."""
-        if self.panels is not None and x.ndim == 2 and x.shape[1] <= MAX_COLUMNS and available():
-            return qmatmul(self.panels, x)
+        p = self.panels
+        if p is not None and x.ndim == 2 and (p.dot or x.shape[1] <= MAX_COLUMNS) and available():
+            return qmatmul(p, x)
         return self.w @ x
 
 
@@ -125,9 +136,10 @@ def _fits_half(a: np.ndarray) -> bool:
         return bool(np.array_equal(a.astype(np.float16).astype(np.float32), a))
 
 
-def to_panels(q: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> QPanels:
+def to_panels(q: np.ndarray, scale: np.ndarray, offset: np.ndarray, dot: bool = False) -> QPanels:
     """Row-blocked integers ([O, I] int8, scale and offset [O, I/32]) to the kernel's 8-row panels: 4-bit ones when
-    every integer lies in 0..15 and every scale and offset is a float16 value (GGUF's Q4_1), else 8-bit ones.
+    every integer lies in 0..15 and every scale and offset is a float16 value (GGUF's Q4_1), else 8-bit ones. With
+    `dot`, 4-bit ones come in the dot form (`QPanels.dot`: their products quantize the inputs to 8 bits).
 
     Raises:
         ValueError: O is not a multiple of 8 or I not a multiple of 32.
@@ -141,8 +153,13 @@ def to_panels(q: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> QPanels:
 
     if q.min(initial=0) >= 0 and q.max(initial=0) <= 15 and _fits_half(scale) and _fits_half(offset):
         nibbles = panels(q.astype(np.uint8))  # [O/8, I, 8]
+        if dot:  # input 8g + 4h + j of row r -> nibble h of byte [g, r, j]
+            groups = nibbles.reshape(o // PANEL, i // 8, 2, 4, PANEL)
+            packed = np.ascontiguousarray((groups[:, :, 0] | (groups[:, :, 1] << 4)).transpose(0, 1, 3, 2))
+        else:  # [O/8, I/2, 8]: input i low, i + 1 high
+            packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
         return QPanels(
-            q=jnp.asarray(nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)),  # [O/8, I/2, 8]: input i low, i + 1 high
+            q=jnp.asarray(packed),
             scale=jnp.asarray(panels(scale.astype(np.float16))),
             offset=jnp.asarray(panels(offset.astype(np.float16))),
         )
@@ -175,11 +192,14 @@ def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def qmatmul(panels: QPanels, x: jax.Array) -> jax.Array:
-    """The kernel: [O, I] panels times x [I, N] float32 -> [O, N] float32. Call `available()` first."""
+    """The kernel: [O, I] panels times x [I, N] float32 -> [O, N] float32. Call `available()` first.
+
+    Dot-form panels quantize each column of x per 32-input block first (scale max|x| / 127, round to nearest, as
+    GGUF's Q8_0) and take integer dot products; their offsets multiply the block's float sum of x.
+    """
     out = jax.ShapeDtypeStruct((panels.q.shape[0] * PANEL, x.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(_TARGET4 if panels.four_bit else _TARGET, out)(
-        x.astype(jnp.float32), panels.q, panels.scale, panels.offset
-    )
+    target = _TARGET_DOT if panels.dot else _TARGET4 if panels.four_bit else _TARGET
+    return jax.ffi.ffi_call(target, out)(x.astype(jnp.float32), panels.q, panels.scale, panels.offset)
 
 
 @functools.cache
@@ -198,6 +218,7 @@ def available() -> bool:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.TandemQMatmul), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET4, jax.ffi.pycapsule(lib.TandemQMatmul4), platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET_DOT, jax.ffi.pycapsule(lib.TandemQMatmul4Dot), platform="cpu")
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         log.warning("int8 product kernel off: building it failed (%s); products run in XLA on float32 weights", e)
         return False

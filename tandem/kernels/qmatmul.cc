@@ -22,7 +22,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cmath>
 #include <memory>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -111,14 +113,14 @@ void Panels(const Problem& pr, int64_t p_begin, int64_t p_end) {
 }
 
 // Splits the panels over XLA's intra-op thread pool and runs them.
-template <bool kFour>
-ffi::Error Run(ffi::ThreadPool pool, const Problem& problem, int64_t panels) {
+template <typename Prob, void (*kPanels)(const Prob&, int64_t, int64_t)>
+ffi::Error Run(ffi::ThreadPool pool, const Prob& problem, int64_t panels) {
   // Chunks of 8 panels (64 rows) keep each task's weights contiguous. The caller takes chunks too and returns once
   // every chunk is finished, not once every helper has run: a helper still queued behind other work (the pool may be
   // busy, or its other threads waiting in calls like this one) then finds nothing left, touching only the shared
   // state it co-owns, so a busy pool delays the product but never deadlocks it.
   struct Shared {
-    Problem pr;
+    Prob pr;
     int64_t n_chunks;
     int64_t panels;
     std::atomic<int64_t> next{0};
@@ -131,7 +133,7 @@ ffi::Error Run(ffi::ThreadPool pool, const Problem& problem, int64_t panels) {
   shared->n_chunks = (panels + kChunk - 1) / kChunk;
   auto work = [](Shared& st) {
     for (int64_t c; (c = st.next.fetch_add(1, std::memory_order_relaxed)) < st.n_chunks;) {
-      Panels<kFour>(st.pr, c * kChunk, std::min(st.panels, (c + 1) * kChunk));
+      kPanels(st.pr, c * kChunk, std::min(st.panels, (c + 1) * kChunk));
       st.finished.fetch_add(1, std::memory_order_acq_rel);
     }
   };
@@ -157,10 +159,147 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   }
   const Problem pr{x.typed_data(), q.typed_data(), scale.typed_data(), offset.typed_data(), y->typed_data(),
                    xd[0], xd[1]};
-  return Run<kFour>(pool, pr, qd[0]);
+  return Run<Problem, Panels<kFour>>(pool, pr, qd[0]);
+}
+
+
+// ---- Integer dot products: 4-bit weights times activations quantized to 8 bits (TandemQMatmul4Dot). ----
+//
+// The layout keeps 8 rows' 8 consecutive inputs in 32 bytes: byte (p, g, r, j) of q [P, I/8, 8, 4] holds input 8g+j
+// of row p*8+r in its low nibble and input 8g+4+j in its high one, so a masked load gives each row's 4 inputs in the
+// 32-bit lane vpdpbusd (or vpmaddubsw + vpmaddwd) multiplies against 4 bytes of a column. Each column is quantized
+// per 32-input block like GGUF's Q8_0 (d = max|x| / 127, xq = round(x / d)) by the calling thread first, and
+//   y[o, n] = sum over blocks b of  scale[o, b] * d[n, b] * (sum_i q[o, i] * xq[i, n])  +  offset[o, b] * sum_i x[i, n]
+// with the integer sums exact and the float ones in block order: a column's result depends on that column alone.
+
+struct DotProblem {
+  const int8_t* xq;     // [N, I] quantized columns
+  const float* xd;      // [N, I/32] their block scales
+  const float* xs;      // [N, I/32] float sums of each block of x
+  const uint8_t* q;     // [P, I/8, 8, 4]
+  const uint16_t* scale;   // [P, I/32, 8] float16
+  const uint16_t* offset;  // [P, I/32, 8] float16
+  float* y;             // [P*8, N]
+  int64_t in;
+  int64_t n;
+};
+
+// acc + per 32-bit lane the sum of 4 products of unsigned w and signed x bytes: u8 * s8 pairs summed to int16 (at
+// most 2 * 15 * 127, so no saturation), then pairs of those to int32. (AVX-512 VNNI's vpdpbusd does it in one
+// instruction: ~20% faster products on a Zen 4 EPYC, not used, so that one build serves every AVX2 CPU.)
+inline __m256i Dot4(__m256i acc, __m256i w, __m256i x) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+
+template <int TC>
+inline void DotTile(const DotProblem& pr, int64_t p, int64_t c0) {
+  const __m256i low4 = _mm256_set1_epi8(15);
+  __m256 acc[TC];
+  for (int c = 0; c < TC; ++c) acc[c] = _mm256_setzero_ps();
+  const int64_t nb = pr.in / kBlock;
+  const uint8_t* qp = pr.q + p * pr.in * 4;  // 32 bytes per 8 inputs
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i lo_sum[TC], hi_sum[TC];
+    for (int c = 0; c < TC; ++c) lo_sum[c] = hi_sum[c] = _mm256_setzero_si256();
+    for (int g = 0; g < 4; ++g, qp += 32) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp));
+      const __m256i lo = _mm256_and_si256(v, low4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      for (int c = 0; c < TC; ++c) {
+        const int8_t* xc = pr.xq + (c0 + c) * pr.in + b * kBlock + g * 8;
+        int32_t xa, xb;
+        __builtin_memcpy(&xa, xc, 4);
+        __builtin_memcpy(&xb, xc + 4, 4);
+        lo_sum[c] = Dot4(lo_sum[c], lo, _mm256_set1_epi32(xa));
+        hi_sum[c] = Dot4(hi_sum[c], hi, _mm256_set1_epi32(xb));
+      }
+    }
+    const int64_t sb = (p * nb + b) * 8;
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pr.scale + sb)));
+    const __m256 o = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pr.offset + sb)));
+    for (int c = 0; c < TC; ++c) {
+      const int64_t xb = (c0 + c) * nb + b;
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(lo_sum[c], hi_sum[c]));
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(pr.xd[xb])), dot, acc[c]);
+      acc[c] = _mm256_fmadd_ps(o, _mm256_set1_ps(pr.xs[xb]), acc[c]);
+    }
+  }
+  alignas(32) float out[8];
+  for (int c = 0; c < TC; ++c) {
+    _mm256_store_ps(out, acc[c]);
+    for (int r = 0; r < 8; ++r) pr.y[(p * 8 + r) * pr.n + c0 + c] = out[r];
+  }
+}
+
+void DotPanels(const DotProblem& pr, int64_t p_begin, int64_t p_end) {
+  for (int64_t c0 = 0; c0 < pr.n; c0 += 4) {
+    const int64_t cols = std::min<int64_t>(4, pr.n - c0);
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      switch (cols) {
+        case 1: DotTile<1>(pr, p, c0); break;
+        case 2: DotTile<2>(pr, p, c0); break;
+        case 3: DotTile<3>(pr, p, c0); break;
+        default: DotTile<4>(pr, p, c0); break;
+      }
+    }
+  }
+}
+
+// Quantizes x [I, N] column by column into 32-input blocks: xq [N, I], xd and xs [N, I/32].
+void QuantizeColumns(const float* x, int64_t in, int64_t n, int8_t* xq, float* xd, float* xs) {
+  const int64_t nb = in / kBlock;
+  for (int64_t c = 0; c < n; ++c) {
+    for (int64_t b = 0; b < nb; ++b) {
+      float amax = 0.0f, sum = 0.0f;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const float v = x[(b * kBlock + i) * n + c];
+        amax = std::max(amax, std::fabs(v));
+        sum += v;
+      }
+      const float d = amax / 127.0f;
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        xq[c * in + b * kBlock + i] = static_cast<int8_t>(std::nearbyint(x[(b * kBlock + i) * n + c] * inv));
+      }
+      xd[c * nb + b] = d;
+      xs[c * nb + b] = sum;
+    }
+  }
+}
+
+ffi::Error QMatmulDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
+                          ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto qd = q.dimensions();
+  if (xd.size() != 2 || qd.size() != 4 || qd[2] != 8 || qd[3] != 4 || 8 * qd[1] != xd[0] || xd[0] % kBlock != 0) {
+    return ffi::Error::InvalidArgument("qmatmul: expected x [I, N], dot-form q [P, I/8, 8, 4] with I a multiple of 32");
+  }
+  const int64_t in = xd[0], n = xd[1];
+  std::vector<int8_t> xq(in * n);
+  std::vector<float> xscale(in / kBlock * n), xsum(in / kBlock * n);
+  QuantizeColumns(x.typed_data(), in, n, xq.data(), xscale.data(), xsum.data());
+  const DotProblem pr{xq.data(),
+                      xscale.data(),
+                      xsum.data(),
+                      q.typed_data(),
+                      reinterpret_cast<const uint16_t*>(scale.typed_data()),
+                      reinterpret_cast<const uint16_t*>(offset.typed_data()),
+                      y->typed_data(),
+                      in,
+                      n};
+  return Run<DotProblem, DotPanels>(pool, pr, qd[0]);
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemQMatmul4Dot, QMatmulDotImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemQMatmul, (QMatmulImpl<ffi::S8, ffi::F32>),
                               ffi::Ffi::Bind()
