@@ -1,7 +1,9 @@
-"""The primary with its Q4_1 layer products on 8-bit inputs (`BundleConfig(int8_activations=True)`, the kernel's dot
-form) against the served float-input products: block cost at k = 1..16 after 256 cached tokens, both primaries
-interleaved in one process, then why the form is off: how far a 2-token verify's outputs land from single steps'.
-Usage: `.venv/bin/python bench/int8_activations.py` (~2 min)."""
+"""The served primary's two CPU changes measured in one process: its Q4_1 layer products on 8-bit inputs (the
+kernel's dot form, `BundleConfig(int8_activations=...)`) and attention and norms in the kernels' fixed order
+(`PrimaryRunner(fixed_order=...)`). Prints the block cost at k = 1..16 after 256 cached tokens for the three
+configurations, interleaved, then how far a 2-token verify's logits and states land from two one-token steps': with
+8-bit inputs but XLA's attention the rounding turns XLA's last-bit differences into different tokens; in fixed order
+they are bitwise equal. Usage: `.venv/bin/python bench/int8_activations.py` (~3 min)."""
 
 from __future__ import annotations
 
@@ -10,17 +12,23 @@ import json
 import numpy as np
 
 from tandem.bench import measure_block_cost
-from tandem.models import BundleConfig, load_primary
+from tandem.models import BundleConfig, load_primary_params
+from tandem.primary import PrimaryRunner
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
+CONFIGS = {  # name -> (int8 inputs, fixed order)
+    "float inputs, XLA attention (the previous release)": (False, False),
+    "float inputs, fixed order": (False, True),
+    "8-bit inputs, XLA attention": (True, False),
+    "8-bit inputs, fixed order (served)": (True, True),
+}
 
 
-def verify_against_steps(int8_activations: bool) -> dict[str, float]:
+def verify_against_steps(runner: PrimaryRunner, ids: list[int]) -> dict[str, float]:
     """Max |difference| of logits and tapped states between a 2-token verify [t0, t1] and two one-token steps."""
-    runner, tokenizer = load_primary(BundleConfig(slots=1, max_len=256, int8_activations=int8_activations))
-    ids = np.array([tokenizer.encode(PROMPT)], np.int32)
-    out = runner.forward(ids)
-    runner.commit(0, ids.shape[1])
+    runner.truncate(0, 0)
+    out = runner.forward(np.asarray([ids]))
+    runner.commit(0, len(ids))
     t0 = int(out.logits[0, -1].argmax())
     step0 = runner.forward(np.array([[t0]]))
     t1 = int(step0.logits[0, 0].argmax())
@@ -28,24 +36,25 @@ def verify_against_steps(int8_activations: bool) -> dict[str, float]:
     runner.commit(0, 1)
     step1 = runner.forward(np.array([[t1]]))
     return {
-        "logits_col0": float(np.abs(block.logits[0, 0] - step0.logits[0, 0]).max()),
-        "logits_col1": float(np.abs(block.logits[0, 1] - step1.logits[0, 0]).max()),
-        "hidden_col1": float(np.abs(block.hidden[0, 1] - step1.hidden[0, 0]).max()),
+        "logits": float(max(np.abs(block.logits[0, j] - s.logits[0, 0]).max() for j, s in enumerate((step0, step1)))),
+        "hidden": float(max(np.abs(block.hidden[0, j] - s.hidden[0, 0]).max() for j, s in enumerate((step0, step1)))),
         "logit_scale": float(np.abs(step1.logits).max()),
     }
 
 
 def main(context: int = 256, max_k: int = 16) -> None:
-    runners = {
-        act: load_primary(BundleConfig(slots=1, max_len=2 * context, int8_activations=act))[0] for act in (False, True)
-    }
+    params = {act: load_primary_params(BundleConfig(int8_activations=act)) for act in (False, True)}
+    runners = {}
+    for name, (act, fixed) in CONFIGS.items():
+        pcfg, p, tokenizer = params[act]
+        runners[name] = PrimaryRunner(pcfg, p, taps=(16,), batch=1, max_len=2 * context, fixed_order=fixed)
     for rep in range(2):
-        for act, runner in runners.items():
+        for name, runner in runners.items():
             ms = measure_block_cost(runner, context=context, max_k=max_k, calls=11)
-            print(json.dumps({"int8_activations": act, "pass": rep, "ms": {k: round(v, 1) for k, v in ms.items()}}))
-    del runners
-    for act in (False, True):
-        print(json.dumps({"int8_activations": act, "verify_vs_steps": verify_against_steps(act)}))
+            print(json.dumps({"config": name, "pass": rep, "ms": {k: round(v, 1) for k, v in ms.items()}}), flush=True)
+    ids = tokenizer.encode(PROMPT)
+    for name, runner in runners.items():
+        print(json.dumps({"config": name, "verify_vs_steps": verify_against_steps(runner, ids)}))
 
 
 if __name__ == "__main__":

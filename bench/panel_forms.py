@@ -1,6 +1,7 @@
-"""The int8 kernel's two panel forms on SmolLM2's real Q4_1 layer weights: 4-bit panels (what the primary serves)
-against 8-bit panels of the same blocks, each weight of all 30 layers, 1 / 2 / 4 / 8 columns, interleaved call by
-call in one process, outputs checked bitwise equal. Usage: `.venv/bin/python bench/panel_forms.py` (~15 s)."""
+"""The int8 kernel's panel forms on SmolLM2's real Q4_1 layer weights: 4-bit panels with float inputs against 8-bit
+panels of the same blocks (outputs checked bitwise equal) and against the dot form, whose products take 8-bit inputs
+(what the served primary runs), each weight of all 30 layers, 1 / 2 / 4 / 8 / 16 columns (the float-input forms run
+at most 8), interleaved call by call in one process. Usage: `.venv/bin/python bench/panel_forms.py` (~30 s)."""
 
 from __future__ import annotations
 
@@ -25,25 +26,37 @@ def eight_bit(p: kernels.QPanels) -> kernels.QPanels:
 
 def main(calls: int = 15) -> None:
     assert kernels.available(), "the int8 kernel does not run here"
-    runner, _ = load_primary(BundleConfig(slots=1, max_len=64))
+    runner, _ = load_primary(BundleConfig(slots=1, max_len=64, int8_activations=False))
+    dotted, _ = load_primary(BundleConfig(slots=1, max_len=64, int8_activations=True))
     product = jax.jit(lambda panels, x: sum(kernels.qmatmul(p, x) for p in panels))
+    totals: dict[int, dict[str, float]] = {}
     for name in ("wqkv", "wo", "w_gate_up", "w_down"):
         four = [getattr(layer, name).panels for layer in runner.params.layers]
-        eight = [eight_bit(p) for p in four]
-        for n in (1, 2, 4, 8):
+        forms = {"4-bit": four, "8-bit": [eight_bit(p) for p in four]}
+        forms["dot"] = [getattr(layer, name).panels for layer in dotted.params.layers]
+        for n in (1, 2, 4, 8, 16):
             x = jnp.asarray(np.random.default_rng(n).standard_normal((2 * four[0].q.shape[1], n)), jnp.float32)
-            assert np.array_equal(np.asarray(product(four, x)), np.asarray(product(eight, x)))
-            ms: dict[str, list[float]] = {"4-bit": [], "8-bit": []}
+            timed = forms if n <= kernels.MAX_COLUMNS else {"dot": forms["dot"]}
+            if n <= kernels.MAX_COLUMNS:
+                assert np.array_equal(np.asarray(product(four, x)), np.asarray(product(forms["8-bit"], x)))
+            ms: dict[str, list[float]] = {form: [] for form in timed}
             for _ in range(calls):
-                for form, panels in (("4-bit", four), ("8-bit", eight)):
+                for form, panels in timed.items():
                     start = time.perf_counter()
                     product(panels, x).block_until_ready()
                     ms[form].append(1000 * (time.perf_counter() - start))
-            four_ms, eight_ms = (statistics.median(v) for v in ms.values())
+            medians = {form: statistics.median(v) for form, v in ms.items()}
+            for form, v in medians.items():
+                totals.setdefault(n, {}).setdefault(form, 0.0)
+                totals[n][form] += v
+            shape = f"[{four[0].q.shape[0] * 8}, {2 * four[0].q.shape[1]}]"
             print(
-                f"{name} [{four[0].q.shape[0] * 8}, {2 * four[0].q.shape[1]}] x 30 layers, {n} columns: "
-                f"4-bit {four_ms:.2f} ms, 8-bit {eight_ms:.2f} ms ({four_ms / eight_ms:.2f}x)"
+                f"{name} {shape} x 30 layers, {n} columns: " + ", ".join(f"{f} {v:.2f} ms" for f, v in medians.items())
             )
+    for n, by_form in totals.items():
+        line = ", ".join(f"{f} {v:.2f} ms" for f, v in by_form.items())
+        ratio = f" (dot / 4-bit {by_form['dot'] / by_form['4-bit']:.2f}x)" if "4-bit" in by_form else ""
+        print(f"all four products, {n} columns: {line}{ratio}")
 
 
 if __name__ == "__main__":

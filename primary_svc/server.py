@@ -38,6 +38,7 @@ class PrimaryServiceConfig:
     batching: BatchingConfig = BatchingConfig()  # sessions per batched model call and the batching window
     compile_at_start: bool = False  # compile every decode/verify and prefill bucket before reporting SERVING
     prefix_rows: int = 4  # prompts whose first positions later prompts may reuse (tandem.kvcache.PrefixCache); 0 = off
+    int8_activations: bool = True  # Q4_1 layer products on 8-bit inputs, where the CPU kernel runs (BundleConfig)
 
 
 def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceServer:
@@ -105,6 +106,12 @@ def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:
         default=int(env("TANDEM_PREFIX_CACHE_ROWS", "4")),
         help="prompts whose first 64 positions later prompts that start the same way reuse (0: off)",
     )
+    p.add_argument(
+        "--activations",
+        choices=("int8", "float32"),
+        default=env("TANDEM_ACTIVATIONS", "int8"),
+        help="inputs of the Q4_1 layer products on the CPU kernel: int8 (per 32-input block, as llama.cpp) or float32",
+    )
     add_batching_flags(p, "TANDEM_PRIMARY")
     add_compile_flag(p)
     add_tls_flags(p)
@@ -125,6 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:
         batching,
         a.compile_at_start,
         a.prefix_cache_rows,
+        a.activations == "int8",
     )
 
 
@@ -134,7 +142,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_args(argv)
     from tandem.models import BundleConfig, load_primary  # loads JAX
 
-    runner, _ = load_primary(BundleConfig(gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots))
+    bundle = BundleConfig(
+        gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots, int8_activations=cfg.int8_activations
+    )
+    runner, _ = load_primary(bundle)
     if cfg.compile_at_start:
         log = logging.getLogger("primary_svc")
         start = time.perf_counter()

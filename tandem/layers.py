@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from tandem import kernels
 from tandem.kernels import QLinear
 
 # Finite stand-in for -inf: a fully masked row then yields zeros instead of NaNs.
@@ -97,8 +98,11 @@ def fuse_layer(
     )
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the leading (feature) axis. x: [D, ...], weight: [D]."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, fixed_order: bool = False) -> jax.Array:
+    """RMSNorm over the leading (feature) axis. x: [D, ...], weight: [D]. With fixed_order (x [D, N]), each column's
+    sum of squares runs in input order whatever N is (`tandem.kernels.rms_norm`)."""
+    if fixed_order:
+        return kernels.rms_norm(x, weight, eps)
     var = jnp.mean(jnp.square(x), axis=0, keepdims=True)
     return x * jax.lax.rsqrt(var + eps) * weight.reshape(weight.shape + (1,) * (x.ndim - 1))
 
@@ -212,6 +216,7 @@ def decoder_layer(
     ctx_mask: Context,
     blk_mask: jax.Array,
     eps: float,
+    lengths: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One pre-norm Llama block (attention + SwiGLU MLP).
 
@@ -223,22 +228,30 @@ def decoder_layer(
         ctx_mask: segments [B, T, S_j].
         blk_mask: [B, T, T].
         eps: RMSNorm epsilon.
+        lengths: [B] cached positions per row, given to run attention and norms in one fixed order per token
+            (`tandem.kernels.attention`, `tandem.kernels.rms_norm`; the masks are then implied: each row reads its
+            first lengths[b] context positions and the block causally).
 
     Returns:
         (x_out [D, N], k [B, K, T, H], v [B, K, T, H]): the new residual stream and the block's own keys/values,
         which the caller may write to a cache.
     """
     batch, t = blk_mask.shape[:2]
-    q, k, v = qkv_projection(p, rms_norm(x, p.attn_norm, eps), cos, sin)
+    fixed = lengths is not None
+    q, k, v = qkv_projection(p, rms_norm(x, p.attn_norm, eps, fixed), cos, sin)
     k_heads, g, h, n = q.shape
     q = q.reshape(k_heads, g, h, batch, t)
     k, v = k.reshape(k_heads, h, batch, t), v.reshape(k_heads, h, batch, t)
-    attn = two_part_attention(q, ctx_k, ctx_v, ctx_mask, k, v, blk_mask)  # [K, G, H, B, T]
+    k_rows, v_rows = jnp.transpose(k, (2, 0, 3, 1)), jnp.transpose(v, (2, 0, 3, 1))  # [B, K, T, H]
+    if lengths is not None:
+        attn = kernels.attention(q, k_rows, v_rows, lengths, ctx_k, ctx_v)  # [K, G, H, B, T]
+    else:
+        attn = two_part_attention(q, ctx_k, ctx_v, ctx_mask, k, v, blk_mask)
     x = x + p.wo @ attn.reshape(k_heads * g * h, n)
-    gate_up = p.w_gate_up @ rms_norm(x, p.mlp_norm, eps)  # [2F, N]
+    gate_up = p.w_gate_up @ rms_norm(x, p.mlp_norm, eps, fixed)  # [2F, N]
     f = gate_up.shape[0] // 2
     x = x + p.w_down @ (jax.nn.silu(gate_up[:f]) * gate_up[f:])
-    return x, jnp.transpose(k, (2, 0, 3, 1)), jnp.transpose(v, (2, 0, 3, 1))
+    return x, k_rows, v_rows
 
 
 def decoder_stack(
@@ -253,6 +266,7 @@ def decoder_stack(
     rope_theta: float,
     eps: float,
     taps: Sequence[int] = (),
+    lengths: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Runs all layers (unrolled).
 
@@ -266,6 +280,7 @@ def decoder_stack(
         rope_theta: RoPE base.
         eps: RMSNorm epsilon.
         taps: 1-indexed layers whose output residual stream is returned.
+        lengths: [B] cached positions per row: attention and norms in one fixed order per token (`decoder_layer`).
 
     Returns:
         (x_out [D, N] before the final norm, tapped [n_taps, D, N] residual streams after the tapped layers,
@@ -275,7 +290,7 @@ def decoder_stack(
     masks = _segments(ctx_mask)
     new_k, new_v, hidden = [], [], []
     for i, p in enumerate(layers):
-        x, k, v = decoder_layer(p, x, cos, sin, _segments(ctx_k[i]), _segments(ctx_v[i]), masks, blk_mask, eps)
+        x, k, v = decoder_layer(p, x, cos, sin, _segments(ctx_k[i]), _segments(ctx_v[i]), masks, blk_mask, eps, lengths)
         new_k.append(k)
         new_v.append(v)
         hidden.append(x)
@@ -358,6 +373,7 @@ def cached_decoder_stack(
     rope_theta: float,
     eps: float,
     taps: Sequence[int] = (),
+    fixed_order: bool = False,
 ) -> tuple[jax.Array, jax.Array, KVBuffers, KVBuffers]:
     """Runs the stack over a block that follows each row's cached prefix, then writes the block into the cache.
 
@@ -374,6 +390,8 @@ def cached_decoder_stack(
         rope_theta: RoPE base.
         eps: RMSNorm epsilon.
         taps: 1-indexed layers whose output residual stream is returned.
+        fixed_order: static; attention and norms in one fixed order per token (the CPU kernels), so that a token's
+            outputs are bitwise the same in any block and batch.
 
     Returns:
         (x_out [D, N], tapped [n_taps, D, N], cache_k, cache_v with the block written at lengths).
@@ -404,6 +422,7 @@ def cached_decoder_stack(
         rope_theta=rope_theta,
         eps=eps,
         taps=taps,
+        lengths=lengths if fixed_order else None,
     )
     reach = attend_len + t  # every real row's length is at most attend_len; padding rows write nowhere
     return (
@@ -419,14 +438,16 @@ def embed_tokens(embed: jax.Array, tokens: jax.Array) -> jax.Array:
     return embed[tokens.reshape(-1)].T
 
 
-def output_logits(x: jax.Array, final_norm: jax.Array, head: Weight, eps: float) -> jax.Array:
+def output_logits(
+    x: jax.Array, final_norm: jax.Array, head: Weight, eps: float, fixed_order: bool = False
+) -> jax.Array:
     """[D, N] residual stream -> [V', N] logits through the final norm and a [V', D] head.
 
     Logits stay vocabulary-major: on this CPU, XLA fuses a transpose to [N, V'] into the product and picks a kernel
     that is 20x slower for 2-4 tokens. Callers that need [B, T, V'] use `tokens_major` (training) or transpose on the
     host (serving).
     """
-    return head @ rms_norm(x, final_norm, eps)
+    return head @ rms_norm(x, final_norm, eps, fixed_order)
 
 
 def tokens_major(x: jax.Array, batch: int) -> jax.Array:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from tandem import kernels
 from tandem.checkpoints import QuantBlocks
 from tandem.config import LlamaConfig
 from tandem.kernels import QLinear, QPanels, float_weight, to_panels
@@ -169,6 +170,7 @@ def forward_block(
     taps: tuple[int, ...],
     attend_len: int,
     whole_pool: bool = False,
+    fixed_order: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, KVBuffers, KVBuffers]:
     """One block pass: T new tokens per row after that row's cached prefix.
 
@@ -183,6 +185,7 @@ def forward_block(
         attend_len: static number of cache positions attended (a bucket >= max(lengths)).
         whole_pool: static; rows are every slot in order and attention reads the cache in place (see
             `tandem.kvcache.KVCache`).
+        fixed_order: static; attention and norms in the CPU kernels' fixed order (`cached_decoder_stack`).
 
     Returns:
         logits [V, N] (vocabulary-major, N = B*T; see `output_logits`); their argmax [B, T] (greedy requests copy
@@ -203,8 +206,9 @@ def forward_block(
         rope_theta=cfg.rope_theta,
         eps=cfg.rms_eps,
         taps=taps,
+        fixed_order=fixed_order,
     )
-    logits = output_logits(x, params.final_norm, params.head, cfg.rms_eps)  # [V, N]
+    logits = output_logits(x, params.final_norm, params.head, cfg.rms_eps, fixed_order)  # [V, N]
     top = jnp.argmax(logits, axis=0).astype(jnp.int32).reshape(batch, -1)  # [B, T]
     return logits, top, tokens_major(tapped, batch), cache_k, cache_v
 
@@ -241,9 +245,9 @@ def forward_sequence(
     return tokens_major(logits, batch), tokens_major(tapped, batch)
 
 
-# One compiled function per (shapes, cfg, taps, attend_len, whole_pool), shared by every runner in the process.
+# One compiled function per (shapes, cfg, taps, attend_len, whole_pool, fixed_order), shared by every runner.
 _forward_block_jit = jax.jit(
-    forward_block, static_argnames=("cfg", "taps", "attend_len", "whole_pool"), donate_argnums=(4, 5)
+    forward_block, static_argnames=("cfg", "taps", "attend_len", "whole_pool", "fixed_order"), donate_argnums=(4, 5)
 )
 
 
@@ -284,12 +288,21 @@ class PrimaryRunner:
         batch: int = 1,
         max_len: int = 2048,
         dtype: jnp.dtype = jnp.float32,
+        fixed_order: bool | None = None,
     ) -> None:
+        """Args:
+        fixed_order: attention and norms in the CPU kernels' fixed order, so that a token's outputs are bitwise the
+            same in a one-token step, a k-token verify and any batch (`tandem.layers.cached_decoder_stack`);
+            default: where the kernels run and the cache is float32.
+        """
         if any(not 1 <= t <= cfg.n_layers for t in taps):
             raise ValueError(f"tapped layers {tuple(taps)} must lie in 1..{cfg.n_layers}")
         self.cfg, self.params, self.taps = cfg, params, tuple(taps)
         self.cache = KVCache(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
         self.batch, self.max_len = batch, max_len
+        if fixed_order is None:
+            fixed_order = dtype == jnp.float32 and params.embed.dtype == jnp.float32 and kernels.available()
+        self.fixed_order = fixed_order
 
     @property
     def lengths(self) -> np.ndarray:
@@ -318,6 +331,7 @@ class PrimaryRunner:
             sizes=None if sizes is None else np.asarray(sizes),
             cfg=self.cfg,
             taps=self.taps,
+            fixed_order=self.fixed_order,
         )
         return BlockOutput(logits, top, hidden, out_rows, tokens.shape[1])
 
@@ -350,6 +364,7 @@ class PrimaryRunner:
                 taps=self.taps,
                 attend_len=a,
                 whole_pool=pool,
+                fixed_order=self.fixed_order,
             )
         return len(shapes)
 

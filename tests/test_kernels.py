@@ -3,6 +3,7 @@ by the primary when its weights come quantized, and off cleanly where it cannot 
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from conftest import TINY, make_engine, tiny_state
 
 from tandem import kernels
+from tandem.layers import cache_mask, causal_block_mask, rms_norm, two_part_attention
 from tandem.primary import PrimaryRunner, params_from_state_dict
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the int8 kernel cannot run on this machine")
@@ -93,6 +95,72 @@ def test_dot_form_columns_are_bitwise_independent_at_any_width() -> None:
         other[:, : min(n, 3)] = x[:, : min(n, 3)]
         got = np.asarray(jax.jit(lambda v: layer @ v)(jnp.asarray(other)))
         np.testing.assert_array_equal(got[:, : min(n, 3)], alone[:, : min(n, 3)], err_msg=f"N = {n}")
+
+
+def attention_inputs(t: int, lengths: list[int], segments: tuple[int, ...], seed: int = 0):
+    """Random queries [K, G, H, B, T], block keys/values [B, K, T, H] and context segments [B, K, S_j, H]."""
+    rng = np.random.default_rng(seed)
+    k_heads, g, h, b = 2, 3, 16, len(lengths)
+    q = rng.standard_normal((k_heads, g, h, b, t)).astype(np.float32)
+    blk_k, blk_v = (rng.standard_normal((b, k_heads, t, h)).astype(np.float32) for _ in range(2))
+    ctx_k = tuple(rng.standard_normal((b, k_heads, s, h)).astype(np.float32) for s in segments)
+    ctx_v = tuple(rng.standard_normal((b, k_heads, s, h)).astype(np.float32) for s in segments)
+    return q, blk_k, blk_v, np.asarray(lengths, np.int32), ctx_k, ctx_v
+
+
+@needs_kernel
+def test_fixed_order_attention_matches_the_two_part_attention() -> None:
+    segments = (8, 8, 16)
+    q, blk_k, blk_v, lengths, ctx_k, ctx_v = attention_inputs(3, [5, 0, 32], segments)
+    got = np.asarray(kernels.attention(*map(jnp.asarray, (q, blk_k, blk_v, lengths)), ctx_k, ctx_v))
+    starts = np.cumsum((0, *segments))
+    masks = tuple(cache_mask(jnp.asarray(lengths), 3, e - s, s) for s, e in itertools.pairwise(starts))
+    block = (jnp.asarray(np.transpose(a, (1, 3, 0, 2))) for a in (blk_k, blk_v))  # [K, H, B, T]
+    want = two_part_attention(jnp.asarray(q), ctx_k, ctx_v, masks, *block, causal_block_mask(3, 3))
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_fixed_order_attention_gives_a_query_bitwise_the_same_output_however_its_past_is_split() -> None:
+    """Query t of a block after L cached positions, against the same query after L + 1 cached positions (the block's
+    first token moved into the cache), alone in a one-token block, and beside another row."""
+    q, blk_k, blk_v, lengths, ctx_k, ctx_v = attention_inputs(3, [6], (8, 8))
+    full = np.asarray(kernels.attention(*map(jnp.asarray, (q, blk_k, blk_v, lengths)), ctx_k, ctx_v))
+    moved_k, moved_v = ctx_k[0].copy(), ctx_v[0].copy()
+    moved_k[:, :, 6], moved_v[:, :, 6] = blk_k[:, :, 0], blk_v[:, :, 0]
+    later = kernels.attention(
+        jnp.asarray(q[..., 1:]),
+        jnp.asarray(blk_k[:, :, 1:]),
+        jnp.asarray(blk_v[:, :, 1:]),
+        jnp.asarray([7]),
+        (jnp.asarray(moved_k), jnp.asarray(ctx_k[1])),
+        (jnp.asarray(moved_v), jnp.asarray(ctx_v[1])),
+    )
+    np.testing.assert_array_equal(np.asarray(later), full[..., 1:])
+    alone = kernels.attention(*map(jnp.asarray, (q[..., :1], blk_k[:, :, :1], blk_v[:, :, :1], lengths)), ctx_k, ctx_v)
+    np.testing.assert_array_equal(np.asarray(alone), full[..., :1])
+    q2, k2, v2, _, c2k, c2v = attention_inputs(3, [6], (8, 8), seed=1)  # a second row beside it
+    pair = kernels.attention(
+        jnp.asarray(np.concatenate([q, q2], axis=3)),
+        *(jnp.asarray(np.concatenate(a, axis=0)) for a in ((blk_k, k2), (blk_v, v2))),
+        jnp.asarray([6, 3]),
+        tuple(jnp.asarray(np.concatenate(a, axis=0)) for a in zip(ctx_k, c2k, strict=True)),
+        tuple(jnp.asarray(np.concatenate(a, axis=0)) for a in zip(ctx_v, c2v, strict=True)),
+    )
+    np.testing.assert_array_equal(np.asarray(pair)[:, :, :, :1], full)
+
+
+@needs_kernel
+def test_fixed_order_rms_norm_matches_and_is_the_same_per_column_at_any_width() -> None:
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((576, 17)) * 10).astype(np.float32)
+    w = rng.standard_normal(576).astype(np.float32)
+    full = np.asarray(kernels.rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-5))
+    np.testing.assert_allclose(full, np.asarray(rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-5)), rtol=1e-5, atol=1e-6)
+    for n in (1, 2, 8, 9):
+        np.testing.assert_array_equal(
+            np.asarray(kernels.rms_norm(jnp.asarray(x[:, :n]), jnp.asarray(w), 1e-5)), full[:, :n]
+        )
 
 
 @needs_kernel

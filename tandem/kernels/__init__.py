@@ -1,25 +1,31 @@
-"""A weight-only int8 matrix product for the CPU primary, as an XLA FFI custom call (`qmatmul.cc`).
+"""The CPU primary's kernels, as XLA FFI custom calls: weight-only int8 matrix products (`qmatmul.cc`) and
+fixed-order attention and RMSNorm (`attention.cc`).
 
-The bundled SmolLM2 GGUF stores its layer weights as Q4_1 and its embedding as Q8_0 blocks: per row and per 32
-inputs, one float16 scale (and for Q4_1 one float16 offset) and 32 small integers. Dequantized to float32 they are the
-model the project serves; XLA then streams 4 bytes per weight on every step. `qmatmul` streams the integers and
-dequantizes in registers: Q4_1 blocks stay two integers per byte with float16 scales and offsets (0.625 bytes per
-weight), Q8_0 and other 8-bit blocks one integer per byte with float32 scales (1.25 bytes). A whole SmolLM2 step of k
-tokens after 256 cached tokens on the 2-core AMD EPYC VM, the kernel (then 1.25 bytes per weight throughout) and XLA
-interleaved in one `tandem bench` run (results/bench/bench_cpu.json): 13.9 / 14.5 / 17.2 / 26.4 ms at k = 1 / 2 / 4 /
-8 against 16.2 / 22.6 / 23.6 / 28.8 ms with XLA's float32 products. Beyond 8 columns the product is
-compute-bound, XLA's float32 GEMM is faster, and `QLinear` hands it to XLA.
+The bundled SmolLM2 GGUF stores its layer weights as Q4_1 and its embedding, which is also the head, as Q8_0 blocks: per
+row and per 32 inputs, one float16 scale (and for Q4_1 one float16 offset) and 32 small integers. Dequantized to
+float32 they are the float model; XLA then streams 4 bytes per weight on every step. `qmatmul` streams the integers:
+- float inputs: Q4_1 blocks stay two integers per byte with float16 scales and offsets (0.625 bytes per weight), Q8_0
+  and other 8-bit blocks one integer per byte with float32 scales (1.25 bytes); each weight is dequantized in
+  registers to exactly the float32 weight the loader produces. Up to MAX_COLUMNS tokens; wider products (batches of
+  many sessions) go to XLA, which is compute-bound there and faster;
+- 8-bit inputs (the dot form, `QPanels.dot`, what the served primary's Q4_1 layers use): each column of x is
+  quantized per 32-input block (scale max|x| / 127, as GGUF's Q8_0 and llama.cpp's CPU products of Q4_1 weights do)
+  and multiplied in integers (vpmaddubsw + vpmaddwd), any number of columns. On the 2-core Zen 4 EPYC the four
+  layer products of all 30 layers cost 0.6x / 0.4x / 0.3x the float-input kernel's time at 1 / 4 / 8 columns; the
+  model's cross-entropy on held-out prose rises by 0.2-0.4% (README, Speed).
 
-Every output element is one float32 sum over the inputs in a fixed order (even and odd inputs apart, then added),
-so a column's result is bitwise the same whatever the other columns are (tests/test_kernels.py): the products add no
-difference between a k-token verify and k one-token steps. The rest of a step (attention, norms) is XLA's and not
-bitwise batch-invariant, so a verify's logits still differ from single steps' in the last bits, as they did before.
+Every output element is one sum over the inputs in a fixed order, so a column's result is bitwise the same whatever
+the other columns are (tests/test_kernels.py). `attention` and `rms_norm` do the same for the rest of a pass: each
+query attends its positions in position order whether they are cached or in the block, so with them
+(`PrimaryRunner.fixed_order`) a token's logits and states are bitwise the same in a one-token step, a k-token verify
+and a batch of sessions (wide batches' head products, in XLA, aside). That is what makes the 8-bit inputs lossless:
+their rounding would turn any last-bit difference between a verify and single steps into different tokens.
 
-The library is compiled from `qmatmul.cc` on first use (g++ or c++ against jaxlib's FFI headers, ~2 s) into
+The library is compiled from the sources on first use (g++ or c++ against jaxlib's FFI headers, ~5 s) into
 `$TANDEM_KERNEL_CACHE` (default: `kernels/` in the asset cache, `$TANDEM_CACHE` or `~/.cache/tandem`), keyed by the
-source, jaxlib's version and the flags; the CPU container image ships it prebuilt. It is used only on the CPU backend
+sources, jaxlib's version and the flags; the CPU container image ships it prebuilt. It is used only on the CPU backend
 of an x86-64 machine with AVX2, FMA and F16C; elsewhere (TPU, GPU, no compiler and no built library, `TANDEM_QMATMUL=0`)
-every product runs in XLA on the float32 weights, which `QLinear` always keeps.
+every product runs in XLA on the float32 weights, which `QLinear` always keeps, and attention and norms in XLA.
 """
 
 from __future__ import annotations
@@ -50,7 +56,10 @@ MAX_COLUMNS = 8  # products with more columns run in XLA (compute-bound there; X
 _TARGET = "tandem_qmatmul"  # 8-bit panels
 _TARGET4 = "tandem_qmatmul4"  # 4-bit panels
 _TARGET_DOT = "tandem_qmatmul4_dot"  # 4-bit panels in the dot layout, inputs quantized to 8 bits
-_SOURCE = Path(__file__).with_name("qmatmul.cc")
+_ATTENTION = "tandem_attention"  # fixed-order attention (attention.cc)
+_RMS_NORM = "tandem_rms_norm"
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "attention.cc"))
+_HEADERS = (Path(__file__).with_name("parallel.h"),)
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-w")
 
 
@@ -191,6 +200,37 @@ def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, scale, np.zeros_like(scale)
 
 
+def attention(
+    q: jax.Array,
+    block_k: jax.Array,
+    block_v: jax.Array,
+    lengths: jax.Array,
+    ctx_k: tuple[jax.Array, ...],
+    ctx_v: tuple[jax.Array, ...],
+) -> jax.Array:
+    """Grouped-query attention of a block after each row's cached prefix, in one fixed order per query (`attention.cc`):
+    query t of row b reads the row's first lengths[b] cached positions, segment by segment, then the block's tokens
+    0..t, scored, exponentiated and summed in position order. Call `available()` first.
+
+    Args:
+        q: [K, G, H, B, T] queries (RoPE applied).
+        block_k, block_v: [B, K, T, H] the block's own keys and values.
+        lengths: [B] cached positions per row (the segments hold at least that many).
+        ctx_k, ctx_v: segments [B, K, S_j, H] of the cached keys and values, in position order.
+
+    Returns:
+        [K, G, H, B, T], each query's output bitwise the same whatever block and batch it came in.
+    """
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(_ATTENTION, out)(q, block_k, block_v, lengths.astype(jnp.int32), *ctx_k, *ctx_v)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm of each column of x [D, N] by weight [D], its sum of squares in input order (`attention.cc`)."""
+    out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    return jax.ffi.ffi_call(_RMS_NORM, out)(x, weight.astype(jnp.float32), eps=np.float32(eps))
+
+
 def qmatmul(panels: QPanels, x: jax.Array) -> jax.Array:
     """The kernel: [O, I] panels times x [I, N] float32 -> [O, N] float32. Call `available()` first.
 
@@ -219,6 +259,8 @@ def available() -> bool:
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.TandemQMatmul), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET4, jax.ffi.pycapsule(lib.TandemQMatmul4), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_DOT, jax.ffi.pycapsule(lib.TandemQMatmul4Dot), platform="cpu")
+        jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.TandemAttention), platform="cpu")
+        jax.ffi.register_ffi_target(_RMS_NORM, jax.ffi.pycapsule(lib.TandemRmsNorm), platform="cpu")
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         log.warning("int8 product kernel off: building it failed (%s); products run in XLA on float32 weights", e)
         return False
@@ -249,7 +291,7 @@ def _build() -> Path:
     """
     import jaxlib
 
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
     key = hashlib.sha256(source + jaxlib.__version__.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TANDEM_KERNEL_CACHE") or cache_root() / "kernels")
     lib = cache / f"qmatmul-{key}.so"
@@ -261,7 +303,8 @@ def _build() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         out = Path(tmp) / lib.name
-        cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", str(out)]
+        include = ["-I", jax.ffi.include_dir(), "-I", str(_SOURCES[0].parent)]
+        cmd = [compiler, *_FLAGS, *include, *map(str, _SOURCES), "-o", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr[-2000:]}")

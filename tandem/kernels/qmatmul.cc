@@ -20,12 +20,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cmath>
 #include <memory>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -112,35 +112,14 @@ void Panels(const Problem& pr, int64_t p_begin, int64_t p_end) {
   }
 }
 
-// Splits the panels over XLA's intra-op thread pool and runs them.
+// Splits the panels over XLA's intra-op thread pool in chunks of 8 panels (64 rows: each task's weights contiguous)
+// and runs them.
 template <typename Prob, void (*kPanels)(const Prob&, int64_t, int64_t)>
 ffi::Error Run(ffi::ThreadPool pool, const Prob& problem, int64_t panels) {
-  // Chunks of 8 panels (64 rows) keep each task's weights contiguous. The caller takes chunks too and returns once
-  // every chunk is finished, not once every helper has run: a helper still queued behind other work (the pool may be
-  // busy, or its other threads waiting in calls like this one) then finds nothing left, touching only the shared
-  // state it co-owns, so a busy pool delays the product but never deadlocks it.
-  struct Shared {
-    Prob pr;
-    int64_t n_chunks;
-    int64_t panels;
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> finished{0};
-  };
   constexpr int64_t kChunk = 8;
-  auto shared = std::make_shared<Shared>();
-  shared->pr = problem;
-  shared->panels = panels;
-  shared->n_chunks = (panels + kChunk - 1) / kChunk;
-  auto work = [](Shared& st) {
-    for (int64_t c; (c = st.next.fetch_add(1, std::memory_order_relaxed)) < st.n_chunks;) {
-      kPanels(st.pr, c * kChunk, std::min(st.panels, (c + 1) * kChunk));
-      st.finished.fetch_add(1, std::memory_order_acq_rel);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->n_chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([shared, work] { work(*shared); });
-  work(*shared);
-  while (shared->finished.load(std::memory_order_acquire) < shared->n_chunks) _mm_pause();
+  tandem::ParallelFor(pool, (panels + kChunk - 1) / kChunk, [problem, panels](int64_t c) {
+    kPanels(problem, c * kChunk, std::min(panels, (c + 1) * kChunk));
+  });
   return ffi::Error::Success();
 }
 

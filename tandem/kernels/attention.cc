@@ -1,0 +1,180 @@
+// Fixed-order attention and RMSNorm for the CPU primary, as XLA FFI custom calls.
+//
+// XLA picks its loops and vector widths per shape, so a token's attention output and norms differ in the last bits
+// between a one-token step and a k-token verify (or a batch of sessions). These kernels compute every query and
+// every column in one fixed order that depends on nothing but that query's own inputs: a query at position P
+// attends positions 0..P, the cached ones first and then the block's own, scored, exponentiated and summed in
+// position order, the same whether a position's key came from the cache or from this block. With the products'
+// columns already independent (qmatmul.cc), a whole pass then gives each token bitwise the same outputs in any
+// block and batch.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+bool SameDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+// sum_i a[i] * b[i] over h inputs: 8 lanes of fused multiply-adds, then the lanes added in a fixed tree.
+inline float Dot(const float* a, const float* b, int64_t h) {
+  int64_t i = 0;
+  float sum = 0.0f;
+  if (h >= 8) {
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+    for (i = 8; i + 8 <= h; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    alignas(32) float t[8];
+    _mm256_store_ps(t, acc);
+    sum = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+  }
+  for (; i < h; ++i) sum = std::fma(a[i], b[i], sum);
+  return sum;
+}
+
+// acc[i] += p * v[i]
+inline void Axpy(float p, const float* v, float* acc, int64_t h) {
+  int64_t i = 0;
+  const __m256 pp = _mm256_set1_ps(p);
+  for (; i + 8 <= h; i += 8) {
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pp, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+  }
+  for (; i < h; ++i) acc[i] = std::fma(p, v[i], acc[i]);
+}
+
+struct Attention {
+  const float* q;                 // [K, G, H, B, T]
+  const float* block_k;           // [B, K, T, H]
+  const float* block_v;           // [B, K, T, H]
+  const int32_t* lengths;         // [B] cached positions per row
+  std::vector<const float*> ctx_k;  // segments [B, K, S_j, H], in position order
+  std::vector<const float*> ctx_v;
+  std::vector<int64_t> ctx_len;   // S_j
+  float* out;                     // [K, G, H, B, T]
+  int64_t b, t, k, g, h;
+  float scale;
+};
+
+// Every query of row `row` and key/value head `kh`.
+void AttendRowHead(const Attention& a, int64_t row, int64_t kh) {
+  int64_t total = 0;
+  for (int64_t s : a.ctx_len) total += s;
+  const int64_t cached = std::clamp<int64_t>(a.lengths[row], 0, total);
+  std::vector<float> q(a.h), acc(a.h), scores(cached + a.t);
+  // The positions a query reads, in order: cached ones segment by segment, then the block's first u + 1 tokens.
+  auto for_each_position = [&](int64_t u_end, auto&& fn) {
+    int64_t pos = 0;
+    for (size_t j = 0; j < a.ctx_len.size() && pos < cached; ++j) {
+      const int64_t n = std::min(a.ctx_len[j], cached - pos);
+      const int64_t base = (row * a.k + kh) * a.ctx_len[j] * a.h;
+      for (int64_t s = 0; s < n; ++s, ++pos) fn(pos, a.ctx_k[j] + base + s * a.h, a.ctx_v[j] + base + s * a.h);
+    }
+    const int64_t base = (row * a.k + kh) * a.t * a.h;
+    for (int64_t u = 0; u < u_end; ++u, ++pos) fn(pos, a.block_k + base + u * a.h, a.block_v + base + u * a.h);
+  };
+  for (int64_t gi = 0; gi < a.g; ++gi) {
+    for (int64_t ti = 0; ti < a.t; ++ti) {
+      const int64_t lane = (kh * a.g + gi) * a.h * a.b * a.t + row * a.t + ti;  // element (kh, gi, 0, row, ti)
+      for (int64_t i = 0; i < a.h; ++i) q[i] = a.q[lane + i * a.b * a.t];
+      float m = -INFINITY;
+      for_each_position(ti + 1, [&](int64_t pos, const float* key, const float*) {
+        scores[pos] = Dot(q.data(), key, a.h) * a.scale;
+        m = std::max(m, scores[pos]);
+      });
+      float denom = 0.0f;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for_each_position(ti + 1, [&](int64_t pos, const float*, const float* value) {
+        const float p = std::exp(scores[pos] - m);
+        denom += p;
+        Axpy(p, value, acc.data(), a.h);
+      });
+      const float inv = 1.0f / std::max(denom, 1e-30f);
+      for (int64_t i = 0; i < a.h; ++i) a.out[lane + i * a.b * a.t] = acc[i] * inv;
+    }
+  }
+}
+
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> block_k,
+                         ffi::Buffer<ffi::F32> block_v, ffi::Buffer<ffi::S32> lengths, ffi::RemainingArgs ctx,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions();  // [K, G, H, B, T]
+  auto kd = block_k.dimensions();  // [B, K, T, H]
+  if (qd.size() != 5 || kd.size() != 4 || kd[0] != qd[3] || kd[1] != qd[0] || kd[2] != qd[4] || kd[3] != qd[2] ||
+      !SameDims(block_v.dimensions(), kd) || lengths.dimensions().size() != 1 || lengths.dimensions()[0] != qd[3] ||
+      ctx.size() % 2 != 0) {
+    return ffi::Error::InvalidArgument(
+        "attention: expected q [K, G, H, B, T], block keys and values [B, K, T, H], lengths [B] and context "
+        "segments [B, K, S_j, H], keys then values");
+  }
+  Attention a;
+  a.q = q.typed_data();
+  a.block_k = block_k.typed_data();
+  a.block_v = block_v.typed_data();
+  a.lengths = lengths.typed_data();
+  a.out = out->typed_data();
+  a.k = qd[0], a.g = qd[1], a.h = qd[2], a.b = qd[3], a.t = qd[4];
+  a.scale = 1.0f / std::sqrt(static_cast<float>(a.h));
+  const size_t segments = ctx.size() / 2;
+  for (size_t j = 0; j < segments; ++j) {
+    auto kj = ctx.get<ffi::Buffer<ffi::F32>>(j);
+    auto vj = ctx.get<ffi::Buffer<ffi::F32>>(segments + j);
+    if (kj.has_error() || vj.has_error()) return ffi::Error::InvalidArgument("attention: context must be float32");
+    auto sd = kj->dimensions();
+    if (sd.size() != 4 || sd[0] != a.b || sd[1] != a.k || sd[3] != a.h || !SameDims(vj->dimensions(), sd)) {
+      return ffi::Error::InvalidArgument("attention: a context segment is not [B, K, S_j, H]");
+    }
+    a.ctx_k.push_back(kj->typed_data());
+    a.ctx_v.push_back(vj->typed_data());
+    a.ctx_len.push_back(sd[2]);
+  }
+  tandem::ParallelFor(pool, a.b * a.k, [&a](int64_t task) { AttendRowHead(a, task / a.k, task % a.k); });
+  return ffi::Error::Success();
+}
+
+// y[:, n] = x[:, n] / sqrt(mean(x[:, n]^2) + eps) * weight, the sum of squares in input order.
+ffi::Error RmsNormImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::ResultBuffer<ffi::F32> y,
+                       float eps) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || weight.dimensions().size() != 1 || weight.dimensions()[0] != xd[0]) {
+    return ffi::Error::InvalidArgument("rms_norm: expected x [D, N] and weight [D]");
+  }
+  const int64_t d = xd[0], n = xd[1];
+  const float* xp = x.typed_data();
+  const float* w = weight.typed_data();
+  float* yp = y->typed_data();
+  for (int64_t c = 0; c < n; ++c) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < d; ++i) ss = std::fma(xp[i * n + c], xp[i * n + c], ss);
+    const float r = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+    for (int64_t i = 0; i < d; ++i) yp[i * n + c] = xp[i * n + c] * r * w[i];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemAttention, AttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemRmsNorm, RmsNormImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps"));
