@@ -64,14 +64,26 @@ struct Attention {
   float scale;
 };
 
-// Every query of row `row` and key/value head `kh`.
-void AttendRowHead(const Attention& a, int64_t row, int64_t kh) {
+// acc [H] += p * v [H], H a multiple of 8 up to 128 kept in registers across a run of positions by the caller's
+// loop (the compiler unrolls the fixed trip count).
+template <int H>
+inline void AxpyFixed(float p, const float* v, __m256* acc) {
+  const __m256 pp = _mm256_set1_ps(p);
+  for (int i = 0; i < H / 8; ++i) acc[i] = _mm256_fmadd_ps(pp, _mm256_loadu_ps(v + 8 * i), acc[i]);
+}
+
+// One query: query head (kh, gi) of token ti in row `row`.
+template <int H>  // 0: any head size
+void AttendQuery(const Attention& a, int64_t row, int64_t kh, int64_t gi, int64_t ti) {
   int64_t total = 0;
   for (int64_t s : a.ctx_len) total += s;
   const int64_t cached = std::clamp<int64_t>(a.lengths[row], 0, total);
-  std::vector<float> q(a.h), acc(a.h), scores(cached + a.t);
-  // The positions a query reads, in order: cached ones segment by segment, then the block's first u + 1 tokens.
-  auto for_each_position = [&](int64_t u_end, auto&& fn) {
+  thread_local std::vector<float> q, acc, scores;
+  q.resize(a.h);
+  acc.assign(a.h, 0.0f);
+  scores.resize(cached + a.t);
+  // The positions the query reads, in order: cached ones segment by segment, then the block's first ti + 1 tokens.
+  auto for_each_position = [&](auto&& fn) {
     int64_t pos = 0;
     for (size_t j = 0; j < a.ctx_len.size() && pos < cached; ++j) {
       const int64_t n = std::min(a.ctx_len[j], cached - pos);
@@ -79,28 +91,34 @@ void AttendRowHead(const Attention& a, int64_t row, int64_t kh) {
       for (int64_t s = 0; s < n; ++s, ++pos) fn(pos, a.ctx_k[j] + base + s * a.h, a.ctx_v[j] + base + s * a.h);
     }
     const int64_t base = (row * a.k + kh) * a.t * a.h;
-    for (int64_t u = 0; u < u_end; ++u, ++pos) fn(pos, a.block_k + base + u * a.h, a.block_v + base + u * a.h);
+    for (int64_t u = 0; u <= ti; ++u, ++pos) fn(pos, a.block_k + base + u * a.h, a.block_v + base + u * a.h);
   };
-  for (int64_t gi = 0; gi < a.g; ++gi) {
-    for (int64_t ti = 0; ti < a.t; ++ti) {
-      const int64_t lane = (kh * a.g + gi) * a.h * a.b * a.t + row * a.t + ti;  // element (kh, gi, 0, row, ti)
-      for (int64_t i = 0; i < a.h; ++i) q[i] = a.q[lane + i * a.b * a.t];
-      float m = -INFINITY;
-      for_each_position(ti + 1, [&](int64_t pos, const float* key, const float*) {
-        scores[pos] = Dot(q.data(), key, a.h) * a.scale;
-        m = std::max(m, scores[pos]);
-      });
-      float denom = 0.0f;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for_each_position(ti + 1, [&](int64_t pos, const float*, const float* value) {
-        const float p = std::exp(scores[pos] - m);
-        denom += p;
-        Axpy(p, value, acc.data(), a.h);
-      });
-      const float inv = 1.0f / std::max(denom, 1e-30f);
-      for (int64_t i = 0; i < a.h; ++i) a.out[lane + i * a.b * a.t] = acc[i] * inv;
-    }
+  const int64_t lane = (kh * a.g + gi) * a.h * a.b * a.t + row * a.t + ti;  // element (kh, gi, 0, row, ti)
+  for (int64_t i = 0; i < a.h; ++i) q[i] = a.q[lane + i * a.b * a.t];
+  float m = -INFINITY;
+  for_each_position([&](int64_t pos, const float* key, const float*) {
+    scores[pos] = Dot(q.data(), key, a.h) * a.scale;
+    m = std::max(m, scores[pos]);
+  });
+  float denom = 0.0f;
+  if constexpr (H > 0) {
+    __m256 regs[H / 8];
+    for (auto& r : regs) r = _mm256_setzero_ps();
+    for_each_position([&](int64_t pos, const float*, const float* value) {
+      const float p = std::exp(scores[pos] - m);
+      denom += p;
+      AxpyFixed<H>(p, value, regs);
+    });
+    for (int i = 0; i < H / 8; ++i) _mm256_storeu_ps(acc.data() + 8 * i, regs[i]);
+  } else {
+    for_each_position([&](int64_t pos, const float*, const float* value) {
+      const float p = std::exp(scores[pos] - m);
+      denom += p;
+      Axpy(p, value, acc.data(), a.h);
+    });
   }
+  const float inv = 1.0f / std::max(denom, 1e-30f);
+  for (int64_t i = 0; i < a.h; ++i) a.out[lane + i * a.b * a.t] = acc[i] * inv;
 }
 
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> block_k,
@@ -136,7 +154,12 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
     a.ctx_v.push_back(vj->typed_data());
     a.ctx_len.push_back(sd[2]);
   }
-  tandem::ParallelFor(pool, a.b * a.k, [&a](int64_t task) { AttendRowHead(a, task / a.k, task % a.k); });
+  // One task per query: its work depends on nothing else, and fine tasks share few rows' heads over the threads evenly.
+  auto run = a.h == 64 ? AttendQuery<64> : AttendQuery<0>;
+  tandem::ParallelFor(pool, a.b * a.k * a.g * a.t, [&a, run](int64_t task) {
+    const int64_t ti = task % a.t, gi = task / a.t % a.g, kh = task / (a.t * a.g) % a.k, row = task / (a.t * a.g * a.k);
+    run(a, row, kh, gi, ti);
+  });
   return ffi::Error::Success();
 }
 
