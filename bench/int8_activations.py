@@ -3,11 +3,15 @@ kernel's dot form, `BundleConfig(int8_activations=...)`) and attention and norms
 (`PrimaryRunner(fixed_order=...)`). Prints the block cost at k = 1..16 after 256 cached tokens for the three
 configurations, interleaved, then how far a 2-token verify's logits and states land from two one-token steps': with
 8-bit inputs but XLA's attention the rounding turns XLA's last-bit differences into different tokens; in fixed order
-they are bitwise equal. Usage: `.venv/bin/python bench/int8_activations.py` (~3 min)."""
+they are bitwise equal; last, what the 8-bit inputs cost in accuracy: cross-entropy of both input forms on a text
+(default: this README) and how often their top-1 predictions agree.
+Usage: `.venv/bin/python bench/int8_activations.py [TEXT]` (~5 min)."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -42,7 +46,28 @@ def verify_against_steps(runner: PrimaryRunner, ids: list[int]) -> dict[str, flo
     }
 
 
-def main(context: int = 256, max_k: int = 16) -> None:
+def accuracy(runners: dict[bool, PrimaryRunner], ids: list[int], window: int = 256, most: int = 4096) -> dict:
+    """Mean next-token cross-entropy (nats) of float and 8-bit inputs over windows of the text, and top-1 agreement."""
+    ce: dict[bool, list[np.ndarray]] = {act: [] for act in runners}
+    top: dict[bool, list[np.ndarray]] = {act: [] for act in runners}
+    for start in range(0, min(len(ids), most) - window, window):
+        chunk = ids[start : start + window + 1]
+        for act, runner in runners.items():
+            runner.truncate(0, 0)
+            logits = runner.forward(np.asarray([chunk[:-1]])).logits[0].astype(np.float64)  # [T, V]
+            logits -= logits.max(axis=-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+            ce[act].append(-logp[np.arange(window), chunk[1:]])
+            top[act].append(logits.argmax(axis=-1))
+    return {
+        "tokens": int(sum(len(c) for c in ce[False])),
+        "ce_float_inputs": float(np.concatenate(ce[False]).mean()),
+        "ce_8bit_inputs": float(np.concatenate(ce[True]).mean()),
+        "top1_agreement": float((np.concatenate(top[False]) == np.concatenate(top[True])).mean()),
+    }
+
+
+def main(text: Path, context: int = 256, max_k: int = 16) -> None:
     params = {act: load_primary_params(BundleConfig(int8_activations=act)) for act in (False, True)}
     runners = {}
     for name, (act, fixed) in CONFIGS.items():
@@ -55,7 +80,9 @@ def main(context: int = 256, max_k: int = 16) -> None:
     ids = tokenizer.encode(PROMPT)
     for name, runner in runners.items():
         print(json.dumps({"config": name, "verify_vs_steps": verify_against_steps(runner, ids)}))
+    served = {act: runners[name] for name, (act, fixed) in CONFIGS.items() if fixed}
+    print(json.dumps({"text": str(text), **accuracy(served, tokenizer.encode(text.read_text()))}))
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parents[1] / "README.md")
