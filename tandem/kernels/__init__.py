@@ -11,8 +11,8 @@ float32 they are the float model; XLA then streams 4 bytes per weight on every s
 - 8-bit inputs (the dot form, `QPanels.dot`, what the served primary's Q4_1 layers use): each column of x is
   quantized per 32-input block (scale max|x| / 127, as GGUF's Q8_0 and llama.cpp's CPU products of Q4_1 weights do)
   and multiplied in integers (vpmaddubsw + vpmaddwd), any number of columns. On the 2-core Zen 4 EPYC the four
-  layer products of all 30 layers cost 0.6x / 0.4x / 0.3x the float-input kernel's time at 1 / 4 / 8 columns; the
-  model's cross-entropy on held-out prose rises by 0.2-0.4% (README, Speed).
+  layer products of all 30 layers cost 0.61x / 0.50x / 0.45x the float-input kernel's time at 1 / 4 / 8 columns
+  (`bench/panel_forms.py`); the model's cross-entropy on the README rises by 0.24% (README, Speed).
 
 Every output element is one sum over the inputs in a fixed order, so a column's result is bitwise the same whatever
 the other columns are (tests/test_kernels.py). `attention` and `rms_norm` do the same for the rest of a pass: each
