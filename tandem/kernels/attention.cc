@@ -59,6 +59,7 @@ struct Attention {
   std::vector<const float*> ctx_k;  // segments [B, K, S_j, H], in position order
   std::vector<const float*> ctx_v;
   std::vector<int64_t> ctx_len;   // S_j
+  int64_t ctx_total = 0;          // sum of S_j
   float* out;                     // [K, G, H, B, T]
   int64_t b, t, k, g, h;
   float scale;
@@ -75,9 +76,7 @@ inline void AxpyFixed(float p, const float* v, __m256* acc) {
 // One query: query head (kh, gi) of token ti in row `row`.
 template <int H>  // 0: any head size
 void AttendQuery(const Attention& a, int64_t row, int64_t kh, int64_t gi, int64_t ti) {
-  int64_t total = 0;
-  for (int64_t s : a.ctx_len) total += s;
-  const int64_t cached = std::clamp<int64_t>(a.lengths[row], 0, total);
+  const int64_t cached = std::clamp<int64_t>(a.lengths[row], 0, a.ctx_total);
   thread_local std::vector<float> q, acc, scores;
   q.resize(a.h);
   acc.assign(a.h, 0.0f);
@@ -153,6 +152,7 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
     a.ctx_k.push_back(kj->typed_data());
     a.ctx_v.push_back(vj->typed_data());
     a.ctx_len.push_back(sd[2]);
+    a.ctx_total += sd[2];
   }
   // One task per query: its work depends on nothing else, and fine tasks share few rows' heads over the threads evenly.
   auto run = a.h == 64 ? AttendQuery<64> : AttendQuery<0>;

@@ -20,9 +20,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdint>
 #include <cmath>
-#include <memory>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "parallel.h"
@@ -97,19 +97,27 @@ inline void Tile(const Problem& pr, int64_t p, int64_t c0) {
   }
 }
 
-template <bool kFour>
-void Panels(const Problem& pr, int64_t p_begin, int64_t p_end) {
-  for (int64_t c0 = 0; c0 < pr.n; c0 += 4) {
-    const int64_t cols = std::min<int64_t>(4, pr.n - c0);
+// Runs tile(cols, p, c0) over panels [p_begin, p_end) and all n columns, up to 4 columns per tile; cols is a
+// std::integral_constant, so each tile width gets its own unrolled code.
+template <typename TileFn>
+void ForEachTile(int64_t n, int64_t p_begin, int64_t p_end, TileFn&& tile) {
+  for (int64_t c0 = 0; c0 < n; c0 += 4) {
+    const int64_t cols = std::min<int64_t>(4, n - c0);
     for (int64_t p = p_begin; p < p_end; ++p) {
       switch (cols) {
-        case 1: Tile<1, kFour>(pr, p, c0); break;
-        case 2: Tile<2, kFour>(pr, p, c0); break;
-        case 3: Tile<3, kFour>(pr, p, c0); break;
-        default: Tile<4, kFour>(pr, p, c0); break;
+        case 1: tile(std::integral_constant<int, 1>{}, p, c0); break;
+        case 2: tile(std::integral_constant<int, 2>{}, p, c0); break;
+        case 3: tile(std::integral_constant<int, 3>{}, p, c0); break;
+        default: tile(std::integral_constant<int, 4>{}, p, c0); break;
       }
     }
   }
+}
+
+template <bool kFour>
+void Panels(const Problem& pr, int64_t p_begin, int64_t p_end) {
+  ForEachTile(pr.n, p_begin, p_end,
+              [&pr](auto cols, int64_t p, int64_t c0) { Tile<decltype(cols)::value, kFour>(pr, p, c0); });
 }
 
 // Splits the panels over XLA's intra-op thread pool in chunks of 8 panels (64 rows: each task's weights contiguous)
@@ -141,12 +149,11 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return Run<Problem, Panels<kFour>>(pool, pr, qd[0]);
 }
 
-
 // ---- Integer dot products: 4-bit weights times activations quantized to 8 bits (TandemQMatmul4Dot). ----
 //
 // The layout keeps 8 rows' 8 consecutive inputs in 32 bytes: byte (p, g, r, j) of q [P, I/8, 8, 4] holds input 8g+j
-// of row p*8+r in its low nibble and input 8g+4+j in its high one, so a masked load gives each row's 4 inputs in the
-// 32-bit lane vpdpbusd (or vpmaddubsw + vpmaddwd) multiplies against 4 bytes of a column. Each column is quantized
+// of row p*8+r in its low nibble and input 8g+4+j in its high one, so one load and a mask (or a shift and a mask)
+// give each row's 4 inputs in the 32-bit lane that vpmaddubsw + vpmaddwd multiply against 4 bytes of a column. Each column is quantized
 // per 32-input block like GGUF's Q8_0 (d = max|x| / 127, xq = round(x / d)) by the calling thread first, and
 //   y[o, n] = sum over blocks b of  scale[o, b] * d[n, b] * (sum_i q[o, i] * xq[i, n])  +  offset[o, b] * sum_i x[i, n]
 // with the integer sums exact and the float ones in block order: a column's result depends on that column alone.
@@ -211,17 +218,8 @@ inline void DotTile(const DotProblem& pr, int64_t p, int64_t c0) {
 }
 
 void DotPanels(const DotProblem& pr, int64_t p_begin, int64_t p_end) {
-  for (int64_t c0 = 0; c0 < pr.n; c0 += 4) {
-    const int64_t cols = std::min<int64_t>(4, pr.n - c0);
-    for (int64_t p = p_begin; p < p_end; ++p) {
-      switch (cols) {
-        case 1: DotTile<1>(pr, p, c0); break;
-        case 2: DotTile<2>(pr, p, c0); break;
-        case 3: DotTile<3>(pr, p, c0); break;
-        default: DotTile<4>(pr, p, c0); break;
-      }
-    }
-  }
+  ForEachTile(pr.n, p_begin, p_end,
+              [&pr](auto cols, int64_t p, int64_t c0) { DotTile<decltype(cols)::value>(pr, p, c0); });
 }
 
 // Quantizes x [I, N] column by column into 32-input blocks: xq [N, I], xd and xs [N, I/32].
