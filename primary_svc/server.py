@@ -38,7 +38,7 @@ class PrimaryServiceConfig:
     batching: BatchingConfig = BatchingConfig()  # sessions per batched model call and the batching window
     compile_at_start: bool = False  # compile every decode/verify and prefill bucket before reporting SERVING
     prefix_rows: int = 4  # prompts whose first positions later prompts may reuse (tandem.kvcache.PrefixCache); 0 = off
-    int8_activations: bool = True  # Q4_1 layer products on 8-bit inputs, where the CPU kernel runs (BundleConfig)
+    int8_activations: bool = True  # Q4_1 layer and Q8_0 head products on 8-bit inputs on the CPU kernel (BundleConfig)
 
 
 def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceServer:
@@ -110,7 +110,8 @@ def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:
         "--activations",
         choices=("int8", "float32"),
         default=env("TANDEM_ACTIVATIONS", "int8"),
-        help="inputs of the Q4_1 layer products on the CPU kernel: int8 (per 32-input block, as llama.cpp) or float32",
+        help="inputs of the Q4_1 layer and Q8_0 head products on the CPU kernel: int8 (per 32-input block, as "
+        "llama.cpp) or float32",
     )
     add_batching_flags(p, "TANDEM_PRIMARY")
     add_compile_flag(p)

@@ -44,7 +44,7 @@ class BundleConfig:
     drafter_seed: int = 0
     prefix_rows: int = 4  # the primary's prefix cache rows (tandem.kvcache.PrefixCache); 0 = off
     quantize_drafters: bool = True  # drafters' products as Q8_0 for the int8 kernel, where it runs (secondary.quantize)
-    # the primary's Q4_1 layer products take 8-bit inputs and integer dot products, where the kernel runs
+    # the primary's Q4_1 layer and Q8_0 head products take 8-bit inputs and integer dot products, where the kernel runs
     # (tandem.primary.params_from_state_dict); lossless because the pass runs in the kernels' fixed order
     # (PrimaryRunner.fixed_order), which makes a token's outputs bitwise the same in any block and batch
     int8_activations: bool = True

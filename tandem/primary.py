@@ -69,10 +69,10 @@ def params_from_state_dict(
         blocks: the same matrices as integers with block scales (`checkpoints.gguf_quant_blocks`), whose dequantized
             values must be the arrays in `sd`. A fused weight whose parts all have blocks, and the head, then also get
             integer panels for the CPU kernel (`tandem.kernels`); nothing else changes.
-        int8_activations: the layers' 4-bit panels come in the dot form (`tandem.kernels.QPanels.dot`): their
-            products quantize each token's inputs to 8 bits per 32-input block, as llama.cpp's CPU products of Q4_1
-            weights do, and run integer dot products. The model then differs from the float32 one by that rounding
-            (the head keeps float inputs).
+        int8_activations: the layers' 4-bit panels and the head's 8-bit ones come in the dot forms
+            (`tandem.kernels.QPanels.dot`): their products quantize each token's inputs to 8 bits per 32-input block,
+            as llama.cpp's CPU products of Q4_1 and Q8_0 weights do, and run integer dot products. The model then
+            differs from the float32 one by that rounding.
 
     Returns:
         LlamaParams; query head n belongs to key/value head n // G, as in HF's repeat_kv.
@@ -124,7 +124,7 @@ def params_from_state_dict(
         layers=tuple(layer(i) for i in range(cfg.n_layers)),
         final_norm=jnp.asarray(sd["model.norm.weight"], dtype),
         lm_head=head,
-        head_panels=panels([head_name]),
+        head_panels=panels([head_name], dot=int8_activations),
     )
 
 

@@ -68,14 +68,26 @@ def dot_reference(q: np.ndarray, scale: np.ndarray, offset: np.ndarray, x: np.nd
     return (scale[..., None] * d * dots + offset[..., None] * sums).sum(axis=1)
 
 
+def q8_blocks(out: int, inp: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q8_0 blocks (signed integers, float16 scales, no offsets) of a random weight, with a -128 in the first block
+    (GGUF's quantizer never writes one, a file may hold one)."""
+    q, scale, offset = kernels.quantize_q8(np.random.default_rng(seed).standard_normal((out, inp)).astype(np.float32))
+    q[0, 0] = -128
+    return q, scale, offset
+
+
 @needs_kernel
+@pytest.mark.parametrize("form", ["4-bit", "8-bit"])
 @pytest.mark.parametrize(("out", "inp", "n"), [(8, 32, 1), (24, 64, 3), (960, 576, 8), (576, 1536, 13)])
-def test_dot_form_matches_its_float64_reference(out: int, inp: int, n: int) -> None:
-    blocks = random_blocks(out, inp, seed=7)
+def test_dot_form_matches_its_float64_reference(form: str, out: int, inp: int, n: int) -> None:
+    blocks = random_blocks(out, inp, seed=7) if form == "4-bit" else q8_blocks(out, inp, seed=7)
     x = np.random.default_rng(8).standard_normal((inp, n)).astype(np.float32)
     x[:32, 0] = 0.0  # an all-zero block quantizes to zeros
+    x[inp - 1, -1] = -4 * np.abs(x[inp - 32 :, -1]).max()  # a block whose extreme input quantizes to -127
     panels = kernels.to_panels(*blocks, dot=True)
-    assert panels.dot and panels.q.shape == (out // 8, inp // 8, 8, 4)
+    per_group = 8 if form == "4-bit" else 4
+    assert panels.dot and panels.four_bit == (form == "4-bit")
+    assert panels.q.shape == (out // 8, inp // per_group, 8, 4) and (panels.offset is None) == (form == "8-bit")
     got = np.asarray(kernels.qmatmul(panels, jnp.asarray(x)))
     want = dot_reference(*blocks, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -84,8 +96,10 @@ def test_dot_form_matches_its_float64_reference(out: int, inp: int, n: int) -> N
 
 
 @needs_kernel
-def test_dot_form_columns_are_bitwise_independent_at_any_width() -> None:
-    panels = kernels.to_panels(*random_blocks(576, 576, seed=9), dot=True)
+@pytest.mark.parametrize("form", ["4-bit", "8-bit"])
+def test_dot_form_columns_are_bitwise_independent_at_any_width(form: str) -> None:
+    blocks = random_blocks(576, 576, seed=9) if form == "4-bit" else q8_blocks(576, 576, seed=9)
+    panels = kernels.to_panels(*blocks, dot=True)
     layer = kernels.QLinear(jnp.zeros((576, 576), jnp.float32), panels)
     rng = np.random.default_rng(10)
     x = rng.standard_normal((576, 3)).astype(np.float32)
@@ -121,29 +135,30 @@ def test_fixed_order_attention_matches_the_two_part_attention() -> None:
 
 
 @needs_kernel
-def test_fixed_order_attention_gives_a_query_bitwise_the_same_output_however_its_past_is_split() -> None:
+@pytest.mark.parametrize("cached", [6, 7])  # 7: the moved token completes a run of 8 cached keys, scored 8 at a time
+def test_fixed_order_attention_gives_a_query_bitwise_the_same_output_however_its_past_is_split(cached: int) -> None:
     """Query t of a block after L cached positions, against the same query after L + 1 cached positions (the block's
     first token moved into the cache), alone in a one-token block, and beside another row."""
-    q, blk_k, blk_v, lengths, ctx_k, ctx_v = attention_inputs(3, [6], (8, 8))
+    q, blk_k, blk_v, lengths, ctx_k, ctx_v = attention_inputs(3, [cached], (8, 8))
     full = np.asarray(kernels.attention(*map(jnp.asarray, (q, blk_k, blk_v, lengths)), ctx_k, ctx_v))
     moved_k, moved_v = ctx_k[0].copy(), ctx_v[0].copy()
-    moved_k[:, :, 6], moved_v[:, :, 6] = blk_k[:, :, 0], blk_v[:, :, 0]
+    moved_k[:, :, cached], moved_v[:, :, cached] = blk_k[:, :, 0], blk_v[:, :, 0]
     later = kernels.attention(
         jnp.asarray(q[..., 1:]),
         jnp.asarray(blk_k[:, :, 1:]),
         jnp.asarray(blk_v[:, :, 1:]),
-        jnp.asarray([7]),
+        jnp.asarray([cached + 1]),
         (jnp.asarray(moved_k), jnp.asarray(ctx_k[1])),
         (jnp.asarray(moved_v), jnp.asarray(ctx_v[1])),
     )
     np.testing.assert_array_equal(np.asarray(later), full[..., 1:])
     alone = kernels.attention(*map(jnp.asarray, (q[..., :1], blk_k[:, :, :1], blk_v[:, :, :1], lengths)), ctx_k, ctx_v)
     np.testing.assert_array_equal(np.asarray(alone), full[..., :1])
-    q2, k2, v2, _, c2k, c2v = attention_inputs(3, [6], (8, 8), seed=1)  # a second row beside it
+    q2, k2, v2, _, c2k, c2v = attention_inputs(3, [cached], (8, 8), seed=1)  # a second row beside it
     pair = kernels.attention(
         jnp.asarray(np.concatenate([q, q2], axis=3)),
         *(jnp.asarray(np.concatenate(a, axis=0)) for a in ((blk_k, k2), (blk_v, v2))),
-        jnp.asarray([6, 3]),
+        jnp.asarray([cached, 3]),
         tuple(jnp.asarray(np.concatenate(a, axis=0)) for a in zip(ctx_k, c2k, strict=True)),
         tuple(jnp.asarray(np.concatenate(a, axis=0)) for a in zip(ctx_v, c2v, strict=True)),
     )

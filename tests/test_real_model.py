@@ -65,7 +65,7 @@ def test_the_served_primary_runs_its_products_on_integer_panels(bundle: Bundle) 
         for layer in params.layers:
             for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down):
                 assert isinstance(w, kernels.QLinear) and w.panels is not None and w.panels.four_bit and w.panels.dot
-        assert params.head_panels is not None and not params.head_panels.four_bit
+        assert params.head_panels is not None and not params.head_panels.four_bit and params.head_panels.dot
 
 
 def test_logits_match_independent_numpy_forward(bundle: Bundle) -> None:

@@ -8,11 +8,12 @@ float32 they are the float model; XLA then streams 4 bytes per weight on every s
   and other 8-bit blocks one integer per byte with float32 scales (1.25 bytes); each weight is dequantized in
   registers to exactly the float32 weight the loader produces. Up to MAX_COLUMNS tokens; wider products (batches of
   many sessions) go to XLA, which is compute-bound there and faster;
-- 8-bit inputs (the dot form, `QPanels.dot`, what the served primary's Q4_1 layers use): each column of x is
-  quantized per 32-input block (scale max|x| / 127, as GGUF's Q8_0 and llama.cpp's CPU products of Q4_1 weights do)
-  and multiplied in integers (vpmaddubsw + vpmaddwd), any number of columns. On the 2-core Zen 4 EPYC the four
-  layer products of all 30 layers cost 0.61x / 0.50x / 0.45x the float-input kernel's time at 1 / 4 / 8 columns
-  (`bench/panel_forms.py`); the model's cross-entropy on the README rises by 0.24% (README, Speed).
+- 8-bit inputs (the dot forms, `QPanels.dot`, what the served primary's Q4_1 layers and Q8_0 head use): each column
+  of x is quantized per 32-input block (scale max|x| / 127, as GGUF's Q8_0 and llama.cpp's CPU products of Q4_1 and
+  Q8_0 weights do) and multiplied in integers (vpmaddubsw + vpmaddwd; signed Q8_0 weights through vpsignb), any
+  number of columns. On the 2-core Zen 4 EPYC the four layer products of all 30 layers cost 0.61x / 0.50x / 0.45x
+  the float-input kernel's time at 1 / 4 / 8 columns (`bench/panel_forms.py`), the head 0.69x / 0.40x / 0.36x; the
+  model's cross-entropy on the README rises by 0.24% (README, Speed).
 
 Every output element is one sum over the inputs in a fixed order, so a column's result is bitwise the same whatever
 the other columns are (tests/test_kernels.py). `attention` and `rms_norm` do the same for the rest of a pass: each
@@ -56,6 +57,7 @@ MAX_COLUMNS = 8  # products with more columns run in XLA (compute-bound there; X
 _TARGET = "tandem_qmatmul"  # 8-bit panels
 _TARGET4 = "tandem_qmatmul4"  # 4-bit panels
 _TARGET_DOT = "tandem_qmatmul4_dot"  # 4-bit panels in the dot layout, inputs quantized to 8 bits
+_TARGET8_DOT = "tandem_qmatmul8_dot"  # 8-bit panels in the dot layout, inputs quantized to 8 bits
 _ATTENTION = "tandem_attention"  # fixed-order attention (attention.cc)
 _RMS_NORM = "tandem_rms_norm"
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "attention.cc"))
@@ -71,12 +73,13 @@ class QPanels:
     and offsets float16 values, as in GGUF's Q4_1): q [O/8, I/2, 8] uint8 with input i in the low and input i + 1 in
     the high nibble of q[p, i // 2, r] (i even); scale and offset float16. Dot form (4-bit integers whose product
     quantizes its inputs to 8 bits, `dot`): q [O/8, I/8, 8, 4] uint8 with input 8g + j in the low and 8g + 4 + j in
-    the high nibble of q[p, g, r, j]; scale and offset float16.
+    the high nibble of q[p, g, r, j]; scale and offset float16. 8-bit dot form (GGUF's Q8_0: signed integers, no
+    offsets): q [O/8, I/4, 8, 4] int8 with q[p, g, r, j] = input 4g + j of row 8p + r; scale float16; offset None.
     """
 
-    q: jax.Array  # [O/8, I, 8] int8, [O/8, I/2, 8] uint8 (4-bit) or [O/8, I/8, 8, 4] uint8 (dot form)
-    scale: jax.Array  # [O/8, I/32, 8] float32, or float16 (4-bit and dot form)
-    offset: jax.Array  # [O/8, I/32, 8] float32, or float16 (4-bit and dot form)
+    q: jax.Array  # [O/8, I, 8] int8, [O/8, I/2, 8] uint8 (4-bit), [O/8, I/8, 8, 4] uint8 or [O/8, I/4, 8, 4] int8 (dot)
+    scale: jax.Array  # [O/8, I/32, 8] float32, or float16 (4-bit and dot forms)
+    offset: jax.Array | None  # [O/8, I/32, 8] float32, or float16 (4-bit and dot forms); None: zero (8-bit dot form)
 
     @property
     def four_bit(self) -> bool:
@@ -86,6 +89,13 @@ class QPanels:
     def dot(self) -> bool:
         """The product quantizes its inputs to 8 bits per 32-input block and runs integer dot products."""
         return self.q.ndim == 4
+
+    @property
+    def target(self) -> str:
+        """The FFI custom call that multiplies these panels."""
+        if self.dot:
+            return _TARGET_DOT if self.four_bit else _TARGET8_DOT
+        return _TARGET4 if self.four_bit else _TARGET
 
 
 @struct.dataclass
@@ -148,7 +158,8 @@ def _fits_half(a: np.ndarray) -> bool:
 def to_panels(q: np.ndarray, scale: np.ndarray, offset: np.ndarray, dot: bool = False) -> QPanels:
     """Row-blocked integers ([O, I] int8, scale and offset [O, I/32]) to the kernel's 8-row panels: 4-bit ones when
     every integer lies in 0..15 and every scale and offset is a float16 value (GGUF's Q4_1), else 8-bit ones. With
-    `dot`, 4-bit ones come in the dot form (`QPanels.dot`: their products quantize the inputs to 8 bits).
+    `dot`, 4-bit ones, and 8-bit ones whose scales are float16 values and offsets zero (GGUF's Q8_0), come in the dot
+    form (`QPanels.dot`: their products quantize the inputs to 8 bits).
 
     Raises:
         ValueError: O is not a multiple of 8 or I not a multiple of 32.
@@ -171,6 +182,13 @@ def to_panels(q: np.ndarray, scale: np.ndarray, offset: np.ndarray, dot: bool = 
             q=jnp.asarray(packed),
             scale=jnp.asarray(panels(scale.astype(np.float16))),
             offset=jnp.asarray(panels(offset.astype(np.float16))),
+        )
+    if dot and _fits_half(scale) and not offset.any():  # [O/8, I/4, 8, 4]: input 4g + j of row r at [g, r, j]
+        groups = panels(q.astype(np.int8)).reshape(o // PANEL, i // 4, 4, PANEL)
+        return QPanels(
+            q=jnp.asarray(np.ascontiguousarray(groups.transpose(0, 1, 3, 2))),
+            scale=jnp.asarray(panels(scale.astype(np.float16))),
+            offset=None,
         )
     return QPanels(
         q=jnp.asarray(panels(q.astype(np.int8))),
@@ -238,8 +256,8 @@ def qmatmul(panels: QPanels, x: jax.Array) -> jax.Array:
     GGUF's Q8_0) and take integer dot products; their offsets multiply the block's float sum of x.
     """
     out = jax.ShapeDtypeStruct((panels.q.shape[0] * PANEL, x.shape[1]), jnp.float32)
-    target = _TARGET_DOT if panels.dot else _TARGET4 if panels.four_bit else _TARGET
-    return jax.ffi.ffi_call(target, out)(x.astype(jnp.float32), panels.q, panels.scale, panels.offset)
+    weights = (panels.q, panels.scale) if panels.offset is None else (panels.q, panels.scale, panels.offset)
+    return jax.ffi.ffi_call(panels.target, out)(x.astype(jnp.float32), *weights)
 
 
 @functools.cache
@@ -259,6 +277,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.TandemQMatmul), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET4, jax.ffi.pycapsule(lib.TandemQMatmul4), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET_DOT, jax.ffi.pycapsule(lib.TandemQMatmul4Dot), platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET8_DOT, jax.ffi.pycapsule(lib.TandemQMatmul8Dot), platform="cpu")
         jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.TandemAttention), platform="cpu")
         jax.ffi.register_ffi_target(_RMS_NORM, jax.ffi.pycapsule(lib.TandemRmsNorm), platform="cpu")
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:

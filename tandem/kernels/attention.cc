@@ -41,6 +41,22 @@ inline float Dot(const float* a, const float* b, int64_t h) {
   return sum;
 }
 
+// Dot(a, keys + j * h, h) for the 8 keys j = 0..7 (rows of keys [8, h], h a multiple of 8): each key's 8 lanes of
+// fused multiply-adds as in Dot, then the 8 sums' lanes added by horizontal adds in Dot's own tree, bitwise equal.
+inline __m256 Dot8(const float* a, const float* keys, int64_t h) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(keys + j * h));
+  for (int64_t i = 8; i < h; i += 8) {
+    const __m256 ai = _mm256_loadu_ps(a + i);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(ai, _mm256_loadu_ps(keys + j * h + i), acc[j]);
+  }
+  // hadd pairs neighbouring lanes within each 128-bit half: after two rounds, half 0 of quad holds (t0+t1)+(t2+t3)
+  // and half 1 (t4+t5)+(t6+t7) of each of its 4 keys; adding the halves finishes the tree.
+  const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+}
+
 // acc[i] += p * v[i]
 inline void Axpy(float p, const float* v, float* acc, int64_t h) {
   int64_t i = 0;
@@ -49,6 +65,26 @@ inline void Axpy(float p, const float* v, float* acc, int64_t h) {
     _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pp, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
   }
   for (; i < h; ++i) acc[i] = std::fma(p, v[i], acc[i]);
+}
+
+// exp(x) for 8 lanes at once (x <= 0 here: scores less their maximum): x = n ln 2 + r with |r| <= ln 2 / 2, e^r by
+// Cephes' degree-6 polynomial for float, times 2^n through the exponent bits; within ~2 ulp of expf, and each lane's
+// value depends on that lane's x alone. Below -87 (where 2^n leaves the normal floats) it returns e^-87 ~ 1.6e-38.
+inline __m256 Exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
 }
 
 struct Attention {
@@ -80,40 +116,57 @@ void AttendQuery(const Attention& a, int64_t row, int64_t kh, int64_t gi, int64_
   thread_local std::vector<float> q, acc, scores;
   q.resize(a.h);
   acc.assign(a.h, 0.0f);
-  scores.resize(cached + a.t);
-  // The positions the query reads, in order: cached ones segment by segment, then the block's first ti + 1 tokens.
-  auto for_each_position = [&](auto&& fn) {
+  scores.resize((cached + a.t + 7) / 8 * 8);  // whole vectors for Exp8
+  // The positions the query reads, in order, as runs of consecutive keys and values [n, H]: cached ones segment by
+  // segment, then the block's first ti + 1 tokens. fn(first position, keys, values, n).
+  auto for_each_run = [&](auto&& fn) {
     int64_t pos = 0;
     for (size_t j = 0; j < a.ctx_len.size() && pos < cached; ++j) {
       const int64_t n = std::min(a.ctx_len[j], cached - pos);
       const int64_t base = (row * a.k + kh) * a.ctx_len[j] * a.h;
-      for (int64_t s = 0; s < n; ++s, ++pos) fn(pos, a.ctx_k[j] + base + s * a.h, a.ctx_v[j] + base + s * a.h);
+      fn(pos, a.ctx_k[j] + base, a.ctx_v[j] + base, n);
+      pos += n;
     }
     const int64_t base = (row * a.k + kh) * a.t * a.h;
-    for (int64_t u = 0; u <= ti; ++u, ++pos) fn(pos, a.block_k + base + u * a.h, a.block_v + base + u * a.h);
+    fn(pos, a.block_k + base, a.block_v + base, ti + 1);
+  };
+  auto for_each_position = [&](auto&& fn) {
+    for_each_run([&](int64_t pos, const float* keys, const float* values, int64_t n) {
+      for (int64_t s = 0; s < n; ++s) fn(pos + s, keys + s * a.h, values + s * a.h);
+    });
   };
   const int64_t lane = (kh * a.g + gi) * a.h * a.b * a.t + row * a.t + ti;  // element (kh, gi, 0, row, ti)
   for (int64_t i = 0; i < a.h; ++i) q[i] = a.q[lane + i * a.b * a.t];
-  float m = -INFINITY;
-  for_each_position([&](int64_t pos, const float* key, const float*) {
-    scores[pos] = Dot(q.data(), key, a.h) * a.scale;
-    m = std::max(m, scores[pos]);
+  // Scores: 8 keys at a time where a run has them (Dot8 is bitwise Dot), so where a run ends changes nothing.
+  const __m256 scale8 = _mm256_set1_ps(a.scale);
+  for_each_run([&](int64_t pos, const float* keys, const float*, int64_t n) {
+    int64_t s = 0;
+    if (a.h % 8 == 0) {
+      for (; s + 8 <= n; s += 8) _mm256_storeu_ps(&scores[pos + s], _mm256_mul_ps(Dot8(q.data(), keys + s * a.h, a.h), scale8));
+    }
+    for (; s < n; ++s) scores[pos + s] = Dot(q.data(), keys + s * a.h, a.h) * a.scale;
   });
+  const int64_t positions = cached + ti + 1;
+  float m = -INFINITY;
+  for (int64_t pos = 0; pos < positions; ++pos) m = std::max(m, scores[pos]);
+  const __m256 mm = _mm256_set1_ps(m);
+  for (int64_t pos = 0; pos < positions; pos += 8) {  // scores -> unnormalized probabilities, 8 at a time
+    float* sp = scores.data() + pos;
+    _mm256_storeu_ps(sp, Exp8(_mm256_sub_ps(_mm256_loadu_ps(sp), mm)));
+  }
   float denom = 0.0f;
   if constexpr (H > 0) {
     __m256 regs[H / 8];
     for (auto& r : regs) r = _mm256_setzero_ps();
     for_each_position([&](int64_t pos, const float*, const float* value) {
-      const float p = std::exp(scores[pos] - m);
-      denom += p;
-      AxpyFixed<H>(p, value, regs);
+      denom += scores[pos];
+      AxpyFixed<H>(scores[pos], value, regs);
     });
     for (int i = 0; i < H / 8; ++i) _mm256_storeu_ps(acc.data() + 8 * i, regs[i]);
   } else {
     for_each_position([&](int64_t pos, const float*, const float* value) {
-      const float p = std::exp(scores[pos] - m);
-      denom += p;
-      Axpy(p, value, acc.data(), a.h);
+      denom += scores[pos];
+      Axpy(scores[pos], value, acc.data(), a.h);
     });
   }
   const float inv = 1.0f / std::max(denom, 1e-30f);

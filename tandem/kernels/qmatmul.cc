@@ -149,65 +149,86 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return Run<Problem, Panels<kFour>>(pool, pr, qd[0]);
 }
 
-// ---- Integer dot products: 4-bit weights times activations quantized to 8 bits (TandemQMatmul4Dot). ----
+// ---- Integer dot products: weights times activations quantized to 8 bits (TandemQMatmul4Dot, TandemQMatmul8Dot). ----
 //
-// The layout keeps 8 rows' 8 consecutive inputs in 32 bytes: byte (p, g, r, j) of q [P, I/8, 8, 4] holds input 8g+j
-// of row p*8+r in its low nibble and input 8g+4+j in its high one, so one load and a mask (or a shift and a mask)
-// give each row's 4 inputs in the 32-bit lane that vpmaddubsw + vpmaddwd multiply against 4 bytes of a column. Each column is quantized
-// per 32-input block like GGUF's Q8_0 (d = max|x| / 127, xq = round(x / d)) by the calling thread first, and
+// Each column of x is quantized per 32-input block like GGUF's Q8_0 (d = max|x| / 127, xq = round(x / d)) by the
+// calling thread first, and
 //   y[o, n] = sum over blocks b of  scale[o, b] * d[n, b] * (sum_i q[o, i] * xq[i, n])  +  offset[o, b] * sum_i x[i, n]
 // with the integer sums exact and the float ones in block order: a column's result depends on that column alone.
+// Both layouts keep 8 rows' 4 consecutive inputs in one 32-byte vector, the 32-bit lane that vpmaddubsw + vpmaddwd
+// multiply against 4 bytes of a column:
+//   4-bit (Q4_1): q [P, I/8, 8, 4] uint8, byte (p, g, r, j) holding input 8g+j of row p*8+r in its low nibble and
+//                 input 8g+4+j in its high one, so one load and a mask (or a shift and a mask) give two vectors;
+//   8-bit (Q8_0): q [P, I/4, 8, 4] int8, byte (p, g, r, j) = input 4g+j of row p*8+r; no offsets. vpmaddubsw takes
+//                 unsigned bytes, so it multiplies |q| by x with q's sign moved onto x (vpsignb).
 
 struct DotProblem {
   const int8_t* xq;     // [N, I] quantized columns
   const float* xd;      // [N, I/32] their block scales
   const float* xs;      // [N, I/32] float sums of each block of x
-  const uint8_t* q;     // [P, I/8, 8, 4]
+  const uint8_t* q;     // 4-bit [P, I/8, 8, 4] or 8-bit [P, I/4, 8, 4]
   const uint16_t* scale;   // [P, I/32, 8] float16
-  const uint16_t* offset;  // [P, I/32, 8] float16
+  const uint16_t* offset;  // [P, I/32, 8] float16; null for 8-bit weights
   float* y;             // [P*8, N]
   int64_t in;
   int64_t n;
 };
 
 // acc + per 32-bit lane the sum of 4 products of unsigned w and signed x bytes: u8 * s8 pairs summed to int16 (at
-// most 2 * 15 * 127, so no saturation), then pairs of those to int32. (AVX-512 VNNI's vpdpbusd does it in one
+// most 2 * 128 * 127, so no saturation), then pairs of those to int32. (AVX-512 VNNI's vpdpbusd does it in one
 // instruction: ~20% faster products on a Zen 4 EPYC, not used, so that one build serves every AVX2 CPU.)
 inline __m256i Dot4(__m256i acc, __m256i w, __m256i x) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 }
 
-template <int TC>
+// Column c's 4 quantized inputs from input i on, broadcast to every 32-bit lane.
+inline __m256i Inputs4(const DotProblem& pr, int64_t c, int64_t i) {
+  int32_t v;
+  __builtin_memcpy(&v, pr.xq + c * pr.in + i, 4);
+  return _mm256_set1_epi32(v);
+}
+
+template <int TC, bool kEight>
 inline void DotTile(const DotProblem& pr, int64_t p, int64_t c0) {
+  constexpr int64_t kVectors = kEight ? 8 : 4;  // 32-byte weight vectors per 32-input block
   const __m256i low4 = _mm256_set1_epi8(15);
   __m256 acc[TC];
   for (int c = 0; c < TC; ++c) acc[c] = _mm256_setzero_ps();
   const int64_t nb = pr.in / kBlock;
-  const uint8_t* qp = pr.q + p * pr.in * 4;  // 32 bytes per 8 inputs
+  const uint8_t* qp = pr.q + p * nb * kVectors * 32;
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i lo_sum[TC], hi_sum[TC];
-    for (int c = 0; c < TC; ++c) lo_sum[c] = hi_sum[c] = _mm256_setzero_si256();
-    for (int g = 0; g < 4; ++g, qp += 32) {
+    __m256i sum0[TC], sum1[TC];  // two integer chains per column (their sum is exact, in any order)
+    for (int c = 0; c < TC; ++c) sum0[c] = sum1[c] = _mm256_setzero_si256();
+    for (int64_t g = 0; g < kVectors; g += 1 + kEight, qp += 32 * (1 + kEight)) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp));
-      const __m256i lo = _mm256_and_si256(v, low4);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      for (int c = 0; c < TC; ++c) {
-        const int8_t* xc = pr.xq + (c0 + c) * pr.in + b * kBlock + g * 8;
-        int32_t xa, xb;
-        __builtin_memcpy(&xa, xc, 4);
-        __builtin_memcpy(&xb, xc + 4, 4);
-        lo_sum[c] = Dot4(lo_sum[c], lo, _mm256_set1_epi32(xa));
-        hi_sum[c] = Dot4(hi_sum[c], hi, _mm256_set1_epi32(xb));
+      if constexpr (kEight) {  // inputs 4g..4g+3, then (next vector) 4g+4..4g+7
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp + 32));
+        const __m256i a0 = _mm256_abs_epi8(v), a1 = _mm256_abs_epi8(v1);
+        for (int c = 0; c < TC; ++c) {
+          const int64_t i = b * kBlock + g * 4;
+          sum0[c] = Dot4(sum0[c], a0, _mm256_sign_epi8(Inputs4(pr, c0 + c, i), v));
+          sum1[c] = Dot4(sum1[c], a1, _mm256_sign_epi8(Inputs4(pr, c0 + c, i + 4), v1));
+        }
+      } else {  // low nibbles: inputs 8g..8g+3; high ones: 8g+4..8g+7
+        const __m256i lo = _mm256_and_si256(v, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        for (int c = 0; c < TC; ++c) {
+          const int64_t i = b * kBlock + g * 8;
+          sum0[c] = Dot4(sum0[c], lo, Inputs4(pr, c0 + c, i));
+          sum1[c] = Dot4(sum1[c], hi, Inputs4(pr, c0 + c, i + 4));
+        }
       }
     }
     const int64_t sb = (p * nb + b) * 8;
     const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pr.scale + sb)));
-    const __m256 o = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pr.offset + sb)));
     for (int c = 0; c < TC; ++c) {
       const int64_t xb = (c0 + c) * nb + b;
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(lo_sum[c], hi_sum[c]));
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(sum0[c], sum1[c]));
       acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(pr.xd[xb])), dot, acc[c]);
-      acc[c] = _mm256_fmadd_ps(o, _mm256_set1_ps(pr.xs[xb]), acc[c]);
+      if constexpr (!kEight) {
+        const __m256 o = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pr.offset + sb)));
+        acc[c] = _mm256_fmadd_ps(o, _mm256_set1_ps(pr.xs[xb]), acc[c]);
+      }
     }
   }
   alignas(32) float out[8];
@@ -217,9 +238,10 @@ inline void DotTile(const DotProblem& pr, int64_t p, int64_t c0) {
   }
 }
 
+template <bool kEight>
 void DotPanels(const DotProblem& pr, int64_t p_begin, int64_t p_end) {
   ForEachTile(pr.n, p_begin, p_end,
-              [&pr](auto cols, int64_t p, int64_t c0) { DotTile<decltype(cols)::value>(pr, p, c0); });
+              [&pr](auto cols, int64_t p, int64_t c0) { DotTile<decltype(cols)::value, kEight>(pr, p, c0); });
 }
 
 // Quantizes x [I, N] column by column into 32-input blocks: xq [N, I], xd and xs [N, I/32].
@@ -244,12 +266,20 @@ void QuantizeColumns(const float* x, int64_t in, int64_t n, int8_t* xq, float* x
   }
 }
 
-ffi::Error QMatmulDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
-                          ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::ResultBuffer<ffi::F32> y) {
+// The handler of either dot form (4-bit: uint8 q with offsets; 8-bit: int8 q, none): checks the shapes, quantizes
+// the columns, then runs the product.
+template <bool kEight, typename QBuffer>
+ffi::Error DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, QBuffer q, ffi::Buffer<ffi::F16> scale,
+                   const uint16_t* offset, ffi::ResultBuffer<ffi::F32> y) {
+  constexpr int64_t kPerGroup = kEight ? 4 : 8;  // inputs per group of q's second axis
   auto xd = x.dimensions();
   auto qd = q.dimensions();
-  if (xd.size() != 2 || qd.size() != 4 || qd[2] != 8 || qd[3] != 4 || 8 * qd[1] != xd[0] || xd[0] % kBlock != 0) {
-    return ffi::Error::InvalidArgument("qmatmul: expected x [I, N], dot-form q [P, I/8, 8, 4] with I a multiple of 32");
+  if (xd.size() != 2 || qd.size() != 4 || qd[2] != 8 || qd[3] != 4 || kPerGroup * qd[1] != xd[0] ||
+      xd[0] % kBlock != 0) {
+    return ffi::Error::InvalidArgument(kEight ? "qmatmul: expected x [I, N], 8-bit dot-form q [P, I/4, 8, 4] with I "
+                                                "a multiple of 32"
+                                              : "qmatmul: expected x [I, N], dot-form q [P, I/8, 8, 4] with I a "
+                                                "multiple of 32");
   }
   const int64_t in = xd[0], n = xd[1];
   std::vector<int8_t> xq(in * n);
@@ -258,18 +288,36 @@ ffi::Error QMatmulDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const DotProblem pr{xq.data(),
                       xscale.data(),
                       xsum.data(),
-                      q.typed_data(),
+                      reinterpret_cast<const uint8_t*>(q.typed_data()),
                       reinterpret_cast<const uint16_t*>(scale.typed_data()),
-                      reinterpret_cast<const uint16_t*>(offset.typed_data()),
+                      offset,
                       y->typed_data(),
                       in,
                       n};
-  return Run<DotProblem, DotPanels>(pool, pr, qd[0]);
+  return Run<DotProblem, DotPanels<kEight>>(pool, pr, qd[0]);
+}
+
+ffi::Error QMatmul4DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
+                           ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::ResultBuffer<ffi::F32> y) {
+  return DotImpl<false>(pool, x, q, scale, reinterpret_cast<const uint16_t*>(offset.typed_data()), y);
+}
+
+ffi::Error QMatmul8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                           ffi::Buffer<ffi::F16> scale, ffi::ResultBuffer<ffi::F32> y) {
+  return DotImpl<true>(pool, x, q, scale, nullptr, y);
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemQMatmul4Dot, QMatmulDotImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemQMatmul8Dot, QMatmul8DotImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemQMatmul4Dot, QMatmul4DotImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
