@@ -142,7 +142,9 @@ void AttendQuery(const Attention& a, int64_t row, int64_t kh, int64_t gi, int64_
   for_each_run([&](int64_t pos, const float* keys, const float*, int64_t n) {
     int64_t s = 0;
     if (a.h % 8 == 0) {
-      for (; s + 8 <= n; s += 8) _mm256_storeu_ps(&scores[pos + s], _mm256_mul_ps(Dot8(q.data(), keys + s * a.h, a.h), scale8));
+      for (; s + 8 <= n; s += 8) {
+        _mm256_storeu_ps(&scores[pos + s], _mm256_mul_ps(Dot8(q.data(), keys + s * a.h, a.h), scale8));
+      }
     }
     for (; s < n; ++s) scores[pos + s] = Dot(q.data(), keys + s * a.h, a.h) * a.scale;
   });
