@@ -1,7 +1,8 @@
 """The int8 kernel's panel forms on SmolLM2's real Q4_1 layer weights: 4-bit panels with float inputs against 8-bit
 panels of the same blocks (outputs checked bitwise equal) and against the dot form, whose products take 8-bit inputs
 (what the served primary runs), each weight of all 30 layers, 1 / 2 / 4 / 8 / 16 columns (the float-input forms run
-at most 8), interleaved call by call in one process. Usage: `.venv/bin/python bench/panel_forms.py` (~30 s)."""
+at most 8), interleaved call by call in one process; then the Q8_0 head, float inputs against its 8-bit dot form.
+Usage: `.venv/bin/python bench/panel_forms.py` (~40 s)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tandem.models import BundleConfig, load_primary
 
 def eight_bit(p: kernels.QPanels) -> kernels.QPanels:
     """The same blocks as 8-bit panels: one integer per byte, float32 scales and offsets."""
+    assert p.offset is not None  # Q4_1 blocks have offsets
     q = np.asarray(p.q)  # [O/8, I/2, 8]
     wide = np.empty((q.shape[0], 2 * q.shape[1], q.shape[2]), np.int8)  # [O/8, I, 8]
     wide[:, 0::2], wide[:, 1::2] = q & 15, q >> 4
@@ -57,6 +59,24 @@ def main(calls: int = 15) -> None:
         line = ", ".join(f"{f} {v:.2f} ms" for f, v in by_form.items())
         ratio = f" (dot / 4-bit {by_form['dot'] / by_form['4-bit']:.2f}x)" if "4-bit" in by_form else ""
         print(f"all four products, {n} columns: {line}{ratio}")
+    heads = {"8-bit": runner.params.head, "dot": dotted.params.head}  # the Q8_0 head, float or 8-bit inputs
+    apply = jax.jit(lambda head, x: head @ x)
+    for n in (1, 2, 4, 8, 16):
+        x = jnp.asarray(np.random.default_rng(n).standard_normal((heads["dot"].shape[1], n)), jnp.float32)
+        head_forms = heads if n <= kernels.MAX_COLUMNS else {"dot": heads["dot"]}
+        head_ms: dict[str, list[float]] = {form: [] for form in head_forms}
+        for _ in range(calls):
+            for form, head in head_forms.items():
+                start = time.perf_counter()
+                apply(head, x).block_until_ready()
+                head_ms[form].append(1000 * (time.perf_counter() - start))
+        medians = {form: statistics.median(v) for form, v in head_ms.items()}
+        ratio = f" (dot / 8-bit {medians['dot'] / medians['8-bit']:.2f}x)" if "8-bit" in medians else ""
+        print(
+            f"head {list(heads['dot'].shape)}, {n} columns: "
+            + ", ".join(f"{f} {v:.2f} ms" for f, v in medians.items())
+            + ratio
+        )
 
 
 if __name__ == "__main__":
