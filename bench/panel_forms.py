@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,17 @@ def eight_bit(p: kernels.QPanels) -> kernels.QPanels:
     return kernels.QPanels(q=jnp.asarray(wide), scale=p.scale.astype(jnp.float32), offset=p.offset.astype(jnp.float32))
 
 
+def interleaved_ms(fn: Callable[[Any, jax.Array], jax.Array], forms: dict[str, Any], x: jax.Array, calls: int) -> dict:
+    """Median ms of fn(form, x) per form, the forms taking turns call by call."""
+    ms: dict[str, list[float]] = {form: [] for form in forms}
+    for _ in range(calls):
+        for form, weights in forms.items():
+            start = time.perf_counter()
+            fn(weights, x).block_until_ready()
+            ms[form].append(1000 * (time.perf_counter() - start))
+    return {form: statistics.median(v) for form, v in ms.items()}
+
+
 def main(calls: int = 15) -> None:
     assert kernels.available(), "the int8 kernel does not run here"
     runner, _ = load_primary(BundleConfig(slots=1, max_len=64, int8_activations=False))
@@ -41,13 +54,7 @@ def main(calls: int = 15) -> None:
             timed = forms if n <= kernels.MAX_COLUMNS else {"dot": forms["dot"]}
             if n <= kernels.MAX_COLUMNS:
                 assert np.array_equal(np.asarray(product(four, x)), np.asarray(product(forms["8-bit"], x)))
-            ms: dict[str, list[float]] = {form: [] for form in timed}
-            for _ in range(calls):
-                for form, panels in timed.items():
-                    start = time.perf_counter()
-                    product(panels, x).block_until_ready()
-                    ms[form].append(1000 * (time.perf_counter() - start))
-            medians = {form: statistics.median(v) for form, v in ms.items()}
+            medians = interleaved_ms(product, timed, x, calls)
             for form, v in medians.items():
                 totals.setdefault(n, {}).setdefault(form, 0.0)
                 totals[n][form] += v
@@ -64,13 +71,7 @@ def main(calls: int = 15) -> None:
     for n in (1, 2, 4, 8, 16):
         x = jnp.asarray(np.random.default_rng(n).standard_normal((heads["dot"].shape[1], n)), jnp.float32)
         head_forms = heads if n <= kernels.MAX_COLUMNS else {"dot": heads["dot"]}
-        head_ms: dict[str, list[float]] = {form: [] for form in head_forms}
-        for _ in range(calls):
-            for form, head in head_forms.items():
-                start = time.perf_counter()
-                apply(head, x).block_until_ready()
-                head_ms[form].append(1000 * (time.perf_counter() - start))
-        medians = {form: statistics.median(v) for form, v in head_ms.items()}
+        medians = interleaved_ms(apply, head_forms, x, calls)
         ratio = f" (dot / 8-bit {medians['dot'] / medians['8-bit']:.2f}x)" if "8-bit" in medians else ""
         print(
             f"head {list(heads['dot'].shape)}, {n} columns: "
