@@ -265,8 +265,59 @@ def test_quantized_primary_matches_its_float_twin_and_stays_lossless() -> None:
 
 @needs_kernel
 def test_the_library_is_built_once_into_the_kernel_cache() -> None:
-    libraries = list(Path(os.environ["TANDEM_KERNEL_CACHE"]).glob("qmatmul-*.so"))
+    libraries = list(Path(os.environ["TANDEM_KERNEL_CACHE"]).glob(f"qmatmul-{kernels.isa()}-*.so"))
     assert len(libraries) == 1, libraries  # conftest points the cache at a fresh directory: built by this session
+
+
+# Every kernel on fixed inputs, saved to the .npz given as argv[1] (run once per build by the test below).
+_EVERY_KERNEL = """
+import sys
+import jax.numpy as jnp
+import numpy as np
+from test_kernels import attention_inputs, q8_blocks, random_blocks
+from tandem import kernels
+
+assert kernels.available()
+out = {"isa": np.asarray(kernels.isa())}
+x = np.random.default_rng(1).standard_normal((576, 17)).astype(np.float32)
+for form, blocks in (("4-bit", random_blocks(64, 576)), ("8-bit", q8_blocks(64, 576))):
+    for dot in (False, True):
+        for n in (1, 3, 4, 8, 17) if dot else (1, 3, 8):
+            out[f"{form} dot={dot} n={n}"] = kernels.qmatmul(kernels.to_panels(*blocks, dot=dot), jnp.asarray(x[:, :n]))
+q, blk_k, blk_v, lengths, ctx_k, ctx_v = attention_inputs(5, [3, 0, 20], (8, 16))
+out["attention"] = kernels.attention(*map(jnp.asarray, (q, blk_k, blk_v, lengths)), ctx_k, ctx_v)
+out["rms_norm"] = kernels.rms_norm(jnp.asarray(x), jnp.asarray(x[:, 0]), 1e-5)
+np.savez(sys.argv[1], **{k: np.asarray(v) for k, v in out.items()})
+"""
+
+
+@needs_kernel
+@pytest.mark.skipif(kernels.isa() == "avx2", reason="this CPU runs only the AVX2 build")
+def test_every_build_gives_bitwise_the_same_results(tmp_path: Path) -> None:
+    results = {}
+    for name in kernels.ISAS:
+        env = {**os.environ, "TANDEM_KERNEL_ISA": name, "PYTHONPATH": str(Path(__file__).parent)}
+        path = tmp_path / f"{name}.npz"
+        done = subprocess.run(
+            [sys.executable, "-c", _EVERY_KERNEL, str(path)], env=env, capture_output=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        results[name] = dict(np.load(path))
+        assert str(results[name].pop("isa")) == name
+    first, *others = results.values()
+    for name, other in zip(list(results)[1:], others, strict=True):
+        assert other.keys() == first.keys()
+        for key, value in first.items():
+            np.testing.assert_array_equal(other[key], value, err_msg=f"{name}: {key}")
+
+
+@needs_kernel
+def test_the_build_can_be_chosen_and_a_wrong_choice_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANDEM_KERNEL_ISA", "avx2")
+    assert kernels.isa() == "avx2"
+    monkeypatch.setenv("TANDEM_KERNEL_ISA", "sse2")
+    with pytest.raises(ValueError, match="expected one of avx512vnni, avx2"):
+        kernels.isa()
 
 
 def test_the_kernel_can_be_switched_off() -> None:
