@@ -26,6 +26,7 @@ def main(slots: int = 1, context: int = 256, max_k: int = 8) -> None:
                 "source": tandem.__file__,
                 "cpu": platform.processor() or platform.machine(),
                 "int8_kernel": kernels.available(),
+                "kernel_isa": kernels.isa(),
                 "slots": slots,
                 "context": context,
                 "ms": {k: round(v, 2) for k, v in ms.items()},

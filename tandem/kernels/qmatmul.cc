@@ -97,27 +97,33 @@ inline void Tile(const Problem& pr, int64_t p, int64_t c0) {
   }
 }
 
-// Runs tile(cols, p, c0) over panels [p_begin, p_end) and all n columns, up to 4 columns per tile; cols is a
-// std::integral_constant, so each tile width gets its own unrolled code.
-template <typename TileFn>
+// Calls f(std::integral_constant<int, cols>{}) for 1 <= cols <= W: each tile width gets its own unrolled code.
+template <int W, typename F>
+inline void WithWidth(int64_t cols, F&& f) {
+  if constexpr (W == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (cols == W) {
+    f(std::integral_constant<int, W>{});
+  } else {
+    WithWidth<W - 1>(cols, f);
+  }
+}
+
+// Runs tile(cols, p, c0) over panels [p_begin, p_end) and all n columns, up to kMax columns per tile.
+template <int kMax, typename TileFn>
 void ForEachTile(int64_t n, int64_t p_begin, int64_t p_end, TileFn&& tile) {
-  for (int64_t c0 = 0; c0 < n; c0 += 4) {
-    const int64_t cols = std::min<int64_t>(4, n - c0);
+  for (int64_t c0 = 0; c0 < n; c0 += kMax) {
+    const int64_t cols = std::min<int64_t>(kMax, n - c0);
     for (int64_t p = p_begin; p < p_end; ++p) {
-      switch (cols) {
-        case 1: tile(std::integral_constant<int, 1>{}, p, c0); break;
-        case 2: tile(std::integral_constant<int, 2>{}, p, c0); break;
-        case 3: tile(std::integral_constant<int, 3>{}, p, c0); break;
-        default: tile(std::integral_constant<int, 4>{}, p, c0); break;
-      }
+      WithWidth<kMax>(cols, [&](auto width) { tile(width, p, c0); });
     }
   }
 }
 
 template <bool kFour>
 void Panels(const Problem& pr, int64_t p_begin, int64_t p_end) {
-  ForEachTile(pr.n, p_begin, p_end,
-              [&pr](auto cols, int64_t p, int64_t c0) { Tile<decltype(cols)::value, kFour>(pr, p, c0); });
+  ForEachTile<4>(pr.n, p_begin, p_end,
+                 [&pr](auto cols, int64_t p, int64_t c0) { Tile<decltype(cols)::value, kFour>(pr, p, c0); });
 }
 
 // Splits the panels over XLA's intra-op thread pool in chunks of 8 panels (64 rows: each task's weights contiguous)
@@ -243,10 +249,17 @@ inline void DotTile(const DotProblem& pr, int64_t p, int64_t c0) {
   }
 }
 
+// Columns per dot tile: AVX-512's 32 vector registers hold 8 columns' accumulators, AVX2's 16 hold 4.
+#ifdef TANDEM_VNNI
+constexpr int kDotTile = 8;
+#else
+constexpr int kDotTile = 4;
+#endif
+
 template <bool kEight>
 void DotPanels(const DotProblem& pr, int64_t p_begin, int64_t p_end) {
-  ForEachTile(pr.n, p_begin, p_end,
-              [&pr](auto cols, int64_t p, int64_t c0) { DotTile<decltype(cols)::value, kEight>(pr, p, c0); });
+  ForEachTile<kDotTile>(pr.n, p_begin, p_end,
+                        [&pr](auto cols, int64_t p, int64_t c0) { DotTile<decltype(cols)::value, kEight>(pr, p, c0); });
 }
 
 // Quantizes x [I, N] column by column into 32-input blocks: xq [N, I], xd and xs [N, I/32].
