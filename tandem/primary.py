@@ -209,7 +209,8 @@ def forward_block(
         fixed_order=fixed_order,
     )
     logits = output_logits(x, params.final_norm, params.head, cfg.rms_eps, fixed_order)  # [V, N]
-    top = jnp.argmax(logits, axis=0).astype(jnp.int32).reshape(batch, -1)  # [B, T]
+    top = kernels.argmax(logits) if fixed_order else jnp.argmax(logits, axis=0).astype(jnp.int32)  # [N]
+    top = top.reshape(batch, -1)  # [B, T]
     return logits, top, tokens_major(tapped, batch), cache_k, cache_v
 
 

@@ -111,10 +111,10 @@ def test_dot_form_columns_are_bitwise_independent_at_any_width(form: str) -> Non
         np.testing.assert_array_equal(got[:, : min(n, 3)], alone[:, : min(n, 3)], err_msg=f"N = {n}")
 
 
-def attention_inputs(t: int, lengths: list[int], segments: tuple[int, ...], seed: int = 0):
+def attention_inputs(t: int, lengths: list[int], segments: tuple[int, ...], seed: int = 0, h: int = 16):
     """Random queries [K, G, H, B, T], block keys/values [B, K, T, H] and context segments [B, K, S_j, H]."""
     rng = np.random.default_rng(seed)
-    k_heads, g, h, b = 2, 3, 16, len(lengths)
+    k_heads, g, b = 2, 3, len(lengths)
     q = rng.standard_normal((k_heads, g, h, b, t)).astype(np.float32)
     blk_k, blk_v = (rng.standard_normal((b, k_heads, t, h)).astype(np.float32) for _ in range(2))
     ctx_k = tuple(rng.standard_normal((b, k_heads, s, h)).astype(np.float32) for s in segments)
@@ -123,9 +123,10 @@ def attention_inputs(t: int, lengths: list[int], segments: tuple[int, ...], seed
 
 
 @needs_kernel
-def test_fixed_order_attention_matches_the_two_part_attention() -> None:
-    segments = (8, 8, 16)
-    q, blk_k, blk_v, lengths, ctx_k, ctx_v = attention_inputs(3, [5, 0, 32], segments)
+@pytest.mark.parametrize("h", [16, 64])  # 64: SmolLM2's head size, which the kernel unrolls
+def test_fixed_order_attention_matches_the_two_part_attention(h: int) -> None:
+    segments = (8, 8, 16, 40)
+    q, blk_k, blk_v, lengths, ctx_k, ctx_v = attention_inputs(3, [5, 0, 70], segments, h=h)
     got = np.asarray(kernels.attention(*map(jnp.asarray, (q, blk_k, blk_v, lengths)), ctx_k, ctx_v))
     starts = np.cumsum((0, *segments))
     masks = tuple(cache_mask(jnp.asarray(lengths), 3, e - s, s) for s, e in itertools.pairwise(starts))
@@ -135,11 +136,15 @@ def test_fixed_order_attention_matches_the_two_part_attention() -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("cached", [6, 7])  # 7: the moved token completes a run of 8 cached keys, scored 8 at a time
-def test_fixed_order_attention_gives_a_query_bitwise_the_same_output_however_its_past_is_split(cached: int) -> None:
+@pytest.mark.parametrize("h", [16, 64])
+# 7: the moved token completes a run of 8 cached keys, scored 8 at a time; 31: a window of 32 values (AttendGroup)
+@pytest.mark.parametrize("cached", [6, 7, 31, 40])
+def test_fixed_order_attention_gives_a_query_bitwise_the_same_output_however_its_past_is_split(
+    cached: int, h: int
+) -> None:
     """Query t of a block after L cached positions, against the same query after L + 1 cached positions (the block's
     first token moved into the cache), alone in a one-token block, and beside another row."""
-    q, blk_k, blk_v, lengths, ctx_k, ctx_v = attention_inputs(3, [cached], (8, 8))
+    q, blk_k, blk_v, lengths, ctx_k, ctx_v = attention_inputs(3, [cached], (48, 8), h=h)
     full = np.asarray(kernels.attention(*map(jnp.asarray, (q, blk_k, blk_v, lengths)), ctx_k, ctx_v))
     moved_k, moved_v = ctx_k[0].copy(), ctx_v[0].copy()
     moved_k[:, :, cached], moved_v[:, :, cached] = blk_k[:, :, 0], blk_v[:, :, 0]
@@ -154,7 +159,7 @@ def test_fixed_order_attention_gives_a_query_bitwise_the_same_output_however_its
     np.testing.assert_array_equal(np.asarray(later), full[..., 1:])
     alone = kernels.attention(*map(jnp.asarray, (q[..., :1], blk_k[:, :, :1], blk_v[:, :, :1], lengths)), ctx_k, ctx_v)
     np.testing.assert_array_equal(np.asarray(alone), full[..., :1])
-    q2, k2, v2, _, c2k, c2v = attention_inputs(3, [cached], (8, 8), seed=1)  # a second row beside it
+    q2, k2, v2, _, c2k, c2v = attention_inputs(3, [cached], (48, 8), seed=1, h=h)  # a second row beside it
     pair = kernels.attention(
         jnp.asarray(np.concatenate([q, q2], axis=3)),
         *(jnp.asarray(np.concatenate(a, axis=0)) for a in ((blk_k, k2), (blk_v, v2))),
@@ -176,6 +181,17 @@ def test_fixed_order_rms_norm_matches_and_is_the_same_per_column_at_any_width() 
         np.testing.assert_array_equal(
             np.asarray(kernels.rms_norm(jnp.asarray(x[:, :n]), jnp.asarray(w), 1e-5)), full[:, :n]
         )
+
+
+@needs_kernel
+@pytest.mark.parametrize(("v", "n"), [(1, 1), (7, 3), (4096, 2), (49152, 8), (10000, 17)])
+def test_argmax_is_jnp_argmax_ties_and_nans_included(v: int, n: int) -> None:
+    rng = np.random.default_rng(v + n)
+    x = rng.integers(-3, 4, (v, n)).astype(np.float32)  # few values: many ties, first occurrence must win
+    x[rng.integers(0, v, 3), rng.integers(0, n, 3)] = np.nan  # in up to three columns a NaN wins
+    x[:, 0] = -np.inf if v > 1 else x[:, 0]  # a column with every entry alike
+    np.testing.assert_array_equal(np.asarray(kernels.argmax(jnp.asarray(x))), np.argmax(x, axis=0))
+    np.testing.assert_array_equal(np.asarray(kernels.argmax(jnp.asarray(x))), np.asarray(jnp.argmax(x, axis=0)))
 
 
 @needs_kernel
@@ -284,9 +300,10 @@ for form, blocks in (("4-bit", random_blocks(64, 576)), ("8-bit", q8_blocks(64, 
     for dot in (False, True):
         for n in (1, 3, 4, 8, 17) if dot else (1, 3, 8):
             out[f"{form} dot={dot} n={n}"] = kernels.qmatmul(kernels.to_panels(*blocks, dot=dot), jnp.asarray(x[:, :n]))
-q, blk_k, blk_v, lengths, ctx_k, ctx_v = attention_inputs(5, [3, 0, 20], (8, 16))
+q, blk_k, blk_v, lengths, ctx_k, ctx_v = attention_inputs(5, [3, 0, 20, 70], (8, 16, 48), h=64)
 out["attention"] = kernels.attention(*map(jnp.asarray, (q, blk_k, blk_v, lengths)), ctx_k, ctx_v)
 out["rms_norm"] = kernels.rms_norm(jnp.asarray(x), jnp.asarray(x[:, 0]), 1e-5)
+out["argmax"] = kernels.argmax(jnp.asarray(x))
 np.savez(sys.argv[1], **{k: np.asarray(v) for k, v in out.items()})
 """
 

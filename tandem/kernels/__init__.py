@@ -63,6 +63,7 @@ _TARGET_DOT = "tandem_qmatmul4_dot"  # 4-bit panels in the dot layout, inputs qu
 _TARGET8_DOT = "tandem_qmatmul8_dot"  # 8-bit panels in the dot layout, inputs quantized to 8 bits
 _ATTENTION = "tandem_attention"  # fixed-order attention (attention.cc)
 _RMS_NORM = "tandem_rms_norm"
+_ARGMAX = "tandem_argmax"
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "attention.cc"))
 _HEADERS = (Path(__file__).with_name("parallel.h"),)
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-std=c++17", "-w")
@@ -259,6 +260,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return jax.ffi.ffi_call(_RMS_NORM, out)(x, weight.astype(jnp.float32), eps=np.float32(eps))
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """[V, N] float32 -> [N] int32: each column's first greatest row, NaN above every number, as `jnp.argmax(x, 0)`
+    (which XLA runs ~10x slower over vocabulary-major logits on this CPU; `attention.cc`)."""
+    return jax.ffi.ffi_call(_ARGMAX, jax.ShapeDtypeStruct(x.shape[1:], jnp.int32))(x.astype(jnp.float32))
+
+
 def qmatmul(panels: QPanels, x: jax.Array) -> jax.Array:
     """The kernel: [O, I] panels times x [I, N] float32 -> [O, N] float32. Call `available()` first.
 
@@ -290,6 +297,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(_TARGET8_DOT, jax.ffi.pycapsule(lib.TandemQMatmul8Dot), platform="cpu")
         jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.TandemAttention), platform="cpu")
         jax.ffi.register_ffi_target(_RMS_NORM, jax.ffi.pycapsule(lib.TandemRmsNorm), platform="cpu")
+        jax.ffi.register_ffi_target(_ARGMAX, jax.ffi.pycapsule(lib.TandemArgmax), platform="cpu")
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         log.warning("int8 product kernel off: building it failed (%s); products run in XLA on float32 weights", e)
         return False

@@ -109,15 +109,21 @@ inline void AxpyFixed(float p, const float* v, __m256* acc) {
   for (int i = 0; i < H / 8; ++i) acc[i] = _mm256_fmadd_ps(pp, _mm256_loadu_ps(v + 8 * i), acc[i]);
 }
 
-// One query: query head (kh, gi) of token ti in row `row`.
+// The G queries of one key/value head (kh) for token ti in row `row`: query heads kh*G .. kh*G + G - 1, which read
+// the same keys and values. Each query's arithmetic is its own and in the same order as if it came alone (scores,
+// then exponentials, then the weighted sum of values in position order); the G queries only take turns over each
+// window of keys and values while it is in L1, so the keys and values stream once per token instead of G times.
 template <int H>  // 0: any head size
-void AttendQuery(const Attention& a, int64_t row, int64_t kh, int64_t gi, int64_t ti) {
+void AttendGroup(const Attention& a, int64_t row, int64_t kh, int64_t ti) {
+  constexpr int64_t kWindow = 32;  // positions whose values the G queries share from L1 (8 KB at H = 64)
   const int64_t cached = std::clamp<int64_t>(a.lengths[row], 0, a.ctx_total);
+  const int64_t positions = cached + ti + 1;
+  const int64_t stride = (positions + 7) / 8 * 8;  // whole vectors for Exp8
   thread_local std::vector<float> q, acc, scores;
-  q.resize(a.h);
-  acc.assign(a.h, 0.0f);
-  scores.resize((cached + a.t + 7) / 8 * 8);  // whole vectors for Exp8
-  // The positions the query reads, in order, as runs of consecutive keys and values [n, H]: cached ones segment by
+  q.resize(a.g * a.h);
+  acc.assign(a.g * a.h, 0.0f);
+  scores.resize(a.g * stride);
+  // The positions the queries read, in order, as runs of consecutive keys and values [n, H]: cached ones segment by
   // segment, then the block's first ti + 1 tokens. fn(first position, keys, values, n).
   auto for_each_run = [&](auto&& fn) {
     int64_t pos = 0;
@@ -130,49 +136,65 @@ void AttendQuery(const Attention& a, int64_t row, int64_t kh, int64_t gi, int64_
     const int64_t base = (row * a.k + kh) * a.t * a.h;
     fn(pos, a.block_k + base, a.block_v + base, ti + 1);
   };
-  auto for_each_position = [&](auto&& fn) {
-    for_each_run([&](int64_t pos, const float* keys, const float* values, int64_t n) {
-      for (int64_t s = 0; s < n; ++s) fn(pos + s, keys + s * a.h, values + s * a.h);
-    });
-  };
-  const int64_t lane = (kh * a.g + gi) * a.h * a.b * a.t + row * a.t + ti;  // element (kh, gi, 0, row, ti)
-  for (int64_t i = 0; i < a.h; ++i) q[i] = a.q[lane + i * a.b * a.t];
+  auto lane = [&](int64_t gi) { return (kh * a.g + gi) * a.h * a.b * a.t + row * a.t + ti; };  // (kh, gi, 0, row, ti)
+  for (int64_t gi = 0; gi < a.g; ++gi) {
+    for (int64_t i = 0; i < a.h; ++i) q[gi * a.h + i] = a.q[lane(gi) + i * a.b * a.t];
+  }
   // Scores: 8 keys at a time where a run has them (Dot8 is bitwise Dot), so where a run ends changes nothing.
   const __m256 scale8 = _mm256_set1_ps(a.scale);
   for_each_run([&](int64_t pos, const float* keys, const float*, int64_t n) {
     int64_t s = 0;
     if (a.h % 8 == 0) {
       for (; s + 8 <= n; s += 8) {
-        _mm256_storeu_ps(&scores[pos + s], _mm256_mul_ps(Dot8(q.data(), keys + s * a.h, a.h), scale8));
+        for (int64_t gi = 0; gi < a.g; ++gi) {
+          const __m256 dots = Dot8(q.data() + gi * a.h, keys + s * a.h, a.h);
+          _mm256_storeu_ps(&scores[gi * stride + pos + s], _mm256_mul_ps(dots, scale8));
+        }
       }
     }
-    for (; s < n; ++s) scores[pos + s] = Dot(q.data(), keys + s * a.h, a.h) * a.scale;
+    for (; s < n; ++s) {
+      for (int64_t gi = 0; gi < a.g; ++gi) {
+        scores[gi * stride + pos + s] = Dot(q.data() + gi * a.h, keys + s * a.h, a.h) * a.scale;
+      }
+    }
   });
-  const int64_t positions = cached + ti + 1;
-  float m = -INFINITY;
-  for (int64_t pos = 0; pos < positions; ++pos) m = std::max(m, scores[pos]);
-  const __m256 mm = _mm256_set1_ps(m);
-  for (int64_t pos = 0; pos < positions; pos += 8) {  // scores -> unnormalized probabilities, 8 at a time
-    float* sp = scores.data() + pos;
-    _mm256_storeu_ps(sp, Exp8(_mm256_sub_ps(_mm256_loadu_ps(sp), mm)));
+  for (int64_t gi = 0; gi < a.g; ++gi) {  // scores -> unnormalized probabilities, 8 at a time
+    float* sg = scores.data() + gi * stride;
+    float m = -INFINITY;
+    for (int64_t pos = 0; pos < positions; ++pos) m = std::max(m, sg[pos]);
+    const __m256 mm = _mm256_set1_ps(m);
+    for (int64_t pos = 0; pos < positions; pos += 8) _mm256_storeu_ps(sg + pos, Exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + pos), mm)));
   }
-  float denom = 0.0f;
-  if constexpr (H > 0) {
-    __m256 regs[H / 8];
-    for (auto& r : regs) r = _mm256_setzero_ps();
-    for_each_position([&](int64_t pos, const float*, const float* value) {
-      denom += scores[pos];
-      AxpyFixed<H>(scores[pos], value, regs);
-    });
-    for (int i = 0; i < H / 8; ++i) _mm256_storeu_ps(acc.data() + 8 * i, regs[i]);
-  } else {
-    for_each_position([&](int64_t pos, const float*, const float* value) {
-      denom += scores[pos];
-      Axpy(scores[pos], value, acc.data(), a.h);
-    });
+  std::vector<float> denom(a.g, 0.0f);
+  for_each_run([&](int64_t pos, const float*, const float* values, int64_t n) {
+    for (int64_t w = 0; w < n; w += kWindow) {
+      const int64_t end = std::min(n, w + kWindow);
+      for (int64_t gi = 0; gi < a.g; ++gi) {
+        const float* sg = scores.data() + gi * stride + pos;
+        float* ag = acc.data() + gi * a.h;
+        float d = denom[gi];
+        if constexpr (H > 0) {
+          __m256 regs[H / 8];
+          for (int i = 0; i < H / 8; ++i) regs[i] = _mm256_loadu_ps(ag + 8 * i);
+          for (int64_t s = w; s < end; ++s) {
+            d += sg[s];
+            AxpyFixed<H>(sg[s], values + s * a.h, regs);
+          }
+          for (int i = 0; i < H / 8; ++i) _mm256_storeu_ps(ag + 8 * i, regs[i]);
+        } else {
+          for (int64_t s = w; s < end; ++s) {
+            d += sg[s];
+            Axpy(sg[s], values + s * a.h, ag, a.h);
+          }
+        }
+        denom[gi] = d;
+      }
+    }
+  });
+  for (int64_t gi = 0; gi < a.g; ++gi) {
+    const float inv = 1.0f / std::max(denom[gi], 1e-30f);
+    for (int64_t i = 0; i < a.h; ++i) a.out[lane(gi) + i * a.b * a.t] = acc[gi * a.h + i] * inv;
   }
-  const float inv = 1.0f / std::max(denom, 1e-30f);
-  for (int64_t i = 0; i < a.h; ++i) a.out[lane + i * a.b * a.t] = acc[i] * inv;
 }
 
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> block_k,
@@ -209,11 +231,11 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
     a.ctx_len.push_back(sd[2]);
     a.ctx_total += sd[2];
   }
-  // One task per query: its work depends on nothing else, and fine tasks share few rows' heads over the threads evenly.
-  auto run = a.h == 64 ? AttendQuery<64> : AttendQuery<0>;
-  tandem::ParallelFor(pool, a.b * a.k * a.g * a.t, [&a, run](int64_t task) {
-    const int64_t ti = task % a.t, gi = task / a.t % a.g, kh = task / (a.t * a.g) % a.k, row = task / (a.t * a.g * a.k);
-    run(a, row, kh, gi, ti);
+  // One task per token and key/value head: its work depends on nothing else.
+  auto run = a.h == 64 ? AttendGroup<64> : AttendGroup<0>;
+  tandem::ParallelFor(pool, a.b * a.k * a.t, [&a, run](int64_t task) {
+    const int64_t ti = task % a.t, kh = task / a.t % a.k, row = task / (a.t * a.k);
+    run(a, row, kh, ti);
   });
   return ffi::Error::Success();
 }
@@ -238,7 +260,43 @@ ffi::Error RmsNormImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ff
   return ffi::Error::Success();
 }
 
+// top[n] = the first v with x[v, n] the greatest of column n, NaN above every number (jnp.argmax's order), in one
+// pass over the rows [V, N] split into chunks of rows over the pool; the chunks' winners are merged in row order.
+ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> top) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[0] < 1) return ffi::Error::InvalidArgument("argmax: expected x [V, N] with V >= 1");
+  const int64_t v = xd[0], n = xd[1];
+  const float* xp = x.typed_data();
+  constexpr int64_t kRows = 4096;  // rows per task
+  const int64_t chunks = (v + kRows - 1) / kRows;
+  std::vector<float> best(chunks * n);
+  std::vector<int32_t> where(chunks * n);
+  // a beats b when it is greater, or NaN where b is not (ties and later NaNs keep the first).
+  auto beats = [](float a, float b) { return a > b || (std::isnan(a) && !std::isnan(b)); };
+  tandem::ParallelFor(pool, chunks, [&](int64_t c) {
+    float* bc = best.data() + c * n;
+    int32_t* wc = where.data() + c * n;
+    const int64_t end = std::min(v, (c + 1) * kRows);
+    for (int64_t j = 0; j < n; ++j) bc[j] = xp[c * kRows * n + j], wc[j] = static_cast<int32_t>(c * kRows);
+    for (int64_t r = c * kRows + 1; r < end; ++r) {
+      for (int64_t j = 0; j < n; ++j) {
+        if (beats(xp[r * n + j], bc[j])) bc[j] = xp[r * n + j], wc[j] = static_cast<int32_t>(r);
+      }
+    }
+  });
+  int32_t* out = top->typed_data();
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t c0 = 0;
+    for (int64_t c = 1; c < chunks; ++c) c0 = beats(best[c * n + j], best[c0 * n + j]) ? c : c0;
+    out[j] = where[c0 * n + j];
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemArgmax, ArgmaxImpl,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemAttention, AttentionImpl,
                               ffi::Ffi::Bind()
