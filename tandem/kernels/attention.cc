@@ -119,10 +119,11 @@ void AttendGroup(const Attention& a, int64_t row, int64_t kh, int64_t ti) {
   const int64_t cached = std::clamp<int64_t>(a.lengths[row], 0, a.ctx_total);
   const int64_t positions = cached + ti + 1;
   const int64_t stride = (positions + 7) / 8 * 8;  // whole vectors for Exp8
-  thread_local std::vector<float> q, acc, scores;
+  thread_local std::vector<float> q, acc, scores, denom;
   q.resize(a.g * a.h);
   acc.assign(a.g * a.h, 0.0f);
   scores.resize(a.g * stride);
+  denom.assign(a.g, 0.0f);
   // The positions the queries read, in order, as runs of consecutive keys and values [n, H]: cached ones segment by
   // segment, then the block's first ti + 1 tokens. fn(first position, keys, values, n).
   auto for_each_run = [&](auto&& fn) {
@@ -163,9 +164,10 @@ void AttendGroup(const Attention& a, int64_t row, int64_t kh, int64_t ti) {
     float m = -INFINITY;
     for (int64_t pos = 0; pos < positions; ++pos) m = std::max(m, sg[pos]);
     const __m256 mm = _mm256_set1_ps(m);
-    for (int64_t pos = 0; pos < positions; pos += 8) _mm256_storeu_ps(sg + pos, Exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + pos), mm)));
+    for (int64_t pos = 0; pos < positions; pos += 8) {
+      _mm256_storeu_ps(sg + pos, Exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + pos), mm)));
+    }
   }
-  std::vector<float> denom(a.g, 0.0f);
   for_each_run([&](int64_t pos, const float*, const float* values, int64_t n) {
     for (int64_t w = 0; w < n; w += kWindow) {
       const int64_t end = std::min(n, w + kWindow);
