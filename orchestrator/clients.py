@@ -186,9 +186,20 @@ class RemoteDrafter:
         )
         return self._exchange(pb.DraftRequest(start=start))
 
-    def advance(self, accepted: int, hidden: np.ndarray | None, next_token: int, max_drafts: int) -> Drafts:
+    def advance(
+        self,
+        accepted: int,
+        hidden: np.ndarray | None,
+        next_token: int,
+        max_drafts: int,
+        skipped: Sequence[int] = (),
+    ) -> Drafts:
         adv = pb.DraftAdvance(
-            accepted=accepted, hidden=self._hidden(hidden), next_token=next_token, max_drafts=max_drafts
+            accepted=accepted,
+            hidden=self._hidden(hidden),
+            next_token=next_token,
+            max_drafts=max_drafts,
+            skipped=list(skipped),
         )
         return self._exchange(pb.DraftRequest(advance=adv))
 

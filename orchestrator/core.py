@@ -203,6 +203,7 @@ class GenerateParams:
     gamma_max: int = 0  # 0 = server default
     tau: float | None = None
     tau_first: float | None = None
+    min_accepted: float | None = None
     request_id: str = ""
 
 
@@ -405,6 +406,8 @@ class Orchestrator:
                 tau=d.tau if p.tau is None else p.tau,
                 draft_top_k=d.draft_top_k,
                 tau_first=d.tau_first if p.tau_first is None else p.tau_first,
+                min_accepted=d.min_accepted if p.min_accepted is None else p.min_accepted,
+                pause_steps=d.pause_steps,
             )
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None

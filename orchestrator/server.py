@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from orchestrator.core import LoadPolicy, Orchestrator, OrchestratorConfig
 from orchestrator.routing import Targets
 from orchestrator.servicer import OrchestratorServicer
+from tandem.config import SpecConfig
 from tandem.serve import die_with_parent
 from tandem.tokenizer import Tokenizer
 from tandemrpc.security import BearerTokenInterceptor, TlsFiles, add_tls_flags, read_token, tls_from_args
@@ -105,6 +106,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
         default=int(env("TANDEM_LOAD_PRIMARY_ONLY_FROM", str(LoadPolicy.primary_only_from))),
         help="running requests per primary replica from which requests run primary-only rounds",
     )
+    p.add_argument(
+        "--min-accepted",
+        type=float,
+        default=float(env("TANDEM_MIN_ACCEPTED", str(SpecConfig.min_accepted))),
+        help="requests' default: pause speculation while their rounds keep fewer drafts on average (0: never)",
+    )
     p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="tokenizer source (default: SmolLM2)")
     add_tls_flags(p)
     p.add_argument(
@@ -126,6 +133,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
         load = LoadPolicy(a.load_full_until, a.load_primary_only_from)
     except ValueError as e:
         p.error(f"--load-full-until/--load-primary-only-from: {e}")
+    try:
+        default_spec = SpecConfig(min_accepted=a.min_accepted)
+    except ValueError as e:
+        p.error(f"--min-accepted: {e}")
     core = OrchestratorConfig(
         primary_target=a.primary,
         secondary_target=a.secondary,
@@ -138,6 +149,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
         queue_timeout_s=a.queue_timeout_s,
         tpot_target_ms=a.tpot_target_ms,
         load=load,
+        default_spec=default_spec,
     )
     token = read_token(env("TANDEM_AUTH_TOKEN"), a.auth_token_file)
     return OrchestratorServiceConfig(a.host, a.port, a.metrics_port, core, tls, token), a.gguf

@@ -28,6 +28,7 @@ def params_from_proto(r: pb.GenerateRequest) -> GenerateParams:
         gamma_max=r.gamma_max,
         tau=r.tau if r.HasField("tau") else None,
         tau_first=r.tau_first if r.HasField("tau_first") else None,
+        min_accepted=r.min_accepted if r.HasField("min_accepted") else None,
         request_id=r.request_id,
     )
 
@@ -48,6 +49,7 @@ def chunk_to_proto(c: Chunk, request_id: str) -> pb.GenerateResponse:
                 ttft_s=s.ttft_s,
                 elapsed_s=s.elapsed_s,
                 declined_rounds=s.declined_rounds,
+                paused_steps=s.paused_steps,
             )
         )
     return out

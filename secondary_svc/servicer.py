@@ -65,7 +65,8 @@ class SecondaryServicer(pb_grpc.SecondaryServicer):
                         raise SessionStateError("send a DraftStart before any DraftAdvance")
                     a = req.advance
                     hidden = optional_tensor(a.hidden, a.HasField("hidden"), "advance.hidden")
-                    yield _response(worker.advance(session, a.accepted, hidden, a.next_token, a.max_drafts))
+                    drafts = worker.advance(session, a.accepted, hidden, a.next_token, a.max_drafts, list(a.skipped))
+                    yield _response(drafts)
                 else:
                     raise InvalidRequestError("a DraftRequest must carry start or advance")
         except TandemError as e:

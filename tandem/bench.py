@@ -69,21 +69,25 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 
 
 def split_mode(label: str) -> tuple[str, SpecConfig | None]:
-    """A mode label, `MODE` or `MODE@TAU_FIRST:TAU:GAMMA_MAX`, as (engine mode, its own settings or None).
+    """A mode label, `MODE` or `MODE@TAU_FIRST:TAU:GAMMA_MAX[:MIN_ACCEPTED]`, as (engine mode, its own settings or
+    None).
 
     Raises:
-        ValueError: settings that are not three numbers, or out of range.
+        ValueError: settings that are not three or four numbers, or out of range.
     """
     mode, sep, settings = label.partition("@")
     if not sep:
         return mode, None
     parts = settings.split(":")
     try:
-        if len(parts) != 3:
-            raise ValueError("expected three values")
-        return mode, SpecConfig(tau_first=float(parts[0]), tau=float(parts[1]), gamma_max=int(parts[2]))
+        if len(parts) not in (3, 4):
+            raise ValueError("expected three or four values")
+        min_accepted = float(parts[3]) if len(parts) == 4 else SpecConfig.min_accepted
+        return mode, SpecConfig(
+            tau_first=float(parts[0]), tau=float(parts[1]), gamma_max=int(parts[2]), min_accepted=min_accepted
+        )
     except ValueError as e:
-        raise ValueError(f"mode {label!r}: expected MODE@TAU_FIRST:TAU:GAMMA_MAX ({e})") from None
+        raise ValueError(f"mode {label!r}: expected MODE@TAU_FIRST:TAU:GAMMA_MAX[:MIN_ACCEPTED] ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,13 +96,15 @@ class BenchConfig:
 
     Attributes:
         modes: engine modes (tandem.config.MODES), run in this order; must include "primary" (the baseline). A mode
-            may carry its own speculation settings as `MODE@TAU_FIRST:TAU:GAMMA_MAX` (e.g. `tandem-speed@0:0.8:7`),
+            may carry its own speculation settings as `MODE@TAU_FIRST:TAU:GAMMA_MAX[:MIN_ACCEPTED]` (e.g.
+            `tandem-speed@0:0.8:7`),
             so settings are compared like modes: interleaved, in one run, the label keying every result.
         vias: "in-process" and/or "grpc".
         max_tokens: tokens generated per prompt.
         gamma_max: most tokens drafted per round (sent explicitly over gRPC too, so both vias draft alike).
         tau: keep drafting while the router's confidence >= tau.
         tau_first: a round drafts at all only if the router's confidence in its first draft reaches this.
+        min_accepted: speculation pauses while a request's rounds keep fewer drafts on average (`tandem.rounds.Pacer`).
         repeats: passes over the prompt set; per prompt, times are the median over repeats.
         warmup_tokens: tokens of each warm-up generation (None: max_tokens).
         block_cost_context: cached tokens before the block-cost calls (0: an empty cache; None: skip the curve).
@@ -116,6 +122,7 @@ class BenchConfig:
     gamma_max: int = SpecConfig.gamma_max
     tau: float = SpecConfig.tau
     tau_first: float = SpecConfig.tau_first
+    min_accepted: float = SpecConfig.min_accepted
     repeats: int = 1
     warmup_tokens: int | None = None
     block_cost_context: int | None = 256
@@ -151,10 +158,13 @@ class BenchConfig:
 
     @property
     def spec(self) -> SpecConfig:
-        return SpecConfig(gamma_max=self.gamma_max, tau=self.tau, tau_first=self.tau_first)
+        return SpecConfig(
+            gamma_max=self.gamma_max, tau=self.tau, tau_first=self.tau_first, min_accepted=self.min_accepted
+        )
 
     def spec_of(self, mode: str) -> SpecConfig:
-        """The settings a mode label runs with: its own (`MODE@TAU_FIRST:TAU:GAMMA_MAX`), else the run's."""
+        """The settings a mode label runs with: its own (`MODE@TAU_FIRST:TAU:GAMMA_MAX[:MIN_ACCEPTED]`), else the
+        run's."""
         own = split_mode(mode)[1]
         return own if own is not None else self.spec
 
@@ -514,6 +524,7 @@ class GrpcBackend:
             gamma_max=spec.gamma_max,
             tau=spec.tau,
             tau_first=spec.tau_first,
+            min_accepted=spec.min_accepted,
         )
         for chunk in chunks:  # read to the end: the last chunk carries the counters
             if chunk.token_ids:

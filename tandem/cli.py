@@ -40,6 +40,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         default=None,
         help=f"a round drafts only if confidence in its first draft >= this (default: {SpecConfig.tau_first})",
     )
+    p.add_argument(
+        "--min-accepted",
+        type=float,
+        default=None,
+        help="pause speculation while the rounds keep fewer drafts than this on average, 0 = never "
+        f"(default: {SpecConfig.min_accepted})",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"orchestrator HOST:PORT (default: {DEFAULT_TARGET})")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline per request (default: none)")
@@ -167,6 +174,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gamma-max", type=int, default=SpecConfig.gamma_max, help=f"(default: {SpecConfig.gamma_max})")
     p.add_argument("--tau", type=float, default=SpecConfig.tau, help=f"(default: {SpecConfig.tau})")
     p.add_argument("--tau-first", type=float, default=SpecConfig.tau_first, help=f"(default: {SpecConfig.tau_first})")
+    p.add_argument(
+        "--min-accepted", type=float, default=SpecConfig.min_accepted, help=f"(default: {SpecConfig.min_accepted})"
+    )
     p.add_argument("--repeats", type=int, default=1, help="passes over the prompts; times are per-prompt medians")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
     p.add_argument("--markdown", metavar="OUT.md", type=Path, default=None, help="also write the tables here")
@@ -268,7 +278,12 @@ def generate(args: argparse.Namespace) -> int:
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         given = {
             k: v
-            for k, v in (("gamma_max", args.gamma_max), ("tau", args.tau), ("tau_first", args.tau_first))
+            for k, v in (
+                ("gamma_max", args.gamma_max),
+                ("tau", args.tau),
+                ("tau_first", args.tau_first),
+                ("min_accepted", args.min_accepted),
+            )
             if v is not None
         }
         spec = SpecConfig(**given)
@@ -297,6 +312,7 @@ def _generate_remote(args: argparse.Namespace, prompts: list[str]) -> int:
         gamma_max=args.gamma_max or 0,  # 0 / None: the server's defaults
         tau=args.tau,
         tau_first=args.tau_first,
+        min_accepted=args.min_accepted,
     )
     with TandemClient(args.target, timeout_s=args.timeout) as client:
         for prompt in prompts:
@@ -567,6 +583,7 @@ def bench(args: argparse.Namespace) -> int:
             gamma_max=args.gamma_max,
             tau=args.tau,
             tau_first=args.tau_first,
+            min_accepted=args.min_accepted,
             repeats=args.repeats,
             warmup_tokens=args.warmup_tokens,
             block_cost_context=None if args.no_block_cost else args.block_cost_context,

@@ -177,6 +177,11 @@ class SpecConfig:
     # A round speculates at all only if the router's confidence in its first draft reaches tau_first; otherwise it is
     # a plain one-token primary step, which can cost less than a verify of two tokens. 0: always.
     tau_first: float = 0.0
+    # Speculation pauses where it does not pay: once a request's rounds keep fewer than `min_accepted` drafts on
+    # average (an exponential average, `tandem.rounds.Pacer`), it runs `pause_steps` primary-only steps without asking
+    # the drafter, then tries a round again. 0: never pause.
+    min_accepted: float = 0.0
+    pause_steps: int = 4
 
     def __post_init__(self) -> None:
         if self.gamma_max < 1:
@@ -185,6 +190,10 @@ class SpecConfig:
             raise ValueError(f"tau must lie in [0, 1], got {self.tau}")
         if not 0.0 <= self.tau_first <= 1.0:
             raise ValueError(f"tau_first must lie in [0, 1], got {self.tau_first}")
+        if not 0.0 <= self.min_accepted <= self.gamma_max:
+            raise ValueError(f"min_accepted must lie in [0, gamma_max = {self.gamma_max}], got {self.min_accepted}")
+        if self.pause_steps < 1:
+            raise ValueError(f"pause_steps must be >= 1, got {self.pause_steps}")
         if self.draft_top_k < 1:
             raise ValueError(f"draft_top_k must be >= 1, got {self.draft_top_k}")
 

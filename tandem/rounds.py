@@ -77,7 +77,18 @@ class DrafterAPI(Protocol):
         max_drafts: int,
     ) -> Drafts: ...
 
-    def advance(self, accepted: int, hidden: np.ndarray | None, next_token: int, max_drafts: int) -> Drafts: ...
+    def advance(
+        self,
+        accepted: int,
+        hidden: np.ndarray | None,
+        next_token: int,
+        max_drafts: int,
+        skipped: Sequence[int] = (),
+    ) -> Drafts:
+        """The last round's verdict, then drafts. `skipped`: the tokens fed by the primary-only steps run since that
+        round (a pause, see `Pacer`), whose states follow the round's in `hidden` ([1 + accepted + len(skipped), ...]);
+        next_token is then the last of those steps' token."""
+        ...
 
     def close(self) -> None: ...
 
@@ -94,6 +105,7 @@ class GenerationStats:
     primary_calls: int = 0
     drafter_calls: int = 0  # drafting requests (one per round)
     declined_rounds: int = 0  # drafting requests the router declined (τ_first): a one-token primary step each
+    paused_steps: int = 0  # primary-only steps run while speculation was paused (`Pacer`), the drafter not asked
     drafter_failures: int = 0  # 1 when the drafter failed and the request finished with the primary alone
     primary_failovers: int = 0  # times the request moved to another primary replica (re-prefilled)
     load_shed: bool = False  # the server's load ended speculation early (primary-only rounds from then on)
@@ -132,6 +144,37 @@ class GenerationStats:
             mean_acceptance_length=self.mean_acceptance_length,
         )
         return d
+
+
+@dataclasses.dataclass
+class Pacer:
+    """Pauses a request's speculation where it does not pay (`SpecConfig.min_accepted`).
+
+    After each round, the exponential average of the drafts its rounds kept (the latest weighing `WEIGHT`) is
+    compared with min_accepted; below it, the next pause_steps steps are primary-only and the drafter is not asked
+    (it hears of them with the next round's verdict). The average depends on the request's tokens only, so a request
+    takes the same steps in process and through the services, and a seeded sampled request draws the same tokens.
+    """
+
+    WEIGHT = 0.25
+
+    min_accepted: float
+    pause_steps: int
+    average: float | None = None
+    paused: int = 0  # primary-only steps left in the current pause
+
+    def observe(self, accepted: int) -> None:
+        """Takes a round's kept drafts; starts a pause if the average falls below min_accepted."""
+        self.average = accepted if self.average is None else self.average + self.WEIGHT * (accepted - self.average)
+        if self.average < self.min_accepted:
+            self.paused = self.pause_steps
+
+    def pause_step(self) -> bool:
+        """Whether the next step is a paused (primary-only) one; counts it."""
+        if self.paused == 0:
+            return False
+        self.paused -= 1
+        return True
 
 
 @dataclasses.dataclass
@@ -212,6 +255,12 @@ def run_request(
     start = time.perf_counter()
     emitted: list[int] = []
     want_hidden = drafter is not None and req.mode in ("tandem", "tandem-speed")  # the Tandem drafter reads them
+    pacer = None
+    if req.spec.min_accepted > 0 and req.mode in ("speed", "tandem-speed"):
+        pacer = Pacer(req.spec.min_accepted, req.spec.pause_steps)
+    held: PrimaryStep | None = None  # during a pause: the verdict of the round before it
+    skipped: list[int] = []  # during a pause: the tokens its primary-only steps fed
+    skipped_hidden: list[np.ndarray] = []  # and their states (Tandem)
 
     def emit(new: list[int]) -> tuple[list[int], str | None]:
         """Cuts new tokens at a stop token or max_tokens; returns (kept tokens, finish reason or None)."""
@@ -259,12 +308,17 @@ def run_request(
                 stats.load_shed = True
                 drafter.close()
                 drafter = None
-            if drafter is not None:
+            paused = drafter is not None and pacer is not None and pacer.pause_step()
+            if drafter is not None and not paused:
                 try:
                     if drafts is None:
                         drafts = drafter.start(req.prompt_ids, step.hidden, pending, round_budget(cap))
-                    else:
+                    elif held is None:
                         drafts = drafter.advance(step.accepted, step.hidden, pending, round_budget(cap))
+                    else:  # the first round after a pause: the verdict before it, then what the pause fed
+                        hidden = None if held.hidden is None else np.concatenate([held.hidden, *skipped_hidden])
+                        drafts = drafter.advance(held.accepted, hidden, pending, round_budget(cap), skipped)
+                        held, skipped, skipped_hidden = None, [], []
                 except DrafterUnavailableError:
                     # Lossless degradation: the primary's cache holds every committed token, so primary-only steps
                     # continue from `pending` exactly as an undisturbed run would have.
@@ -272,9 +326,15 @@ def run_request(
                     drafter.close()
                     drafter = None
             try:
-                if drafter is None or drafts is None:  # primary mode (or the drafter failed): a block of one token
-                    step = primary.verify(session, [pending], [], True, False)
+                if drafter is None or drafts is None or paused:  # primary mode, the drafter failed, or a pause
+                    if paused:
+                        held = step if held is None else held
+                        skipped.append(pending)
+                        stats.paused_steps += 1
+                    step = primary.verify(session, [pending], [], True, paused and want_hidden)
                     stats.primary_calls += 1
+                    if paused and step.hidden is not None:
+                        skipped_hidden.append(step.hidden)
                     kept, finish = emit([step.next_token])
                     continue
                 stats.drafter_calls += 1
@@ -284,6 +344,8 @@ def run_request(
                 stats.primary_calls += 1
                 if drafts.tokens:
                     stats.record_round(len(drafts.tokens), step.accepted)
+                    if pacer is not None:
+                        pacer.observe(step.accepted)
                 else:
                     stats.declined_rounds += 1
                 kept, finish = emit([*drafts.tokens[: step.accepted], step.next_token])

@@ -464,7 +464,7 @@ class _DrafterSession(_Session):
 class _Round(_Call):
     """A drafting round: `start` (accepted is None: the prompt, its states and the first token) or `advance`."""
 
-    tokens: list[int] = dataclasses.field(default_factory=list)  # start: the prompt; advance: empty
+    tokens: list[int] = dataclasses.field(default_factory=list)  # start: the prompt; advance: the skipped tokens
     accepted: int | None = None
     hidden: np.ndarray | None = None
     next_token: int = 0
@@ -515,12 +515,27 @@ class DrafterWorker(_SessionWorker):
         return self.batcher.submit(call)  # type: ignore[return-value]
 
     def advance(
-        self, session: str, accepted: int, hidden: np.ndarray | None, next_token: int, max_drafts: int
+        self,
+        session: str,
+        accepted: int,
+        hidden: np.ndarray | None,
+        next_token: int,
+        max_drafts: int,
+        skipped: Sequence[int] = (),
     ) -> Drafts:
-        """Learns the last round's verdict (and, Tandem, the primary's states of t_0, d_1..d_a); drafts again."""
-        if not 0 <= next_token < self.runner.cfg.vocab_size:
-            raise InvalidRequestError(f"token ids must lie in [0, {self.runner.cfg.vocab_size})")
-        call = _Round(session, accepted=accepted, hidden=hidden, next_token=next_token, max_drafts=max_drafts)
+        """Learns the last round's verdict (and, Tandem, the primary's states of t_0, d_1..d_a), then the tokens of
+        the primary-only steps since (`skipped`, their states after the round's); drafts again."""
+        vocab = self.runner.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in (*skipped, next_token)):
+            raise InvalidRequestError(f"token ids must lie in [0, {vocab})")
+        call = _Round(
+            session,
+            tokens=list(skipped),
+            accepted=accepted,
+            hidden=hidden,
+            next_token=next_token,
+            max_drafts=max_drafts,
+        )
         return self.batcher.submit(call)  # type: ignore[return-value]
 
     def _run_batch(self, calls: list[_Call]) -> None:
@@ -570,9 +585,9 @@ class DrafterWorker(_SessionWorker):
             raise SessionStateError(f"session {c.session!r} has not started")
         if not 0 <= c.accepted <= len(st.drafts):
             raise InvalidRequestError(f"accepted={c.accepted} but the last round drafted {len(st.drafts)} tokens")
-        h = self._check_hidden(c.hidden, 1 + c.accepted)
+        h = self._check_hidden(c.hidden, 1 + c.accepted + len(c.tokens))
         m = st.round_start
-        st.tokens = [*st.tokens, *st.drafts[: c.accepted], c.next_token]
+        st.tokens = [*st.tokens, *st.drafts[: c.accepted], *c.tokens, c.next_token]
         self.runner.truncate(st.slot, m if h is not None else m + 1 + c.accepted)
         return c, st, h
 
@@ -669,8 +684,15 @@ class LocalDrafter:
     def start(self, prompt_ids: Sequence[int], hidden: np.ndarray | None, first_token: int, max_drafts: int) -> Drafts:
         return self.worker.start(self.session, prompt_ids, hidden, first_token, max_drafts)
 
-    def advance(self, accepted: int, hidden: np.ndarray | None, next_token: int, max_drafts: int) -> Drafts:
-        return self.worker.advance(self.session, accepted, hidden, next_token, max_drafts)
+    def advance(
+        self,
+        accepted: int,
+        hidden: np.ndarray | None,
+        next_token: int,
+        max_drafts: int,
+        skipped: Sequence[int] = (),
+    ) -> Drafts:
+        return self.worker.advance(self.session, accepted, hidden, next_token, max_drafts, skipped)
 
     def close(self) -> None:
         self.worker.release(self.session)

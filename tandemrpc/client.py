@@ -35,6 +35,7 @@ def build_request(
     tau: float | None = None,
     request_id: str = "",
     tau_first: float | None = None,
+    min_accepted: float | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from text, token ids, or chat messages ([{"role": ..., "content": ...}])."""
     if mode not in MODE_ENUMS:
@@ -53,6 +54,8 @@ def build_request(
         req.tau = tau
     if tau_first is not None:
         req.tau_first = tau_first
+    if min_accepted is not None:
+        req.min_accepted = min_accepted
     if isinstance(prompt, str):
         req.text = prompt
     elif prompt and isinstance(prompt[0], dict):

@@ -12,7 +12,8 @@ from tandem.config import DrafterConfig, LlamaConfig, SamplingParams, SpecConfig
 from tandem.engine import Engine
 from tandem.primary import PrimaryRunner, params_from_state_dict
 from tandem.rounds import GenerationStats
-from tandem.speculative import target_probs
+from tandem.speculative import SparseDist, target_probs
+from tandem.workers import DrafterWorker
 
 PROMPTS = [list(np.random.default_rng(i).integers(0, TINY.vocab_size, size=3 + i % 7)) for i in range(20)]
 
@@ -26,10 +27,13 @@ PROMPTS = [list(np.random.default_rng(i).integers(0, TINY.vocab_size, size=3 + i
         # τ_first inside the tiny drafters' first-draft confidences (mostly above 0.9): declined rounds (one-token
         # primary steps) interleave with drafting ones.
         SpecConfig(gamma_max=4, tau=0.001, tau_first=0.9),
+        # Pauses (primary-only steps, the drafter told of them with the next round) after most rounds: the random
+        # drafters keep far fewer than 3 of 4 drafts on average.
+        SpecConfig(gamma_max=4, tau=0.0, min_accepted=3.0, pause_steps=3),
     ],
 )
 def test_greedy_speculation_is_lossless(tiny_engine: Engine, spec: SpecConfig) -> None:
-    rounds = declined = 0
+    rounds = declined = paused = 0
     for prompt in PROMPTS:
         want = tiny_engine.generate(prompt, mode="primary", max_tokens=64)
         assert len(want.token_ids) == 64 and want.finish_reason == "length"
@@ -40,7 +44,63 @@ def test_greedy_speculation_is_lossless(tiny_engine: Engine, spec: SpecConfig) -
             assert got.stats.drafter_calls == got.stats.rounds + got.stats.declined_rounds
             rounds += got.stats.rounds
             declined += got.stats.declined_rounds
-    assert rounds > 0 and (declined > 0) == (spec.first_tau > 0)
+            paused += got.stats.paused_steps
+    assert rounds > 0 and (declined > 0) == (spec.first_tau > 0) and (paused > 0) == (spec.min_accepted > 0)
+
+
+def _spy_on_resumed_rounds(worker: DrafterWorker) -> list[tuple[int, int, SparseDist]]:
+    """Records (t_0, max drafts, q_1) of every round the worker drafts after a pause, until `del worker.advance`."""
+    resumed: list[tuple[int, int, SparseDist]] = []
+    advance = worker.advance
+
+    def spy(session, accepted, hidden, next_token, max_drafts, skipped=()):
+        drafts = advance(session, accepted, hidden, next_token, max_drafts, skipped)
+        if skipped:
+            resumed.append((next_token, max_drafts, drafts.proposals[0]))
+        return drafts
+
+    worker.advance = spy  # type: ignore[method-assign]
+    return resumed
+
+
+def test_a_paused_drafter_catches_up_exactly(tiny_params) -> None:
+    """The first round after a pause proposes what a fresh session started on the whole sequence so far proposes: the
+    skipped tokens (and, Tandem, their primary states) reach the drafter's cache as if it had seen every step.
+    Sampled requests, for varied tokens; the first draft's proposal q_1 depends on the drafter's cache alone."""
+    engine = make_engine(tiny_params, slots=2)
+    spec = SpecConfig(gamma_max=3, tau=0.0, min_accepted=3.0, pause_steps=2)
+    for mode in ("speed", "tandem-speed"):
+        worker = engine.drafters[mode]
+        resumed = _spy_on_resumed_rounds(worker)
+        checks = []  # (the sequence before t_0, t_0, max drafts, q_1)
+        for i, prompt in enumerate(PROMPTS[:4]):
+            sampling = SamplingParams(temperature=1.0, seed=i)
+            emitted: list[int] = []
+            for chunk in engine.stream(prompt, mode=mode, max_tokens=48, sampling=sampling, spec=spec):
+                checks += [([*prompt, *emitted[:-1]], *r) for r in resumed]  # rounds drafted after `emitted`
+                resumed.clear()
+                emitted += chunk
+        del worker.advance
+        assert len(checks) >= 4 and len({c[1] for c in checks}) > 1, mode
+        for before, t0, max_drafts, q in checks[:6]:
+            hidden = None
+            if worker.tandem:  # the primary's states of every position before t_0
+                hidden = engine.primary_worker.prefill("states", before, SamplingParams(), True).hidden
+                engine.primary_worker.release("states")
+            fresh = worker.open("fresh", SamplingParams(temperature=1.0), spec)
+            try:
+                want = fresh.start(before, hidden, t0, max_drafts).proposals[0]
+            finally:
+                fresh.close()
+            # The same distribution up to float rounding (a fresh start runs the prefix as one block), which may swap
+            # near-tied tokens at the top-K's edge.
+            got_p, want_p = (
+                dict(zip(q.ids.tolist(), q.probs, strict=True)),
+                dict(zip(want.ids.tolist(), want.probs, strict=True)),
+            )
+            common = got_p.keys() & want_p.keys()
+            assert len(common) >= len(want_p) - 2, mode
+            np.testing.assert_allclose([got_p[t] for t in common], [want_p[t] for t in common], rtol=1e-4, atol=1e-7)
 
 
 def test_oracle_drafter_accepts_everything(tiny_params) -> None:

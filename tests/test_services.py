@@ -115,15 +115,21 @@ def test_grpc_output_equals_in_process(stack: Stack) -> None:
     assert _metric(stack.primary.metrics_port, "tandem_primary_prefix_reused_positions") > 0
 
 
-def test_seeded_sampling_matches_in_process(stack: Stack) -> None:
-    spec = SpecConfig(gamma_max=4, tau=0.0)
+@pytest.mark.parametrize("min_accepted", [0.0, 3.0])  # 3: paused speculation, which depends on the tokens only
+def test_seeded_sampling_matches_in_process(stack: Stack, min_accepted: float) -> None:
+    spec = SpecConfig(gamma_max=4, tau=0.0, min_accepted=min_accepted)
     sampling = SamplingParams(temperature=1.0, top_p=0.9, seed=5)
+    paused = 0
     for mode in ("speed", "tandem-speed"):
-        want = stack.reference.generate(PROMPTS[0], mode=mode, max_tokens=30, sampling=sampling, spec=spec).token_ids
-        got, _ = _tokens(
-            stack.client.generate(PROMPTS[0], mode=mode, max_tokens=30, temperature=1.0, top_p=0.9, seed=5)
+        want = stack.reference.generate(PROMPTS[0], mode=mode, max_tokens=30, sampling=sampling, spec=spec)
+        got, chunks = _tokens(
+            stack.client.generate(
+                PROMPTS[0], mode=mode, max_tokens=30, temperature=1.0, top_p=0.9, seed=5, min_accepted=min_accepted
+            )
         )
-        assert got == want, mode
+        assert got == want.token_ids and chunks[-1].stats.paused_steps == want.stats.paused_steps, mode
+        paused += want.stats.paused_steps
+    assert (paused > 0) == (min_accepted > 0)
 
 
 def test_cancel_releases_every_session(stack: Stack) -> None:
@@ -190,6 +196,7 @@ def test_health_and_reflection(stack: Stack) -> None:
         (dict(prompt=[1, 2], temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
         (dict(prompt=[1, 2], temperature=1.0, top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         (dict(prompt=[1, 2], gamma_max=99), grpc.StatusCode.INVALID_ARGUMENT, "gamma_max"),
+        (dict(prompt=[1, 2], min_accepted=9.0), grpc.StatusCode.INVALID_ARGUMENT, "min_accepted"),
         (dict(prompt=[1, TINY.vocab_size]), grpc.StatusCode.INVALID_ARGUMENT, "token ids"),
         (dict(prompt="hello"), grpc.StatusCode.INVALID_ARGUMENT, "tokenizer"),
     ],
@@ -236,6 +243,16 @@ def test_internal_api_errors(stack: Stack) -> None:
         with pytest.raises(grpc.RpcError) as err:
             list(secondary.Draft(iter([adv])))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # After a pause: states for t_0 and each skipped token, and skipped tokens in the vocabulary.
+        states = numpy_to_tensor(np.zeros((3, 2, TINY.d_model), np.float32))
+        start = pb.DraftStart(session_id="s2", prompt_ids=[1, 2, 3], hidden=states, first_token=4, gamma_max=2)
+        one_row = numpy_to_tensor(np.zeros((1, 2, TINY.d_model), np.float32))
+        for skipped, message in (([5, 6], "primary states of shape (3,"), ([TINY.vocab_size], "token ids")):
+            hidden = one_row if message != "token ids" else numpy_to_tensor(np.zeros((2, 2, TINY.d_model), np.float32))
+            adv = pb.DraftAdvance(accepted=0, hidden=hidden, next_token=1, max_drafts=2, skipped=skipped)
+            with pytest.raises(grpc.RpcError) as err:
+                list(secondary.Draft(iter([pb.DraftRequest(start=start), pb.DraftRequest(advance=adv)])))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details(), skipped
     assert stack.settled_sessions() == 0
 
 

@@ -97,7 +97,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "chat", "sampling", "max_tokens", "stop", "mode", "gamma_max", "tau", "request_id", "tau_first")
+    __slots__ = ("text", "token_ids", "chat", "sampling", "max_tokens", "stop", "mode", "gamma_max", "tau", "request_id", "tau_first", "min_accepted")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class GenerateRequest(_message.Message):
     TAU_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TAU_FIRST_FIELD_NUMBER: _ClassVar[int]
+    MIN_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     chat: ChatMessages
@@ -120,7 +121,8 @@ class GenerateRequest(_message.Message):
     tau: float
     request_id: str
     tau_first: float
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., gamma_max: _Optional[int] = ..., tau: _Optional[float] = ..., request_id: _Optional[str] = ..., tau_first: _Optional[float] = ...) -> None: ...
+    min_accepted: float
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., gamma_max: _Optional[int] = ..., tau: _Optional[float] = ..., request_id: _Optional[str] = ..., tau_first: _Optional[float] = ..., min_accepted: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -131,7 +133,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "accepted_per_position", "mean_acceptance_length", "ttft_s", "elapsed_s", "declined_rounds")
+    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "accepted_per_position", "mean_acceptance_length", "ttft_s", "elapsed_s", "declined_rounds", "paused_steps")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +142,7 @@ class SpeculationStats(_message.Message):
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
     DECLINED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_STEPS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted_tokens: int
     accepted_tokens: int
@@ -148,7 +151,8 @@ class SpeculationStats(_message.Message):
     ttft_s: float
     elapsed_s: float
     declined_rounds: int
-    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., mean_acceptance_length: _Optional[float] = ..., ttft_s: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., declined_rounds: _Optional[int] = ...) -> None: ...
+    paused_steps: int
+    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., mean_acceptance_length: _Optional[float] = ..., ttft_s: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., declined_rounds: _Optional[int] = ..., paused_steps: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "usage", "stats", "request_id")
@@ -241,16 +245,18 @@ class DraftStart(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., drafter: _Optional[_Union[Drafter, str]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., first_token: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., gamma_max: _Optional[int] = ..., tau: _Optional[float] = ..., max_drafts: _Optional[int] = ..., draft_top_k: _Optional[int] = ..., tau_first: _Optional[float] = ...) -> None: ...
 
 class DraftAdvance(_message.Message):
-    __slots__ = ("accepted", "hidden", "next_token", "max_drafts")
+    __slots__ = ("accepted", "hidden", "next_token", "max_drafts", "skipped")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     MAX_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     hidden: Tensor
     next_token: int
     max_drafts: int
-    def __init__(self, accepted: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., next_token: _Optional[int] = ..., max_drafts: _Optional[int] = ...) -> None: ...
+    skipped: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, accepted: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., next_token: _Optional[int] = ..., max_drafts: _Optional[int] = ..., skipped: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftRequest(_message.Message):
     __slots__ = ("start", "advance")
