@@ -46,7 +46,9 @@ class KVCache:
     A call runs in one of two ways. *Gathered*: the block's rows are its sessions' slots, in any order, and each
     layer copies those rows' parts of the attended segments (each a contiguous block) out of the pool. *Whole pool*
     (when the padded batch is the whole pool; `pool_call`): the block is laid out by slot, R rows with the slots not
-    in the call as padding, and attention reads the segments in place, with no copy.
+    in the call as padding, and attention reads the segments in place, with no copy. The fixed-order attention
+    kernel (the CPU primary, `tandem.kernels.attention`) reads each row's slot in place either way, so its gathered
+    calls copy nothing either.
     """
 
     def __init__(

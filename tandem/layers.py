@@ -217,6 +217,7 @@ def decoder_layer(
     blk_mask: jax.Array,
     eps: float,
     lengths: jax.Array | None = None,
+    rows: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One pre-norm Llama block (attention + SwiGLU MLP).
 
@@ -231,6 +232,8 @@ def decoder_layer(
         lengths: [B] cached positions per row, given to run attention and norms in one fixed order per token
             (`tandem.kernels.attention`, `tandem.kernels.rms_norm`; the masks are then implied: each row reads its
             first lengths[b] context positions and the block causally).
+        rows: with lengths, [B] each row's slot when the context segments are a pool's [R, K, S_j, H], read in place
+            (None: the segments hold the block's rows).
 
     Returns:
         (x_out [D, N], k [B, K, T, H], v [B, K, T, H]): the new residual stream and the block's own keys/values,
@@ -244,7 +247,7 @@ def decoder_layer(
     k, v = k.reshape(k_heads, h, batch, t), v.reshape(k_heads, h, batch, t)
     k_rows, v_rows = jnp.transpose(k, (2, 0, 3, 1)), jnp.transpose(v, (2, 0, 3, 1))  # [B, K, T, H]
     if lengths is not None:
-        attn = kernels.attention(q, k_rows, v_rows, lengths, ctx_k, ctx_v)  # [K, G, H, B, T]
+        attn = kernels.attention(q, k_rows, v_rows, lengths, ctx_k, ctx_v, rows)  # [K, G, H, B, T]
     else:
         attn = two_part_attention(q, ctx_k, ctx_v, ctx_mask, k, v, blk_mask)
     x = x + p.wo @ attn.reshape(k_heads * g * h, n)
@@ -267,6 +270,7 @@ def decoder_stack(
     eps: float,
     taps: Sequence[int] = (),
     lengths: jax.Array | None = None,
+    rows: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Runs all layers (unrolled).
 
@@ -281,6 +285,7 @@ def decoder_stack(
         eps: RMSNorm epsilon.
         taps: 1-indexed layers whose output residual stream is returned.
         lengths: [B] cached positions per row: attention and norms in one fixed order per token (`decoder_layer`).
+        rows: with lengths, [B] each row's slot in context segments that are a whole pool's (`decoder_layer`).
 
     Returns:
         (x_out [D, N] before the final norm, tapped [n_taps, D, N] residual streams after the tapped layers,
@@ -290,7 +295,8 @@ def decoder_stack(
     masks = _segments(ctx_mask)
     new_k, new_v, hidden = [], [], []
     for i, p in enumerate(layers):
-        x, k, v = decoder_layer(p, x, cos, sin, _segments(ctx_k[i]), _segments(ctx_v[i]), masks, blk_mask, eps, lengths)
+        ctx = _segments(ctx_k[i]), _segments(ctx_v[i])
+        x, k, v = decoder_layer(p, x, cos, sin, *ctx, masks, blk_mask, eps, lengths, rows)
         new_k.append(k)
         new_v.append(v)
         hidden.append(x)
@@ -386,7 +392,8 @@ def cached_decoder_stack(
         cache_k, cache_v: per layer, its segments [R, K, S_j, H], the whole pool (donated by callers).
         attend_len: static number of attended positions: the end of a segment (>= max(lengths)).
         whole_pool: static; the block is the whole pool by slot (B = R), and attention reads the segments in place
-            instead of gathering the rows out of them (see `tandem.kvcache.KVCache`).
+            instead of gathering the rows out of them (see `tandem.kvcache.KVCache`); with fixed_order the kernel
+            reads every row's slot in place anyway.
         rope_theta: RoPE base.
         eps: RMSNorm epsilon.
         taps: 1-indexed layers whose output residual stream is returned.
@@ -405,7 +412,7 @@ def cached_decoder_stack(
     n = starts.index(attend_len)  # the segments attended
 
     def context(cache: KVBuffers) -> tuple[tuple[jax.Array, ...], ...]:
-        if whole_pool:
+        if whole_pool or fixed_order:  # the fixed-order kernel reads each row's slot in place
             return tuple(layer[:n] for layer in cache)
         # Per layer and segment [B, K, S_j, H]: each row's part of a segment is contiguous, so the gather copies
         # whole blocks (and only the segments attended).
@@ -423,6 +430,7 @@ def cached_decoder_stack(
         eps=eps,
         taps=taps,
         lengths=lengths if fixed_order else None,
+        rows=rows if fixed_order else None,
     )
     reach = attend_len + t  # every real row's length is at most attend_len; padding rows write nowhere
     return (

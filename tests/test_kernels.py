@@ -171,6 +171,20 @@ def test_fixed_order_attention_gives_a_query_bitwise_the_same_output_however_its
 
 
 @needs_kernel
+def test_fixed_order_attention_reads_each_rows_slot_of_a_pool_in_place() -> None:
+    """Rows given as slots of a 4-slot pool read those slots' segments: bitwise what the gathered rows give."""
+    q, blk_k, blk_v, lengths, _, _ = attention_inputs(2, [9, 30], (16, 32), h=64)
+    _, _, _, _, pool_k, pool_v = attention_inputs(2, [0, 0, 0, 0], (16, 32), seed=5, h=64)
+    block = [jnp.asarray(a) for a in (q, blk_k, blk_v, lengths)]
+    slots = np.asarray([3, 1], np.int32)
+    gathered = kernels.attention(*block, tuple(c[slots] for c in pool_k), tuple(c[slots] for c in pool_v))
+    in_place = kernels.attention(*block, pool_k, pool_v, jnp.asarray(slots))
+    np.testing.assert_array_equal(np.asarray(in_place), np.asarray(gathered))
+    with pytest.raises(Exception, match="outside the context segments"):
+        np.asarray(kernels.attention(*block, pool_k, pool_v, jnp.asarray([3, 4], np.int32)))
+
+
+@needs_kernel
 def test_fixed_order_rms_norm_matches_and_is_the_same_per_column_at_any_width() -> None:
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((576, 17)) * 10).astype(np.float32)

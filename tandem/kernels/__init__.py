@@ -236,22 +236,25 @@ def attention(
     lengths: jax.Array,
     ctx_k: tuple[jax.Array, ...],
     ctx_v: tuple[jax.Array, ...],
+    rows: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped-query attention of a block after each row's cached prefix, in one fixed order per query (`attention.cc`):
-    query t of row b reads the row's first lengths[b] cached positions, segment by segment, then the block's tokens
-    0..t, scored, exponentiated and summed in position order. Call `available()` first.
+    query t of row b reads the first lengths[b] cached positions of its slot, segment by segment, then the block's
+    tokens 0..t, scored, exponentiated and summed in position order. Call `available()` first.
 
     Args:
         q: [K, G, H, B, T] queries (RoPE applied).
         block_k, block_v: [B, K, T, H] the block's own keys and values.
         lengths: [B] cached positions per row (the segments hold at least that many).
-        ctx_k, ctx_v: segments [B, K, S_j, H] of the cached keys and values, in position order.
+        ctx_k, ctx_v: segments [R, K, S_j, H] of the cached keys and values, in position order.
+        rows: [B] each row's slot in the segments, read in place (None: row b is slot b, R = B).
 
     Returns:
         [K, G, H, B, T], each query's output bitwise the same whatever block and batch it came in.
     """
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return jax.ffi.ffi_call(_ATTENTION, out)(q, block_k, block_v, lengths.astype(jnp.int32), *ctx_k, *ctx_v)
+    rows = jnp.arange(q.shape[3], dtype=jnp.int32) if rows is None else rows.astype(jnp.int32)
+    return jax.ffi.ffi_call(_ATTENTION, out)(q, block_k, block_v, lengths.astype(jnp.int32), rows, *ctx_k, *ctx_v)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -92,12 +92,14 @@ struct Attention {
   const float* block_k;           // [B, K, T, H]
   const float* block_v;           // [B, K, T, H]
   const int32_t* lengths;         // [B] cached positions per row
-  std::vector<const float*> ctx_k;  // segments [B, K, S_j, H], in position order
+  const int32_t* rows;            // [B] each row's slot in the context segments
+  std::vector<const float*> ctx_k;  // segments [R, K, S_j, H], in position order
   std::vector<const float*> ctx_v;
   std::vector<int64_t> ctx_len;   // S_j
   int64_t ctx_total = 0;          // sum of S_j
   float* out;                     // [K, G, H, B, T]
   int64_t b, t, k, g, h;
+  int64_t slots = 0;              // R
   float scale;
 };
 
@@ -130,7 +132,7 @@ void AttendGroup(const Attention& a, int64_t row, int64_t kh, int64_t ti) {
     int64_t pos = 0;
     for (size_t j = 0; j < a.ctx_len.size() && pos < cached; ++j) {
       const int64_t n = std::min(a.ctx_len[j], cached - pos);
-      const int64_t base = (row * a.k + kh) * a.ctx_len[j] * a.h;
+      const int64_t base = (a.rows[row] * a.k + kh) * a.ctx_len[j] * a.h;
       fn(pos, a.ctx_k[j] + base, a.ctx_v[j] + base, n);
       pos += n;
     }
@@ -200,22 +202,23 @@ void AttendGroup(const Attention& a, int64_t row, int64_t kh, int64_t ti) {
 }
 
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> block_k,
-                         ffi::Buffer<ffi::F32> block_v, ffi::Buffer<ffi::S32> lengths, ffi::RemainingArgs ctx,
-                         ffi::ResultBuffer<ffi::F32> out) {
+                         ffi::Buffer<ffi::F32> block_v, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> rows,
+                         ffi::RemainingArgs ctx, ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions();  // [K, G, H, B, T]
   auto kd = block_k.dimensions();  // [B, K, T, H]
   if (qd.size() != 5 || kd.size() != 4 || kd[0] != qd[3] || kd[1] != qd[0] || kd[2] != qd[4] || kd[3] != qd[2] ||
       !SameDims(block_v.dimensions(), kd) || lengths.dimensions().size() != 1 || lengths.dimensions()[0] != qd[3] ||
-      ctx.size() % 2 != 0) {
+      !SameDims(rows.dimensions(), lengths.dimensions()) || ctx.size() % 2 != 0) {
     return ffi::Error::InvalidArgument(
-        "attention: expected q [K, G, H, B, T], block keys and values [B, K, T, H], lengths [B] and context "
-        "segments [B, K, S_j, H], keys then values");
+        "attention: expected q [K, G, H, B, T], block keys and values [B, K, T, H], lengths and rows [B] and "
+        "context segments [R, K, S_j, H], keys then values");
   }
   Attention a;
   a.q = q.typed_data();
   a.block_k = block_k.typed_data();
   a.block_v = block_v.typed_data();
   a.lengths = lengths.typed_data();
+  a.rows = rows.typed_data();
   a.out = out->typed_data();
   a.k = qd[0], a.g = qd[1], a.h = qd[2], a.b = qd[3], a.t = qd[4];
   a.scale = 1.0f / std::sqrt(static_cast<float>(a.h));
@@ -225,13 +228,20 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
     auto vj = ctx.get<ffi::Buffer<ffi::F32>>(segments + j);
     if (kj.has_error() || vj.has_error()) return ffi::Error::InvalidArgument("attention: context must be float32");
     auto sd = kj->dimensions();
-    if (sd.size() != 4 || sd[0] != a.b || sd[1] != a.k || sd[3] != a.h || !SameDims(vj->dimensions(), sd)) {
-      return ffi::Error::InvalidArgument("attention: a context segment is not [B, K, S_j, H]");
+    if (sd.size() != 4 || sd[1] != a.k || sd[3] != a.h || !SameDims(vj->dimensions(), sd) ||
+        (j > 0 && sd[0] != a.slots)) {
+      return ffi::Error::InvalidArgument("attention: a context segment is not [R, K, S_j, H]");
     }
+    a.slots = sd[0];
     a.ctx_k.push_back(kj->typed_data());
     a.ctx_v.push_back(vj->typed_data());
     a.ctx_len.push_back(sd[2]);
     a.ctx_total += sd[2];
+  }
+  for (int64_t row = 0; row < a.b && segments > 0; ++row) {
+    if (a.rows[row] < 0 || a.rows[row] >= a.slots) {
+      return ffi::Error::InvalidArgument("attention: a row's slot lies outside the context segments");
+    }
   }
   // One task per token and key/value head: its work depends on nothing else.
   auto run = a.h == 64 ? AttendGroup<64> : AttendGroup<0>;
@@ -306,6 +316,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemAttention, AttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>());
