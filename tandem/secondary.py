@@ -22,6 +22,7 @@ whose slots m.. hold the round's own keys/values until verification replaces the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy as np
 from flax import struct
 from safetensors.numpy import load_file, save_file
 
+from tandem import kernels
 from tandem.config import DrafterConfig
 from tandem.errors import ContextFullError
 from tandem.kernels import BLOCK, PANEL, QLinear, float_weight, qlinear, quantize_q8
@@ -266,8 +268,10 @@ def _advance(
     cfg: DrafterConfig,
     attend_len: int,
     whole_pool: bool = False,
+    fixed_order: bool = False,
 ) -> tuple[jax.Array, KVBuffers, KVBuffers]:
-    """The stack over T new tokens per row: (x [D, N] before the final norm, cache_k, cache_v)."""
+    """The stack over T new tokens per row: (x [D, N] before the final norm, cache_k, cache_v). fixed_order: the CPU
+    kernels' attention and norms (`tandem.layers.cached_decoder_stack`), which read each row's cache slot in place."""
     assert params.embed is not None, "call materialize() first"
     x, _, cache_k, cache_v = cached_decoder_stack(
         params.layers,
@@ -280,6 +284,7 @@ def _advance(
         whole_pool=whole_pool,
         rope_theta=cfg.rope_theta,
         eps=cfg.rms_eps,
+        fixed_order=fixed_order,
     )
     return x, cache_k, cache_v
 
@@ -295,6 +300,7 @@ def step(
     cfg: DrafterConfig,
     attend_len: int,
     whole_pool: bool = False,
+    fixed_order: bool = False,
 ) -> tuple[jax.Array, KVBuffers, KVBuffers]:
     """Incremental forward of T new tokens per row against the cache (causal over cache slots < lengths).
 
@@ -307,12 +313,22 @@ def step(
         cfg: static config.
         attend_len: static bucket of attended cache slots.
         whole_pool: static; rows are every slot in order, read in place (see `tandem.kvcache.KVCache`).
+        fixed_order: static; the CPU kernels' attention and norms (`DrafterRunner.fixed_order`).
 
     Returns:
         (logits [V, B*T] vocabulary-major, cache_k, cache_v) with the tokens' own keys/values written at lengths.
     """
     x, cache_k, cache_v = _advance(
-        params, tokens, rows, lengths, cache_k, cache_v, cfg=cfg, attend_len=attend_len, whole_pool=whole_pool
+        params,
+        tokens,
+        rows,
+        lengths,
+        cache_k,
+        cache_v,
+        cfg=cfg,
+        attend_len=attend_len,
+        whole_pool=whole_pool,
+        fixed_order=fixed_order,
     )
     return _logits(params, cfg, x), cache_k, cache_v
 
@@ -364,6 +380,7 @@ def draft_greedy(
     attend_len: int,
     cap: int,
     top_k: int,
+    fixed_order: bool = False,
 ) -> tuple[jax.Array, jax.Array, KVBuffers, KVBuffers]:
     """Whole greedy drafting rounds of B sessions in one call: write each row's new primary states (Tandem), feed its
     pending tokens, then draft until τ or γ.
@@ -394,6 +411,7 @@ def draft_greedy(
         attend_len: static bucket covering every row's lengths + ingested + fed + gamma.
         cap: static size of the drafts buffer.
         top_k: static router feature size.
+        fixed_order: static; the CPU kernels' attention and norms (`DrafterRunner.fixed_order`).
 
     Returns:
         (drafts [B, cap] with row b's first count[b] valid, count [B] (0: declined), cache_k, cache_v); row b's cache
@@ -417,7 +435,8 @@ def draft_greedy(
         conf = confidence(router, scores.T, float_weight(head), top_k)  # [B]
         return token.astype(jnp.int32), (drafted < gamma) & ((tau <= 0) | (conf >= tau)), conf
 
-    x, cache_k, cache_v = _advance(params, tokens, rows, lengths, cache_k, cache_v, cfg=cfg, attend_len=attend_len)
+    advance = functools.partial(_advance, cfg=cfg, attend_len=attend_len, fixed_order=fixed_order)
+    x, cache_k, cache_v = advance(params, tokens, rows, lengths, cache_k, cache_v)
     last = x.reshape(x.shape[0], batch, t)[:, jnp.arange(batch), fed - 1]  # [D, B] each row's last real token
     first, go, conf = decide(last, jnp.int32(1))
     speculate = (tau_first <= 0) | (conf >= tau_first)  # [B] rows that draft at all this round
@@ -427,7 +446,7 @@ def draft_greedy(
     def body(carry: tuple) -> tuple:
         i, prev, length, drafts, ck, cv, go = carry
         at = jnp.where(go, length, beyond)  # [B] rows that stopped write nowhere
-        x, ck, cv = _advance(params, prev[:, None], rows, at, ck, cv, cfg=cfg, attend_len=attend_len)  # x [D, B]
+        x, ck, cv = advance(params, prev[:, None], rows, at, ck, cv)  # x [D, B]
         token, more, _ = decide(x, i + 1)
         drafts = jnp.where(go[:, None], drafts.at[:, i].set(token), drafts)
         prev = jnp.where(go, token, prev)
@@ -458,8 +477,10 @@ _DRAFTS_WIDTH = 8
 # 0.15 ms back to back, 0.8 ms after a primary step). One width covers the default γ_max = 1 and adds no compiled
 # shapes; a prompt's states, and a round's wider ones (γ_max > 1), are ingested by a call of their own first.
 INGEST_WIDTHS = (2,)
-_step_jit = jax.jit(step, static_argnames=("cfg", "attend_len", "whole_pool"), donate_argnums=(4, 5))
-_draft_greedy_jit = jax.jit(draft_greedy, static_argnames=("cfg", "attend_len", "cap", "top_k"), donate_argnums=(6, 7))
+_step_jit = jax.jit(step, static_argnames=("cfg", "attend_len", "whole_pool", "fixed_order"), donate_argnums=(4, 5))
+_draft_greedy_jit = jax.jit(
+    draft_greedy, static_argnames=("cfg", "attend_len", "cap", "top_k", "fixed_order"), donate_argnums=(6, 7)
+)
 _ingest_jit = jax.jit(ingest, static_argnames=("cfg",), donate_argnums=(4, 5))
 
 
@@ -477,6 +498,9 @@ class DrafterRunner:
             raise ValueError("drafter params are not runnable: call tandem.secondary.materialize() first")
         self.cfg, self.params, self.batch, self.max_len = cfg, params, batch, max_len
         self.cache = KVCache(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
+        # Attention and norms in the CPU kernels, which read each row's cache slot in place (XLA's gather the rows'
+        # attended segments out of the pool first); float32 only.
+        self.fixed_order = dtype == jnp.float32 and kernels.available()
 
     @property
     def lengths(self) -> np.ndarray:
@@ -489,7 +513,9 @@ class DrafterRunner:
             [B, V] logits of each row's last token.
         """
         t = np.shape(tokens)[1]
-        slots, out_rows, (logits,) = self.cache.apply(_step_jit, self.params, np.asarray(tokens), rows, cfg=self.cfg)
+        slots, out_rows, (logits,) = self.cache.apply(
+            _step_jit, self.params, np.asarray(tokens), rows, cfg=self.cfg, fixed_order=self.fixed_order
+        )
         self.cache.lengths[slots] += t
         t_pad = bucket(t)
         return np.asarray(logits)[:, t - 1 :: t_pad].T[out_rows]  # each row's last fed token (host slicing)
@@ -575,6 +601,7 @@ class DrafterRunner:
             attend_len=attend,
             cap=cap,
             top_k=top_k,
+            fixed_order=self.fixed_order,
         )
         counts = np.asarray(count)[: slots.size]
         self.cache.lengths[slots] += ingested + fed + np.maximum(counts, 1) - 1  # a declined row was fed its pending
@@ -628,6 +655,7 @@ class DrafterRunner:
                         attend_len=a,
                         cap=_DRAFTS_WIDTH,
                         top_k=top_k,
+                        fixed_order=self.fixed_order,
                     )
                     shapes += 1
             for t in buckets(self.max_len, cap=self.max_len):
