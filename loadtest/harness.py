@@ -275,6 +275,9 @@ def ray_session(
         for attempt in range(1, start_attempts + 1):
             try:
                 ray.init(
+                    # "local": a new instance even where an earlier `ray start` left its address behind in the
+                    # temporary directory (ray.init() would try to join that cluster, dead or alive).
+                    address="local",
                     num_cpus=num_cpus,
                     object_store_memory=object_store_mb * 2**20,
                     include_dashboard=False,
