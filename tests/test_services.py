@@ -246,9 +246,8 @@ def test_internal_api_errors(stack: Stack) -> None:
         # After a pause: states for t_0 and each skipped token, and skipped tokens in the vocabulary.
         states = numpy_to_tensor(np.zeros((3, 2, TINY.d_model), np.float32))
         start = pb.DraftStart(session_id="s2", prompt_ids=[1, 2, 3], hidden=states, first_token=4, gamma_max=2)
-        one_row = numpy_to_tensor(np.zeros((1, 2, TINY.d_model), np.float32))
-        for skipped, message in (([5, 6], "primary states of shape (3,"), ([TINY.vocab_size], "token ids")):
-            hidden = one_row if message != "token ids" else numpy_to_tensor(np.zeros((2, 2, TINY.d_model), np.float32))
+        for rows, skipped, message in ((1, [5, 6], "primary states of shape (3,"), (2, [TINY.vocab_size], "token ids")):
+            hidden = numpy_to_tensor(np.zeros((rows, 2, TINY.d_model), np.float32))
             adv = pb.DraftAdvance(accepted=0, hidden=hidden, next_token=1, max_drafts=2, skipped=skipped)
             with pytest.raises(grpc.RpcError) as err:
                 list(secondary.Draft(iter([pb.DraftRequest(start=start), pb.DraftRequest(advance=adv)])))
