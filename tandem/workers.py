@@ -274,6 +274,16 @@ def _groups(items: list[_T], size: Callable[[_T], int]) -> list[list[_T]]:
     return list(groups.values())
 
 
+def _token_ids(tokens: Sequence[int], vocab_size: int) -> np.ndarray:
+    """tokens as an int64 array [T], checked: at least one, each in [0, vocab_size) (else InvalidRequestError)."""
+    arr = np.asarray(tokens, dtype=np.int64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise InvalidRequestError("at least one token is required")
+    if arr.min() < 0 or arr.max() >= vocab_size:
+        raise InvalidRequestError(f"token ids must lie in [0, {vocab_size})")
+    return arr
+
+
 def _pick(out: BlockOutput, row: int, pos: int, sampling: SamplingParams, rng: np.random.Generator) -> int:
     """The primary's own token after position `pos` of a block row: its argmax when greedy (no logits reach the
     host), else a draw from the request's distribution."""
@@ -331,19 +341,12 @@ class PrimaryWorker(_SessionWorker):
     def max_len(self) -> int:
         return self.runner.max_len
 
-    def _check_tokens(self, tokens: Sequence[int]) -> np.ndarray:
-        arr = np.asarray(tokens, dtype=np.int64)
-        if arr.ndim != 1 or arr.size == 0:
-            raise InvalidRequestError("at least one token is required")
-        if arr.min() < 0 or arr.max() >= self.vocab_size:
-            raise InvalidRequestError(f"token ids must lie in [0, {self.vocab_size})")
-        return arr
-
     def prefill(
         self, session: str, prompt_ids: Sequence[int], sampling: SamplingParams, want_hidden: bool
     ) -> PrimaryStep:
         """Opens the session, processes the prompt in one block pass and emits the first token."""
-        call = _Prefill(session, prompt=self._check_tokens(prompt_ids), sampling=sampling, want_hidden=want_hidden)
+        prompt = _token_ids(prompt_ids, self.vocab_size)
+        call = _Prefill(session, prompt=prompt, sampling=sampling, want_hidden=want_hidden)
         return self.batcher.submit(call)  # type: ignore[return-value]
 
     def verify(
@@ -358,7 +361,7 @@ class PrimaryWorker(_SessionWorker):
             verify: False for standalone Tandem: every draft is kept and the primary adds its free token.
             want_hidden: return the committed positions' tapped states.
         """
-        block = self._check_tokens(tokens)
+        block = _token_ids(tokens, self.vocab_size)
         call = _Verify(session, block=block, proposals=list(proposals), verify=verify, want_hidden=want_hidden)
         return self.batcher.submit(call)  # type: ignore[return-value]
 
@@ -508,9 +511,9 @@ class DrafterWorker(_SessionWorker):
         self, session: str, prompt_ids: Sequence[int], hidden: np.ndarray | None, first_token: int, max_drafts: int
     ) -> Drafts:
         """Takes the prompt (and, Tandem, the primary's states of it) and the primary's first token; drafts."""
-        vocab = self.runner.cfg.vocab_size
-        if not prompt_ids or any(not 0 <= t < vocab for t in (*prompt_ids, first_token)):
-            raise InvalidRequestError(f"a non-empty prompt and tokens in [0, {vocab}) are required")
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty")
+        _token_ids([*prompt_ids, first_token], self.runner.cfg.vocab_size)
         call = _Round(session, tokens=list(prompt_ids), hidden=hidden, next_token=first_token, max_drafts=max_drafts)
         return self.batcher.submit(call)  # type: ignore[return-value]
 
@@ -525,9 +528,7 @@ class DrafterWorker(_SessionWorker):
     ) -> Drafts:
         """Learns the last round's verdict (and, Tandem, the primary's states of t_0, d_1..d_a), then the tokens of
         the primary-only steps since (`skipped`, their states after the round's); drafts again."""
-        vocab = self.runner.cfg.vocab_size
-        if any(not 0 <= t < vocab for t in (*skipped, next_token)):
-            raise InvalidRequestError(f"token ids must lie in [0, {vocab})")
+        _token_ids([*skipped, next_token], self.runner.cfg.vocab_size)
         call = _Round(
             session,
             tokens=list(skipped),
