@@ -72,7 +72,7 @@ class RemotePrimary:
 
     def _step(self, resp: pb.PrimaryStep) -> PrimaryStep:
         hidden = optional_tensor(resp.hidden, resp.HasField("hidden"), "primary hidden states")
-        return PrimaryStep(resp.accepted, resp.next_token, hidden)
+        return PrimaryStep(resp.accepted, resp.next_token, hidden, max(0, resp.sessions))
 
     def prefill(
         self, session: str, prompt_ids: Sequence[int], sampling: SamplingParams, want_hidden: bool

@@ -373,10 +373,15 @@ class Orchestrator:
         pool.probe_down()
         return bool(pool.addresses) and any(n == 0 for n in pool.down_state().values())
 
-    def _gamma_cap(self, gamma_max: int) -> int:
-        """The most drafts per round at the current load: running requests per primary replica."""
+    def _gamma_cap(self, gamma_max: int, replica_sessions: int = 0) -> int:
+        """The most drafts per round at the current load: running requests per primary replica.
+
+        This orchestrator's running requests spread over the replicas are all it knows before a request's first
+        primary step; from then on the request's replica reports its open sessions (`replica_sessions`), which
+        count every orchestrator's requests on it, and the larger of the two is the load.
+        """
         replicas = max(1, len(self.pools["primary"].addresses))
-        return self.cfg.load.gamma_cap(self.admission.running / replicas, gamma_max)
+        return self.cfg.load.gamma_cap(max(self.admission.running / replicas, replica_sessions), gamma_max)
 
     def _pin(self, service: str) -> Lease:
         try:
@@ -491,7 +496,7 @@ class Orchestrator:
             stop_token_ids=self.stop_token_ids,
             stats=stats,
             failover=lambda: self._failover(route),
-            gamma_cap=lambda: self._gamma_cap(req.spec.gamma_max),
+            gamma_cap=lambda sessions: self._gamma_cap(req.spec.gamma_max, sessions),
         )
         decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True) if self.tokenizer else None
         stops = StopStringFilter(p.stop)

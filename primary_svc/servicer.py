@@ -22,7 +22,7 @@ def check_session_id(session_id: str) -> str:
 
 
 def _step(step: PrimaryStep) -> pb.PrimaryStep:
-    out = pb.PrimaryStep(accepted=step.accepted, next_token=step.next_token)
+    out = pb.PrimaryStep(accepted=step.accepted, next_token=step.next_token, sessions=step.sessions)
     if step.hidden is not None:
         out.hidden.CopyFrom(numpy_to_tensor(step.hidden))
     return out

@@ -38,10 +38,14 @@ class PrimaryStep:
     accepted: int  # drafts kept (0 for a prefill or a primary-only step)
     next_token: int  # the primary's token after them: first token, correction, bonus or free token
     hidden: np.ndarray | None  # [n, n_taps, D] states of the positions it committed (None unless asked for)
+    sessions: int = 0  # sessions open on the primary replica that ran it, from every orchestrator (0: not reported)
 
     def __repr__(self) -> str:
         shape = None if self.hidden is None else self.hidden.shape
-        return f"PrimaryStep(accepted={self.accepted}, next_token={self.next_token}, hidden={shape})"
+        return (
+            f"PrimaryStep(accepted={self.accepted}, next_token={self.next_token}, hidden={shape}, "
+            f"sessions={self.sessions})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +233,7 @@ def run_request(
     stop_token_ids: frozenset[int] = frozenset(),
     stats: GenerationStats | None = None,
     failover: Callable[[], PrimaryAPI] | None = None,
-    gamma_cap: Callable[[], int] | None = None,
+    gamma_cap: Callable[[int], int] | None = None,
 ) -> Generator[list[int], None, GenerationResult]:
     """Runs a validated request; yields the tokens each primary pass commits, returns the result (token_ids empty).
 
@@ -246,9 +250,10 @@ def run_request(
         failover: when the primary raises PrimaryUnavailableError, returns the primary of another replica; the
             request re-prefills its prompt and every token emitted so far there and goes on with the primary alone
             (greedy output is unchanged). None: the error propagates.
-        gamma_cap: asked before each round of a speculative mode for the most drafts the server's load allows;
-            0 lets the drafter go and finishes the request with primary-only rounds (lossless, like a drafter
-            failure). None: γ is the request's own.
+        gamma_cap: asked before each round of a speculative mode for the most drafts the server's load allows,
+            given the sessions the primary replica reported with its last step (`PrimaryStep.sessions`); 0 lets
+            the drafter go and finishes the request with primary-only rounds (lossless, like a drafter failure).
+            None: γ is the request's own.
     """
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(req.prompt_ids)
@@ -303,7 +308,7 @@ def run_request(
             pending = step.next_token
             cap = req.spec.gamma_max
             if drafter is not None and gamma_cap is not None and req.mode != "tandem":
-                cap = gamma_cap()  # asked only while speculating: primary-only rounds never consult the load
+                cap = gamma_cap(step.sessions)  # asked only while speculating: primary-only rounds never consult it
             if drafter is not None and cap == 0:  # the primary is too busy for speculation to pay: let it go
                 stats.load_shed = True
                 drafter.close()

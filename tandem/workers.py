@@ -373,8 +373,9 @@ class PrimaryWorker(_SessionWorker):
                     rows.append(self._prepare(c))
                 except Exception as e:
                     c.error = e
+            sessions = len(self.pool)  # this replica's load, reported with every step (load-aware speculation)
         for group in _groups(rows, lambda r: r[2].size):
-            self._forward(group)
+            self._forward(group, sessions)
 
     def _prepare(self, c: _Call) -> tuple[_Call, _PrimarySession, np.ndarray]:
         """Looks the call's session up (a prefill opens it) and checks its block fits: (call, session, block)."""
@@ -405,8 +406,8 @@ class PrimaryWorker(_SessionWorker):
             )
         return c, state, c.block
 
-    def _forward(self, group: list[tuple[_Call, _PrimarySession, np.ndarray]]) -> None:
-        """One block pass over the group's rows, then each call's verdict."""
+    def _forward(self, group: list[tuple[_Call, _PrimarySession, np.ndarray]], sessions: int) -> None:
+        """One block pass over the group's rows, then each call's verdict (reporting `sessions` open)."""
         sizes = [block.size for _, _, block in group]
         tokens = np.zeros((len(group), max(sizes)), np.int32)
         for b, (_, _, block) in enumerate(group):
@@ -421,7 +422,7 @@ class PrimaryWorker(_SessionWorker):
             return
         for b, (c, st, block) in enumerate(group):
             try:
-                c.result = self._finish(c, st, block, out, b)
+                c.result = dataclasses.replace(self._finish(c, st, block, out, b), sessions=sessions)
             except Exception as e:
                 c.error = e
 

@@ -71,7 +71,7 @@ def test_load_shedding_ends_speculation_losslessly(tiny_params) -> None:
         worker.open("s", SamplingParams(), spec),
         max_tokens=30,
         stats=stats,
-        gamma_cap=lambda: next(caps, 0),
+        gamma_cap=lambda _sessions: next(caps, 0),
     )
     got = [t for chunk in rounds for t in chunk]
     assert got == want
@@ -164,6 +164,41 @@ def test_a_request_the_load_would_shed_at_once_never_opens_a_drafter(tiny_params
         assert got == want
         assert asked_states == [False]
         assert stack.core.metrics.load_shed._value.get() == 1 and stack.core.metrics.drafts._value.get() == 0
+        assert stack.settled_sessions() == 0
+    finally:
+        stack.close()
+
+
+def test_steps_report_the_replicas_open_sessions(tiny_params) -> None:
+    """Every primary step carries the sessions open on its replica, whoever opened them (the load it is under)."""
+    worker = make_engine(tiny_params, max_len=128, slots=4).primary_worker
+    greedy = SamplingParams()
+    assert worker.prefill("a", [3, 17, 9], greedy, False).sessions == 1
+    step = worker.prefill("b", [5, 2], greedy, False)
+    assert step.sessions == 2
+    assert worker.verify("a", [step.next_token], [], True, False).sessions == 2
+    worker.release("b")
+    assert worker.verify("a", [step.next_token], [], True, False).sessions == 1
+    worker.release("a")
+
+
+def test_the_replicas_sessions_count_requests_from_other_orchestrators(tiny_params) -> None:
+    """An orchestrator running one request would speculate (the default policy: full γ alone, primary-only from 2),
+    but its primary also holds another orchestrator's session: the request lets its drafter go before drafting and
+    its output is still the primary's, through gRPC."""
+    stack = Stack(tiny_params)
+    try:
+        other = stack.primary_worker.prefill("another-orchestrators-request", [7, 7, 1], SamplingParams(), False)
+        assert other.sessions == 1
+        prompt = [3, 17, 9, 4]
+        want = stack.reference.generate(tuple(prompt), mode="primary", max_tokens=12).token_ids
+        got = [t for r in stack.client.generate(prompt, mode="tandem-speed", max_tokens=12) for t in r.token_ids]
+        assert got == want
+        assert stack.core.metrics.load_shed._value.get() == 1 and stack.core.metrics.drafts._value.get() == 0
+        stack.primary_worker.release("another-orchestrators-request")
+        got = [t for r in stack.client.generate(prompt, mode="tandem-speed", max_tokens=12) for t in r.token_ids]
+        assert got == want
+        assert stack.core.metrics.load_shed._value.get() == 1 and stack.core.metrics.drafts._value.get() > 0  # alone
         assert stack.settled_sessions() == 0
     finally:
         stack.close()

@@ -197,14 +197,16 @@ class VerifyRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., proposals: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., standalone: _Optional[bool] = ..., want_hidden: _Optional[bool] = ...) -> None: ...
 
 class PrimaryStep(_message.Message):
-    __slots__ = ("accepted", "next_token", "hidden")
+    __slots__ = ("accepted", "next_token", "hidden", "sessions")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     next_token: int
     hidden: Tensor
-    def __init__(self, accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    sessions: int
+    def __init__(self, accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sessions: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_id",)
