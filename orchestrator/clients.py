@@ -72,7 +72,7 @@ class RemotePrimary:
 
     def _step(self, resp: pb.PrimaryStep) -> PrimaryStep:
         hidden = optional_tensor(resp.hidden, resp.HasField("hidden"), "primary hidden states")
-        return PrimaryStep(resp.accepted, resp.next_token, hidden, max(0, resp.sessions))
+        return PrimaryStep(resp.accepted, resp.next_token, hidden, max(0, resp.sessions), tuple(resp.prior_tokens))
 
     def prefill(
         self, session: str, prompt_ids: Sequence[int], sampling: SamplingParams, want_hidden: bool
@@ -89,7 +89,13 @@ class RemotePrimary:
             _raise_from("primary", e)
 
     def verify(
-        self, session: str, tokens: Sequence[int], proposals: Sequence[SparseDist], verify: bool, want_hidden: bool
+        self,
+        session: str,
+        tokens: Sequence[int],
+        proposals: Sequence[SparseDist],
+        verify: bool,
+        want_hidden: bool,
+        steps: int = 1,
     ) -> PrimaryStep:
         req = pb.VerifyRequest(
             session_id=session,
@@ -97,6 +103,7 @@ class RemotePrimary:
             proposals=[sparse_to_proto(q) for q in proposals],
             standalone=not verify,
             want_hidden=want_hidden,
+            steps=steps,
         )
         try:
             return self._step(self.stub.Verify(req, timeout=self.timeout_s))

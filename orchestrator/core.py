@@ -21,7 +21,7 @@ from orchestrator.clients import ModelServiceError, RemoteDrafter, RemotePrimary
 from orchestrator.routing import EndpointPool, Lease, NoEndpointError, Targets
 from tandem.config import DEFAULT_MODE, SamplingParams, SpecConfig
 from tandem.errors import InvalidRequestError, OverloadedError
-from tandem.rounds import GenerationResult, GenerationStats, Request, run_request
+from tandem.rounds import MAX_STEPS, GenerationResult, GenerationStats, Request, run_request
 from tandem.text import StopStringFilter
 from tandem.tokenizer import Tokenizer
 from tandemrpc.security import TlsFiles, open_channel
@@ -48,10 +48,15 @@ class LoadPolicy:
     # (results/loadtest/low_concurrency_cpu.json).
     full_until: int = 1
     primary_only_from: int = 2
+    # From primary_only_from on, a primary-only request runs this many one-token steps per Primary call (multi-step
+    # decoding; 1 = off): the same tokens with a fraction of the round trips, whose CPU the model shares on a CPU host.
+    multi_step: int = 4
 
     def __post_init__(self) -> None:
         if not 0 <= self.full_until < self.primary_only_from:
             raise ValueError(f"need 0 <= full_until < primary_only_from, got {self}")
+        if not 1 <= self.multi_step <= MAX_STEPS:
+            raise ValueError(f"multi_step must lie in [1, {MAX_STEPS}], got {self.multi_step}")
 
     def gamma_cap(self, load: float, gamma_max: int) -> int:
         """The most drafts per round at `load` (0 = primary-only rounds)."""
@@ -61,6 +66,10 @@ class LoadPolicy:
             return 0
         share = (self.primary_only_from - load) / (self.primary_only_from - self.full_until)
         return max(1, round(gamma_max * share))
+
+    def steps(self, load: float) -> int:
+        """One-token steps per primary-only call at `load`."""
+        return self.multi_step if load >= self.primary_only_from else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,15 +382,19 @@ class Orchestrator:
         pool.probe_down()
         return bool(pool.addresses) and any(n == 0 for n in pool.down_state().values())
 
-    def _gamma_cap(self, gamma_max: int, replica_sessions: int = 0) -> int:
-        """The most drafts per round at the current load: running requests per primary replica.
+    def _load(self, replica_sessions: int = 0) -> float:
+        """Running requests per primary replica.
 
         This orchestrator's running requests spread over the replicas are all it knows before a request's first
         primary step; from then on the request's replica reports its open sessions (`replica_sessions`), which
         count every orchestrator's requests on it, and the larger of the two is the load.
         """
         replicas = max(1, len(self.pools["primary"].addresses))
-        return self.cfg.load.gamma_cap(max(self.admission.running / replicas, replica_sessions), gamma_max)
+        return max(self.admission.running / replicas, replica_sessions)
+
+    def _gamma_cap(self, gamma_max: int, replica_sessions: int = 0) -> int:
+        """The most drafts per round at the current load."""
+        return self.cfg.load.gamma_cap(self._load(replica_sessions), gamma_max)
 
     def _pin(self, service: str) -> Lease:
         try:
@@ -497,6 +510,7 @@ class Orchestrator:
             stats=stats,
             failover=lambda: self._failover(route),
             gamma_cap=lambda sessions: self._gamma_cap(req.spec.gamma_max, sessions),
+            primary_steps=lambda sessions: self.cfg.load.steps(self._load(sessions)),
         )
         decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True) if self.tokenizer else None
         stops = StopStringFilter(p.stop)

@@ -107,6 +107,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
         help="running requests per primary replica from which requests run primary-only rounds",
     )
     p.add_argument(
+        "--load-multi-step",
+        type=int,
+        default=int(env("TANDEM_LOAD_MULTI_STEP", str(LoadPolicy.multi_step))),
+        help="from --load-primary-only-from on: one-token steps per Primary call of a primary-only request (1 = off)",
+    )
+    p.add_argument(
         "--min-accepted",
         type=float,
         default=float(env("TANDEM_MIN_ACCEPTED", str(SpecConfig.min_accepted))),
@@ -130,9 +136,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
     if a.max_running < 1 or a.max_queued < 0 or a.queue_timeout_s < 0 or (a.tpot_target_ms or 0) < 0:
         p.error("--max-running must be >= 1, --max-queued, --queue-timeout-s and --tpot-target-ms >= 0")
     try:
-        load = LoadPolicy(a.load_full_until, a.load_primary_only_from)
+        load = LoadPolicy(a.load_full_until, a.load_primary_only_from, a.load_multi_step)
     except ValueError as e:
-        p.error(f"--load-full-until/--load-primary-only-from: {e}")
+        p.error(f"--load-full-until/--load-primary-only-from/--load-multi-step: {e}")
     try:
         default_spec = SpecConfig(min_accepted=a.min_accepted)
     except ValueError as e:

@@ -22,7 +22,9 @@ def check_session_id(session_id: str) -> str:
 
 
 def _step(step: PrimaryStep) -> pb.PrimaryStep:
-    out = pb.PrimaryStep(accepted=step.accepted, next_token=step.next_token, sessions=step.sessions)
+    out = pb.PrimaryStep(
+        accepted=step.accepted, next_token=step.next_token, sessions=step.sessions, prior_tokens=step.prior
+    )
     if step.hidden is not None:
         out.hidden.CopyFrom(numpy_to_tensor(step.hidden))
     return out
@@ -42,7 +44,8 @@ class PrimaryServicer(pb_grpc.PrimaryServicer):
     def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> pb.PrimaryStep:
         session = check_session_id(request.session_id)
         proposals = [sparse_from_proto(p, self.worker.vocab_size) for p in request.proposals]
-        step = self.worker.verify(session, list(request.tokens), proposals, not request.standalone, request.want_hidden)
+        tokens, verify = list(request.tokens), not request.standalone
+        step = self.worker.verify(session, tokens, proposals, verify, request.want_hidden, request.steps)
         return _step(step)
 
     @translate_errors

@@ -30,6 +30,8 @@ from tandem.config import MODES, SamplingParams, SpecConfig
 from tandem.errors import DrafterUnavailableError, InvalidRequestError, PrimaryUnavailableError
 from tandem.speculative import SparseDist
 
+MAX_STEPS = 16  # most one-token steps one multi-step Primary call may run (other sessions' calls wait while it does)
+
 
 @dataclasses.dataclass(frozen=True)
 class PrimaryStep:
@@ -39,12 +41,13 @@ class PrimaryStep:
     next_token: int  # the primary's token after them: first token, correction, bonus or free token
     hidden: np.ndarray | None  # [n, n_taps, D] states of the positions it committed (None unless asked for)
     sessions: int = 0  # sessions open on the primary replica that ran it, from every orchestrator (0: not reported)
+    prior: tuple[int, ...] = ()  # a multi-step call's tokens before next_token (each fed to the step after it)
 
     def __repr__(self) -> str:
         shape = None if self.hidden is None else self.hidden.shape
         return (
             f"PrimaryStep(accepted={self.accepted}, next_token={self.next_token}, hidden={shape}, "
-            f"sessions={self.sessions})"
+            f"sessions={self.sessions}, prior={self.prior})"
         )
 
 
@@ -64,7 +67,13 @@ class PrimaryAPI(Protocol):
     ) -> PrimaryStep: ...
 
     def verify(
-        self, session: str, tokens: Sequence[int], proposals: Sequence[SparseDist], verify: bool, want_hidden: bool
+        self,
+        session: str,
+        tokens: Sequence[int],
+        proposals: Sequence[SparseDist],
+        verify: bool,
+        want_hidden: bool,
+        steps: int = 1,
     ) -> PrimaryStep: ...
 
     def release(self, session: str) -> bool: ...
@@ -234,6 +243,7 @@ def run_request(
     stats: GenerationStats | None = None,
     failover: Callable[[], PrimaryAPI] | None = None,
     gamma_cap: Callable[[int], int] | None = None,
+    primary_steps: Callable[[int], int] | None = None,
 ) -> Generator[list[int], None, GenerationResult]:
     """Runs a validated request; yields the tokens each primary pass commits, returns the result (token_ids empty).
 
@@ -254,6 +264,9 @@ def run_request(
             given the sessions the primary replica reported with its last step (`PrimaryStep.sessions`); 0 lets
             the drafter go and finishes the request with primary-only rounds (lossless, like a drafter failure).
             None: γ is the request's own.
+        primary_steps: asked before each primary-only call once the request has no drafter (primary mode, shed by
+            the load, or after a drafter failure), given the replica's reported sessions: how many one-token steps
+            one call may run (multi-step decoding: the same tokens, fewer round trips). None: one.
     """
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(req.prompt_ids)
@@ -336,11 +349,14 @@ def run_request(
                         held = step if held is None else held
                         skipped.append(pending)
                         stats.paused_steps += 1
-                    step = primary.verify(session, [pending], [], True, paused and want_hidden)
+                    steps = 1
+                    if drafter is None and primary_steps is not None:  # primary-only for good: multi-step calls
+                        steps = max(1, min(primary_steps(step.sessions), max_tokens - len(emitted)))
+                    step = primary.verify(session, [pending], [], True, paused and want_hidden, steps)
                     stats.primary_calls += 1
                     if paused and step.hidden is not None:
                         skipped_hidden.append(step.hidden)
-                    kept, finish = emit([step.next_token])
+                    kept, finish = emit([*step.prior, step.next_token])
                     continue
                 stats.drafter_calls += 1
                 step = primary.verify(

@@ -26,7 +26,7 @@ from tandem.errors import (
 )
 from tandem.kvcache import PrefixCache, bucket, buckets
 from tandem.primary import BlockOutput, PrimaryRunner
-from tandem.rounds import Drafts, PrimaryStep
+from tandem.rounds import MAX_STEPS, Drafts, PrimaryStep
 from tandem.router import MLPRouter
 from tandem.secondary import DrafterRunner, stack_states
 from tandem.speculative import (
@@ -312,6 +312,7 @@ class _Verify(_Call):
     proposals: Sequence[SparseDist] = ()
     verify: bool = True
     want_hidden: bool = False
+    steps: int = 1  # multi-step decoding: one-token steps this call runs (block [t_0] only)
 
 
 class PrimaryWorker(_SessionWorker):
@@ -350,7 +351,13 @@ class PrimaryWorker(_SessionWorker):
         return self.batcher.submit(call)  # type: ignore[return-value]
 
     def verify(
-        self, session: str, tokens: Sequence[int], proposals: Sequence[SparseDist], verify: bool, want_hidden: bool
+        self,
+        session: str,
+        tokens: Sequence[int],
+        proposals: Sequence[SparseDist],
+        verify: bool,
+        want_hidden: bool,
+        steps: int = 1,
     ) -> PrimaryStep:
         """Scores [t_0, d_1..d_k] in one pass, keeps t_0 and the accepted drafts, emits the next token.
 
@@ -360,9 +367,19 @@ class PrimaryWorker(_SessionWorker):
             proposals: q_1..q_k for sampled requests (empty for greedy ones).
             verify: False for standalone Tandem: every draft is kept and the primary adds its free token.
             want_hidden: return the committed positions' tapped states.
+            steps: multi-step decoding (tokens = [t_0] only, no states): up to MAX_STEPS one-token steps, each fed
+                the token of the one before, as one call; the result's `prior` holds all but the last step's token.
+                Exactly the tokens (and, sampled, the draws) of as many one-step calls.
         """
         block = _token_ids(tokens, self.vocab_size)
-        call = _Verify(session, block=block, proposals=list(proposals), verify=verify, want_hidden=want_hidden)
+        steps = max(1, steps)
+        if steps > MAX_STEPS or (steps > 1 and (block.size != 1 or want_hidden or not verify)):
+            raise InvalidRequestError(
+                f"steps must lie in [0, {MAX_STEPS}], and more than one step takes one token and no drafts or states"
+            )
+        call = _Verify(
+            session, block=block, proposals=list(proposals), verify=verify, want_hidden=want_hidden, steps=steps
+        )
         return self.batcher.submit(call)  # type: ignore[return-value]
 
     def _run_batch(self, calls: list[_Call]) -> None:
@@ -400,9 +417,9 @@ class PrimaryWorker(_SessionWorker):
         if c.verify and not state.sampling.greedy and len(c.proposals) != drafts:
             raise InvalidRequestError(f"{drafts} drafts need as many proposals, got {len(c.proposals)}")
         cached = int(self.runner.lengths[state.slot])
-        if cached + c.block.size > self.max_len:
+        if cached + max(c.block.size, c.steps) > self.max_len:
             raise ContextFullError(
-                f"context full: {cached} cached + {c.block.size} new tokens exceed max_len {self.max_len}"
+                f"context full: {cached} cached + {max(c.block.size, c.steps)} new tokens exceed max_len {self.max_len}"
             )
         return c, state, c.block
 
@@ -425,6 +442,32 @@ class PrimaryWorker(_SessionWorker):
                 c.result = dataclasses.replace(self._finish(c, st, block, out, b), sessions=sessions)
             except Exception as e:
                 c.error = e
+        self._more_steps([(c, st) for c, st, _ in group if isinstance(c, _Verify) and c.steps > 1 and c.error is None])
+
+    def _more_steps(self, calls: list[tuple[_Verify, _PrimarySession]]) -> None:
+        """The further steps of multi-step calls (their first ran with the group): one-token block passes over the
+        rows that have steps left, each row fed its last token, until every call has run its steps."""
+        latest: list[PrimaryStep] = []  # each call's result so far
+        for c, _ in calls:
+            assert isinstance(c.result, PrimaryStep)
+            latest.append(c.result)
+        while live := [i for i, (c, _) in enumerate(calls) if c.error is None and len(latest[i].prior) + 1 < c.steps]:
+            tokens = np.array([[latest[i].next_token] for i in live], np.int32)  # [B, 1]
+            try:
+                out = self.runner.forward(tokens, rows=[calls[i][1].slot for i in live])
+            except Exception as e:
+                for i in live:
+                    calls[i][0].error = e
+                return
+            for b, i in enumerate(live):
+                c, st = calls[i]
+                try:
+                    step = self._finish(c, st, tokens[b], out, b)  # what a one-step call of this token returns
+                except Exception as e:
+                    c.error = e
+                    continue
+                prior = (*latest[i].prior, latest[i].next_token)
+                latest[i] = c.result = dataclasses.replace(step, sessions=latest[i].sessions, prior=prior)
 
     def _finish(self, c: _Call, st: _PrimarySession, block: np.ndarray, out: BlockOutput, b: int) -> PrimaryStep:
         """Row b of a block pass -> the call's step; commits what the session keeps."""

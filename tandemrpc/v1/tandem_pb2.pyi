@@ -183,30 +183,34 @@ class PrefillRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., want_hidden: _Optional[bool] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("session_id", "tokens", "proposals", "standalone", "want_hidden")
+    __slots__ = ("session_id", "tokens", "proposals", "standalone", "want_hidden", "steps")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROPOSALS_FIELD_NUMBER: _ClassVar[int]
     STANDALONE_FIELD_NUMBER: _ClassVar[int]
     WANT_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     proposals: _containers.RepeatedCompositeFieldContainer[SparseDistribution]
     standalone: bool
     want_hidden: bool
-    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., proposals: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., standalone: _Optional[bool] = ..., want_hidden: _Optional[bool] = ...) -> None: ...
+    steps: int
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., proposals: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., standalone: _Optional[bool] = ..., want_hidden: _Optional[bool] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class PrimaryStep(_message.Message):
-    __slots__ = ("accepted", "next_token", "hidden", "sessions")
+    __slots__ = ("accepted", "next_token", "hidden", "sessions", "prior_tokens")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_TOKENS_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     next_token: int
     hidden: Tensor
     sessions: int
-    def __init__(self, accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sessions: _Optional[int] = ...) -> None: ...
+    prior_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sessions: _Optional[int] = ..., prior_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_id",)
