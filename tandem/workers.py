@@ -372,11 +372,11 @@ class PrimaryWorker(_SessionWorker):
                 Exactly the tokens (and, sampled, the draws) of as many one-step calls.
         """
         block = _token_ids(tokens, self.vocab_size)
-        steps = max(1, steps)
-        if steps > MAX_STEPS or (steps > 1 and (block.size != 1 or want_hidden or not verify)):
+        if not 0 <= steps <= MAX_STEPS or (steps > 1 and (block.size != 1 or want_hidden or not verify)):
             raise InvalidRequestError(
                 f"steps must lie in [0, {MAX_STEPS}], and more than one step takes one token and no drafts or states"
             )
+        steps = max(1, steps)  # 0 (the proto's default) = one
         call = _Verify(
             session, block=block, proposals=list(proposals), verify=verify, want_hidden=want_hidden, steps=steps
         )

@@ -79,7 +79,12 @@ def test_multi_step_calls_of_several_sessions_run_batched(tiny_params) -> None:
 def test_multi_step_input_is_checked(tiny_params) -> None:
     worker = make_engine(tiny_params, max_len=32, slots=2).primary_worker
     token = worker.prefill("s", list(range(1, 21)), SamplingParams(), False).next_token
-    for tokens, hidden, steps in (([token, 5], False, 2), ([token], True, 2), ([token], False, MAX_STEPS + 1)):
+    for tokens, hidden, steps in (
+        ([token, 5], False, 2),
+        ([token], True, 2),
+        ([token], False, MAX_STEPS + 1),
+        ([token], False, -1),
+    ):
         with pytest.raises(InvalidRequestError, match="steps must lie in"):
             worker.verify("s", tokens, [], True, hidden, steps)
     with pytest.raises(ContextFullError, match="context full"):
