@@ -416,11 +416,9 @@ class PrimaryWorker(_SessionWorker):
         drafts = c.block.size - 1
         if c.verify and not state.sampling.greedy and len(c.proposals) != drafts:
             raise InvalidRequestError(f"{drafts} drafts need as many proposals, got {len(c.proposals)}")
-        cached = int(self.runner.lengths[state.slot])
-        if cached + max(c.block.size, c.steps) > self.max_len:
-            raise ContextFullError(
-                f"context full: {cached} cached + {max(c.block.size, c.steps)} new tokens exceed max_len {self.max_len}"
-            )
+        cached, new = int(self.runner.lengths[state.slot]), max(c.block.size, c.steps)  # a step commits one each
+        if cached + new > self.max_len:
+            raise ContextFullError(f"context full: {cached} cached + {new} new tokens exceed max_len {self.max_len}")
         return c, state, c.block
 
     def _forward(self, group: list[tuple[_Call, _PrimarySession, np.ndarray]], sessions: int) -> None:
