@@ -11,13 +11,14 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Hashable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from orchestrator.clients import ModelServiceError, RemoteDrafter, RemotePrimary
+from orchestrator.payoff import PayoffConfig, SpeculationPayoff, payoff_key
 from orchestrator.routing import EndpointPool, Lease, NoEndpointError, Targets
 from tandem.config import DEFAULT_MODE, SamplingParams, SpecConfig
 from tandem.errors import InvalidRequestError, OverloadedError
@@ -89,6 +90,7 @@ class OrchestratorConfig:
     queue_timeout_s: float = 10.0  # a queued request gives up (RESOURCE_EXHAUSTED) after waiting this long
     tpot_target_ms: float | None = None  # adapt the running limit to keep time per output token near this (None: off)
     load: LoadPolicy = LoadPolicy()  # how γ shrinks as the primary's batch fills
+    payoff: PayoffConfig = PayoffConfig()  # run speculative requests primary-only at load 1 where that is faster
 
 
 class Admission:
@@ -250,6 +252,17 @@ class Metrics:
         self.load_shed = Counter(
             "tandem_load_shed", "requests whose speculation the load ended early", registry=registry
         )
+        self.speculation_skipped = Counter(
+            "tandem_speculation_skipped",
+            "speculative requests run primary-only: the primary alone has been faster here (orchestrator/payoff.py)",
+            registry=registry,
+        )
+        self.payoff_rate = Gauge(
+            "tandem_payoff_seconds_per_token",
+            "average seconds per output token of lone greedy requests with the default settings, by path",
+            ["mode"],
+            registry=registry,
+        )
         self.drafter_fallbacks = Counter(
             "tandem_drafter_fallbacks",
             "requests finished by the primary alone after a drafter failure",
@@ -274,6 +287,7 @@ class Metrics:
         self.requests.labels(mode=result.mode, finish_reason=finish).inc()
         self.drafter_fallbacks.inc(s.drafter_failures)
         self.load_shed.inc(int(s.load_shed))
+        self.speculation_skipped.inc(int(s.speculation_skipped))
         self.primary_failovers.inc(s.primary_failovers)
 
 
@@ -370,6 +384,13 @@ class Orchestrator:
         self.metrics.waiting.set_function(lambda: float(self.admission.queued))
         self.metrics.gamma_cap.set_function(lambda: float(self._gamma_cap(cfg.default_spec.gamma_max)))
         self.stop_token_ids = frozenset(tokenizer.stop_token_ids) if tokenizer else frozenset()
+        self.payoff = SpeculationPayoff(cfg.payoff)
+        for mode in ("primary", "speed", "tandem-speed"):
+            key = payoff_key(mode, SamplingParams(), None if mode == "primary" else cfg.default_spec)
+            self.metrics.payoff_rate.labels(mode=mode).set_function(self._payoff_rate(key))
+
+    def _payoff_rate(self, key: Hashable) -> Callable[[], float]:
+        return lambda: self.payoff.rate(key) or math.nan
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -460,9 +481,12 @@ class Orchestrator:
         drafter = None
         # Load-aware speculation decided at the start too: a request that would drop its drafter before its first
         # round never opens a drafter stream, and its prefill sends no primary states.
-        shed = req.mode in ("speed", "tandem-speed") and self._gamma_cap(req.spec.gamma_max) == 0
+        speculative = req.mode in ("speed", "tandem-speed")
+        shed = speculative and self._gamma_cap(req.spec.gamma_max) == 0
+        # Alone on the primary, where the primary alone has been the faster here, it runs primary-only the same way.
+        skipped = speculative and not shed and not self.payoff.speculate(req.mode, req.sampling, req.spec)
         try:
-            if req.mode != "primary" and not shed and self._drafter_reachable():
+            if req.mode != "primary" and not shed and not skipped and self._drafter_reachable():
                 route.secondary_lease = self._pin("secondary")
                 kind = pb.DRAFTER_TANDEM if req.mode.startswith("tandem") else pb.DRAFTER_VANILLA
                 channel = route.secondary_lease.channel
@@ -471,7 +495,8 @@ class Orchestrator:
         except BaseException:
             route.release()
             raise
-        return Generation(self._run(p, req, limit, session, route, drafter, shed), session, route, drafter)
+        stats = GenerationStats(load_shed=shed, speculation_skipped=skipped)
+        return Generation(self._run(p, req, limit, session, route, drafter, stats), session, route, drafter)
 
     def _failover(self, route: Route) -> RemotePrimary:
         """Moves a request whose primary pod is unreachable to another pod (the request loop re-prefills there)."""
@@ -497,9 +522,15 @@ class Orchestrator:
         session: str,
         route: Route,
         drafter: RemoteDrafter | None,
-        shed: bool,
+        stats: GenerationStats,
     ) -> Generator[Chunk, None, None]:
-        stats = GenerationStats(load_shed=shed)
+        busiest = 0  # the most sessions the request's replica reported (1: this request alone)
+
+        def load(sessions: int) -> float:
+            nonlocal busiest
+            busiest = max(busiest, sessions)
+            return self._load(sessions)
+
         rounds = run_request(
             req,
             session,
@@ -509,8 +540,8 @@ class Orchestrator:
             stop_token_ids=self.stop_token_ids,
             stats=stats,
             failover=lambda: self._failover(route),
-            gamma_cap=lambda sessions: self._gamma_cap(req.spec.gamma_max, sessions),
-            primary_steps=lambda sessions: self.cfg.load.steps(self._load(sessions)),
+            gamma_cap=lambda sessions: self.cfg.load.gamma_cap(load(sessions), req.spec.gamma_max),
+            primary_steps=lambda sessions: self.cfg.load.steps(load(sessions)),
         )
         decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True) if self.tokenizer else None
         stops = StopStringFilter(p.stop)
@@ -538,6 +569,7 @@ class Orchestrator:
                     break
             tail = stops.push(decoder.flush()) + stops.flush() if decoder and not stops.stopped else ""
             self._record(p, req, session, result, first_s, time.perf_counter() - start, route)
+            self.payoff.observe(req.mode, req.sampling, req.spec, stats, alone=busiest <= 1)
             yield Chunk(tail, [], result.finish_reason, result)
         finally:
             self.metrics.running.dec()
@@ -574,6 +606,7 @@ class Orchestrator:
             "primary": route.primary_lease.address,
             "secondary": route.secondary_lease.address if route.secondary_lease else None,
             "finish_reason": result.finish_reason,
+            "speculation_skipped": s.speculation_skipped,
             "drafter_failures": s.drafter_failures,
             "primary_failovers": s.primary_failovers,
         }

@@ -12,6 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from orchestrator.core import LoadPolicy, Orchestrator, OrchestratorConfig
+from orchestrator.payoff import PayoffConfig
 from orchestrator.routing import Targets
 from orchestrator.servicer import OrchestratorServicer
 from tandem.config import SpecConfig
@@ -118,6 +119,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
         default=float(env("TANDEM_MIN_ACCEPTED", str(SpecConfig.min_accepted))),
         help="requests' default: pause speculation while their rounds keep fewer drafts on average (0: never)",
     )
+    p.add_argument(
+        "--payoff",
+        action=argparse.BooleanOptionalAction,
+        default=env("TANDEM_PAYOFF", "1") != "0",
+        help="alone on a primary replica, run speculative requests primary-only while the primary alone has been the "
+        "faster on this server's own requests (env TANDEM_PAYOFF=0: off)",
+    )
+    p.add_argument(
+        "--payoff-explore-every",
+        type=int,
+        default=int(env("TANDEM_PAYOFF_EXPLORE_EVERY", str(PayoffConfig.explore_every))),
+        help="with --payoff: one decision in this many takes the slower path, to keep both rates current",
+    )
     p.add_argument("--gguf", type=Path, default=env("TANDEM_GGUF") or None, help="tokenizer source (default: SmolLM2)")
     add_tls_flags(p)
     p.add_argument(
@@ -140,6 +154,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
     except ValueError as e:
         p.error(f"--load-full-until/--load-primary-only-from/--load-multi-step: {e}")
     try:
+        payoff = PayoffConfig(enabled=a.payoff, explore_every=a.payoff_explore_every)
+    except ValueError as e:
+        p.error(f"--payoff-explore-every: {e}")
+    try:
         default_spec = SpecConfig(min_accepted=a.min_accepted)
     except ValueError as e:
         p.error(f"--min-accepted: {e}")
@@ -155,6 +173,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
         queue_timeout_s=a.queue_timeout_s,
         tpot_target_ms=a.tpot_target_ms,
         load=load,
+        payoff=payoff,
         default_spec=default_spec,
     )
     token = read_token(env("TANDEM_AUTH_TOKEN"), a.auth_token_file)

@@ -1359,7 +1359,10 @@ def launch_stack(
     """
     from tandem.serve import ServeStack
 
-    extra = {} if prefix_cache_rows is None else {"primary": ["--prefix-cache-rows", str(prefix_cache_rows)]}
+    # The bench compares the modes themselves: its orchestrator always speculates when asked (orchestrator/payoff.py).
+    extra = {"orchestrator": ["--no-payoff"]}
+    if prefix_cache_rows is not None:
+        extra["primary"] = ["--prefix-cache-rows", str(prefix_cache_rows)]
     stack = ServeStack(port=0, slots=slots, max_len=max_len, startup_timeout_s=startup_timeout_s, extra_args=extra)
     log(f"starting primary, secondary and orchestrator (slots={slots}, max_len={max_len}); logs in {stack.log_dir}")
     stack.launch()

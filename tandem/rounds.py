@@ -122,6 +122,7 @@ class GenerationStats:
     drafter_failures: int = 0  # 1 when the drafter failed and the request finished with the primary alone
     primary_failovers: int = 0  # times the request moved to another primary replica (re-prefilled)
     load_shed: bool = False  # the server's load ended speculation early (primary-only rounds from then on)
+    speculation_skipped: bool = False  # the server ran a speculative request primary-only: it did not pay there
     prompt_tokens: int = 0
     output_tokens: int = 0
     ttft_s: float = 0.0

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import tandem  # noqa: F401  (sets XLA flags before JAX is imported)
+from orchestrator.payoff import PayoffConfig
 from tandem import secondary
 from tandem.checkpoints import random_llama_state
 from tandem.config import DrafterConfig, LlamaConfig
@@ -45,6 +46,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 TINY = LlamaConfig(
     vocab_size=48, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=512
 )
+# For orchestrators in tests that check how requests speculate: never swap speculation for the primary alone on
+# timing grounds (orchestrator/payoff.py; tests/test_payoff.py turns it on).
+SPECULATE_ALWAYS = PayoffConfig(enabled=False)
 
 
 def tiny_state(cfg: LlamaConfig = TINY, seed: int = 0) -> dict[str, np.ndarray]:

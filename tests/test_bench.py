@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, make_engine
+from conftest import SPECULATE_ALWAYS, TINY, make_engine
 
 from orchestrator.core import OrchestratorConfig
 from orchestrator.server import OrchestratorServiceConfig
@@ -303,6 +303,7 @@ class Stack:
         self.primary = build_primary(self.primary_worker, PrimaryServiceConfig(metrics_port=0)).start()
         self.secondary = build_secondary(self.drafters, SecondaryServiceConfig(metrics_port=0)).start()
         core = OrchestratorConfig(
+            payoff=SPECULATE_ALWAYS,
             primary_target=self.primary.address,
             secondary_target=self.secondary.address,
             vocab_size=TINY.vocab_size,

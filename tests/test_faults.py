@@ -6,7 +6,7 @@ import time
 
 import grpc
 import pytest
-from conftest import TINY, make_engine
+from conftest import SPECULATE_ALWAYS, TINY, make_engine
 from test_services import Stack
 
 from orchestrator.clients import ModelServiceError
@@ -87,6 +87,7 @@ def test_stopping_the_secondary_mid_request_keeps_the_output(tiny_params) -> Non
     }
     secondary = build_secondary(drafters, SecondaryServiceConfig()).start()
     core_cfg = OrchestratorConfig(
+        payoff=SPECULATE_ALWAYS,
         primary_target=primary.address,
         secondary_target=secondary.address,
         vocab_size=TINY.vocab_size,
@@ -138,6 +139,7 @@ def test_losing_the_primary_replica_re_prefills_on_another(tiny_params) -> None:
     }
     secondary = build_secondary(drafters, SecondaryServiceConfig()).start()
     core_cfg = OrchestratorConfig(
+        payoff=SPECULATE_ALWAYS,
         primary_target=",".join(p.address for p in primaries),
         secondary_target=secondary.address,
         vocab_size=TINY.vocab_size,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from conftest import TINY, make_engine
+from conftest import SPECULATE_ALWAYS, TINY, make_engine
 
 from orchestrator.core import OrchestratorConfig
 from orchestrator.routing import EndpointPool, NoEndpointError, Targets
@@ -144,6 +144,7 @@ def test_orchestrator_keeps_each_request_on_one_primary(tiny_params) -> None:
     }
     secondary = build_secondary(drafters, SecondaryServiceConfig()).start()
     core_cfg = OrchestratorConfig(
+        payoff=SPECULATE_ALWAYS,
         primary_target=",".join(p.address for p in primaries),
         secondary_target=secondary.address,
         vocab_size=TINY.vocab_size,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import TINY, make_engine
+from conftest import SPECULATE_ALWAYS, TINY, make_engine
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -101,6 +101,7 @@ class SecureStack:
         self.primary = build_primary(PrimaryWorker(served.primary), PrimaryServiceConfig(tls=tls["primary"])).start()
         self.secondary = build_secondary(drafters, SecondaryServiceConfig(tls=tls["secondary"])).start()
         core = OrchestratorConfig(
+            payoff=SPECULATE_ALWAYS,
             primary_target=self.primary.address,
             secondary_target=self.secondary.address,
             vocab_size=TINY.vocab_size,

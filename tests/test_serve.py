@@ -42,7 +42,13 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("serve")
-    stack = ServeStack(max_len=MAX_LEN, slots=SLOTS, log_dir=tmp / "logs", startup_timeout_s=300)
+    stack = ServeStack(
+        max_len=MAX_LEN,
+        slots=SLOTS,
+        log_dir=tmp / "logs",
+        startup_timeout_s=300,
+        extra_args={"orchestrator": ["--no-payoff"]},  # these tests check how requests speculate
+    )
     stack.launch()
     try:
         reference = load_bundle(BundleConfig(max_len=MAX_LEN))  # loads while the services do

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import TINY, make_engine
+from conftest import SPECULATE_ALWAYS, TINY, make_engine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -57,7 +57,7 @@ class Stack:
             max_len=MAX_LEN,
             max_tokens_limit=128,
             default_spec=SpecConfig(gamma_max=4, tau=0.0),
-            **core_kw,
+            **{"payoff": SPECULATE_ALWAYS, **core_kw},
         )
         self.orchestrator, self.core = build_orchestrator(OrchestratorServiceConfig(metrics_port=0, core=core), None)
         self.orchestrator.start()
