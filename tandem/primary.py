@@ -353,7 +353,7 @@ class PrimaryRunner:
         for b, t, a in sorted(shapes):
             pool = self.cache.pool_call(b)
             b = self.batch if pool else b  # a whole-pool call has one row per slot
-            rows, lengths = map(jnp.asarray, self.cache.padding_rows(b))
+            rows, lengths = self.cache.padding_rows(b)  # host arrays, as `KVCache.apply` passes them
             *_, self.cache.k, self.cache.v = _forward_block_jit(
                 self.params,
                 np.zeros((b, t), np.int32),

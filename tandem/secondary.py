@@ -632,8 +632,8 @@ class DrafterRunner:
         shapes = 0
         hidden = (len(self.cfg.tapped_layers), self.cfg.primary_d_model)
         for b in sorted({bucket(n) for n in batches}):
-            # Host arrays for draft_greedy, device ones for ingest, as their callers pass them (the compiled-function
-            # cache tells the two apart).
+            # Host arrays, as draft_greedy's and ingest's callers pass them (the compiled-function cache tells host
+            # and device arguments apart).
             pad_rows, pad_lengths = self.cache.padding_rows(b)
             for a in self.cache.attend_buckets():
                 for width in INGEST_WIDTHS:
@@ -662,8 +662,8 @@ class DrafterRunner:
                 self.cache.k, self.cache.v = _ingest_jit(
                     self.params,
                     np.zeros((b, t, *hidden), np.float32),
-                    jnp.asarray(pad_rows),
-                    jnp.asarray(pad_lengths),
+                    pad_rows,
+                    pad_lengths,
                     self.cache.k,
                     self.cache.v,
                     cfg=self.cfg,
