@@ -114,14 +114,14 @@ def test_paris(bundle: Bundle) -> None:
 
 @pytest.mark.slow
 def test_greedy_speculation_is_lossless_on_smollm2(bundle: Bundle) -> None:
-    """12 prompts (every second one, code and prose) x 64 tokens: `speed` and `tandem-speed` emit exactly the
+    """9 prompts (every third one, and two of code) x 64 tokens: `speed` and `tandem-speed` emit exactly the
     primary's greedy tokens; the shipped (trained) drafters are accepted far more often than chance, the Tandem one
     more than the vanilla one."""
     engine, tok = bundle.engine, bundle.tokenizer
-    spec = SpecConfig(gamma_max=4, tau=0.0)  # always draft 4: every round exercises partial acceptance/rollback
+    spec = SpecConfig(gamma_max=3, tau=0.0)  # always draft 3 (a 4-token verify): every round can roll back
     accepted = {"speed": 0, "tandem-speed": 0}
     rounds = dict.fromkeys(accepted, 0)
-    for prompt in PROMPTS[::2] + PROMPTS[1:4:2]:
+    for prompt in PROMPTS[::3] + PROMPTS[1:6:4]:
         ids = tok.encode(prompt)
         want = engine.generate(ids, mode="primary", max_tokens=64)
         for mode in ("speed", "tandem-speed"):
