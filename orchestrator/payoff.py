@@ -26,6 +26,8 @@ from tandem.rounds import GenerationStats
 
 @dataclasses.dataclass(frozen=True)
 class PayoffConfig:
+    """How the orchestrator learns whether speculation pays alone (see the module docstring)."""
+
     enabled: bool = True
     explore_every: int = 8  # one decision in this many takes the other path (a fresh sample of its rate)
     weight: float = 0.25  # of the latest request in each exponential average of seconds per token
