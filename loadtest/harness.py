@@ -394,8 +394,8 @@ def measure(
     log: Log = log_stderr,
 ) -> dict[str, Any]:
     """One measured run: `loadtest.metrics.summarize`'s figures plus mode, max_concurrency, rate, burstiness,
-    num_requests, spec and server_counters (from the metrics URL, else None), spec_responses (from the final
-    chunks) and requests (`loadtest.metrics.request_rows`)."""
+    num_requests, spec, server_counters and primary_only (from the metrics URL, else None), spec_responses (from the
+    final chunks) and requests (`loadtest.metrics.request_rows`)."""
     from tqdm import tqdm
 
     params = {"mode": mode, "max_tokens": cfg.max_tokens}
@@ -419,6 +419,7 @@ def measure(
         **summary,
         "spec": server.get("spec"),
         "server_counters": server.get("server_counters"),
+        "primary_only": server.get("primary_only"),
         "spec_responses": spec_from_records(records),
         "requests": request_rows(records),
     }

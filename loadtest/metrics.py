@@ -37,6 +37,11 @@ SPEC_COUNTERS = {
     "tandem_spec_num_accepted_tokens_total": "accepted_tokens",
 }
 PER_POSITION_COUNTER = "tandem_spec_num_accepted_tokens_per_pos_total"  # label "position": 0 = the first draft
+# Speculative requests the orchestrator ran primary-only, by why: the load (from the start or midway) or the payoff.
+PRIMARY_ONLY_COUNTERS = {
+    "tandem_load_shed_total": "load_shed",
+    "tandem_speculation_skipped_total": "speculation_skipped",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,15 +241,18 @@ def metrics_delta(before: str, after: str) -> dict[str, Any]:
 
     Returns:
         spec: `spec_summary` of the tandem_spec_num_* counters' increases; server_counters: the increases of
-        tandem.bench.FALLBACK_COUNTERS (drafter fallbacks, primary failovers).
+        tandem.bench.FALLBACK_COUNTERS (drafter fallbacks, primary failovers); primary_only: those of
+        PRIMARY_ONLY_COUNTERS (speculative requests run primary-only by the load or by the speculation payoff).
     """
     old, new = counters(before), counters(after)
     delta = {key: value - old.get(key, 0.0) for key, value in new.items()}
-    totals = {name: sum(v for (n, _), v in delta.items() if n == name) for name in (*SPEC_COUNTERS, *FALLBACK_COUNTERS)}
+    names = (*SPEC_COUNTERS, *FALLBACK_COUNTERS, *PRIMARY_ONLY_COUNTERS)
+    totals = {name: sum(v for (n, _), v in delta.items() if n == name) for name in names}
     by_position = {int(dict(labels)["position"]): v for (n, labels), v in delta.items() if n == PER_POSITION_COUNTER}
     per_position = [by_position.get(j, 0.0) for j in range(max(by_position, default=-1) + 1)]
     drafts, draft_tokens, accepted = (totals[name] for name in SPEC_COUNTERS)
     return {
         "spec": spec_summary(drafts, draft_tokens, accepted, per_position),
         "server_counters": {key: totals[name] for name, key in FALLBACK_COUNTERS.items()},
+        "primary_only": {key: totals[name] for name, key in PRIMARY_ONLY_COUNTERS.items()},
     }

@@ -25,6 +25,15 @@ def acceptance_length(run: Mapping[str, Any]) -> float | None:
     return value
 
 
+def _primary_only(run: Mapping[str, Any]) -> str:
+    """Speculative requests of the run that the server ran primary-only, by the load / by the payoff ("–": not
+    scraped, or a primary-mode run)."""
+    counts = run.get("primary_only")
+    if not counts or run.get("mode") == "primary":
+        return "–"
+    return f"{counts['load_shed']:g} / {counts['speculation_skipped']:g}"
+
+
 def _n(x: float | None, fmt: str = ".1f") -> str:
     return "–" if x is None else f"{x:{fmt}}"
 
@@ -45,8 +54,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         bench.machine_line(m),
         "",
         "| mode | max concurrency | completed | rejected | failed | req/s | output tok/s | goodput (req/s) "
-        "| TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 (ms) | E2EL p50 (ms) | accept length |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 (ms) | E2EL p50 (ms) | accept length "
+        "| primary-only: load / payoff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     runs = runs_of(report)
     for r in runs:
@@ -55,7 +65,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"| {_n(r['request_throughput'], '.2f')} | {_n(r['output_throughput'])} | {_n(r['goodput'], '.2f')} "
             f"| {_n(r['ttft']['p50'], '.0f')} / {_n(r['ttft']['p99'], '.0f')} "
             f"| {_n(r['tpot']['p50'])} / {_n(r['tpot']['p99'])} | {_n(r['itl']['p50'])} "
-            f"| {_n(r['e2el']['p50'], '.0f')} | {_n(acceptance_length(r), '.2f')} |"
+            f"| {_n(r['e2el']['p50'], '.0f')} | {_n(acceptance_length(r), '.2f')} | {_primary_only(r)} |"
         )
     summary = report.get("summary", [])
     if summary and (len(summary) < len(runs) or len({r["mode"] for r in summary}) > 1):

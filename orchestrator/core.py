@@ -259,8 +259,8 @@ class Metrics:
         )
         self.payoff_rate = Gauge(
             "tandem_payoff_seconds_per_token",
-            "average seconds per output token of lone greedy requests with the default settings, by path",
-            ["mode"],
+            "average seconds per output token of lone greedy requests with the default settings, by mode and path",
+            ["mode", "path"],
             registry=registry,
         )
         self.drafter_fallbacks = Counter(
@@ -385,9 +385,10 @@ class Orchestrator:
         self.metrics.gamma_cap.set_function(lambda: float(self._gamma_cap(cfg.default_spec.gamma_max)))
         self.stop_token_ids = frozenset(tokenizer.stop_token_ids) if tokenizer else frozenset()
         self.payoff = SpeculationPayoff(cfg.payoff)
-        for mode in ("primary", "speed", "tandem-speed"):
-            key = payoff_key(mode, SamplingParams(), None if mode == "primary" else cfg.default_spec)
-            self.metrics.payoff_rate.labels(mode=mode).set_function(self._payoff_rate(key))
+        for mode in ("speed", "tandem-speed"):
+            for path, speculated in (("speculative", True), ("primary-only", False)):
+                key = payoff_key(mode, SamplingParams(), cfg.default_spec, speculated)
+                self.metrics.payoff_rate.labels(mode=mode, path=path).set_function(self._payoff_rate(key))
 
     def _payoff_rate(self, key: Hashable) -> Callable[[], float]:
         return lambda: self.payoff.rate(key) or math.nan

@@ -4,9 +4,10 @@ A speculative round costs a drafter call, a block verify and one more round trip
 make up for that, and how the two compare depends on the host: on a CPU whose per-call cost is high, the shipped
 drafters (about half of the one-token drafts kept) can lose to the primary alone, and on another host they win.
 Rather than a threshold measured once somewhere, the orchestrator measures both on its own traffic: the seconds per
-output token of requests that ran speculative rounds and of requests that ran the primary alone, each while their
-primary replica held no other session. A new speculative request at that load runs primary-only (losslessly, as a
-load-shed one) while the primary alone has been the faster; one in `explore_every` decisions goes the other way, so
+output token of the speculative requests it let speculate and of those it ran primary-only, each while their primary
+replica held no other session, so that both samples come from the same requests' population (primary-mode requests,
+whose prompts may differ, are not counted). A new speculative request at that load runs primary-only (losslessly,
+as a load-shed one) while that has been the faster; one in `explore_every` decisions goes the other way, so
 both rates stay current as traffic and load change.
 
 Decisions depend on measured times, so a request's path may differ from run to run; greedy output cannot (the verify
@@ -38,14 +39,14 @@ class PayoffConfig:
             raise ValueError(f"need explore_every >= 2, 0 < weight <= 1 and min_tokens >= 1, got {self}")
 
 
-def payoff_key(mode: str, sampling: SamplingParams, spec: SpecConfig | None) -> Hashable:
-    """What a request's rate is averaged with: its mode and speculation settings (None for the primary alone), and
-    whether it samples."""
-    return mode, sampling.greedy, spec
+def payoff_key(mode: str, sampling: SamplingParams, spec: SpecConfig, speculated: bool) -> Hashable:
+    """What a request's rate is averaged with: its mode, speculation settings and whether it samples, and the path it
+    ran (speculative rounds, or primary-only)."""
+    return mode, sampling.greedy, spec, speculated
 
 
 class SpeculationPayoff:
-    """Server-wide exponential averages of seconds per output token, speculative (per mode and settings) and plain."""
+    """Server-wide exponential averages of seconds per output token per mode, settings, sampling and path."""
 
     def __init__(self, cfg: PayoffConfig = PayoffConfig()) -> None:
         self.cfg = cfg
@@ -66,10 +67,10 @@ class SpeculationPayoff:
         """
         if not self.cfg.enabled or (not sampling.greedy and sampling.seed is not None):
             return True
-        key, plain = payoff_key(mode, sampling, spec), payoff_key("primary", sampling, None)
+        key = payoff_key(mode, sampling, spec, True)
         with self._lock:
             n = self._decisions[key] = self._decisions.get(key, 0) + 1
-            spec_rate, plain_rate = self._rate.get(key), self._rate.get(plain)
+            spec_rate, plain_rate = self._rate.get(key), self._rate.get(payoff_key(mode, sampling, spec, False))
         if spec_rate is None:
             return True
         if plain_rate is None:
@@ -80,19 +81,14 @@ class SpeculationPayoff:
     def observe(
         self, mode: str, sampling: SamplingParams, spec: SpecConfig, stats: GenerationStats, alone: bool
     ) -> None:
-        """Takes a finished request's rate if it measured its path cleanly: `alone` (its replica held no other session
-        at any step), enough tokens, no failover, and its whole run on one path (speculative rounds from the start, or
-        the primary alone; not a drafter failure or a load shed midway)."""
-        if not alone or stats.output_tokens < self.cfg.min_tokens or stats.elapsed_s <= 0:
+        """Takes a finished request's rate if it is a speculative mode's and measured its path cleanly: `alone` (its
+        replica held no other session at any step), enough tokens, no failover, and its whole run on one path
+        (speculative rounds from the start, or primary-only by this payoff; not a drafter failure or a load shed)."""
+        if mode not in ("speed", "tandem-speed") or not alone or stats.output_tokens < self.cfg.min_tokens:
             return
-        if stats.primary_failovers or stats.drafter_failures:
+        if stats.primary_failovers or stats.drafter_failures or stats.load_shed or stats.elapsed_s <= 0:
             return
-        if mode == "primary" or stats.speculation_skipped:
-            key = payoff_key("primary", sampling, None)
-        elif stats.load_shed or mode == "tandem":
-            return
-        else:
-            key = payoff_key(mode, sampling, spec)
+        key = payoff_key(mode, sampling, spec, not stats.speculation_skipped)
         seconds = stats.elapsed_s / stats.output_tokens
         with self._lock:
             last = self._rate.get(key)

@@ -111,6 +111,8 @@ def test_metrics_delta_from_the_orchestrators_counters() -> None:
     for pos, n in enumerate((8, 6, 4)):
         m.accepted_per_pos.labels(position=str(pos)).inc(n)
     m.drafter_fallbacks.inc()
+    m.speculation_skipped.inc(2)
+    m.load_shed.inc(3)
     delta = metrics_delta(before, generate_latest(registry).decode())
     spec = delta["spec"]
     assert (spec["drafts"], spec["draft_tokens"], spec["accepted_tokens"]) == (10, 30, 18)
@@ -118,6 +120,7 @@ def test_metrics_delta_from_the_orchestrators_counters() -> None:
     assert spec["accepted_per_position"] == [8, 6, 4]
     assert spec["acceptance_per_position"] == pytest.approx([0.8, 0.6, 0.4])
     assert delta["server_counters"] == {"drafter_fallbacks": 1, "failovers": 0}
+    assert delta["primary_only"] == {"load_shed": 3, "speculation_skipped": 2}
     assert metrics_delta(before, before)["spec"]["acceptance_rate"] is None
 
 
@@ -336,6 +339,9 @@ def test_end_to_end_on_the_tiny_stack(ray_local: None, tiny_stack: Stack) -> Non
         assert server[key] == pytest.approx(client[key]), key  # the orchestrator counted exactly these requests
     assert _strip(server["accepted_per_position"]) == _strip(client["accepted_per_position"])
     assert run["server_counters"] == {"drafter_fallbacks": 0, "failovers": 0}
+    shed = run["primary_only"]["load_shed"]  # requests that met another one on the primary
+    assert run["primary_only"] == {"load_shed": shed, "speculation_skipped": 0}  # the Stack's payoff is off
+    assert f"| {shed:g} / 0 |" in render_markdown(run)
     assert tiny_stack.settled_sessions() == 0
 
 
