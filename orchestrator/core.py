@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from orchestrator.clients import ModelServiceError, RemoteDrafter, RemotePrimary
 from orchestrator.payoff import PayoffConfig, SpeculationPayoff, payoff_key
 from orchestrator.routing import EndpointPool, Lease, NoEndpointError, Targets
-from tandem.config import DEFAULT_MODE, SamplingParams, SpecConfig
+from tandem.config import DEFAULT_MODE, SPECULATIVE_MODES, SamplingParams, SpecConfig
 from tandem.errors import InvalidRequestError, OverloadedError
 from tandem.rounds import MAX_STEPS, GenerationResult, GenerationStats, Request, run_request
 from tandem.text import StopStringFilter
@@ -385,7 +385,7 @@ class Orchestrator:
         self.metrics.gamma_cap.set_function(lambda: float(self._gamma_cap(cfg.default_spec.gamma_max)))
         self.stop_token_ids = frozenset(tokenizer.stop_token_ids) if tokenizer else frozenset()
         self.payoff = SpeculationPayoff(cfg.payoff)
-        for mode in ("speed", "tandem-speed"):
+        for mode in SPECULATIVE_MODES:
             for path, speculated in (("speculative", True), ("primary-only", False)):
                 key = payoff_key(mode, SamplingParams(), cfg.default_spec, speculated)
                 self.metrics.payoff_rate.labels(mode=mode, path=path).set_function(self._payoff_rate(key))
@@ -482,7 +482,7 @@ class Orchestrator:
         drafter = None
         # Load-aware speculation decided at the start too: a request that would drop its drafter before its first
         # round never opens a drafter stream, and its prefill sends no primary states.
-        speculative = req.mode in ("speed", "tandem-speed")
+        speculative = req.mode in SPECULATIVE_MODES
         shed = speculative and self._gamma_cap(req.spec.gamma_max) == 0
         # Alone on the primary, where the primary alone has been the faster here, it runs primary-only the same way.
         skipped = speculative and not shed and not self.payoff.speculate(req.mode, req.sampling, req.spec)

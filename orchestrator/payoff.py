@@ -21,7 +21,7 @@ import dataclasses
 import threading
 from collections.abc import Hashable
 
-from tandem.config import SamplingParams, SpecConfig
+from tandem.config import SPECULATIVE_MODES, SamplingParams, SpecConfig
 from tandem.rounds import GenerationStats
 
 
@@ -84,7 +84,7 @@ class SpeculationPayoff:
         """Takes a finished request's rate if it is a speculative mode's and measured its path cleanly: `alone` (its
         replica held no other session at any step), enough tokens, no failover, and its whole run on one path
         (speculative rounds from the start, or primary-only by this payoff; not a drafter failure or a load shed)."""
-        if mode not in ("speed", "tandem-speed") or not alone or stats.output_tokens < self.cfg.min_tokens:
+        if mode not in SPECULATIVE_MODES or not alone or stats.output_tokens < self.cfg.min_tokens:
             return
         if stats.primary_failovers or stats.drafter_failures or stats.load_shed or stats.elapsed_s <= 0:
             return

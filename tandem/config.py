@@ -12,6 +12,7 @@ from typing import Any
 
 # Modes the engine and the services run, per request.
 MODES = ("primary", "speed", "tandem", "tandem-speed")
+SPECULATIVE_MODES = ("speed", "tandem-speed")  # the modes whose drafts the primary verifies (lossless)
 DEFAULT_MODE = "tandem-speed"
 
 

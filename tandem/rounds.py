@@ -26,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tandem.config import MODES, SamplingParams, SpecConfig
+from tandem.config import MODES, SPECULATIVE_MODES, SamplingParams, SpecConfig
 from tandem.errors import DrafterUnavailableError, InvalidRequestError, PrimaryUnavailableError
 from tandem.speculative import SparseDist
 
@@ -275,7 +275,7 @@ def run_request(
     emitted: list[int] = []
     want_hidden = drafter is not None and req.mode in ("tandem", "tandem-speed")  # the Tandem drafter reads them
     pacer = None
-    if req.spec.min_accepted > 0 and req.mode in ("speed", "tandem-speed"):
+    if req.spec.min_accepted > 0 and req.mode in SPECULATIVE_MODES:
         pacer = Pacer(req.spec.min_accepted, req.spec.pause_steps)
     held: PrimaryStep | None = None  # during a pause: the verdict of the round before it
     skipped: list[int] = []  # during a pause: the tokens its primary-only steps fed
