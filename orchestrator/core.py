@@ -527,10 +527,10 @@ class Orchestrator:
     ) -> Generator[Chunk, None, None]:
         busiest = 0  # the most sessions the request's replica reported (1: this request alone)
 
-        def load(sessions: int) -> float:
+        def seen(sessions: int) -> int:
             nonlocal busiest
             busiest = max(busiest, sessions)
-            return self._load(sessions)
+            return sessions
 
         rounds = run_request(
             req,
@@ -541,8 +541,8 @@ class Orchestrator:
             stop_token_ids=self.stop_token_ids,
             stats=stats,
             failover=lambda: self._failover(route),
-            gamma_cap=lambda sessions: self.cfg.load.gamma_cap(load(sessions), req.spec.gamma_max),
-            primary_steps=lambda sessions: self.cfg.load.steps(load(sessions)),
+            gamma_cap=lambda sessions: self._gamma_cap(req.spec.gamma_max, seen(sessions)),
+            primary_steps=lambda sessions: self.cfg.load.steps(self._load(seen(sessions))),
         )
         decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True) if self.tokenizer else None
         stops = StopStringFilter(p.stop)
