@@ -111,6 +111,12 @@ def _add_distill_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new", type=int, default=192, help="most answer tokens (default: 192)")
     p.add_argument("--slots", type=int, default=16, help="rows decoded together (default: 16)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long; rerun to continue")
+    p.add_argument(
+        "--source",
+        choices=("corpus", "chat"),
+        default="corpus",
+        help="templated instructions: from the corpus's documents, or chat-style (advice, stories, plans, code)",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--instructions", metavar="FILE.jsonl", type=Path, default=None, help='answer these {"prompt": ...} lines'
@@ -518,12 +524,17 @@ def distill_data(args: argparse.Namespace) -> int:
     from tandem.models import BundleConfig, load_primary
 
     cfg = selfdistill.DistillConfig(prompts=args.prompts, max_new=args.max_new, slots=args.slots)
+    templated = (
+        (lambda: selfdistill.chat_instructions(cfg.prompts, cfg.seed))
+        if args.source == "chat"
+        else (lambda: selfdistill.corpus_instructions(cfg))
+    )
     if args.write_instructions:
-        lines = [json.dumps({"prompt": p}) + "\n" for p in selfdistill.corpus_instructions(cfg)]
+        lines = [json.dumps({"prompt": p}) + "\n" for p in templated()]
         args.write_instructions.write_text("".join(lines), encoding="utf-8")
         print(f"wrote {len(lines)} instructions to {args.write_instructions}")
         return 0
-    prompts = [p for p, _ in read_prompts(args.instructions)] if args.instructions else None
+    prompts = [p for p, _ in read_prompts(args.instructions)] if args.instructions else templated()
     runner, tokenizer = load_primary(BundleConfig(slots=cfg.slots, max_len=512 + cfg.max_new))
     progress = selfdistill.build(args.out, runner, tokenizer, cfg, prompts=prompts, max_minutes=args.max_minutes)
     print(json.dumps(progress, indent=2))

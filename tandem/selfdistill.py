@@ -105,6 +105,121 @@ _TASKS = (
     "checks whether a list is sorted",
     "swaps the keys and values of a dictionary",
 )
+# Chat instructions in the styles users send (advice, stories, explanations, how-tos, lists, letters, code), built by
+# crossing templates with hand-written subjects; `chat_instructions` draws from them. None is a benchmark prompt.
+_SITUATIONS = (
+    "I start a new job next week", "my roommate never does the dishes", "I failed an exam I studied hard for",
+    "my sister is getting married and I have to give a speech", "I keep procrastinating on my thesis",
+    "my best friend moved to another country", "I want to ask for a raise", "I feel lonely in the evenings",
+    "my teenage son spends all day on his phone", "I have too many meetings at work", "I am afraid of flying",
+    "my neighbour plays loud music late at night", "I want to learn to cook but I have no time",
+    "I spend too much money on takeaway food", "my parents are getting older and need more help",
+    "I have to give a presentation to my whole department", "I can't decide between two job offers",
+    "I want to run a marathon next year", "my cat scratches the furniture", "I often forget people's names",
+    "I want to change careers at forty", "my colleague takes credit for my work", "I have trouble sleeping",
+    "I want to save money for a house", "my daughter is being bullied at school", "I feel stressed every Monday",
+    "I moved to a country where I don't speak the language", "my partner and I argue about chores",
+    "I was invited to a wedding where I know nobody", "I want to read more books", "my garden keeps dying",
+    "I have a long train journey tomorrow", "I want to volunteer in my community", "I am starting university",
+    "my old laptop is very slow", "I need to tell my boss I made a mistake", "I want to get fit without a gym",
+    "my friend keeps cancelling our plans", "I am planning my first trip abroad", "I want to stop biting my nails",
+)
+_SUBJECTS = (
+    "photosynthesis", "black holes", "the water cycle", "inflation", "vaccines", "the Roman Empire", "earthquakes",
+    "how bees make honey", "the stock market", "climate change", "the internet", "electric cars", "volcanoes",
+    "the human heart", "compound interest", "the French Revolution", "rainbows", "how airplanes fly", "DNA",
+    "the Moon's phases", "recycling", "solar panels", "the immune system", "the printing press", "gravity",
+    "machine learning", "the Great Wall of China", "tides", "how a refrigerator works", "democracy", "coral reefs",
+    "the pyramids of Egypt", "sleep", "antibiotics", "the speed of light", "chess", "coffee", "the Olympic Games",
+    "bread baking", "the seasons", "batteries", "whales", "the Renaissance", "cryptocurrency", "memory",
+    "the periodic table", "hurricanes", "jazz music", "dinosaurs", "the metric system", "meditation", "glaciers",
+)
+_CHARACTERS = (
+    "a lighthouse keeper", "a young dragon", "a retired astronaut", "a shy robot", "a clever fox", "a baker",
+    "a lost kitten", "a time traveller", "a girl who can talk to trees", "an old fisherman", "a brave mouse",
+    "a detective", "a musician", "a grandmother", "a wizard's apprentice", "a street artist", "a ship's cook",
+    "a little cloud", "a forgetful king", "two best friends",
+)
+_PLACES = (
+    "a small village in the mountains", "a space station", "a busy city market", "an island", "a haunted library",
+    "the bottom of the sea", "a desert town", "a snowy forest", "a train at night", "a school on the Moon",
+)
+_THINGS = (
+    "a garden", "a birthday party", "a job interview", "a camping trip", "a budget", "a home office",
+    "a vegetable soup", "a study schedule", "a weekend in Paris", "a book club", "a small business", "a wedding toast",
+    "a morning routine", "a picnic", "a science fair project", "a podcast", "a bike ride", "a family reunion",
+)
+_CHAT_TEMPLATES = (
+    "{situation_cap}. Any advice?",
+    "{situation_cap}. What should I do?",
+    "{situation_cap} and I feel anxious about it. How can I cope?",
+    "{situation_cap}. Can you give me a few practical tips?",
+    "How can I stay positive when {situation}?",
+    "Explain {subject} in simple terms.",
+    "Can you explain {subject} to a child?",
+    "Why is {subject} important?",
+    "Give me three surprising facts about {subject}.",
+    "What are the pros and cons of {subject}?",
+    "Write a short paragraph about {subject} for a school newsletter.",
+    "What is the history of {subject}?",
+    "Write a short story about {character} in {place}.",
+    "Tell a bedtime story about {character}.",
+    "Write a funny story about {character} who loses something important.",
+    "Write the opening of a mystery novel set in {place}.",
+    "Write a poem about {subject}.",
+    "Write a haiku about {place}.",
+    "Describe {place} in vivid detail.",
+    "Help me plan {thing}.",
+    "Give me a step-by-step plan for {thing}.",
+    "What do I need to prepare for {thing}?",
+    "Make a checklist for {thing}.",
+    "List five ideas for {thing}.",
+    "Write a friendly email inviting my colleagues to {thing}.",
+    "Write a short thank-you note to a friend who helped me with {thing}.",
+    "What are common mistakes people make with {thing}?",
+    "Compare {subject} and {subject2} in a few sentences.",
+    "What is the difference between {subject} and {subject2}?",
+    "Write a {language} function that {task}.",
+    "How do I write a program in {language} that {task}? Show the code.",
+    "Explain how to write code that {task}, step by step.",
+    "Write a {language} script that {task} and explain how it works.",
+)
+
+
+def chat_instructions(n: int, seed: int, exclude: Collection[str] = ()) -> list[str]:
+    """n distinct chat-style instructions (advice, stories, explanations, plans, letters, code), none in `exclude`.
+
+    Raises:
+        ValueError: the templates cannot fill n distinct prompts.
+    """
+    rng = np.random.default_rng(seed)
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    out: dict[str, None] = {}  # insertion-ordered set
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        situation = pick(_SITUATIONS)
+        subject, subject2 = pick(_SUBJECTS), pick(_SUBJECTS)
+        if subject == subject2:
+            continue
+        prompt = pick(_CHAT_TEMPLATES).format(
+            situation=situation,
+            situation_cap=situation[0].upper() + situation[1:],
+            subject=subject,
+            subject2=subject2,
+            character=pick(_CHARACTERS),
+            place=pick(_PLACES),
+            thing=pick(_THINGS),
+            language=pick(_LANGUAGES),
+            task=pick(_TASKS),
+        )
+        if prompt not in exclude:
+            out[prompt] = None
+    if len(out) < n:
+        raise ValueError(f"the chat templates give only {len(out)} distinct instructions, {n} asked for")
+    return list(out)
+
+
 _SENTENCE = re.compile(r"[A-Z][^.!?\n]{40,200}[.!?]")
 _TOPIC = re.compile(r"\b[A-Z][a-z]{4,14}\b")
 
