@@ -22,8 +22,6 @@ import optax
 from flax import struct
 from safetensors.numpy import load_file, save_file
 
-from tandem.speculative import Router
-
 
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
@@ -137,9 +135,11 @@ def train_router(
     return params, {"loss": float(loss), "mae": float(jnp.mean(jnp.abs(pred - y_all)))}
 
 
-class MLPRouter(Router):
+class MLPRouter:
     """Serving side: NumPy features of one drafted position through the trained MLP (sampled requests, which draft
-    step by step on the host); greedy requests draft on device and use `device_params` with `confidence`."""
+    step by step on the host); greedy requests draft on device and use `device_params` with `confidence`.
+
+    Implements the `tandem.speculative.Router` protocol (structurally: the model layer does not import decoding)."""
 
     def __init__(self, cfg: RouterConfig, params: RouterParams, embed: np.ndarray) -> None:
         if embed.shape[1] != cfg.d_embed:

@@ -11,9 +11,9 @@ exactly. Conventions:
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -177,12 +177,16 @@ def verify_sampled(
     return Verdict(len(drafts), sample(target[len(drafts)], rng))
 
 
-class Router(abc.ABC):
-    """Decides after each drafted token whether to keep drafting (confidence >= τ) or verify now."""
+class Router(Protocol):
+    """Decides after each drafted token whether to keep drafting (confidence >= τ) or verify now.
 
-    @abc.abstractmethod
+    A structural type, so the model layer's trained router (`tandem.router.MLPRouter`) implements it without
+    importing this module; `MaxProbRouter` below is the fallback.
+    """
+
     def confidence(self, draft_logits: np.ndarray) -> float:
         """Estimated chance the primary agrees with the drafter at this position, from its [V] logits."""
+        ...
 
 
 class MaxProbRouter(Router):
