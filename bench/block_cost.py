@@ -12,9 +12,9 @@ import platform
 import sys
 
 import tandem
-from tandem import kernels
 from tandem.bench import measure_block_cost
-from tandem.models import BundleConfig, load_primary
+from tandem.decoding.bundle import BundleConfig, load_primary
+from tandem.model import kernels
 
 
 def main(slots: int = 1, context: int = 256, max_k: int = 8) -> None:

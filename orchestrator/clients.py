@@ -1,4 +1,4 @@
-"""The model services seen through `tandem.rounds`' PrimaryAPI / DrafterAPI: what lets the orchestrator run the
+"""The model services seen through `tandem.decoding.rounds`' PrimaryAPI / DrafterAPI: what lets the orchestrator run the
 same request loop as the in-process engine."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import grpc
 import numpy as np
 
 from tandem.config import SamplingParams, SpecConfig
+from tandem.decoding.rounds import Drafts, PrimaryStep
+from tandem.decoding.speculative import SparseDist
 from tandem.errors import (
     DrafterUnavailableError,
     InvalidRequestError,
@@ -20,8 +22,6 @@ from tandem.errors import (
     SessionNotFoundError,
     TandemError,
 )
-from tandem.rounds import Drafts, PrimaryStep
-from tandem.speculative import SparseDist
 from tandemrpc.convert import numpy_to_tensor, optional_tensor, sampling_to_proto, sparse_from_proto, sparse_to_proto
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc

@@ -21,10 +21,10 @@ from orchestrator.clients import ModelServiceError, RemoteDrafter, RemotePrimary
 from orchestrator.payoff import PayoffConfig, SpeculationPayoff, payoff_key
 from orchestrator.routing import EndpointPool, Lease, NoEndpointError, Targets
 from tandem.config import DEFAULT_MODE, SPECULATIVE_MODES, SamplingParams, SpecConfig
+from tandem.decoding.rounds import MAX_STEPS, GenerationResult, GenerationStats, Request, run_request
 from tandem.errors import InvalidRequestError, OverloadedError
-from tandem.rounds import MAX_STEPS, GenerationResult, GenerationStats, Request, run_request
-from tandem.text import StopStringFilter
-from tandem.tokenizer import Tokenizer
+from tandem.formats.text import StopStringFilter
+from tandem.formats.tokenizer import Tokenizer
 from tandemrpc.security import TlsFiles, open_channel
 from tandemrpc.server import GRPC_OPTIONS
 from tandemrpc.v1 import tandem_pb2 as pb

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Hashable
 
 from tandem.config import SPECULATIVE_MODES, SamplingParams, SpecConfig
-from tandem.rounds import GenerationStats
+from tandem.decoding.rounds import GenerationStats
 
 
 @dataclasses.dataclass(frozen=True)

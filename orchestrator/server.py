@@ -16,8 +16,8 @@ from orchestrator.payoff import PayoffConfig
 from orchestrator.routing import Targets
 from orchestrator.servicer import OrchestratorServicer
 from tandem.config import SpecConfig
+from tandem.formats.tokenizer import Tokenizer
 from tandem.serve import die_with_parent
-from tandem.tokenizer import Tokenizer
 from tandemrpc.security import BearerTokenInterceptor, TlsFiles, add_tls_flags, read_token, tls_from_args
 from tandemrpc.server import ServiceServer
 from tandemrpc.v1 import tandem_pb2 as pb
@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     die_with_parent()  # started by ServeStack: stop when it dies
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg, gguf_path = parse_args(argv)
-    from tandem.assets import smollm2_gguf_path
+    from tandem.formats.assets import smollm2_gguf_path
 
     tokenizer = Tokenizer.from_gguf(gguf_path or smollm2_gguf_path())
     cfg = dataclasses.replace(cfg, core=dataclasses.replace(cfg.core, vocab_size=tokenizer.vocab_size))

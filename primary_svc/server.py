@@ -13,10 +13,10 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge
 
 from primary_svc.servicer import PrimaryServicer
-from tandem.kvcache import MIN_ATTEND, buckets
-from tandem.primary import PrimaryRunner
+from tandem.decoding.workers import BatchingConfig, PrimaryWorker
+from tandem.model.kvcache import MIN_ATTEND, buckets
+from tandem.model.primary import PrimaryRunner
 from tandem.serve import die_with_parent
-from tandem.workers import BatchingConfig, PrimaryWorker
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
 from tandemrpc.server import ServiceServer, add_batching_flags, add_compile_flag, batching_from_args
 from tandemrpc.v1 import tandem_pb2 as pb
@@ -37,7 +37,9 @@ class PrimaryServiceConfig:
     tls: TlsFiles | None = None  # TLS / mutual TLS (tandemrpc.security); None = plaintext
     batching: BatchingConfig = BatchingConfig()  # sessions per batched model call and the batching window
     compile_at_start: bool = False  # compile every decode/verify and prefill bucket before reporting SERVING
-    prefix_rows: int = 4  # prompts whose first positions later prompts may reuse (tandem.kvcache.PrefixCache); 0 = off
+    prefix_rows: int = (
+        4  # prompts whose first positions later prompts may reuse (tandem.model.kvcache.PrefixCache); 0 = off
+    )
     int8_activations: bool = True  # Q4_1 layer and Q8_0 head products on 8-bit inputs on the CPU kernel (BundleConfig)
 
 
@@ -141,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     die_with_parent()  # started by ServeStack: stop when it dies
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = parse_args(argv)
-    from tandem.models import BundleConfig, load_primary  # loads JAX
+    from tandem.decoding.bundle import BundleConfig, load_primary  # loads JAX
 
     bundle = BundleConfig(
         gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots, int8_activations=cfg.int8_activations

@@ -1,12 +1,12 @@
-"""The Primary gRPC servicer: translates wire messages to `tandem.workers.PrimaryWorker` calls and back."""
+"""The Primary gRPC servicer: translates wire messages to `tandem.decoding.workers.PrimaryWorker` calls and back."""
 
 from __future__ import annotations
 
 import grpc
 
+from tandem.decoding.rounds import PrimaryStep
+from tandem.decoding.workers import PrimaryWorker
 from tandem.errors import InvalidRequestError
-from tandem.rounds import PrimaryStep
-from tandem.workers import PrimaryWorker
 from tandemrpc.convert import numpy_to_tensor, sampling_from_proto, sparse_from_proto
 from tandemrpc.server import translate_errors
 from tandemrpc.v1 import tandem_pb2 as pb

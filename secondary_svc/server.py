@@ -14,8 +14,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge
 
 from secondary_svc.servicer import SecondaryServicer
+from tandem.decoding.workers import BatchingConfig, DrafterWorker
 from tandem.serve import die_with_parent
-from tandem.workers import BatchingConfig, DrafterWorker
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
 from tandemrpc.server import ServiceServer, add_batching_flags, add_compile_flag, batching_from_args
 from tandemrpc.v1 import tandem_pb2 as pb
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     die_with_parent()  # started by ServeStack: stop when it dies
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = parse_args(argv)
-    from tandem.models import BundleConfig, load_drafters, primary_config  # loads JAX
+    from tandem.decoding.bundle import BundleConfig, load_drafters, primary_config  # loads JAX
 
     bundle = BundleConfig(gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots)
     runners, routers, sources = load_drafters(primary_config(bundle), bundle)

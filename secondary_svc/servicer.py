@@ -1,4 +1,4 @@
-"""The Secondary gRPC servicer: one bidirectional stream per request over `tandem.workers.DrafterWorker`."""
+"""The Secondary gRPC servicer: one bidirectional stream per request over `tandem.decoding.workers.DrafterWorker`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import grpc
 
 from tandem.config import SpecConfig
+from tandem.decoding.rounds import Drafts
+from tandem.decoding.workers import DrafterWorker
 from tandem.errors import InvalidRequestError, SessionStateError, TandemError
-from tandem.rounds import Drafts
-from tandem.workers import DrafterWorker
 from tandemrpc.convert import optional_tensor, sampling_from_proto, sparse_to_proto
 from tandemrpc.server import status_for
 from tandemrpc.v1 import tandem_pb2 as pb

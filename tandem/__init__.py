@@ -1,9 +1,17 @@
-"""Tandem Transformers core library: models, loaders, tokenizer, speculative math, the request loop and the
-in-process engine.
+"""Tandem Transformers core library, one folder per concern, each layer importing only the ones below it:
 
-The library modules import no gRPC and modules that do not need JAX (config, tokenizer, assets, rounds, text) stay
-JAX-free. The command line (`tandem.cli`, `tandem.serve`) sits on top of everything, gRPC included, and nothing in the
-library imports it.
+    training/   drafter training, evaluation, settings tuning
+    decoding/   speculative rounds, the request loop, workers, the in-process engine, the model bundle, call costs
+    model/      the primary and drafter on JAX, layers, KV caches, the router, the CPU kernels
+    formats/    GGUF / safetensors, the tokenizer and chat template, stop strings, the model fetch
+    config.py, errors.py   frozen configs and typed errors, used by every layer
+    weights/    the shipped drafters and routers (data)
+
+The library imports no gRPC, Ray, matplotlib or torch (pyproject.toml's import-linter contracts check it), and what
+the orchestrator imports from it (config, errors, formats.tokenizer, formats.text, decoding.rounds,
+decoding.speculative) stays JAX-free. The services, the wire layer (`tandemrpc`) and the applications (`apps`,
+`loadtest`) sit on top; nothing here imports them. The package `__init__` files hold docstrings only, so importing a
+light module loads nothing heavy.
 """
 
 import os

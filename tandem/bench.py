@@ -50,10 +50,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tandem.config import MODES, SamplingParams, SpecConfig
 
 if TYPE_CHECKING:
-    from tandem.engine import Engine
-    from tandem.models import BundleConfig
-    from tandem.primary import PrimaryRunner
-    from tandem.secondary import DrafterRunner
+    from tandem.decoding.bundle import BundleConfig
+    from tandem.decoding.engine import Engine
+    from tandem.model.drafter import DrafterRunner
+    from tandem.model.primary import PrimaryRunner
     from tandem.serve import ServeStack
 
 SCHEMA = "tandem-bench/1"
@@ -104,14 +104,15 @@ class BenchConfig:
         gamma_max: most tokens drafted per round (sent explicitly over gRPC too, so both vias draft alike).
         tau: keep drafting while the router's confidence >= tau.
         tau_first: a round drafts at all only if the router's confidence in its first draft reaches this.
-        min_accepted: speculation pauses while a request's rounds keep fewer drafts on average (`tandem.rounds.Pacer`).
+        min_accepted: speculation pauses while a request's rounds keep fewer drafts on average
+            (`tandem.decoding.rounds.Pacer`).
         repeats: passes over the prompt set; per prompt, times are the median over repeats.
         warmup_tokens: tokens of each warm-up generation (None: max_tokens).
         block_cost_context: cached tokens before the block-cost calls (0: an empty cache; None: skip the curve).
         block_cost_max_k: the curve covers k = 1..block_cost_max_k.
         block_cost_calls: timed calls per k (median), after two warm-up calls.
         peer: "hf" adds the modes hf and hf-assisted (tandem.peer_hf.HFPeer, in process); None: no peer.
-        prefix_cache_rows: the Primary's prefix cache (`tandem.kvcache.PrefixCache`) in process and in services
+        prefix_cache_rows: the Primary's prefix cache (`tandem.model.kvcache.PrefixCache`) in process and in services
             started here. 0 (off) by default: the modes run the same prompts one after another, and with the cache
             every mode but the first on a prompt would reuse all of it but its last token.
     """
@@ -685,8 +686,8 @@ def xla_twin(primary: PrimaryRunner) -> PrimaryRunner | None:
 
     Shares the weights (no copy); has its own cache of the same shape, so the same compiled paths are measured.
     """
-    from tandem import kernels
-    from tandem.primary import float_only
+    from tandem.model import kernels
+    from tandem.model.primary import float_only
 
     if not kernels.available() or primary.params.head_panels is None:
         return None
@@ -757,8 +758,8 @@ def _git(*args: str) -> str | None:
 
 
 def _int8_kernel() -> bool:
-    """Whether a primary loaded on this machine, with this environment, runs its products in `tandem.kernels`."""
-    from tandem import kernels
+    """Whether a primary loaded on this machine, with this environment, runs its products in `tandem.model.kernels`."""
+    from tandem.model import kernels
 
     return kernels.available()
 
@@ -1246,8 +1247,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 "| ms, XLA float32 products | " + " | ".join(_f(xla_ms.get(k), ".1f") for k in ks) + " |",
                 "| ÷ k=1 (XLA) | " + " | ".join(_f(xla.get(k), ".2f") for k in ks) + " |",
                 "",
-                "The first rows run the primary's products of up to 8 tokens in the int8 kernel (`tandem.kernels`); "
-                "the XLA rows are the same weights with every product in XLA, timed in the same interleaving.",
+                "The first rows run the primary's products of up to 8 tokens in the int8 kernel "
+                "(`tandem.model.kernels`); the XLA rows are the same weights with every product in XLA, timed in the "
+                "same interleaving.",
             ]
     drafter_ms, drafter_ratio = report.get("drafter_step_ms"), report.get("drafter_step_ratio") or {}
     if drafter_ms:
@@ -1407,7 +1409,7 @@ def run_with_bundle(
             log=log,
         )
     try:
-        from tandem.models import BundleConfig, load_bundle
+        from tandem.decoding.bundle import BundleConfig, load_bundle
 
         bundle_cfg = BundleConfig(max_len=max_len, prefix_rows=cfg.prefix_cache_rows)
         bundle = load_bundle(bundle_cfg)

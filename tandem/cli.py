@@ -366,7 +366,7 @@ def _generate_remote(args: argparse.Namespace, prompts: list[str]) -> int:
 def _generate_in_process(
     args: argparse.Namespace, prompts: list[str], sampling: SamplingParams, spec: SpecConfig
 ) -> int:
-    from tandem.models import BundleConfig, load_bundle  # JAX loads only once the flags are valid
+    from tandem.decoding.bundle import BundleConfig, load_bundle  # JAX loads only once the flags are valid
 
     bundle = load_bundle(BundleConfig(max_len=args.max_len))
     tok = bundle.tokenizer
@@ -478,9 +478,9 @@ def demo(args: argparse.Namespace) -> int:
 def corpus(args: argparse.Namespace) -> int:
     import gguf
 
-    from tandem.assets import smollm2_gguf_path
-    from tandem.corpus import build_corpus, default_corpus_dir
-    from tandem.tokenizer import Tokenizer
+    from tandem.formats.assets import smollm2_gguf_path
+    from tandem.formats.tokenizer import Tokenizer
+    from tandem.training.corpus import build_corpus, default_corpus_dir
 
     tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(smollm2_gguf_path()))
     manifest = build_corpus(args.out or default_corpus_dir(), tokenizer)
@@ -489,8 +489,8 @@ def corpus(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from tandem.corpus import default_corpus_dir
-    from tandem.train import TrainConfig, train_drafters
+    from tandem.training.corpus import default_corpus_dir
+    from tandem.training.train import TrainConfig, train_drafters
 
     flags = (
         *("steps", "batch_size", "seq_len", "block_len", "lr", "warmup"),
@@ -519,9 +519,9 @@ def train(args: argparse.Namespace) -> int:
 
 
 def distill_data(args: argparse.Namespace) -> int:
-    from tandem import selfdistill
     from tandem.bench import read_prompts
-    from tandem.models import BundleConfig, load_primary
+    from tandem.decoding.bundle import BundleConfig, load_primary
+    from tandem.training import selfdistill
 
     cfg = selfdistill.DistillConfig(prompts=args.prompts, max_new=args.max_new, slots=args.slots)
     templated = (
@@ -546,15 +546,15 @@ def distill_data(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from tandem.corpus import default_corpus_dir, load_split
-    from tandem.evaluate import EvalConfig, evaluate_drafter_dirs
-    from tandem.models import WEIGHTS_DIR
+    from tandem.decoding.bundle import WEIGHTS_DIR
+    from tandem.training.corpus import default_corpus_dir, load_split
+    from tandem.training.evaluate import EvalConfig, evaluate_drafter_dirs
 
     if args.text:
         import gguf
 
-        from tandem.assets import smollm2_gguf_path
-        from tandem.tokenizer import Tokenizer
+        from tandem.formats.assets import smollm2_gguf_path
+        from tandem.formats.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(smollm2_gguf_path()))
         tokens = np.asarray(tokenizer.encode(args.text.read_text(encoding="utf-8")), dtype=np.int32)
@@ -571,8 +571,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def tune(args: argparse.Namespace) -> int:
     from tandem.bench import read_prompts
-    from tandem.tuning import TuneConfig, render_markdown
-    from tandem.tuning import tune as run_tune
+    from tandem.training.tuning import TuneConfig, render_markdown
+    from tandem.training.tuning import tune as run_tune
 
     if args.max_tokens < 2:
         raise SystemExit("tandem tune: --max-tokens must be >= 2")

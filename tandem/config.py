@@ -179,8 +179,8 @@ class SpecConfig:
     # a plain one-token primary step, which can cost less than a verify of two tokens. 0: always.
     tau_first: float = 0.0
     # Speculation pauses where it does not pay: once a request's rounds keep fewer than `min_accepted` drafts on
-    # average (an exponential average, `tandem.rounds.Pacer`), it runs `pause_steps` primary-only steps without asking
-    # the drafter, then tries a round again. 0: never pause.
+    # average (an exponential average, `tandem.decoding.rounds.Pacer`), it runs `pause_steps` primary-only steps
+    # without asking the drafter, then tries a round again. 0: never pause.
     min_accepted: float = 0.0
     pause_steps: int = 4
 

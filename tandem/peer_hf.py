@@ -1,10 +1,10 @@
 """The Hugging Face `transformers` peer (PyTorch on CPU) for the speed benchmark.
 
-The same SmolLM2 weights our engine runs (dequantized from the GGUF by `tandem.checkpoints.load_gguf`, which already
-un-permutes llama.cpp's q/k rows back to HF's rotate-half layout) are loaded into a float32 `LlamaForCausalLM`, and the
-shipped vanilla drafter is exported as a second `LlamaForCausalLM` for HF *assisted generation* (HF's name for greedy
-speculative decoding with a draft model). Nothing is fetched from a model hub: both models are built from in-memory
-configs and state dicts (`HF_HUB_OFFLINE=1` is set before `transformers` is imported, unless already set).
+The same SmolLM2 weights our engine runs (dequantized from the GGUF by `tandem.formats.checkpoints.load_gguf`, which
+already un-permutes llama.cpp's q/k rows back to HF's rotate-half layout) are loaded into a float32 `LlamaForCausalLM`,
+and the shipped vanilla drafter is exported as a second `LlamaForCausalLM` for HF *assisted generation* (HF's name for
+greedy speculative decoding with a draft model). Nothing is fetched from a model hub: both models are built from
+in-memory configs and state dicts (`HF_HUB_OFFLINE=1` is set before `transformers` is imported, unless already set).
 
 Needs the `peer` extra (`pip install -e .[peer]`: torch 2.13 CPU, transformers 5.18).
 
@@ -14,17 +14,17 @@ Layer math, checked against HF Llama (and by tests/test_peer_hf.py on tiny rando
       the config (100000 for SmolLM2 and the drafters), default rope type (no scaling).
     * Attention: scale H^-1/2, causal; grouped-query with query head n reading key/value head n // G, as HF's
       `repeat_kv` does. A stored drafter's `wq [L, D, K, G, H]` flattens (K, G, H) into HF's `q_proj [K*G*H, D]` rows
-      in that order (`tandem.layers` keeps the same head order in memory).
+      in that order (`tandem.model.layers` keeps the same head order in memory).
     * SwiGLU MLP `down(silu(gate(x)) * up(x))`, pre-norm residual blocks, final norm, head tied to the embedding.
 
 The drafter's head. A drafter with `head_vocab = N` scores only its N `head_ids` (ours puts -1e30 on every other id);
 HF's `lm_head` is a bias-free [V, D] linear map, so the export writes the head rows at `head_ids` and zero rows
-elsewhere: those tokens score exactly 0. When every head logit is negative a zero-row token wins HF's argmax where
-ours would pick a head token. Measured on the shipped vanilla drafter (N = 16384) over 662 positions (four
-128-token windows of the corpus's held-out split and two SmolLM2 chat transcripts): the top head logit was > 0 at
-every position (smallest 3.5), HF's argmax equalled our JAX drafter's (`secondary.train_forward`) at 662 / 662, and
-the head logits differed by at most 1.8e-5. A zero-row win would only cost speed anyway: HF verifies every drafted
-token, so greedy output stays the primary's.
+elsewhere: those tokens score exactly 0. When every head logit is negative a zero-row token wins HF's argmax where ours
+would pick a head token. Measured on the shipped vanilla drafter (N = 16384) over 662 positions (four 128-token windows
+of the corpus's held-out split and two SmolLM2 chat transcripts): the top head logit was > 0 at every position (smallest
+3.5), HF's argmax equalled our JAX drafter's (`tandem.model.drafter.train_forward`) at 662 / 662, and the head logits
+differed by at most 1.8e-5. A zero-row win would only cost speed anyway: HF verifies every drafted token, so greedy
+output stays the primary's.
 
 Speculation schedule. HF's defaults for an assistant are `num_assistant_tokens=20`, schedule `constant`, and a
 confidence stop: drafting ends once the assistant's probability of its own token falls below
@@ -64,11 +64,11 @@ from safetensors.numpy import load_file
 from transformers.generation.streamers import BaseStreamer
 from transformers.initialization import no_init_weights
 
-from tandem import secondary
-from tandem.checkpoints import check_state_dict, hf_config_dict, load_gguf
 from tandem.config import DrafterConfig, LlamaConfig
-from tandem.models import WEIGHTS_DIR, BundleConfig, drafter_config
-from tandem.tokenizer import Tokenizer
+from tandem.decoding.bundle import WEIGHTS_DIR, BundleConfig, drafter_config
+from tandem.formats.checkpoints import check_state_dict, hf_config_dict, load_gguf
+from tandem.formats.tokenizer import Tokenizer
+from tandem.model import drafter as drafter_model
 
 DEFAULT_THREADS = 2  # this machine's cores
 
@@ -87,7 +87,7 @@ class PeerResult:
 
     Attributes:
         token_ids: Generated tokens only (no prompt). A stop token ends the generation and is not included, as in
-            `tandem.rounds.run_request`.
+            `tandem.decoding.rounds.run_request`.
         ttft_s: Seconds from calling `generate()` to the first generated token reaching the streamer (plain greedy:
             the prefill forward; assisted: the first round, i.e. the drafter's prefill + drafts + the primary's
             verification of them, since HF emits tokens only after verification).
@@ -113,7 +113,7 @@ def build_hf_llama(cfg: LlamaConfig, state_dict: dict[str, np.ndarray]) -> trans
 
     Args:
         cfg: Model shape.
-        state_dict: HF-named float arrays as `tandem.checkpoints` returns them (no `lm_head.weight` when tied).
+        state_dict: HF-named float arrays as `tandem.formats.checkpoints` returns them (no `lm_head.weight` when tied).
 
     Returns:
         The model, on CPU, with `lm_head` sharing the embedding's storage when `cfg.tie_embeddings`.
@@ -141,10 +141,10 @@ def drafter_state_dict(
 ) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     """A stored vanilla drafter as a Llama config and HF-named float32 state dict.
 
-    The layers are read from the drafter's on-disk tensors (`secondary.save_drafter`'s stacked einsum layout:
+    The layers are read from the drafter's on-disk tensors (`tandem.model.drafter.save_drafter`'s stacked einsum layout:
     `wq [L, D, K, G, H]`, `wk`/`wv [L, D, K, H]`, `wo [L, K, G, H, D]`, `w_gate`/`w_up [L, D, F]`, `w_down [L, F, D]`,
     norms `[L, D]`), which stays fixed while the in-memory layout may change. The embedding and the head come from
-    `secondary.load_drafter`, so a shared-embedding drafter's table is exactly the one our engine runs
+    `tandem.model.drafter.load_drafter`, so a shared-embedding drafter's table is exactly the one our engine runs
     (`primary_embed @ embed_proj`).
 
     Args:
@@ -162,7 +162,7 @@ def drafter_state_dict(
     cfg = DrafterConfig.from_dict(json.loads((drafter_dir / "config.json").read_text()))
     if cfg.tandem:  # refuse before loading anything
         raise ValueError(f"{drafter_dir}: a Tandem drafter reads the primary's hidden states; HF cannot run it")
-    _, params = secondary.load_drafter(drafter_dir, primary_embed=primary_embed)
+    _, params = drafter_model.load_drafter(drafter_dir, primary_embed=primary_embed)
     assert params.embed is not None
     stored = {k: np.asarray(v, dtype=np.float32) for k, v in load_file(str(drafter_dir / "model.safetensors")).items()}
     d = cfg.d_model
@@ -206,7 +206,8 @@ _STORED_LAYER_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate"
 
 
 def export_drafter_hf(drafter_dir: Path, primary_embed: np.ndarray | None) -> transformers.LlamaForCausalLM:
-    """The vanilla drafter stored in `drafter_dir` (by `tandem train` / `secondary.save_drafter`) as an HF Llama.
+    """The vanilla drafter stored in `drafter_dir` (by `tandem train` / `tandem.model.drafter.save_drafter`) as an HF
+    Llama.
 
     Args:
         drafter_dir: Holds `config.json` and `model.safetensors`.
@@ -263,7 +264,7 @@ class HFPeer:
     Args:
         bundle_cfg: Where the GGUF is (`gguf_path`; None: the cached SmolLM2). Its other fields are unused except
             `drafter_d_model` / `drafter_layers` / `drafter_seed` when no drafter is shipped (a random vanilla
-            drafter is then built exactly like `tandem.models.load_drafters` builds it).
+            drafter is then built exactly like `tandem.decoding.bundle.load_drafters` builds it).
         drafter_dir: The vanilla drafter to export for assisted generation (default `tandem/weights/vanilla`).
         threads: `torch.set_num_threads` (default 2, this machine's cores; the setting is process-wide).
     """
@@ -279,10 +280,13 @@ class HFPeer:
         embed = state["model.embed_tokens.weight"]
         directory = WEIGHTS_DIR / "vanilla" if drafter_dir is None else Path(drafter_dir)
         if drafter_dir is None and not (directory / "config.json").exists():
-            # No shipped drafter: the random one `tandem.models.load_drafters` builds, exported through its files.
+            # No shipped drafter: the random one `tandem.decoding.bundle.load_drafters` builds, exported through its
+            # files.
             dcfg = drafter_config(pcfg, "vanilla", bundle_cfg)
             with tempfile.TemporaryDirectory() as tmp:
-                secondary.save_drafter(Path(tmp), dcfg, secondary.init_params(dcfg, bundle_cfg.drafter_seed + 1))
+                drafter_model.save_drafter(
+                    Path(tmp), dcfg, drafter_model.init_params(dcfg, bundle_cfg.drafter_seed + 1)
+                )
                 drafter = export_drafter_hf(Path(tmp), embed)
         else:
             drafter = export_drafter_hf(directory, embed)

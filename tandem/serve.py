@@ -229,7 +229,7 @@ class ServeStack:
         if self.requested_port:
             check_port_free(self.requested_port)
         if self.gguf_path is None and not os.environ.get("TANDEM_GGUF"):
-            from tandem.assets import smollm2_gguf_path  # no JAX; a no-op once cached
+            from tandem.formats.assets import smollm2_gguf_path  # no JAX; a no-op once cached
 
             smollm2_gguf_path()
         ports = free_ports(6)

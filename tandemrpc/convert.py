@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from tandem.config import MODES, SamplingParams
+from tandem.decoding.speculative import SparseDist
 from tandem.errors import InvalidRequestError
-from tandem.speculative import SparseDist
 from tandemrpc.v1 import tandem_pb2 as pb
 
 MAX_TENSOR_ELEMENTS = 1 << 26  # 256 MB of float32: far above any real block, far below a memory blow-up

@@ -172,7 +172,7 @@ class ServiceServer:
 
 
 def add_batching_flags(parser: Any, env_prefix: str) -> None:
-    """The model services' continuous-batching flags (`tandem.workers.BatchingConfig`), each also an env var."""
+    """The model services' continuous-batching flags (`tandem.decoding.workers.BatchingConfig`), each an env var too."""
     env = os.environ.get
     parser.add_argument(
         "--max-batch",
@@ -201,7 +201,7 @@ def add_compile_flag(parser: Any) -> None:
 
 def batching_from_args(parser: Any, args: Any) -> Any:
     """A BatchingConfig from the flags of `add_batching_flags` (a parser error for bad values)."""
-    from tandem.workers import BatchingConfig
+    from tandem.decoding.workers import BatchingConfig
 
     if args.max_batch < 1 or args.batch_window_ms < 0:
         parser.error("--max-batch must be >= 1 and --batch-window-ms >= 0")

@@ -12,12 +12,12 @@ import pytest
 
 import tandem  # noqa: F401  (sets XLA flags before JAX is imported)
 from orchestrator.payoff import PayoffConfig
-from tandem import secondary
-from tandem.checkpoints import random_llama_state
 from tandem.config import DrafterConfig, LlamaConfig
-from tandem.engine import Engine
-from tandem.primary import LlamaParams, PrimaryRunner, params_from_state_dict
-from tandem.workers import BatchingConfig
+from tandem.decoding.engine import Engine
+from tandem.decoding.workers import BatchingConfig
+from tandem.formats.checkpoints import random_llama_state
+from tandem.model import drafter as drafter_model
+from tandem.model.primary import LlamaParams, PrimaryRunner, params_from_state_dict
 
 
 def _session_dir(var: str, prefix: str) -> str | None:
@@ -33,7 +33,7 @@ def _session_dir(var: str, prefix: str) -> str | None:
 # is loaded from disk by the next. Set before any compile.
 _XLA_CACHE = _session_dir("JAX_COMPILATION_CACHE_DIR", "tandem-test-xla-")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-# The int8 kernel (tandem.kernels) is compiled into a fresh directory each session, as on a new machine.
+# The int8 kernel (tandem.model.kernels) is compiled into a fresh directory each session, as on a new machine.
 _KERNEL_CACHE = _session_dir("TANDEM_KERNEL_CACHE", "tandem-test-kernels-")
 
 
@@ -93,10 +93,10 @@ def make_engine(
     """A tiny primary with a random Tandem drafter and a random vanilla drafter, `slots` sessions each."""
     tcfg, vcfg = drafter_config(True), drafter_config(False)
 
-    def drafter(cfg: DrafterConfig, s: int) -> secondary.DrafterRunner:
-        p = secondary.init_params(cfg, s)
+    def drafter(cfg: DrafterConfig, s: int) -> drafter_model.DrafterRunner:
+        p = drafter_model.init_params(cfg, s)
         p = p.replace(embed=p.embed * vocab_embed_scale)  # peaked drafter distributions, like a trained one
-        return secondary.DrafterRunner(cfg, p, batch=slots, max_len=max_len)
+        return drafter_model.DrafterRunner(cfg, p, batch=slots, max_len=max_len)
 
     primary = PrimaryRunner(TINY, tiny_params, taps=tcfg.tapped_layers, batch=slots, max_len=max_len)
     return Engine(primary, drafter(tcfg, seed + 1), drafter(vcfg, seed + 2), batching=batching)

@@ -76,7 +76,7 @@ def reference_forward(
 
     Args:
         config: Model shape.
-        state_dict: HF-named weights (see tandem.checkpoints).
+        state_dict: HF-named weights (see tandem.formats.checkpoints).
         token_ids: [T] input ids.
 
     Returns:

@@ -14,8 +14,8 @@ from test_services import Stack
 
 from orchestrator.core import Admission, LoadPolicy
 from tandem.config import SamplingParams, SpecConfig
+from tandem.decoding.rounds import GenerationStats, Request, run_request
 from tandem.errors import OverloadedError
-from tandem.rounds import GenerationStats, Request, run_request
 
 
 def test_gamma_shrinks_with_load_down_to_primary_only() -> None:

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from conftest import TINY, drafter_config, make_engine
 
-from tandem import secondary
 from tandem.config import SamplingParams, SpecConfig
+from tandem.decoding.workers import BatchingConfig, PrimaryWorker, _Batcher, _Call
 from tandem.errors import SessionNotFoundError
-from tandem.primary import PrimaryRunner
-from tandem.workers import BatchingConfig, PrimaryWorker, _Batcher, _Call
+from tandem.model import drafter as drafter_model
+from tandem.model.primary import PrimaryRunner
 
 PROMPTS = [np.random.default_rng(i).integers(0, TINY.vocab_size, size=3 + 2 * i).tolist() for i in range(8)]
 
@@ -57,9 +57,9 @@ def test_ragged_rows_in_one_call_equal_each_row_alone(tiny_params, slots: int) -
 
 def test_ragged_ingest_equals_each_row_alone() -> None:
     cfg = drafter_config(True)
-    params = secondary.materialize(secondary.init_params(cfg, seed=2), cfg)
-    batched = secondary.DrafterRunner(cfg, params, batch=3, max_len=32)
-    alone = secondary.DrafterRunner(cfg, params, batch=3, max_len=32)
+    params = drafter_model.materialize(drafter_model.init_params(cfg, seed=2), cfg)
+    batched = drafter_model.DrafterRunner(cfg, params, batch=3, max_len=32)
+    alone = drafter_model.DrafterRunner(cfg, params, batch=3, max_len=32)
     rng = np.random.default_rng(0)
     states = [rng.normal(size=(n, len(cfg.tapped_layers), cfg.primary_d_model)).astype(np.float32) for n in (4, 2)]
     padded = np.zeros((2, 4, *states[0].shape[1:]), np.float32)
@@ -202,7 +202,7 @@ def test_batching_config_is_checked() -> None:
 
 
 def test_compiling_buckets_at_start_covers_serving_shapes_and_changes_no_cache(tiny_params) -> None:
-    from tandem.primary import _forward_block_jit
+    from tandem.model.primary import _forward_block_jit
 
     runner = PrimaryRunner(TINY, tiny_params, taps=drafter_config(True).tapped_layers, batch=4, max_len=256)
     runner.forward(np.asarray([[1, 2, 3]]), rows=[1])
@@ -227,19 +227,21 @@ def test_start_up_compile_covers_batched_prefills_ingests_and_drafting(tiny_para
     """After the primary's and the Tandem drafter's start-up compile, a serving round of two sessions at once (a
     ragged prefill of 9 and 11 tokens, their ingest, drafting on device, a ragged verify) compiles nothing."""
     from primary_svc.server import compile_buckets
-    from tandem.primary import _forward_block_jit
+    from tandem.model.primary import _forward_block_jit
 
     cfg = drafter_config(True)
     primary = PrimaryRunner(TINY, tiny_params, taps=cfg.tapped_layers, batch=2, max_len=16)
-    drafter = secondary.DrafterRunner(cfg, secondary.materialize(secondary.init_params(cfg), cfg), batch=2, max_len=16)
+    drafter = drafter_model.DrafterRunner(
+        cfg, drafter_model.materialize(drafter_model.init_params(cfg), cfg), batch=2, max_len=16
+    )
     compile_buckets(primary, max_batch=2)
     assert drafter.compile([1, 2], None, 0) == 2 * (1 + 5)  # batch 1, 2 x (drafting at 16; ingest 1..16)
     vanilla = drafter_config(False)
     with pytest.raises(ValueError, match="Tandem"):
-        secondary.DrafterRunner(vanilla, secondary.materialize(secondary.init_params(vanilla), vanilla)).compile(
-            [1], None, 0
-        )
-    jitted = (_forward_block_jit, secondary._draft_greedy_jit, secondary._ingest_jit)
+        drafter_model.DrafterRunner(
+            vanilla, drafter_model.materialize(drafter_model.init_params(vanilla), vanilla)
+        ).compile([1], None, 0)
+    jitted = (_forward_block_jit, drafter_model._draft_greedy_jit, drafter_model._ingest_jit)
     compiled = [f._cache_size() for f in jitted]
 
     sizes = [9, 11]

@@ -24,8 +24,8 @@ from tandem import bench
 from tandem.bench import BenchConfig, BenchPrompt, Sample
 from tandem.cli import build_parser, main
 from tandem.config import SpecConfig
-from tandem.engine import Engine
-from tandem.workers import DrafterWorker, PrimaryWorker
+from tandem.decoding.engine import Engine
+from tandem.decoding.workers import DrafterWorker, PrimaryWorker
 
 FIXTURE = Path(__file__).parent / "data" / "bench_report.json"
 

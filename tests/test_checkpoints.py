@@ -11,8 +11,9 @@ import pytest
 import safetensors.numpy
 from reference_numpy import reference_forward
 
-from tandem import assets
-from tandem.checkpoints import (
+from tandem.config import LlamaConfig
+from tandem.formats import assets
+from tandem.formats.checkpoints import (
     gguf_config,
     hf_config,
     hf_config_dict,
@@ -23,8 +24,7 @@ from tandem.checkpoints import (
     save_hf_safetensors,
     unpermute_rope_rows,
 )
-from tandem.config import LlamaConfig
-from tandem.tokenizer import Tokenizer
+from tandem.formats.tokenizer import Tokenizer
 
 TINY = LlamaConfig(
     vocab_size=64,

@@ -10,8 +10,8 @@ import pytest
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from tandem import corpus
-from tandem.tokenizer import Tokenizer
+from tandem.formats.tokenizer import Tokenizer
+from tandem.training import corpus
 
 SAMPLE = Path(__file__).parent / "data" / "corpus_sample.txt"
 EOS = 0
@@ -249,7 +249,7 @@ def test_default_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_build_with_real_tokenizer(tmp_path: Path, sample_docs: dict[str, list[str]]) -> None:
     import gguf
 
-    from tandem.assets import smollm2_gguf_path
+    from tandem.formats.assets import smollm2_gguf_path
 
     real = Tokenizer.from_gguf(gguf.GGUFReader(smollm2_gguf_path()))
     m = corpus.build_corpus_from_texts(tmp_path, real, sample_docs, val_fraction=0.2)

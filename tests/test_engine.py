@@ -7,13 +7,13 @@ import pytest
 from conftest import TINY, drafter_config, make_engine, tiny_state
 from scipy import stats
 
-from tandem import secondary
 from tandem.config import DrafterConfig, LlamaConfig, SamplingParams, SpecConfig
-from tandem.engine import Engine
-from tandem.primary import PrimaryRunner, params_from_state_dict
-from tandem.rounds import GenerationStats
-from tandem.speculative import SparseDist, target_probs
-from tandem.workers import DrafterWorker
+from tandem.decoding.engine import Engine
+from tandem.decoding.rounds import GenerationStats
+from tandem.decoding.speculative import SparseDist, target_probs
+from tandem.decoding.workers import DrafterWorker
+from tandem.model import drafter as drafter_model
+from tandem.model.primary import PrimaryRunner, params_from_state_dict
 
 PROMPTS = [list(np.random.default_rng(i).integers(0, TINY.vocab_size, size=3 + i % 7)) for i in range(20)]
 
@@ -111,10 +111,10 @@ def test_oracle_drafter_accepts_everything(tiny_params) -> None:
         n_kv_heads=TINY.n_kv_heads, head_dim=TINY.head_dim, ffn_dim=TINY.ffn_dim, rope_theta=TINY.rope_theta,
         rms_eps=TINY.rms_eps, tandem=False, primary_d_model=TINY.d_model, primary_n_layers=TINY.n_layers,
     )  # fmt: skip
-    oracle = secondary.DrafterParams(
+    oracle = drafter_model.DrafterParams(
         embed=tiny_params.embed, layers=tiny_params.layers, final_norm=tiny_params.final_norm, proj=None
     )
-    engine = Engine(PrimaryRunner(TINY, tiny_params, max_len=256), None, secondary.DrafterRunner(cfg, oracle))
+    engine = Engine(PrimaryRunner(TINY, tiny_params, max_len=256), None, drafter_model.DrafterRunner(cfg, oracle))
     for prompt in PROMPTS[:5]:
         want = engine.generate(prompt, mode="primary", max_tokens=40)
         got = engine.generate(prompt, mode="speed", max_tokens=40, spec=SpecConfig(gamma_max=5, tau=0.0))
@@ -232,8 +232,8 @@ def test_sampled_speculation_matches_primary_distribution(spec: SpecConfig) -> N
     tcfg, vcfg = drafter_config(True, SMALL), drafter_config(False, SMALL)
     engine = Engine(
         PrimaryRunner(SMALL, params, taps=tcfg.tapped_layers, max_len=32),
-        secondary.DrafterRunner(tcfg, secondary.init_params(tcfg, 1), max_len=32),
-        secondary.DrafterRunner(vcfg, secondary.init_params(vcfg, 2), max_len=32),
+        drafter_model.DrafterRunner(tcfg, drafter_model.init_params(tcfg, 1), max_len=32),
+        drafter_model.DrafterRunner(vcfg, drafter_model.init_params(vcfg, 2), max_len=32),
     )
     prompt = [1, 5, 2]
     joint = _exact_joint(params, prompt)

@@ -18,10 +18,10 @@ from primary_svc.server import build_server as build_primary
 from secondary_svc.server import SecondaryServiceConfig
 from secondary_svc.server import build_server as build_secondary
 from tandem.config import SamplingParams, SpecConfig
-from tandem.engine import Engine
+from tandem.decoding.engine import Engine
+from tandem.decoding.rounds import GenerationStats, Request, run_request
+from tandem.decoding.workers import DrafterWorker, PrimaryWorker
 from tandem.errors import DrafterUnavailableError
-from tandem.rounds import GenerationStats, Request, run_request
-from tandem.workers import DrafterWorker, PrimaryWorker
 from tandemrpc.client import TandemClient
 
 SPEC = SpecConfig(gamma_max=4, tau=0.0)

@@ -149,7 +149,7 @@ def exported() -> dict[str, Any]:
     from primary_svc.server import build_server as build_primary
     from secondary_svc.server import SecondaryServiceConfig
     from secondary_svc.server import build_server as build_secondary
-    from tandem.models import DRAFTERS
+    from tandem.decoding.bundle import DRAFTERS
 
     def worker() -> Any:
         return SimpleNamespace(

@@ -1,5 +1,5 @@
-"""The CPU int8 product kernel (tandem.kernels): exact against a float64 reference, batch-invariant per column, used
-by the primary when its weights come quantized, and off cleanly where it cannot run."""
+"""The CPU int8 product kernel (tandem.model.kernels): exact against a float64 reference, batch-invariant per column,
+used by the primary when its weights come quantized, and off cleanly where it cannot run."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from conftest import TINY, make_engine, tiny_state
 
-from tandem import kernels
-from tandem.layers import cache_mask, causal_block_mask, rms_norm, two_part_attention
-from tandem.primary import PrimaryRunner, params_from_state_dict
+from tandem.model import kernels
+from tandem.model.layers import cache_mask, causal_block_mask, rms_norm, two_part_attention
+from tandem.model.primary import PrimaryRunner, params_from_state_dict
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the int8 kernel cannot run on this machine")
 
@@ -306,7 +306,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 from test_kernels import attention_inputs, q8_blocks, random_blocks
-from tandem import kernels
+from tandem.model import kernels
 
 assert kernels.available()
 out = {"isa": np.asarray(kernels.isa())}

@@ -14,9 +14,9 @@ from test_services import Stack
 
 from orchestrator.core import LoadPolicy
 from tandem.config import SamplingParams
+from tandem.decoding.rounds import MAX_STEPS, GenerationStats, Request, run_request
+from tandem.decoding.workers import BatchingConfig
 from tandem.errors import ContextFullError, InvalidRequestError
-from tandem.rounds import MAX_STEPS, GenerationStats, Request, run_request
-from tandem.workers import BatchingConfig
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
 

@@ -8,7 +8,7 @@ from test_services import Stack, _metric
 
 from orchestrator.payoff import PayoffConfig, SpeculationPayoff
 from tandem.config import SamplingParams, SpecConfig
-from tandem.rounds import GenerationStats
+from tandem.decoding.rounds import GenerationStats
 
 GREEDY = SamplingParams()
 SPEC = SpecConfig(gamma_max=4, tau=0.0)  # the Stack's default settings

@@ -17,10 +17,11 @@ pytest.importorskip("transformers")
 from conftest import TINY, drafter_config, tiny_state  # noqa: E402
 from test_real_model import bundle  # noqa: E402, F401  (the real-model fixture, loaded once per module)
 
-from tandem import peer_hf, secondary  # noqa: E402
-from tandem.engine import Engine  # noqa: E402
-from tandem.models import Bundle, BundleConfig, load_bundle  # noqa: E402
-from tandem.primary import LlamaParams, PrimaryRunner, forward_sequence  # noqa: E402
+from tandem import peer_hf  # noqa: E402
+from tandem.decoding.bundle import Bundle, BundleConfig, load_bundle  # noqa: E402
+from tandem.decoding.engine import Engine  # noqa: E402
+from tandem.model import drafter as drafter_model  # noqa: E402
+from tandem.model.primary import LlamaParams, PrimaryRunner, forward_sequence  # noqa: E402
 
 PROMPTS = ([3, 17, 9], [5, 6, 7, 8, 9, 10], [40, 2, 11, 5, 23, 8, 1, 30, 31])
 HEAD_VOCAB = 24  # the tiny drafter's restricted head: half of TINY's 48 ids
@@ -35,10 +36,10 @@ def hf_primary() -> peer_hf.transformers.LlamaForCausalLM:
 def drafter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny vanilla drafter with a shared embedding and a restricted head, as `tandem train` stores one."""
     cfg = drafter_config(False, shared_embed=True, head_vocab=HEAD_VOCAB)
-    params = secondary.init_params(cfg, seed=5)
+    params = drafter_model.init_params(cfg, seed=5)
     params = params.replace(head_ids=np.random.default_rng(5).permutation(TINY.vocab_size)[:HEAD_VOCAB])
     directory = tmp_path_factory.mktemp("vanilla")
-    secondary.save_drafter(directory, cfg, params)
+    drafter_model.save_drafter(directory, cfg, params)
     return directory
 
 
@@ -68,7 +69,7 @@ def test_greedy_tokens_equal_engine_primary_mode(peer: peer_hf.HFPeer, tiny_engi
 
 
 def test_stop_tokens_end_like_the_engine(hf_primary, tiny_params: LlamaParams) -> None:
-    """A stop token ends the generation and is not returned, as in `tandem.rounds.run_request`."""
+    """A stop token ends the generation and is not returned, as in `tandem.decoding.rounds.run_request`."""
     prompt = PROMPTS[1]
     free = peer_hf.HFPeer.from_models(hf_primary, None, threads=1).generate(prompt, 20, assisted=False).token_ids
     stop = free[3]
@@ -80,10 +81,10 @@ def test_stop_tokens_end_like_the_engine(hf_primary, tiny_params: LlamaParams) -
 
 def test_exported_drafter_matches_train_forward(drafter_dir: Path) -> None:
     embed = tiny_state()["model.embed_tokens.weight"]
-    cfg, params = secondary.load_drafter(drafter_dir, primary_embed=embed)
+    cfg, params = drafter_model.load_drafter(drafter_dir, primary_embed=embed)
     hf = peer_hf.export_drafter_hf(drafter_dir, embed)
     tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, size=(1, 40))
-    forward = jax.jit(secondary.train_forward, static_argnames=("cfg", "block_len"))
+    forward = jax.jit(drafter_model.train_forward, static_argnames=("cfg", "block_len"))
     want = np.asarray(forward(params, cfg, tokens, None, block_len=1))[0]  # [T, V]
     with torch.inference_mode():
         got = hf(torch.as_tensor(tokens)).logits.numpy()[0]  # [T, V]
@@ -98,7 +99,7 @@ def test_exported_drafter_matches_train_forward(drafter_dir: Path) -> None:
 
 def test_a_tandem_drafter_is_refused(tmp_path: Path) -> None:
     cfg = drafter_config(True)
-    secondary.save_drafter(tmp_path, cfg, secondary.init_params(cfg))
+    drafter_model.save_drafter(tmp_path, cfg, drafter_model.init_params(cfg))
     with pytest.raises(ValueError, match="Tandem drafter"):
         peer_hf.export_drafter_hf(tmp_path, None)
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY, make_engine
 
 from tandem.config import SamplingParams
-from tandem.workers import PrimaryWorker
+from tandem.decoding.workers import PrimaryWorker
 
 GREEDY = SamplingParams()
 SYSTEM = [5, 9, 2, 33, 7, 1, 40, 12, 3, 3, 27, 8]  # a shared "system prompt"
@@ -88,7 +88,7 @@ def test_reuse_does_not_disturb_running_sessions(pair) -> None:
 
 
 def test_a_prefix_cache_needs_a_row(tiny_params) -> None:
-    from tandem.kvcache import PrefixCache
+    from tandem.model.kvcache import PrefixCache
 
     runner = make_engine(tiny_params, slots=1).primary
     with pytest.raises(ValueError, match="at least one row"):
@@ -113,7 +113,7 @@ def test_prefills_batched_together_reuse_alike(tiny_params) -> None:
     """Prefills that meet in one batch, some reusing a row and one filling it, give the cold prefills' tokens."""
     import threading
 
-    from tandem.workers import BatchingConfig
+    from tandem.decoding.workers import BatchingConfig
 
     batching = BatchingConfig(window_s=0.2)
     warm = PrimaryWorker(make_engine(tiny_params, max_len=128, slots=3).primary, batching, prefix_rows=2)

@@ -8,8 +8,8 @@ import pytest
 from conftest import TINY, tiny_state
 from reference_numpy import reference_forward
 
-from tandem.checkpoints import load_hf_safetensors, save_hf_safetensors
-from tandem.primary import PrimaryRunner, params_from_state_dict
+from tandem.formats.checkpoints import load_hf_safetensors, save_hf_safetensors
+from tandem.model.primary import PrimaryRunner, params_from_state_dict
 
 TAPS = (1, 3, 4)
 

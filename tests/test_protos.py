@@ -37,12 +37,14 @@ def _imported_modules(statement: str) -> set[str]:
 
 
 def test_orchestrator_and_client_need_no_jax() -> None:
-    loaded = _imported_modules("import orchestrator.server, tandemrpc.client, tandem.tokenizer, tandem.rounds")
+    loaded = _imported_modules(
+        "import orchestrator.server, tandemrpc.client, tandem.formats.tokenizer, tandem.decoding.rounds"
+    )
     assert "jax" not in loaded and "flax" not in loaded
 
 
 def test_core_library_imports_no_grpc() -> None:
-    loaded = _imported_modules("import tandem.engine, tandem.models, tandem.workers")
+    loaded = _imported_modules("import tandem.decoding.engine, tandem.decoding.bundle, tandem.decoding.workers")
     assert "grpc" not in loaded and not {"primary_svc", "secondary_svc", "orchestrator"} & loaded
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from reference_numpy import reference_forward
 
-from tandem import kernels
-from tandem.assets import smollm2_gguf_path
-from tandem.checkpoints import gguf_quant_blocks, load_gguf
 from tandem.config import SpecConfig
-from tandem.models import Bundle, BundleConfig, load_bundle, load_primary
+from tandem.decoding.bundle import Bundle, BundleConfig, load_bundle, load_primary
+from tandem.formats.assets import smollm2_gguf_path
+from tandem.formats.checkpoints import gguf_quant_blocks, load_gguf
+from tandem.model import kernels
 
 pytestmark = pytest.mark.real_model
 

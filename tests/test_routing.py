@@ -16,7 +16,7 @@ from primary_svc.server import build_server as build_primary
 from secondary_svc.server import SecondaryServiceConfig
 from secondary_svc.server import build_server as build_secondary
 from tandem.config import SpecConfig
-from tandem.workers import DrafterWorker, PrimaryWorker
+from tandem.decoding.workers import DrafterWorker, PrimaryWorker
 from tandemrpc.client import TandemClient
 
 

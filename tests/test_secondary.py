@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from conftest import TINY, drafter_config
 
-from tandem import kernels, secondary
 from tandem.config import DrafterConfig, SpecConfig, default_layer_map
-from tandem.router import MLPRouter, RouterConfig, init_router
-from tandem.speculative import MaxProbRouter, keep_drafting, speculates
+from tandem.decoding.speculative import MaxProbRouter, keep_drafting, speculates
+from tandem.model import drafter as drafter_model
+from tandem.model import kernels
+from tandem.model.router import MLPRouter, RouterConfig, init_router
 
 T = 11
 
@@ -28,7 +29,7 @@ def _inputs(cfg: DrafterConfig, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def _incremental_tandem(cfg, params, tokens, hidden, block_len: int) -> np.ndarray:
     """Replays inference: per round, the primary's states for earlier positions are ingested, then the drafter feeds
     the round's tokens one at a time (its own keys/values), exactly as the engine does between verifications."""
-    runner = secondary.DrafterRunner(cfg, params, batch=tokens.shape[0], max_len=64)
+    runner = drafter_model.DrafterRunner(cfg, params, batch=tokens.shape[0], max_len=64)
     logits = []
     for start in range(0, T, block_len):
         if start:
@@ -43,19 +44,19 @@ def _incremental_tandem(cfg, params, tokens, hidden, block_len: int) -> np.ndarr
 @pytest.mark.parametrize("block_len", [1, 2, 3])
 def test_tandem_training_forward_equals_incremental(block_len: int) -> None:
     cfg = drafter_config(True)
-    params = secondary.init_params(cfg, seed=block_len)
+    params = drafter_model.init_params(cfg, seed=block_len)
     tokens, hidden = _inputs(cfg)
-    parallel = np.asarray(secondary.train_forward(params, cfg, jnp.asarray(tokens), jnp.asarray(hidden), block_len))
+    parallel = np.asarray(drafter_model.train_forward(params, cfg, jnp.asarray(tokens), jnp.asarray(hidden), block_len))
     incremental = _incremental_tandem(cfg, params, tokens, hidden, block_len)
     np.testing.assert_allclose(incremental, parallel, atol=1e-5)
 
 
 def test_vanilla_training_forward_equals_incremental() -> None:
     cfg = drafter_config(False)
-    params = secondary.init_params(cfg, seed=3)
+    params = drafter_model.init_params(cfg, seed=3)
     tokens, _ = _inputs(cfg)
-    parallel = np.asarray(secondary.train_forward(params, cfg, jnp.asarray(tokens), None, 2))
-    runner = secondary.DrafterRunner(cfg, params, batch=2, max_len=64)
+    parallel = np.asarray(drafter_model.train_forward(params, cfg, jnp.asarray(tokens), None, 2))
+    runner = drafter_model.DrafterRunner(cfg, params, batch=2, max_len=64)
     first = runner.step(tokens[:, :4])  # a multi-token step (the engine's backlog) then single tokens
     rest = [runner.step(tokens[:, i : i + 1]) for i in range(4, T)]
     np.testing.assert_allclose(np.stack([first, *rest], axis=1), parallel[:, 3:], atol=1e-5)
@@ -66,9 +67,9 @@ def test_tandem_round_writes_its_states_in_the_drafting_call() -> None:
     width of `INGEST_WIDTHS`, rows of different sizes, none, or too many for one call) leave the same drafts, lengths
     and cache as an `ingest` call of their own before drafting."""
     cfg = drafter_config(True)
-    params = secondary.materialize(secondary.init_params(cfg, seed=4), cfg)
-    fused = secondary.DrafterRunner(cfg, params, batch=4, max_len=64)
-    apart = secondary.DrafterRunner(cfg, params, batch=4, max_len=64)
+    params = drafter_model.materialize(drafter_model.init_params(cfg, seed=4), cfg)
+    fused = drafter_model.DrafterRunner(cfg, params, batch=4, max_len=64)
+    apart = drafter_model.DrafterRunner(cfg, params, batch=4, max_len=64)
     rng = np.random.default_rng(1)
     rows = [3, 0, 2]
     taps = (len(cfg.tapped_layers), cfg.primary_d_model)
@@ -96,7 +97,9 @@ def test_tandem_round_writes_its_states_in_the_drafting_call() -> None:
     assert fused.lengths[1] == 0  # other slots untouched
     with pytest.raises(ValueError, match="vanilla"):
         vcfg = drafter_config(False)
-        vanilla = secondary.DrafterRunner(vcfg, secondary.materialize(secondary.init_params(vcfg), vcfg), batch=1)
+        vanilla = drafter_model.DrafterRunner(
+            vcfg, drafter_model.materialize(drafter_model.init_params(vcfg), vcfg), batch=1
+        )
         vanilla.draft_greedy([[1]], [0], [1], [0.0], None, 0, hidden=[None])
 
 
@@ -105,8 +108,8 @@ def test_quantized_drafter_runs_its_q8_weights() -> None:
     float, and its rounds equal the float path's on the same Q8_0-rounded weights: drafts, and logits to float32
     rounding (the kernel sums in another order than XLA)."""
     cfg = drafter_config(True, d_model=32, n_heads=4, n_kv_heads=2, ffn_dim=64, head_vocab=24)
-    params = secondary.materialize(secondary.init_params(cfg, seed=6), cfg)
-    quantized = secondary.quantize(params)
+    params = drafter_model.materialize(drafter_model.init_params(cfg, seed=6), cfg)
+    quantized = drafter_model.quantize(params)
     products = [w for p in quantized.layers for w in (p.wqkv, p.wo, p.w_gate_up, p.w_down)]
     assert all(isinstance(w, kernels.QLinear) for w in [*products, *quantized.proj, quantized.head])
     assert not isinstance(quantized.embed, kernels.QLinear)
@@ -115,7 +118,7 @@ def test_quantized_drafter_runs_its_q8_weights() -> None:
     rounded = jax.tree.map(
         kernels.float_weight, quantized, is_leaf=lambda x: isinstance(x, kernels.QLinear)
     )  # the same Q8_0 weights, every product in XLA
-    runners = [secondary.DrafterRunner(cfg, p, batch=2, max_len=64) for p in (quantized, rounded)]
+    runners = [drafter_model.DrafterRunner(cfg, p, batch=2, max_len=64) for p in (quantized, rounded)]
     tokens, hidden = _inputs(cfg)
     logits = []
     for runner in runners:
@@ -124,8 +127,8 @@ def test_quantized_drafter_runs_its_q8_weights() -> None:
         logits.append(np.asarray(runner.draft_greedy([[1], [2]], [0, 1], [3, 3], [0.0, 0.0], None, 0)))
     np.testing.assert_allclose(logits[0], logits[2], atol=1e-4)
     np.testing.assert_array_equal(logits[1], logits[3])
-    tiny = secondary.materialize(secondary.init_params(drafter_config(True)), drafter_config(True))
-    assert not isinstance(secondary.quantize(tiny).layers[0].wqkv, kernels.QLinear)  # d = 16: the kernel takes 32
+    tiny = drafter_model.materialize(drafter_model.init_params(drafter_config(True)), drafter_config(True))
+    assert not isinstance(drafter_model.quantize(tiny).layers[0].wqkv, kernels.QLinear)  # d = 16: the kernel takes 32
 
 
 def test_tandem_reads_primary_states_and_vanilla_does_not() -> None:
@@ -133,9 +136,11 @@ def test_tandem_reads_primary_states_and_vanilla_does_not() -> None:
     tokens, hidden = _inputs(tcfg)
     other = hidden[::-1]  # different primary states (a mere rescale would vanish in the RMSNorm)
     for cfg, should_change in ((tcfg, True), (vcfg, False)):
-        params = secondary.init_params(cfg, seed=5)
-        a = secondary.train_forward(params, cfg, jnp.asarray(tokens), jnp.asarray(hidden) if cfg.tandem else None, 2)
-        b = secondary.train_forward(params, cfg, jnp.asarray(tokens), jnp.asarray(other) if cfg.tandem else None, 2)
+        params = drafter_model.init_params(cfg, seed=5)
+        a = drafter_model.train_forward(
+            params, cfg, jnp.asarray(tokens), jnp.asarray(hidden) if cfg.tandem else None, 2
+        )
+        b = drafter_model.train_forward(params, cfg, jnp.asarray(tokens), jnp.asarray(other) if cfg.tandem else None, 2)
         assert bool(jnp.any(jnp.abs(a - b) > 1e-4)) == should_change
         # Position 0 and 1 (the first round, b(i) = -1) never see primary states.
         np.testing.assert_allclose(np.asarray(a[:, :2]), np.asarray(b[:, :2]), atol=1e-6)
@@ -153,9 +158,9 @@ def test_layer_map() -> None:
 @pytest.mark.parametrize(("tandem_mode", "dtype"), [(True, "float32"), (False, "float16")])
 def test_save_load_round_trip(tmp_path, tandem_mode: bool, dtype: str) -> None:
     cfg = drafter_config(tandem_mode)
-    params = secondary.init_params(cfg, seed=7)
-    secondary.save_drafter(tmp_path, cfg, params, dtype=dtype)
-    cfg2, params2 = secondary.load_drafter(tmp_path)
+    params = drafter_model.init_params(cfg, seed=7)
+    drafter_model.save_drafter(tmp_path, cfg, params, dtype=dtype)
+    cfg2, params2 = drafter_model.load_drafter(tmp_path)
     assert cfg2 == cfg
     tol = 0 if dtype == "float32" else 1e-3
     assert jax.tree.structure(params2) == jax.tree.structure(params)  # every weight, layouts included
@@ -178,12 +183,12 @@ def test_greedy_round_on_device_equals_step_by_step(
     for each session alone, with sessions of different histories, backlogs and γ in the same call; a round whose
     first draft falls below τ_first drafts nothing, and its pending tokens are still fed."""
     cfg = dataclasses.replace(drafter_config(False), head_vocab=head_vocab)
-    params = secondary.materialize(secondary.init_params(cfg, seed=3), cfg)
+    params = drafter_model.materialize(drafter_model.init_params(cfg, seed=3), cfg)
     rcfg = RouterConfig(top_k=2, d_embed=cfg.d_model, hidden=8)
     router = MLPRouter(rcfg, init_router(rcfg, seed=1), np.asarray(params.embed)) if trained_router else MaxProbRouter()
     device_router = router.device_params if isinstance(router, MLPRouter) else None
-    fused = secondary.DrafterRunner(cfg, params, batch=4, max_len=64)
-    stepped = secondary.DrafterRunner(cfg, params, batch=4, max_len=64)
+    fused = drafter_model.DrafterRunner(cfg, params, batch=4, max_len=64)
+    stepped = drafter_model.DrafterRunner(cfg, params, batch=4, max_len=64)
     rng = np.random.default_rng(0)
     rows = [2, 0, 3]  # three sessions drafted together; slot 1 stays empty
     history = {row: rng.integers(0, cfg.vocab_size, size=9 + 3 * row).tolist() for row in rows}

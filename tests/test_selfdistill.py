@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from conftest import TINY
 
-from tandem.engine import Engine
-from tandem.primary import LlamaParams, PrimaryRunner
-from tandem.selfdistill import greedy_answers, instructions
+from tandem.decoding.engine import Engine
+from tandem.model.primary import LlamaParams, PrimaryRunner
+from tandem.training.selfdistill import greedy_answers, instructions
 
 DOCS = [
     "The Mississippi River flows south. It carries water from many states into the Gulf of Mexico every year. "

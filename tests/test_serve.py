@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
-from tandem.models import Bundle, BundleConfig, load_bundle
+from tandem.decoding.bundle import Bundle, BundleConfig, load_bundle
 from tandem.serve import PARENT_ENV, ServeError, ServeStack, health_status
 from tandemrpc.client import TandemClient, build_request
 from tandemrpc.v1 import tandem_pb2 as pb

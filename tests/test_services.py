@@ -28,7 +28,7 @@ from primary_svc.server import build_server as build_primary
 from secondary_svc.server import SecondaryServiceConfig
 from secondary_svc.server import build_server as build_secondary
 from tandem.config import SamplingParams, SpecConfig
-from tandem.workers import DrafterWorker, PrimaryWorker
+from tandem.decoding.workers import DrafterWorker, PrimaryWorker
 from tandemrpc.client import AsyncTandemClient, TandemClient, build_request
 from tandemrpc.convert import numpy_to_tensor
 from tandemrpc.v1 import tandem_pb2 as pb

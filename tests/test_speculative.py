@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from tandem.config import SamplingParams
-from tandem.speculative import (
+from tandem.decoding.speculative import (
     MaxProbRouter,
     SparseDist,
     keep_drafting,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem.text import StopStringFilter
+from tandem.formats.text import StopStringFilter
 
 
 def _run(stops: list[str], deltas: list[str]) -> tuple[str, bool]:

@@ -9,8 +9,8 @@ from pathlib import Path
 import gguf
 import pytest
 
-from tandem.assets import smollm2_gguf_path
-from tandem.tokenizer import IncrementalDecoder, Tokenizer
+from tandem.formats.assets import smollm2_gguf_path
+from tandem.formats.tokenizer import IncrementalDecoder, Tokenizer
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from conftest import TINY, drafter_config
 
-from tandem import secondary
 from tandem.config import SpecConfig
-from tandem.engine import Engine
-from tandem.evaluate import (
+from tandem.decoding.engine import Engine
+from tandem.model import drafter as drafter_model
+from tandem.model.primary import LlamaParams
+from tandem.training.evaluate import (
     Drafter,
     EvalConfig,
     RoundCosts,
@@ -25,8 +26,7 @@ from tandem.evaluate import (
     round_predictions,
     simulate_greedy_speed,
 )
-from tandem.primary import LlamaParams
-from tandem.train import (
+from tandem.training.train import (
     TrainConfig,
     Trainer,
     batch_at,
@@ -34,7 +34,7 @@ from tandem.train import (
     head_ids_by_frequency,
     load_checkpoint,
 )
-from tandem.tuning import TuneConfig, rank_settings
+from tandem.training.tuning import TuneConfig, rank_settings
 
 CFG = TrainConfig(steps=12, batch_size=4, seq_len=24, lr=3e-3, warmup=2, checkpoint_every=4, distil_from=0.5)
 
@@ -124,13 +124,13 @@ def test_export_reloads_with_restricted_head_and_router(trained, tiny_params: Ll
         state, trainer.dcfgs, TINY, tiny_params, tmp_path, head_ids=head, router_windows=windows, router_steps=50
     )
     assert set(report) == {"tandem", "tandem-ce", "vanilla"}
-    cfg, params = secondary.load_drafter(tmp_path / "tandem", primary_embed=tiny_params.embed)
+    cfg, params = drafter_model.load_drafter(tmp_path / "tandem", primary_embed=tiny_params.embed)
     assert cfg.shared_embed and cfg.head_vocab == head.size and params.head is not None
-    runner = secondary.DrafterRunner(cfg, params, max_len=32)
+    runner = drafter_model.DrafterRunner(cfg, params, max_len=32)
     logits = runner.step(np.array([[3, 4, 5]]))[0]
     assert np.all(logits[1::2] <= -1e29) and np.all(logits[::2] > -1e29)  # only head tokens can be drafted
     with pytest.raises(ValueError, match="primary's embedding"):
-        secondary.load_drafter(tmp_path / "tandem")
+        drafter_model.load_drafter(tmp_path / "tandem")
     # Fine-tuning (--init-from) starts from exactly the exported weights, as trainable parameters.
     start = trainer.init_state(init_from=tmp_path)
     tuned = start.params["tandem"]
@@ -220,19 +220,27 @@ def test_evaluate_reports_every_figure(tiny_engine: Engine, tiny_params: LlamaPa
 
 def test_materialize_shared_embedding() -> None:
     cfg = drafter_config(True, shared_embed=True)
-    params = secondary.init_params(cfg, 0)
+    params = drafter_model.init_params(cfg, 0)
     assert params.embed is None and params.embed_proj is not None
     with pytest.raises(ValueError, match="materialize"):
-        secondary.DrafterRunner(cfg, params)
+        drafter_model.DrafterRunner(cfg, params)
     primary_embed = jnp.ones((TINY.vocab_size, TINY.d_model))
-    runnable = secondary.materialize(params, cfg, primary_embed)
+    runnable = drafter_model.materialize(params, cfg, primary_embed)
     assert runnable.embed is not None
     np.testing.assert_allclose(np.asarray(runnable.embed), np.asarray(primary_embed @ params.embed_proj), rtol=1e-5)
 
 
 def test_router_serves_what_it_was_trained_as(tmp_path: Path) -> None:
     """NumPy features + MLP (serving) equal the JAX ones (training and evaluation); a saved router reloads."""
-    from tandem.router import MLPRouter, RouterConfig, features, load_router, router_logit, save_router, train_router
+    from tandem.model.router import (
+        MLPRouter,
+        RouterConfig,
+        features,
+        load_router,
+        router_logit,
+        save_router,
+        train_router,
+    )
 
     rng = np.random.default_rng(0)
     embed = rng.standard_normal((TINY.vocab_size, 8)).astype(np.float32)

@@ -9,6 +9,7 @@ import pytest
 from conftest import make_engine
 
 from tandem.config import SamplingParams, SpecConfig
+from tandem.decoding.workers import DrafterWorker, PrimaryWorker
 from tandem.errors import (
     ContextFullError,
     InvalidRequestError,
@@ -16,7 +17,6 @@ from tandem.errors import (
     SessionNotFoundError,
     SessionStateError,
 )
-from tandem.workers import DrafterWorker, PrimaryWorker
 
 
 @pytest.fixture()

@@ -27,8 +27,8 @@ from typing import Protocol
 import numpy as np
 
 from tandem.config import MODES, SPECULATIVE_MODES, SamplingParams, SpecConfig
+from tandem.decoding.speculative import SparseDist
 from tandem.errors import DrafterUnavailableError, InvalidRequestError, PrimaryUnavailableError
-from tandem.speculative import SparseDist
 
 MAX_STEPS = 16  # most one-token steps one multi-step Primary call may run (other sessions' calls wait while it does)
 

@@ -20,9 +20,9 @@ import numpy as np
 
 from tandem.bench import log_stderr, machine_info, measure_block_cost, measure_drafter_step, tokenize_prompts
 from tandem.config import SpecConfig
-from tandem.evaluate import Drafter, RoundCosts, replay, round_predictions
-from tandem.models import BundleConfig, load_bundle
-from tandem.router import MLPRouter
+from tandem.decoding.bundle import BundleConfig, load_bundle
+from tandem.model.router import MLPRouter
+from tandem.training.evaluate import Drafter, RoundCosts, replay, round_predictions
 
 
 @dataclasses.dataclass(frozen=True)

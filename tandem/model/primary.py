@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from tandem import kernels
-from tandem.checkpoints import QuantBlocks
 from tandem.config import LlamaConfig
-from tandem.kernels import QLinear, QPanels, float_weight, to_panels
-from tandem.kvcache import MIN_ATTEND, KVCache, bucket
-from tandem.layers import (
+from tandem.formats.checkpoints import QuantBlocks
+from tandem.model import kernels
+from tandem.model.kernels import QLinear, QPanels, float_weight, to_panels
+from tandem.model.kvcache import MIN_ATTEND, KVCache, bucket
+from tandem.model.layers import (
     KVBuffers,
     LayerParams,
     Layers,
@@ -64,13 +64,13 @@ def params_from_state_dict(
 
     Args:
         cfg: the model's config.
-        sd: float arrays named like `model.layers.{i}.self_attn.q_proj.weight` (see tandem.checkpoints).
+        sd: float arrays named like `model.layers.{i}.self_attn.q_proj.weight` (see tandem.formats.checkpoints).
         dtype: parameter dtype on device.
         blocks: the same matrices as integers with block scales (`checkpoints.gguf_quant_blocks`), whose dequantized
             values must be the arrays in `sd`. A fused weight whose parts all have blocks, and the head, then also get
-            integer panels for the CPU kernel (`tandem.kernels`); nothing else changes.
+            integer panels for the CPU kernel (`tandem.model.kernels`); nothing else changes.
         int8_activations: the layers' 4-bit panels and the head's 8-bit ones come in the dot forms
-            (`tandem.kernels.QPanels.dot`): their products quantize each token's inputs to 8 bits per 32-input block,
+            (`kernels.QPanels.dot`): their products quantize each token's inputs to 8 bits per 32-input block,
             as llama.cpp's CPU products of Q4_1 and Q8_0 weights do, and run integer dot products. The model then
             differs from the float32 one by that rounding.
 
@@ -179,12 +179,12 @@ def forward_block(
         tokens: [B, T] token ids; row b's tokens sit at positions lengths[b] .. lengths[b] + T - 1.
         rows: [B] cache slot of each row.
         lengths: [B] cached tokens per row (its slot holds positions < lengths[b]).
-        cache_k, cache_v: the KV cache pool (`tandem.layers.KVBuffers`, donated by callers).
+        cache_k, cache_v: the KV cache pool (`tandem.model.layers.KVBuffers`, donated by callers).
         cfg: static config.
         taps: static 1-indexed layers whose output residual stream is returned.
         attend_len: static number of cache positions attended (a bucket >= max(lengths)).
         whole_pool: static; rows are every slot in order and attention reads the cache in place (see
-            `tandem.kvcache.KVCache`).
+            `tandem.model.kvcache.KVCache`).
         fixed_order: static; attention and norms in the CPU kernels' fixed order (`cached_decoder_stack`).
 
     Returns:
@@ -257,13 +257,13 @@ class BlockOutput:
     the host only when read (a greedy verify needs only the argmax ids). Row b's first sizes[b] tokens are real."""
 
     def __init__(self, logits: jax.Array, top: jax.Array, hidden: jax.Array, rows: np.ndarray, t: int) -> None:
-        """rows [B]: the padded call's rows that hold the block's rows (see `tandem.kvcache.KVCache.apply`)."""
+        """rows [B]: the padded call's rows that hold the block's rows (see `tandem.model.kvcache.KVCache.apply`)."""
         self._logits, self._hidden, self._rows, self.t = logits, hidden, rows, t  # logits [V, B_pad * T_pad]
         self.top: np.ndarray = np.asarray(top)[rows, :t]  # [B, T] the primary's argmax tokens
 
     @functools.cached_property
     def logits(self) -> np.ndarray:
-        """[B, T, V] (transposed on the host; see `tandem.layers.output_logits`)."""
+        """[B, T, V] (transposed on the host; see `tandem.model.layers.output_logits`)."""
         padded = self._hidden.shape[0]  # the padded batch
         return np.asarray(self._logits).T.reshape(padded, -1, self._logits.shape[0])[self._rows, : self.t]
 
@@ -278,7 +278,7 @@ class BlockOutput:
 
 
 class PrimaryRunner:
-    """Runs block passes of the primary against its own KV cache (see `tandem.kvcache.KVCache` for the buckets)."""
+    """Runs block passes of the primary against its own KV cache (see `kvcache.KVCache` for the buckets)."""
 
     def __init__(
         self,
@@ -293,7 +293,7 @@ class PrimaryRunner:
     ) -> None:
         """Args:
         fixed_order: attention and norms in the CPU kernels' fixed order, so that a token's outputs are bitwise the
-            same in a one-token step, a k-token verify and any batch (`tandem.layers.cached_decoder_stack`);
+            same in a one-token step, a k-token verify and any batch (`tandem.model.layers.cached_decoder_stack`);
             default: where the kernels run and the cache is float32.
         """
         if any(not 1 <= t <= cfg.n_layers for t in taps):

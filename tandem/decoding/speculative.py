@@ -180,7 +180,7 @@ def verify_sampled(
 class Router(Protocol):
     """Decides after each drafted token whether to keep drafting (confidence >= τ) or verify now.
 
-    A structural type, so the model layer's trained router (`tandem.router.MLPRouter`) implements it without
+    A structural type, so the model layer's trained router (`tandem.model.router.MLPRouter`) implements it without
     importing this module; `MaxProbRouter` below is the fallback.
     """
 

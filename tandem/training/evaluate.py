@@ -6,8 +6,8 @@ Two families of figures:
     * Greedy SPEED mean acceptance length (1 + accepted / rounds, ANCHORS.md) at fixed γ and with the adaptive router.
       Greedy SPEED is deterministic, so it is computed exactly without running rounds one by one: the primary's greedy
       continuation of each prompt is generated once; a round that starts at position m drafts from the primary's
-      states of positions < m and its own states from m on, which is `secondary.train_forward` with a round starting
-      at m (`offset`); while drafts match the continuation the drafter is fed exactly the continuation, so the
+      states of positions < m and its own states from m on, which is `tandem.model.drafter.train_forward` with a round
+      starting at m (`offset`); while drafts match the continuation the drafter is fed exactly the continuation, so the
       accepted prefix and the τ stops before the first mismatch are those of a real run.
       (tests/test_evaluate.py checks the simulation against the engine.)
 """
@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from tandem import secondary
 from tandem.config import DrafterConfig, LlamaConfig
-from tandem.primary import LlamaParams, PrimaryRunner, forward_sequence
-from tandem.router import RouterConfig, RouterParams, confidence, total_variation
-from tandem.secondary import DrafterParams
+from tandem.model import drafter as drafter_model
+from tandem.model.drafter import DrafterParams
+from tandem.model.primary import LlamaParams, PrimaryRunner, forward_sequence
+from tandem.model.router import RouterConfig, RouterParams, confidence, total_variation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +98,9 @@ def table_metrics(
         logp = jax.nn.log_softmax(p_logits, axis=-1)
         out = {}
         for name, d in drafters.items():
-            logits = secondary.train_forward(full[name], d.cfg, inputs, hidden if d.cfg.tandem else None, cfg.block_len)
+            logits = drafter_model.train_forward(
+                full[name], d.cfg, inputs, hidden if d.cfg.tandem else None, cfg.block_len
+            )
             logq = jax.nn.log_softmax(logits, axis=-1)
             guess = jnp.argmax(logits, axis=-1)
             out[name] = {
@@ -172,7 +174,7 @@ def _round_greedy(
     d: Drafter, tokens: jax.Array, hidden: jax.Array | None, offset: jax.Array, *, block: int
 ) -> tuple[jax.Array, jax.Array]:
     """Argmax and confidence at every position with rounds of `block` starting at offset + n * block."""
-    logits = secondary.train_forward(d.params, d.cfg, tokens, hidden, block, offset)
+    logits = drafter_model.train_forward(d.params, d.cfg, tokens, hidden, block, offset)
     return jnp.argmax(logits, axis=-1), confidence_fn(d)(logits)
 
 
@@ -254,7 +256,7 @@ def simulate_greedy_speed(
     tau: float,
     tau_first: float = 0.0,
 ) -> SpeedStats:
-    """Replays `tandem.rounds.run_request` for one greedy request whose primary output is seq[start:end].
+    """Replays `tandem.decoding.rounds.run_request` for one greedy request whose primary output is seq[start:end].
 
     Args:
         preds, conf: [T, G] from `round_predictions` for this row (G >= gamma).
@@ -373,8 +375,8 @@ def evaluate_drafter_dirs(
     gguf_path: Path | None = None,
 ) -> dict[str, Any]:
     """`tandem eval`: loads the primary and drafters_dir/<name> for each name, then `evaluate`."""
-    from tandem.models import BundleConfig, load_primary_params
-    from tandem.router import load_router
+    from tandem.decoding.bundle import BundleConfig, load_primary_params
+    from tandem.model.router import load_router
 
     pcfg, pparams, tokenizer = load_primary_params(BundleConfig(gguf_path=gguf_path))
     drafters = {}
@@ -382,7 +384,7 @@ def evaluate_drafter_dirs(
         directory = drafters_dir / name
         if not (directory / "config.json").exists():
             raise FileNotFoundError(f"no drafter {name!r} in {drafters_dir} (train one with `tandem train`)")
-        dcfg, params = secondary.load_drafter(directory, primary_embed=pparams.embed)
+        dcfg, params = drafter_model.load_drafter(directory, primary_embed=pparams.embed)
         rcfg, rparams = load_router(directory) or (None, None)
         drafters[name] = Drafter(dcfg, params, router_params=rparams, router_cfg=rcfg)
     return evaluate(pcfg, pparams, drafters, tokens, cfg, eos=tuple(tokenizer.stop_token_ids))

@@ -139,7 +139,8 @@ class MLPRouter:
     """Serving side: NumPy features of one drafted position through the trained MLP (sampled requests, which draft
     step by step on the host); greedy requests draft on device and use `device_params` with `confidence`.
 
-    Implements the `tandem.speculative.Router` protocol (structurally: the model layer does not import decoding)."""
+    Implements the `tandem.decoding.speculative.Router` protocol (structurally: the model layer does not import
+    decoding)."""
 
     def __init__(self, cfg: RouterConfig, params: RouterParams, embed: np.ndarray) -> None:
         if embed.shape[1] != cfg.d_embed:

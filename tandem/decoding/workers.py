@@ -1,9 +1,9 @@
 """Session-holding workers around the model runners: what the Primary and Secondary services serve.
 
 A worker owns a runner whose cache has one slot per concurrent session, maps session ids to slots, and turns the
-request loop's calls (`tandem.rounds.PrimaryAPI` / `DrafterAPI`) into block passes. Calls from different sessions that
-arrive while the model is busy (or within a short batching window) run together as one batched call: continuous
-batching, with every session's rows at their own lengths and positions (see `_Batcher`).
+request loop's calls (`rounds.PrimaryAPI` / `DrafterAPI`) into block passes. Calls from different sessions that arrive
+while the model is busy (or within a short batching window) run together as one batched call: continuous batching,
+with every session's rows at their own lengths and positions (see `_Batcher`).
 """
 
 from __future__ import annotations
@@ -17,19 +17,8 @@ from typing import TypeVar
 import numpy as np
 
 from tandem.config import SamplingParams, SpecConfig
-from tandem.errors import (
-    ContextFullError,
-    InvalidRequestError,
-    PoolExhaustedError,
-    SessionNotFoundError,
-    SessionStateError,
-)
-from tandem.kvcache import PrefixCache, bucket, buckets
-from tandem.primary import BlockOutput, PrimaryRunner
-from tandem.rounds import MAX_STEPS, Drafts, PrimaryStep
-from tandem.router import MLPRouter
-from tandem.secondary import DrafterRunner, stack_states
-from tandem.speculative import (
+from tandem.decoding.rounds import MAX_STEPS, Drafts, PrimaryStep
+from tandem.decoding.speculative import (
     MaxProbRouter,
     Router,
     SparseDist,
@@ -43,6 +32,17 @@ from tandem.speculative import (
     verify_greedy,
     verify_sampled,
 )
+from tandem.errors import (
+    ContextFullError,
+    InvalidRequestError,
+    PoolExhaustedError,
+    SessionNotFoundError,
+    SessionStateError,
+)
+from tandem.model.drafter import DrafterRunner, stack_states
+from tandem.model.kvcache import PrefixCache, bucket, buckets
+from tandem.model.primary import BlockOutput, PrimaryRunner
+from tandem.model.router import MLPRouter
 
 _T = TypeVar("_T")
 
@@ -327,7 +327,7 @@ class PrimaryWorker(_SessionWorker):
             runner: the primary and its cache (one slot per session).
             batching: max batch and batching window.
             prefix_rows: prompts whose first positions are kept for later prompts that start the same way
-                (`tandem.kvcache.PrefixCache`); 0 turns prefix caching off.
+                (`tandem.model.kvcache.PrefixCache`); 0 turns prefix caching off.
         """
         super().__init__(runner.batch, batching)
         self.runner = runner

@@ -1,7 +1,7 @@
-"""The in-process engine: the request loop of `tandem.rounds` over workers in this process.
+"""The in-process engine: the request loop of `tandem.decoding.rounds` over workers in this process.
 
 The orchestrator service runs the same loop over the Primary and Secondary services, so both produce the same tokens;
-see `tandem.rounds` for the modes and the round structure.
+see `tandem.decoding.rounds` for the modes and the round structure.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import uuid
 from collections.abc import Generator, Sequence
 
 from tandem.config import SamplingParams, SpecConfig
+from tandem.decoding.rounds import GenerationResult, GenerationStats, Request, run_request
+from tandem.decoding.speculative import Router
+from tandem.decoding.workers import BatchingConfig, DrafterWorker, PrimaryWorker
 from tandem.errors import InvalidRequestError
-from tandem.primary import PrimaryRunner
-from tandem.rounds import GenerationResult, GenerationStats, Request, run_request
-from tandem.secondary import DrafterRunner
-from tandem.speculative import Router
-from tandem.workers import BatchingConfig, DrafterWorker, PrimaryWorker
+from tandem.model.drafter import DrafterRunner
+from tandem.model.primary import PrimaryRunner
 
 __all__ = ["Engine", "GenerationResult", "GenerationStats"]
 

@@ -30,12 +30,12 @@ import numpy as np
 import optax
 from safetensors.numpy import load_file, save_file
 
-from tandem import secondary
 from tandem.config import DrafterConfig, LlamaConfig
-from tandem.evaluate import Drafter
-from tandem.primary import LlamaParams, forward_sequence
-from tandem.router import RouterConfig, features, save_router, total_variation, train_router
-from tandem.secondary import DrafterParams
+from tandem.model import drafter as drafter_model
+from tandem.model.drafter import DrafterParams
+from tandem.model.primary import LlamaParams, forward_sequence
+from tandem.model.router import RouterConfig, features, save_router, total_variation, train_router
+from tandem.training.evaluate import Drafter
 
 # name -> (reads the primary's states, distilled in stage 2)
 DRAFTER_RECIPES: dict[str, tuple[bool, bool]] = {
@@ -120,9 +120,9 @@ def drafter_losses(
     Returns:
         (loss, metrics) with metrics ce, soft_ce, agreement (top-1 agreement with the primary) and accuracy.
     """
-    runnable = secondary.materialize(params, dcfg, primary_embed)
+    runnable = drafter_model.materialize(params, dcfg, primary_embed)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits = secondary.train_forward(runnable, dcfg, inputs, hidden if dcfg.tandem else None, block_len)
+    logits = drafter_model.train_forward(runnable, dcfg, inputs, hidden if dcfg.tandem else None, block_len)
     logq = jax.nn.log_softmax(logits, axis=-1)  # [B, T, V]
     ce = -jnp.mean(jnp.take_along_axis(logq, targets[..., None], axis=-1))
     soft_ce = -jnp.mean(jnp.sum(jnp.exp(primary_logp) * logq, axis=-1))
@@ -204,7 +204,7 @@ class Trainer:
         """Step 0: random drafters, or (fine-tuning) the drafters stored under init_from/<name> by an export."""
         names = self.cfg.drafters
         if init_from is None:
-            params = {n: secondary.init_params(self.dcfgs[n], self.cfg.seed + i) for i, n in enumerate(names)}
+            params = {n: drafter_model.init_params(self.dcfgs[n], self.cfg.seed + i) for i, n in enumerate(names)}
         else:
             params = {n: trainable_params(init_from / n, self.dcfgs[n], self.pparams.embed) for n in names}
         return TrainState(0, params, {n: self.optimizer.init(p) for n, p in params.items()})
@@ -285,7 +285,7 @@ class Trainer:
 
 def trainable_params(directory: Path, dcfg: DrafterConfig, primary_embed: jax.Array) -> DrafterParams:
     """An exported drafter as the trainable parameters of `dcfg` (shared embedding, full-vocabulary head)."""
-    stored, params = secondary.load_drafter(directory, primary_embed=primary_embed)
+    stored, params = drafter_model.load_drafter(directory, primary_embed=primary_embed)
     if dataclasses.replace(stored, head_vocab=0) != dcfg:
         raise ValueError(f"{directory} holds a drafter of another shape: {stored} (training {dcfg})")
     return dataclasses.replace(params, embed=None if dcfg.shared_embed else params.embed, head=None, head_ids=None)
@@ -397,7 +397,7 @@ def router_dataset(
     @jax.jit  # weights are arguments, not closure constants (XLA would constant-fold them)
     def one(pparams: LlamaParams, d: Drafter, tokens: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
         p_logits, hidden = forward_sequence(pparams, tokens, cfg=pcfg, taps=d.cfg.tapped_layers)
-        logits = secondary.train_forward(d.params, d.cfg, tokens, hidden if d.cfg.tandem else None, block, offset)
+        logits = drafter_model.train_forward(d.params, d.cfg, tokens, hidden if d.cfg.tandem else None, block, offset)
         tv = total_variation(jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(p_logits, -1))
         assert d.params.embed is not None
         return features(logits, d.params.embed, rcfg.top_k), 1.0 - tv
@@ -437,8 +437,8 @@ def export_drafters(
             cfg = dataclasses.replace(cfg, head_vocab=int(head_ids.shape[0]))
             params = dataclasses.replace(params, head_ids=jnp.asarray(head_ids, jnp.int32))
         target = out_dir / name
-        secondary.save_drafter(target, cfg, params, dtype=dtype)
-        cfg, runnable = secondary.load_drafter(target, primary_embed=pparams.embed)
+        drafter_model.save_drafter(target, cfg, params, dtype=dtype)
+        cfg, runnable = drafter_model.load_drafter(target, primary_embed=pparams.embed)
         rcfg = RouterConfig(d_embed=cfg.d_model)
         feats, labels = router_dataset(pcfg, pparams, Drafter(cfg, runnable), router_windows, rcfg)
         rparams, fit = train_router(feats, labels, rcfg, steps=router_steps)
@@ -465,7 +465,7 @@ def train_drafters(
     """`tandem train`: trains (or resumes) the drafters on a corpus built by `tandem corpus`, then exports them.
 
     Args:
-        corpus_dir: holds train.bin (see tandem.corpus).
+        corpus_dir: holds train.bin (see tandem.training.corpus).
         out_dir: checkpoints and the training log.
         cfg: the run.
         export_dir: where the finished drafters and routers are written (e.g. tandem/weights to ship them).
@@ -479,8 +479,8 @@ def train_drafters(
     Returns:
         {"step", "finished"} and, once finished, the export report.
     """
-    from tandem.corpus import load_split
-    from tandem.models import BundleConfig, default_drafter_config, load_primary_params
+    from tandem.decoding.bundle import BundleConfig, default_drafter_config, load_primary_params
+    from tandem.training.corpus import load_split
 
     pcfg, pparams, tokenizer = load_primary_params(BundleConfig(gguf_path=gguf_path))
     dcfgs = {

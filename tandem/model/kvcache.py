@@ -37,7 +37,7 @@ class KVCache:
     row's length (or past the cache's end, where they are dropped) and the next call overwrites them.
 
     Layout: per layer, one buffer [R, K, S_j, H] per *segment* of positions, the segments ending at the attended-length
-    buckets (64, 128, 256, ... max_len; `tandem.layers.KVBuffers`). A call attending A positions reads the segments up
+    buckets (64, 128, 256, ... max_len; `layers.KVBuffers`). A call attending A positions reads the segments up
     to A whole: XLA on this CPU runs a product over a whole buffer in place, but copies any slice of one first, and
     the copy cost more than the attention. Measured on SmolLM2 with 16 slots of 256 positions, a step of 16 rows of
     one token took 211 ms over 200 cached positions with one [L, R, K, S, H] buffer sliced and gathered, 133 ms read
@@ -47,7 +47,7 @@ class KVCache:
     layer copies those rows' parts of the attended segments (each a contiguous block) out of the pool. *Whole pool*
     (when the padded batch is the whole pool; `pool_call`): the block is laid out by slot, R rows with the slots not
     in the call as padding, and attention reads the segments in place, with no copy. The fixed-order attention
-    kernel (the CPU primary, `tandem.kernels.attention`) reads each row's slot in place either way, so its gathered
+    kernel (the CPU primary, `kernels.attention`) reads each row's slot in place either way, so its gathered
     calls copy nothing either.
     """
 

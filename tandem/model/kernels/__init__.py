@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from tandem.assets import cache_root
+from tandem.formats.assets import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ Indexing convention (pinned here, reproduced by the training mask and by inferen
     primary's states for positions before its round and its own states for its round's positions up to i. The
     parallel training forward and the incremental path agree exactly on this pattern (tests/test_secondary.py).
 
-Both paths run `tandem.layers.decoder_stack`: the primary's projected states form the attention context, the drafter's
+Both paths run `layers.decoder_stack`: the primary's projected states form the attention context, the drafter's
 own tokens the block. At inference the context is a KV cache whose slots < m hold primary-derived keys/values and
 whose slots m.. hold the round's own keys/values until verification replaces them.
 """
@@ -33,12 +33,12 @@ import numpy as np
 from flax import struct
 from safetensors.numpy import load_file, save_file
 
-from tandem import kernels
 from tandem.config import DrafterConfig
 from tandem.errors import ContextFullError
-from tandem.kernels import BLOCK, PANEL, QLinear, float_weight, qlinear, quantize_q8
-from tandem.kvcache import KVCache, bucket, buckets
-from tandem.layers import (
+from tandem.model import kernels
+from tandem.model.kernels import BLOCK, PANEL, QLinear, float_weight, qlinear, quantize_q8
+from tandem.model.kvcache import KVCache, bucket, buckets
+from tandem.model.layers import (
     KVBuffers,
     LayerParams,
     Layers,
@@ -56,7 +56,7 @@ from tandem.layers import (
     tokens_major,
     write_cache,
 )
-from tandem.router import RouterParams, confidence
+from tandem.model.router import RouterParams, confidence
 
 
 @struct.dataclass
@@ -137,7 +137,7 @@ def materialize(
 
 def quantize(params: DrafterParams) -> DrafterParams:
     """The serving form on a CPU with the int8 kernel: every matrix a drafting round multiplies by (the layers'
-    products, the projections of the primary's states and the head) as Q8_0 blocks (`tandem.kernels.QLinear`).
+    products, the projections of the primary's states and the head) as Q8_0 blocks (`tandem.model.kernels.QLinear`).
 
     A round reads each of them once, right after the primary's pass has evicted them from the caches, so on this CPU
     its cost follows the bytes it streams: ~32 MB of float32 weights against ~10 MB of integers and scales. Lossy, like
@@ -271,7 +271,7 @@ def _advance(
     fixed_order: bool = False,
 ) -> tuple[jax.Array, KVBuffers, KVBuffers]:
     """The stack over T new tokens per row: (x [D, N] before the final norm, cache_k, cache_v). fixed_order: the CPU
-    kernels' attention and norms (`tandem.layers.cached_decoder_stack`), which read each row's cache slot in place."""
+    kernels' attention and norms (`layers.cached_decoder_stack`), which read each row's cache slot in place."""
     assert params.embed is not None, "call materialize() first"
     x, _, cache_k, cache_v = cached_decoder_stack(
         params.layers,
@@ -309,10 +309,10 @@ def step(
         tokens: [B, T] ids at positions lengths .. lengths + T - 1.
         rows: [B] cache slot of each row.
         lengths: [B] valid cache positions per row.
-        cache_k, cache_v: the pool (`tandem.layers.KVBuffers`, donated).
+        cache_k, cache_v: the pool (`tandem.model.layers.KVBuffers`, donated).
         cfg: static config.
         attend_len: static bucket of attended cache slots.
-        whole_pool: static; rows are every slot in order, read in place (see `tandem.kvcache.KVCache`).
+        whole_pool: static; rows are every slot in order, read in place (see `tandem.model.kvcache.KVCache`).
         fixed_order: static; the CPU kernels' attention and norms (`DrafterRunner.fixed_order`).
 
     Returns:
@@ -350,7 +350,7 @@ def ingest(
         primary_hidden: [B, T, n_taps, P].
         rows: [B] cache slot of each row.
         lengths: [B] first position per row.
-        cache_k, cache_v: the pool (`tandem.layers.KVBuffers`, donated).
+        cache_k, cache_v: the pool (`tandem.model.layers.KVBuffers`, donated).
         cfg: static config.
 
     Returns:
@@ -398,7 +398,7 @@ def draft_greedy(
         fed: [B] how many of each row's tokens are real (>= 1).
         rows: [B] the sessions' cache slots.
         lengths: [B] their cached positions.
-        cache_k, cache_v: the pool (`tandem.layers.KVBuffers`, donated).
+        cache_k, cache_v: the pool (`tandem.model.layers.KVBuffers`, donated).
         gamma: [B] most drafts per row, 1 <= gamma <= cap (0 for a padding row: it never drafts).
         tau: [B] τ per row.
         tau_first: [B] the confidence each row's first draft needs (`SpecConfig.first_tau`).
@@ -485,7 +485,7 @@ _ingest_jit = jax.jit(ingest, static_argnames=("cfg",), donate_argnums=(4, 5))
 
 
 class DrafterRunner:
-    """Runs the drafter against its own KV cache (see `tandem.kvcache.KVCache` for the buckets).
+    """Runs the drafter against its own KV cache (see `tandem.model.kvcache.KVCache` for the buckets).
 
     Slots < lengths[b] are what the drafter may attend to: primary-derived keys/values for positions the primary has
     processed (Tandem) and the drafter's own keys/values for the round in progress.
@@ -495,7 +495,7 @@ class DrafterRunner:
         self, cfg: DrafterConfig, params: DrafterParams, *, batch: int = 1, max_len: int = 2048, dtype=jnp.float32
     ) -> None:
         if params.embed is None or (params.head_ids is not None and params.head is None):
-            raise ValueError("drafter params are not runnable: call tandem.secondary.materialize() first")
+            raise ValueError("drafter params are not runnable: call tandem.model.drafter.materialize() first")
         self.cfg, self.params, self.batch, self.max_len = cfg, params, batch, max_len
         self.cache = KVCache(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
         # Attention and norms in the CPU kernels, which read each row's cache slot in place (XLA's gather the rows'
