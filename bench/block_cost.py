@@ -12,8 +12,8 @@ import platform
 import sys
 
 import tandem
-from tandem.bench import measure_block_cost
 from tandem.decoding.bundle import BundleConfig, load_primary
+from tandem.decoding.costs import measure_block_cost
 from tandem.model import kernels
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tandem.bench import measure_block_cost
 from tandem.decoding.bundle import BundleConfig, load_primary_params
+from tandem.decoding.costs import measure_block_cost
 from tandem.model.primary import PrimaryRunner
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"

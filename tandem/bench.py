@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import json
 import math
 import os
@@ -48,11 +47,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tandem.config import MODES, SamplingParams, SpecConfig
+from tandem.decoding.costs import measure_block_costs, measure_drafter_step
+from tandem.formats.tokenizer import chat_prompt_ids
 
 if TYPE_CHECKING:
     from tandem.decoding.bundle import BundleConfig
     from tandem.decoding.engine import Engine
-    from tandem.model.drafter import DrafterRunner
     from tandem.model.primary import PrimaryRunner
     from tandem.serve import ServeStack
 
@@ -618,67 +618,7 @@ def load_peer(name: str, bundle_cfg: BundleConfig) -> Peer:
     return peer
 
 
-# -- costs of single calls ----------------------------------------------------------------------------------------
-
-
-def _time_ms(fns: Sequence[Callable[[], object]], calls: int, warmup: int) -> list[float]:
-    """Median ms per call of each function; the timed calls go round-robin, so drift hits every function alike."""
-    for fn in fns:
-        for _ in range(warmup):  # compiles each shape
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(calls):
-        for fn, ts in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - start)
-    return [1000.0 * statistics.median(ts) for ts in times]
-
-
-def _context_ids(n: int, vocab_size: int) -> Any:
-    import numpy as np
-
-    return (np.arange(n, dtype=np.int32) * 7919 % max(1, vocab_size - 1) + 1)[None, :]  # [1, n] arbitrary tokens
-
-
-def measure_block_cost(
-    primary: PrimaryRunner, *, context: int, max_k: int = 16, calls: int = 9, warmup: int = 2, row: int = 0
-) -> dict[int, float]:
-    """ms per `PrimaryRunner.forward` of k = 1..max_k tokens after `context` cached tokens (median of `calls`).
-
-    The k's take turns (one call each, `calls` times over), after `warmup` calls of each. Uses cache slot `row` (free:
-    no request may run meanwhile) and leaves it empty.
-    """
-    return measure_block_costs([primary], context=context, max_k=max_k, calls=calls, warmup=warmup, row=row)[0]
-
-
-def measure_block_costs(
-    primaries: Sequence[PrimaryRunner],
-    *,
-    context: int,
-    max_k: int = 16,
-    calls: int = 9,
-    warmup: int = 2,
-    row: int = 0,
-) -> list[dict[int, float]]:
-    """`measure_block_cost` of several runners at once, every (runner, k) taking turns, so drift hits all alike."""
-    import numpy as np
-
-    ks = range(1, max_k + 1)
-    fns = []
-    for primary in primaries:
-        primary.truncate(row, 0)
-        if context:
-            primary.forward(_context_ids(context, primary.cfg.vocab_size), [row])
-            primary.commit(row, context)
-        blocks = [np.ones((1, k), dtype=np.int32) for k in ks]
-        fns += [functools.partial(primary.forward, block, [row]) for block in blocks]  # forward does not advance
-    try:
-        ms = _time_ms(fns, calls, warmup)
-    finally:
-        for primary in primaries:
-            primary.truncate(row, 0)
-    return [dict(zip(ks, ms[i * max_k : (i + 1) * max_k], strict=True)) for i in range(len(primaries))]
+# -- costs of single calls (the measuring itself is tandem.decoding.costs) ------------------------------------
 
 
 def xla_twin(primary: PrimaryRunner) -> PrimaryRunner | None:
@@ -694,31 +634,6 @@ def xla_twin(primary: PrimaryRunner) -> PrimaryRunner | None:
     return type(primary)(
         primary.cfg, float_only(primary.params), taps=primary.taps, batch=primary.batch, max_len=primary.max_len
     )
-
-
-def measure_drafter_step(
-    drafter: DrafterRunner, *, context: int, calls: int = 9, warmup: int = 2, row: int = 0
-) -> float:
-    """ms per `DrafterRunner.step` of one token after `context` cached positions (median of `calls`).
-
-    The context is filled by the drafter's own step (a Tandem drafter normally ingests the primary's states there;
-    what the positions hold does not change the cost). Uses slot `row` and leaves it empty.
-    """
-    import numpy as np
-
-    one = np.ones((1, 1), dtype=np.int32)
-
-    def step() -> None:
-        drafter.step(one, [row])
-        drafter.truncate(row, context)
-
-    drafter.truncate(row, 0)
-    try:
-        if context:
-            drafter.step(_context_ids(context, drafter.cfg.vocab_size), [row])
-        return _time_ms([step], calls, warmup)[0]
-    finally:
-        drafter.truncate(row, 0)
 
 
 # -- the machine -------------------------------------------------------------------------------------------------
@@ -1338,12 +1253,7 @@ def render_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
 
 def tokenize_prompts(rows: Sequence[tuple[str, str]], tokenizer: Any) -> list[BenchPrompt]:
     """Each prompt as a user message in the chat template (as `tandem generate --chat` renders it), tokenized."""
-    return [
-        BenchPrompt(
-            text, category, tuple(tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}])))
-        )
-        for text, category in rows
-    ]
+    return [BenchPrompt(text, category, tuple(chat_prompt_ids(tokenizer, text))) for text, category in rows]
 
 
 def launch_stack(

@@ -570,13 +570,13 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def tune(args: argparse.Namespace) -> int:
-    from tandem.bench import read_prompts
+    from tandem.bench import machine_info, read_prompts
     from tandem.training.tuning import TuneConfig, render_markdown
     from tandem.training.tuning import tune as run_tune
 
     if args.max_tokens < 2:
         raise SystemExit("tandem tune: --max-tokens must be >= 2")
-    report = run_tune(read_prompts(args.prompts), TuneConfig(max_tokens=args.max_tokens))
+    report = run_tune(read_prompts(args.prompts), TuneConfig(max_tokens=args.max_tokens), machine_info=machine_info)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(render_markdown(report, args.top))

@@ -353,7 +353,7 @@ def test_the_build_can_be_chosen_and_a_wrong_choice_is_named(monkeypatch: pytest
 
 
 def test_the_kernel_can_be_switched_off() -> None:
-    code = "from tandem import kernels; print(kernels.available())"
+    code = "from tandem.model import kernels; print(kernels.available())"
     env = {**os.environ, "TANDEM_QMATMUL": "0"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -363,6 +363,7 @@ def test_the_kernel_can_be_switched_off() -> None:
 @needs_kernel
 def test_the_bench_times_the_kernel_beside_its_xla_twin() -> None:
     from tandem import bench
+    from tandem.decoding.costs import measure_block_costs
 
     _, params = quantized_tiny_params()
     runner = PrimaryRunner(TINY, params, batch=1, max_len=64)
@@ -371,7 +372,7 @@ def test_the_bench_times_the_kernel_beside_its_xla_twin() -> None:
     assert not any(isinstance(layer.wqkv, kernels.QLinear) for layer in twin.params.layers)
     assert twin.params.layers[0].w_down is params.layers[0].w_down.w  # shared, not copied
     assert bench.xla_twin(twin) is None  # nothing to compare a float-only primary with
-    served, xla = bench.measure_block_costs([runner, twin], context=5, max_k=3, calls=2, warmup=1)
+    served, xla = measure_block_costs([runner, twin], context=5, max_k=3, calls=2, warmup=1)
     assert set(served) == set(xla) == {1, 2, 3} and min(*served.values(), *xla.values()) > 0
     cfg = bench.BenchConfig(modes=("primary",), vias=("in-process",))
     report = bench.build_report(cfg, [], {}, block_ms=served, block_ms_xla=xla)

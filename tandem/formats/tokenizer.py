@@ -253,6 +253,12 @@ class Tokenizer:
             raise ValueError(f"chat template failed: {e}") from e
 
 
+def chat_prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """`text` as one user message in the chat template, tokenized: the ids `tandem generate --chat`, `tandem bench` and
+    `tandem tune` send for a prompt."""
+    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+
+
 class IncrementalDecoder:
     """Turns a growing list of token ids into text deltas that never split a UTF-8 character.
 

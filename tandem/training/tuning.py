@@ -3,7 +3,7 @@
 Greedy SPEED is replayed exactly on the primary's own greedy answers to a prompt set (`evaluate.simulate_greedy_speed`,
 the replay `tandem eval` uses, checked against the engine in tests/test_train.py), and each setting's rounds are priced
 with costs measured here, relative to a one-token primary step: the primary's verify of k tokens
-(`bench.measure_block_cost`) and one drafter step (`bench.measure_drafter_step`). A setting's figure is
+(`costs.measure_block_cost`) and one drafter step (`costs.measure_drafter_step`). A setting's figure is
 `RoundCosts.relative_speed`: tokens per unit of time over the primary alone's, at batch 1. The model leaves out what
 the settings do not change (the prefill, the request loop, gRPC), so it ranks settings; `tandem bench` measures them.
 Tune on prompts the benchmark does not use (bench/tune_prompts.jsonl).
@@ -13,16 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from tandem.bench import log_stderr, machine_info, measure_block_cost, measure_drafter_step, tokenize_prompts
 from tandem.config import SpecConfig
 from tandem.decoding.bundle import BundleConfig, load_bundle
+from tandem.decoding.costs import measure_block_cost, measure_drafter_step
+from tandem.formats.tokenizer import chat_prompt_ids
 from tandem.model.router import MLPRouter
 from tandem.training.evaluate import Drafter, RoundCosts, replay, round_predictions
+
+
+def log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +95,7 @@ def tune(
     cfg: TuneConfig = TuneConfig(),
     bundle_cfg: BundleConfig = BundleConfig(),
     log: Callable[[str], None] = log_stderr,
+    machine_info: Callable[[], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """`tandem tune`: measures the costs, replays both drafters on the prompts and ranks the grid.
 
@@ -97,6 +104,8 @@ def tune(
         cfg: grid and sizes.
         bundle_cfg: which models (its max_len is replaced by cfg.max_len).
         log: progress lines.
+        machine_info: describes the machine for the report (the command line passes the benchmark's
+            `apps.bench.machine.machine_info`); None: no description.
 
     Returns:
         The JSON `tandem tune` writes: config, machine, measured costs, and per drafter the ranked settings and the
@@ -107,18 +116,18 @@ def tune(
     block_ms = measure_block_cost(engine.primary, context=cfg.context, max_k=max(cfg.gammas) + 1, calls=cfg.calls)
     verify = tuple(block_ms[k] / block_ms[1] for k in sorted(block_ms))
     log(f"primary verify ÷ one token after {cfg.context} tokens: {', '.join(f'{v:.2f}' for v in verify)}")
-    prompts = tokenize_prompts(rows, bundle.tokenizer)
-    answers = [engine.generate(p.ids, mode="primary", max_tokens=cfg.max_tokens).token_ids for p in prompts]
-    starts = [len(p.ids) for p in prompts]
+    prompts = [chat_prompt_ids(bundle.tokenizer, text) for text, _ in rows]
+    answers = [engine.generate(ids, mode="primary", max_tokens=cfg.max_tokens).token_ids for ids in prompts]
+    starts = [len(ids) for ids in prompts]
     ends = [s + len(a) for s, a in zip(starts, answers, strict=True)]
     seqs = np.zeros((len(prompts), max(ends)), np.int32)
-    for b, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-        seqs[b, : ends[b]] = [*p.ids, *a]
+    for b, (ids, a) in enumerate(zip(prompts, answers, strict=True)):
+        seqs[b, : ends[b]] = [*ids, *a]
     log(f"replaying {sum(len(a) for a in answers)} primary tokens over {len(prompts)} prompts")
     default = SpecConfig()
     report: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
-        "machine": machine_info(),
+        "machine": dict(machine_info()) if machine_info is not None else {},
         "block_cost_ms": block_ms,
         "default": {"tau_first": default.tau_first, "tau": default.tau, "gamma_max": default.gamma_max},
         "drafters": {},
