@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tandem import bench
+from apps.bench import report as bench_report
 
 LATENCIES = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("itl_per_token", "ITL per token"), ("e2el", "E2EL"))
 
@@ -48,10 +48,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"{k} ≤ {v:g} ms" for k, v in (("TTFT", cfg.get("slo_ttft_ms")), ("TPOT", cfg.get("slo_tpot_ms"))) if v
     )
     out = [
-        f"Load test ({m.get('date', '?')}, commit {bench.commit_label(m)}) of {report.get('target')} "
+        f"Load test ({m.get('date', '?')}, commit {bench_report.commit_label(m)}) of {report.get('target')} "
         f"({report.get('server')}): {cfg.get('num_requests')} requests per run × {cfg.get('max_tokens')} tokens, "
         f"{pacing}, {cfg.get('users')} virtual users on Ray" + (f"; goodput SLO: {slo}" if slo else "") + ".",
-        bench.machine_line(m),
+        bench_report.machine_line(m),
         "",
         "| mode | max concurrency | completed | rejected | failed | req/s | output tok/s | goodput (req/s) "
         "| TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 (ms) | E2EL p50 (ms) | accept length "
@@ -106,7 +106,7 @@ def render_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
     Raises:
         SystemExit: matplotlib is not installed (pip install '.[bench]').
     """
-    plt = bench.pyplot()
+    plt = bench_report.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     runs = runs_of(report)
     if len(runs) == 1:
@@ -144,7 +144,7 @@ def render_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
             ax.legend()
-    return bench.save_figure(plt, fig, "tandem loadtest", report.get("machine", {}), path)
+    return bench_report.save_figure(plt, fig, "tandem loadtest", report.get("machine", {}), path)
 
 
 def write_outputs(
@@ -155,7 +155,7 @@ def write_outputs(
     plot_path: str | os.PathLike[str] | None = None,
 ) -> str:
     """Writes the JSON, markdown and PNG that were asked for; returns the markdown."""
-    return bench.write_outputs(
+    return bench_report.write_outputs(
         report,
         json_path=json_path,
         markdown_path=markdown_path,

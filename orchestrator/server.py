@@ -17,7 +17,7 @@ from orchestrator.routing import Targets
 from orchestrator.servicer import OrchestratorServicer
 from tandem.config import SpecConfig
 from tandem.formats.tokenizer import Tokenizer
-from tandem.serve import die_with_parent
+from tandemrpc.process import die_with_parent
 from tandemrpc.security import BearerTokenInterceptor, TlsFiles, add_tls_flags, read_token, tls_from_args
 from tandemrpc.server import ServiceServer
 from tandemrpc.v1 import tandem_pb2 as pb

@@ -16,7 +16,7 @@ from primary_svc.servicer import PrimaryServicer
 from tandem.decoding.workers import BatchingConfig, PrimaryWorker
 from tandem.model.kvcache import MIN_ATTEND, buckets
 from tandem.model.primary import PrimaryRunner
-from tandem.serve import die_with_parent
+from tandemrpc.process import die_with_parent
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
 from tandemrpc.server import ServiceServer, add_batching_flags, add_compile_flag, batching_from_args
 from tandemrpc.v1 import tandem_pb2 as pb

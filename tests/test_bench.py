@@ -13,6 +13,23 @@ import numpy as np
 import pytest
 from conftest import SPECULATE_ALWAYS, TINY, make_engine
 
+from apps.bench.config import BenchConfig
+from apps.bench.prompts import BenchPrompt, read_prompts
+from apps.bench.report import SCHEMA, build_report, identity_warnings, render_markdown
+from apps.bench.run import run
+from apps.bench.stats import (
+    Sample,
+    block_cost_ratios,
+    first_difference,
+    mean,
+    median,
+    microservice_tax,
+    mismatches,
+    percentile,
+    speedups,
+    summarize,
+)
+from apps.cli.main import build_parser, main
 from orchestrator.core import OrchestratorConfig
 from orchestrator.server import OrchestratorServiceConfig
 from orchestrator.server import build_server as build_orchestrator
@@ -20,9 +37,6 @@ from primary_svc.server import PrimaryServiceConfig
 from primary_svc.server import build_server as build_primary
 from secondary_svc.server import SecondaryServiceConfig
 from secondary_svc.server import build_server as build_secondary
-from tandem import bench
-from tandem.bench import BenchConfig, BenchPrompt, Sample
-from tandem.cli import build_parser, main
 from tandem.config import SpecConfig
 from tandem.decoding.engine import Engine
 from tandem.decoding.workers import DrafterWorker, PrimaryWorker
@@ -47,14 +61,14 @@ def test_median_mean_and_percentiles_match_numpy() -> None:
     rng = np.random.default_rng(0)
     for n in (1, 2, 5, 12):
         xs = rng.random(n).tolist()
-        assert bench.median(xs) == pytest.approx(float(np.median(xs)))
-        assert bench.mean(xs) == pytest.approx(float(np.mean(xs)))
+        assert median(xs) == pytest.approx(float(np.median(xs)))
+        assert mean(xs) == pytest.approx(float(np.mean(xs)))
         for q in (0, 50, 90, 99, 100):
-            assert bench.percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
-    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
-    assert bench.median([]) is None and bench.percentile([], 90) is None and bench.mean([]) is None
+            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    assert percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
+    assert median([]) is None and percentile([], 90) is None and mean([]) is None
     with pytest.raises(ValueError):
-        bench.percentile([1.0], 101)
+        percentile([1.0], 101)
 
 
 def _spec(ids: Sequence[int], e2el: float, rounds: int, drafted: int, accepted: int, per_pos: Sequence[int]) -> Sample:
@@ -75,7 +89,7 @@ def test_summary_pools_speculation_counters_over_prompts() -> None:
     a = _spec(range(9), e2el=1.0, rounds=4, drafted=12, accepted=4, per_pos=[3, 1])  # 1 + 4 (1 + accepted) tokens
     b = _spec(range(11), e2el=2.0, rounds=2, drafted=8, accepted=8, per_pos=[2, 2, 2, 2])
     c = _spec(range(4), e2el=0.5, rounds=1, drafted=4, accepted=2, per_pos=[1, 1])
-    s = bench.summarize([[a], [b], [c]])
+    s = summarize([[a], [b], [c]])
     assert s["prompts"] == 3 and s["output_tokens"] == 24
     assert s["tokens_per_s"] == pytest.approx(8.0)  # median of 9, 5.5, 8 tok/s
     assert s["rounds"] == 7 and s["drafted_tokens"] == 24 and s["accepted_tokens"] == 14
@@ -95,37 +109,37 @@ def test_summary_without_speculation_and_with_repeats() -> None:
     fast = Sample(token_ids=(1, 2, 3), ttft_s=0.1, e2el_s=1.0, primary_calls=3, drafter_calls=0, rounds=0)
     slow = dataclasses.replace(fast, ttft_s=0.3, e2el_s=3.0)
     other = dataclasses.replace(fast, token_ids=(1, 2, 4), e2el_s=2.0)
-    s = bench.summarize([[fast, slow, other]])
+    s = summarize([[fast, slow, other]])
     assert s["per_prompt"][0]["e2el_s"] == pytest.approx(2.0)  # median over repeats
     assert s["ttft_s_median"] == pytest.approx(0.1)
     assert s["outputs"] == [[1, 2, 3]]
     assert not s["deterministic"]  # a repeat gave other tokens
     assert s["mean_acceptance_length"] is None and s["acceptance_rate"] is None and s["acceptance_per_position"] == []
     peer = Sample(token_ids=(1, 2), ttft_s=0.1, e2el_s=1.0, drafter_calls=3)  # counters a peer does not report
-    p = bench.summarize([[peer]])
+    p = summarize([[peer]])
     assert p["rounds"] is None and p["primary_calls_per_token"] is None
     assert p["drafter_calls_per_token"] == pytest.approx(1.5)
 
 
 def test_speedup_tax_identity_and_block_cost() -> None:
-    assert bench.speedups({"primary": 10.0, "speed": 15.0, "tandem-speed": None}) == {
+    assert speedups({"primary": 10.0, "speed": 15.0, "tandem-speed": None}) == {
         "primary": 1.0,
         "speed": 1.5,
         "tandem-speed": None,
     }
-    assert bench.speedups({"speed": 15.0}) == {"speed": None}  # no baseline
-    assert bench.microservice_tax({"primary": 10.0, "speed": 12.0}, {"primary": 8.0}) == {"primary": 1.25}
-    assert bench.first_difference([1, 2, 3], [1, 2, 3]) is None
-    assert bench.first_difference([1, 2, 3], [1, 5, 3]) == 1
-    assert bench.first_difference([1, 2, 3], [1, 2]) == 2  # a shorter output differs too
+    assert speedups({"speed": 15.0}) == {"speed": None}  # no baseline
+    assert microservice_tax({"primary": 10.0, "speed": 12.0}, {"primary": 8.0}) == {"primary": 1.25}
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2, 3], [1, 2]) == 2  # a shorter output differs too
     ref = [[1, 2, 3], [4, 5, 6]]
-    assert bench.mismatches(ref, [[1, 2, 3], [4, 5, 6]]) == []
-    assert bench.mismatches(ref, [[1, 2, 3], [4, 9, 6]]) == [{"prompt": 1, "position": 1}]
+    assert mismatches(ref, [[1, 2, 3], [4, 5, 6]]) == []
+    assert mismatches(ref, [[1, 2, 3], [4, 9, 6]]) == [{"prompt": 1, "position": 1}]
     with pytest.raises(ValueError):
-        bench.mismatches(ref, [[1, 2, 3]])
-    assert bench.block_cost_ratios({2: 3.0, 1: 2.0, 4: 5.0}) == {1: 1.0, 2: 1.5, 4: 2.5}
+        mismatches(ref, [[1, 2, 3]])
+    assert block_cost_ratios({2: 3.0, 1: 2.0, 4: 5.0}) == {1: 1.0, 2: 1.5, 4: 2.5}
     with pytest.raises(ValueError):
-        bench.block_cost_ratios({2: 3.0})
+        block_cost_ratios({2: 3.0})
 
 
 def _samples(outputs: dict[tuple[str, str], list[list[int]]], tps: dict[tuple[str, str], float]):
@@ -149,7 +163,7 @@ def test_report_flags_a_mode_that_is_not_lossless() -> None:
     }
     tps = {("in-process", "primary"): 10.0, ("grpc", "primary"): 8.0, ("in-process", "speed"): 20.0}
     tps |= {("grpc", "speed"): 12.0, ("in-process", "tandem-speed"): 30.0, ("grpc", "tandem-speed"): 24.0}
-    report = bench.build_report(cfg, prompts, _samples(outputs, tps), block_ms={1: 2.0, 2: 2.5})
+    report = build_report(cfg, prompts, _samples(outputs, tps), block_ms={1: 2.0, 2: 2.5})
     assert report["identical"] == {"primary": True, "speed": False, "tandem-speed": True}
     assert report["mismatches"]["speed"] == [{"via": "grpc", "prompt": 1, "position": 1}]
     assert report["consistent_across_vias"] == {"primary": True, "speed": False, "tandem-speed": True}
@@ -160,10 +174,10 @@ def test_report_flags_a_mode_that_is_not_lossless() -> None:
     assert report["speedup_by_via"]["in-process"]["tandem-speed"] == pytest.approx(3.0)
     assert report["tax"] == pytest.approx({"primary": 1.25, "speed": 20 / 12, "tandem-speed": 1.25})
     assert report["block_cost"] == {"1": 1.0, "2": 1.25} and report["block_cost_ms"] == {"1": 2.0, "2": 2.5}
-    warnings = bench.identity_warnings(report)
+    warnings = identity_warnings(report)
     assert len(warnings) == 1 and warnings[0].startswith("WARNING: speed is NOT identical")
     assert "prompt 2 (grpc) at token 1" in warnings[0]
-    assert "**✗**" in bench.render_markdown(report)
+    assert "**✗**" in render_markdown(report)
     json.dumps(report)  # JSON-able as it is
 
 
@@ -171,12 +185,10 @@ def test_standalone_tandem_differing_is_a_note_not_a_warning() -> None:
     cfg = BenchConfig(modes=("primary", "tandem"), vias=("in-process",), max_tokens=2)
     outputs = {("in-process", "primary"): [[1, 2]], ("in-process", "tandem"): [[1, 3]]}
     tps = {("in-process", "primary"): 1.0, ("in-process", "tandem"): 2.0}
-    report = bench.build_report(cfg, [BenchPrompt("a", "", (1,))], _samples(outputs, tps))
+    report = build_report(cfg, [BenchPrompt("a", "", (1,))], _samples(outputs, tps))
     assert report["identical"] == {"primary": True, "tandem": False}
     assert report["tax"] == {} and "consistent_across_vias" not in report and report["block_cost"] is None
-    assert bench.identity_warnings(report) == [
-        "note: tandem (standalone, unverified by design) differs from primary on 1/1"
-    ]
+    assert identity_warnings(report) == ["note: tandem (standalone, unverified by design) differs from primary on 1/1"]
 
 
 def test_config_is_validated() -> None:
@@ -211,15 +223,15 @@ def test_config_is_validated() -> None:
 def test_read_prompts(tmp_path: Path) -> None:
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "hi", "category": "chat"}\n\n{"prompt": "yo"}\n{"prompt": "x"}\n')
-    assert bench.read_prompts(path) == [("hi", "chat"), ("yo", ""), ("x", "")]
-    assert bench.read_prompts(path, limit=2) == [("hi", "chat"), ("yo", "")]
+    assert read_prompts(path) == [("hi", "chat"), ("yo", ""), ("x", "")]
+    assert read_prompts(path, limit=2) == [("hi", "chat"), ("yo", "")]
     path.write_text('{"text": "hi"}\n')
     with pytest.raises(ValueError, match="prompt"):
-        bench.read_prompts(path)
+        read_prompts(path)
 
 
 def test_the_shipped_prompt_set() -> None:
-    rows = bench.read_prompts(Path(__file__).parent.parent / "bench" / "prompts.jsonl")
+    rows = read_prompts(Path(__file__).parent.parent / "bench" / "prompts.jsonl")
     assert len(rows) == 12 and len({p for p, _ in rows}) == 12
     assert sorted(c for _, c in rows) == sorted(["chat", "story", "code", "facts"] * 3)
 
@@ -229,7 +241,7 @@ def test_the_shipped_prompt_set() -> None:
 
 def test_markdown_of_the_fixture() -> None:
     report = json.loads(FIXTURE.read_text())
-    text = bench.render_markdown(report)
+    text = render_markdown(report)
     lines = text.splitlines()
     assert "| mode | via | tok/s | speedup |" in text
     row = next(line for line in lines if line.startswith("| tandem-speed | grpc |"))
@@ -246,7 +258,7 @@ def test_bench_report_command_writes_markdown_and_plot(tmp_path: Path, capsys: p
     pytest.importorskip("matplotlib")
     md, png = tmp_path / "r.md", tmp_path / "r.png"
     assert main(["bench-report", str(FIXTURE), "--markdown", str(md), "--plot", str(png)]) == 0
-    assert md.read_text() == bench.render_markdown(json.loads(FIXTURE.read_text()))
+    assert md.read_text() == render_markdown(json.loads(FIXTURE.read_text()))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert main(["bench-report", str(FIXTURE)]) == 0
     assert "| mode | via | tok/s |" in capsys.readouterr().out
@@ -336,7 +348,7 @@ def stack(tiny_params) -> Iterator[Stack]:
 
 
 def _check_run(report: dict, modes: Sequence[str], vias: Sequence[str]) -> None:
-    assert report["schema"] == bench.SCHEMA and report["vias"] == list(vias)
+    assert report["schema"] == SCHEMA and report["vias"] == list(vias)
     for mode in modes:
         m = report["modes"][mode]
         assert m["via"] == vias[-1]
@@ -366,7 +378,7 @@ def test_run_in_process_over_the_tiny_engine(engine: Engine) -> None:
         block_cost_calls=1,
     )
     lines: list[str] = []
-    report = bench.run(cfg, PROMPTS, engine=engine, log=lines.append)
+    report = run(cfg, PROMPTS, engine=engine, log=lines.append)
     _check_run(report, cfg.modes, cfg.vias)
     assert report["args"]["max_tokens"] == TOKENS  # the config, without a command line
     assert [line.split(": ")[0] for line in lines[3:9]] == [
@@ -398,7 +410,7 @@ def test_run_in_process_and_through_grpc(engine: Engine, stack: Stack) -> None:
     )
     metrics = f"http://127.0.0.1:{stack.orchestrator.metrics_port}/metrics"
     services = [f"http://127.0.0.1:{s.metrics_port}/metrics" for s in (stack.primary, stack.secondary)]
-    report = bench.run(
+    report = run(
         cfg,
         PROMPTS,
         engine=engine,
@@ -428,9 +440,9 @@ def test_run_in_process_and_through_grpc(engine: Engine, stack: Stack) -> None:
             r = report["results"][via][mode]
             e2el = sum(p["e2el_s"] for p in r["per_prompt"])
             assert 0 < r["model_s"] < e2el and r["overhead"] == pytest.approx(1 - r["model_s"] / e2el), (via, mode)
-    assert "| tandem-speed | grpc |" in bench.render_markdown(report).split("Orchestration overhead")[1]
+    assert "| tandem-speed | grpc |" in render_markdown(report).split("Orchestration overhead")[1]
     assert report["server_counters"] == {"drafter_fallbacks": 0.0, "failovers": 0.0}
-    assert report["block_cost"] is None and bench.identity_warnings(report) == []
+    assert report["block_cost"] is None and identity_warnings(report) == []
     assert stack.settled_sessions() == 0
 
 
@@ -464,7 +476,7 @@ class _FakePeer:
 def test_a_peer_runs_interleaved_and_is_checked(engine: Engine) -> None:
     cfg = BenchConfig(modes=("primary",), vias=("in-process",), max_tokens=TOKENS, block_cost_context=None, peer="hf")
     peer = _FakePeer(engine, wrong_at=5)
-    report = bench.run(cfg, PROMPTS, engine=engine, peer=peer, log=lambda _: None)
+    report = run(cfg, PROMPTS, engine=engine, peer=peer, log=lambda _: None)
     assert peer.warmed and report["peer"] == {"name": "fake"}
     assert list(report["modes"]) == ["primary", "hf", "hf-assisted"]
     assert report["modes"]["hf"]["via"] == "in-process"
@@ -477,4 +489,4 @@ def test_a_peer_runs_interleaved_and_is_checked(engine: Engine) -> None:
         {"via": "in-process", "prompt": 1, "position": 5},
     ]
     assert report["modes"]["hf-assisted"]["drafter_calls_per_token"] == pytest.approx(3 / TOKENS)
-    assert bench.identity_warnings(report)[0].startswith("WARNING: hf-assisted is NOT identical")
+    assert identity_warnings(report)[0].startswith("WARNING: hf-assisted is NOT identical")

@@ -362,19 +362,21 @@ def test_the_kernel_can_be_switched_off() -> None:
 
 @needs_kernel
 def test_the_bench_times_the_kernel_beside_its_xla_twin() -> None:
-    from tandem import bench
+    from apps.bench.config import BenchConfig
+    from apps.bench.micro import xla_twin
+    from apps.bench.report import build_report, render_markdown
     from tandem.decoding.costs import measure_block_costs
 
     _, params = quantized_tiny_params()
     runner = PrimaryRunner(TINY, params, batch=1, max_len=64)
-    twin = bench.xla_twin(runner)
+    twin = xla_twin(runner)
     assert twin is not None and twin.params.head_panels is None
     assert not any(isinstance(layer.wqkv, kernels.QLinear) for layer in twin.params.layers)
     assert twin.params.layers[0].w_down is params.layers[0].w_down.w  # shared, not copied
-    assert bench.xla_twin(twin) is None  # nothing to compare a float-only primary with
+    assert xla_twin(twin) is None  # nothing to compare a float-only primary with
     served, xla = measure_block_costs([runner, twin], context=5, max_k=3, calls=2, warmup=1)
     assert set(served) == set(xla) == {1, 2, 3} and min(*served.values(), *xla.values()) > 0
-    cfg = bench.BenchConfig(modes=("primary",), vias=("in-process",))
-    report = bench.build_report(cfg, [], {}, block_ms=served, block_ms_xla=xla)
+    cfg = BenchConfig(modes=("primary",), vias=("in-process",))
+    report = build_report(cfg, [], {}, block_ms=served, block_ms_xla=xla)
     assert report["block_cost_ms_xla"] == {str(k): v for k, v in xla.items()}
-    assert "| ms, XLA float32 products |" in bench.render_markdown(report)
+    assert "| ms, XLA float32 products |" in render_markdown(report)

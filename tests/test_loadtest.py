@@ -20,6 +20,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from test_services import PROMPTS, Stack
 
+from apps.cli.main import main
+from apps.launch import free_ports
 from loadtest import (
     LoadTestConfig,
     RequestRecord,
@@ -33,8 +35,6 @@ from loadtest import (
     summarize_repeats,
 )
 from orchestrator.core import Metrics
-from tandem.cli import main
-from tandem.serve import free_ports
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
 

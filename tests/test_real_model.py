@@ -150,7 +150,7 @@ def test_standalone_tandem_runs(bundle: Bundle) -> None:
 
 def test_cli_generate_in_process_json() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "tandem.cli", "generate", "The capital of France is", "--in-process", "--json",
+        [sys.executable, "-m", "apps.cli", "generate", "The capital of France is", "--in-process", "--json",
          "--max-tokens", "8", "--max-len", "256"],
         capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
+from apps.launch import ServeError, ServeStack, health_status
 from tandem.decoding.bundle import Bundle, BundleConfig, load_bundle
-from tandem.serve import PARENT_ENV, ServeError, ServeStack, health_status
 from tandemrpc.client import TandemClient, build_request
+from tandemrpc.process import PARENT_ENV
 from tandemrpc.v1 import tandem_pb2 as pb
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -79,7 +80,7 @@ def _gauge(url: str, name: str) -> float:
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tandem.cli", *args], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-m", "apps.cli", *args], capture_output=True, text=True, timeout=120, check=False
     )
 
 
@@ -198,7 +199,7 @@ def test_killing_the_drafter_process_keeps_the_output(served: Served) -> None:
 def test_a_service_started_for_a_parent_that_is_gone_stops_itself() -> None:
     """die_with_parent(), the first thing each service runs: a child whose named parent is not its parent (it died
     before the child got going) sends itself SIGTERM; under its real parent it runs on."""
-    code = "from tandem.serve import die_with_parent; die_with_parent(); print('running')"
+    code = "from tandemrpc.process import die_with_parent; die_with_parent(); print('running')"
     for parent, want in ((os.getpid(), 0), (1, -15)):  # 1: never our pid
         env = {**os.environ, PARENT_ENV: str(parent)}
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

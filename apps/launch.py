@@ -12,7 +12,6 @@ Each service is `python -m <package>` on 127.0.0.1 with its own ports and its ow
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -29,13 +28,14 @@ from typing import Any, NoReturn
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tandemrpc.process import PARENT_ENV
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 SERVICES = ("primary", "secondary", "orchestrator")
 MODULES = {"primary": "primary_svc", "secondary": "secondary_svc", "orchestrator": "orchestrator"}
 _STOP_TIERS = (("orchestrator",), ("primary", "secondary"))  # the public front first, so no request loses a backend
-_PR_SET_PDEATHSIG = 1
 
 
 class ServeError(RuntimeError):
@@ -96,31 +96,6 @@ def log_tail(path: Path, lines: int = 25, max_bytes: int = 16_384) -> str:
     except OSError:
         return ""
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
-
-
-PARENT_ENV = "TANDEM_DIE_WITH_PARENT"  # set by ServeStack for its children: the pid whose death should stop them
-
-
-def die_with_parent() -> None:
-    """Asks Linux to SIGTERM this process when its parent dies, if `PARENT_ENV` names the parent (a no-op otherwise).
-
-    ServeStack sets the variable for the services it starts, and each service calls this first thing, which keeps a
-    killed `tandem serve` or test run from leaving three model servers behind. It is done here rather than in a
-    `preexec_fn`: a preexec_fn makes `subprocess` fork() instead of vfork(), and gRPC's fork handlers in a parent
-    that has gRPC loaded then sometimes killed the child before its exec ("epoll_wait error: Bad file descriptor",
-    abort; seen once in a full test run here, and reported as grpc/grpc#43055). Linux ties this to the parent
-    *thread*: start the stack from a thread that outlives it (the main thread, normally).
-    """
-    parent = os.environ.get(PARENT_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return
-    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != int(parent):  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class ServeStack:
@@ -376,6 +351,3 @@ def interrupt_on_signals(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-
-
-# -- the client side of `tandem generate` ------------------------------------------------------------------------
