@@ -11,7 +11,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from orchestrator.core import LoadPolicy, Orchestrator, OrchestratorConfig
+from orchestrator.config import OrchestratorConfig
+from orchestrator.core import Orchestrator
+from orchestrator.load import LoadPolicy
 from orchestrator.payoff import PayoffConfig
 from orchestrator.routing import Targets
 from orchestrator.servicer import OrchestratorServicer

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 import grpc
 
 from orchestrator.clients import ModelServiceError
-from orchestrator.core import Chunk, GenerateParams, Generation, Orchestrator
+from orchestrator.core import Orchestrator
+from orchestrator.generation import Chunk, GenerateParams, Generation
 from tandem.errors import OverloadedError, TandemError
 from tandemrpc.convert import FINISH_ENUMS, mode_name, sampling_from_proto
 from tandemrpc.server import status_for

@@ -12,7 +12,8 @@ import pytest
 from conftest import make_engine
 from test_services import Stack
 
-from orchestrator.core import Admission, LoadPolicy
+from orchestrator.admission import Admission
+from orchestrator.load import LoadPolicy
 from tandem.config import SamplingParams, SpecConfig
 from tandem.decoding.rounds import GenerationStats, Request, run_request
 from tandem.errors import OverloadedError

@@ -30,7 +30,7 @@ from apps.bench.stats import (
     summarize,
 )
 from apps.cli.main import build_parser, main
-from orchestrator.core import OrchestratorConfig
+from orchestrator.config import OrchestratorConfig
 from orchestrator.server import OrchestratorServiceConfig
 from orchestrator.server import build_server as build_orchestrator
 from primary_svc.server import PrimaryServiceConfig

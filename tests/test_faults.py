@@ -10,7 +10,8 @@ from conftest import SPECULATE_ALWAYS, TINY, make_engine
 from test_services import Stack
 
 from orchestrator.clients import ModelServiceError
-from orchestrator.core import GenerateParams, OrchestratorConfig
+from orchestrator.config import OrchestratorConfig
+from orchestrator.generation import GenerateParams
 from orchestrator.server import OrchestratorServiceConfig
 from orchestrator.server import build_server as build_orchestrator
 from primary_svc.server import PrimaryServiceConfig

@@ -34,7 +34,7 @@ from loadtest import (
     summarize,
     summarize_repeats,
 )
-from orchestrator.core import Metrics
+from orchestrator.metrics import Metrics
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import make_engine
 from test_services import Stack
 
-from orchestrator.core import LoadPolicy
+from orchestrator.load import LoadPolicy
 from tandem.config import SamplingParams
 from tandem.decoding.rounds import MAX_STEPS, GenerationStats, Request, run_request
 from tandem.decoding.workers import BatchingConfig

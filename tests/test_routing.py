@@ -7,7 +7,7 @@ import grpc
 import pytest
 from conftest import SPECULATE_ALWAYS, TINY, make_engine
 
-from orchestrator.core import OrchestratorConfig
+from orchestrator.config import OrchestratorConfig
 from orchestrator.routing import EndpointPool, NoEndpointError, Targets
 from orchestrator.server import OrchestratorServiceConfig
 from orchestrator.server import build_server as build_orchestrator

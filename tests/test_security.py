@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator.core import OrchestratorConfig
+from orchestrator.config import OrchestratorConfig
 from orchestrator.server import OrchestratorServiceConfig, parse_args
 from orchestrator.server import build_server as build_orchestrator
 from primary_svc.server import PrimaryServiceConfig

@@ -20,7 +20,7 @@ from conftest import SPECULATE_ALWAYS, TINY, make_engine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from orchestrator.core import OrchestratorConfig
+from orchestrator.config import OrchestratorConfig
 from orchestrator.server import OrchestratorServiceConfig
 from orchestrator.server import build_server as build_orchestrator
 from primary_svc.server import PrimaryServiceConfig
