@@ -231,7 +231,7 @@ def test_read_prompts(tmp_path: Path) -> None:
 
 
 def test_the_shipped_prompt_set() -> None:
-    rows = read_prompts(Path(__file__).parent.parent / "bench" / "prompts.jsonl")
+    rows = read_prompts(Path(__file__).parent.parent / "prompts" / "bench.jsonl")
     assert len(rows) == 12 and len({p for p, _ in rows}) == 12
     assert sorted(c for _, c in rows) == sorted(["chat", "story", "code", "facts"] * 3)
 
@@ -271,12 +271,12 @@ def test_bench_command_line_parses() -> None:
     assert args.command == "bench" and args.via == "grpc" and args.limit == 2 and args.modes.split(",")[0] == "primary"
     with pytest.raises(SystemExit, match="--target needs"):
         main(
-            ["bench", "--prompts", "bench/prompts.jsonl", "--json", "o.json", "--via", "in-process", "--target", "x:1"]
+            ["bench", "--prompts", "prompts/bench.jsonl", "--json", "o.json", "--via", "in-process", "--target", "x:1"]
         )
     with pytest.raises(SystemExit, match="must include 'primary'"):
-        main(["bench", "--prompts", "bench/prompts.jsonl", "--json", "o.json", "--modes", "speed"])
+        main(["bench", "--prompts", "prompts/bench.jsonl", "--json", "o.json", "--modes", "speed"])
     with pytest.raises(SystemExit, match="describe a --target"):
-        main(["bench", "--prompts", "bench/prompts.jsonl", "--json", "o.json", "--service-metrics", "http://x:1/m"])
+        main(["bench", "--prompts", "prompts/bench.jsonl", "--json", "o.json", "--service-metrics", "http://x:1/m"])
     args = build_parser().parse_args(
         ["bench", "--prompts", "p", "--json", "o", "--target", "h:1", "--service-metrics", "http://a/m,http://b/m"]
     )

@@ -6,7 +6,7 @@ with costs measured here, relative to a one-token primary step: the primary's ve
 (`costs.measure_block_cost`) and one drafter step (`costs.measure_drafter_step`). A setting's figure is
 `RoundCosts.relative_speed`: tokens per unit of time over the primary alone's, at batch 1. The model leaves out what
 the settings do not change (the prefill, the request loop, gRPC), so it ranks settings; `tandem bench` measures them.
-Tune on prompts the benchmark does not use (bench/tune_prompts.jsonl).
+Tune on prompts the benchmark does not use (prompts/tune.jsonl).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ float32 they are the float model; XLA then streams 4 bytes per weight on every s
   of x is quantized per 32-input block (scale max|x| / 127, as GGUF's Q8_0 and llama.cpp's CPU products of Q4_1 and
   Q8_0 weights do) and multiplied in integers (vpmaddubsw + vpmaddwd; signed Q8_0 weights through vpsignb), any
   number of columns. On the 2-core Zen 4 EPYC the four layer products of all 30 layers cost 0.61x / 0.50x / 0.45x
-  the float-input kernel's time at 1 / 4 / 8 columns (`bench/panel_forms.py`), the head 0.68x / 0.52x / 0.46x; the
+  the float-input kernel's time at 1 / 4 / 8 columns (`experiments/panel_forms.py`), the head 0.68x / 0.52x / 0.46x; the
   model's cross-entropy on the README rises by 0.24% (README, Speed).
 
 Every output element is one sum over the inputs in a fixed order, so a column's result is bitwise the same whatever
@@ -25,11 +25,11 @@ their rounding would turn any last-bit difference between a verify and single st
 The library is compiled from the sources on first use (g++ or c++ against jaxlib's FFI headers, ~5 s) into
 `$TANDEM_KERNEL_CACHE` (default: `kernels/` in the asset cache, `$TANDEM_CACHE` or `~/.cache/tandem`), keyed by the
 sources, jaxlib's version and the flags; the CPU container image ships it prebuilt. It comes in two builds (`ISAS`),
-AVX2 and AVX-512 VNNI (the 8-bit-input products in one vpdpbusd per 4 bytes: 16–24% faster at 4–8 columns on the
-Zen 4 EPYC, `bench/panel_forms.py` under each `TANDEM_KERNEL_ISA`), bitwise the same; a process loads the best one its
-CPU runs (`isa`). It is used only on the CPU backend
-of an x86-64 machine with AVX2, FMA and F16C; elsewhere (TPU, GPU, no compiler and no built library, `TANDEM_QMATMUL=0`)
-every product runs in XLA on the float32 weights, which `QLinear` always keeps, and attention and norms in XLA.
+AVX2 and AVX-512 VNNI (the 8-bit-input products in one vpdpbusd per 4 bytes: 16–24% faster at 4–8 columns on the Zen 4
+EPYC, `experiments/panel_forms.py` under each `TANDEM_KERNEL_ISA`), bitwise the same; a process loads the best one its
+CPU runs (`isa`). It is used only on the CPU backend of an x86-64 machine with AVX2, FMA and F16C; elsewhere (TPU, GPU,
+no compiler and no built library, `TANDEM_QMATMUL=0`) every product runs in XLA on the float32 weights, which `QLinear`
+always keeps, and attention and norms in XLA.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 panels of the same blocks (outputs checked bitwise equal) and against the dot form, whose products take 8-bit inputs
 (what the served primary runs), each weight of all 30 layers, 1 / 2 / 4 / 8 / 16 columns (the float-input forms run
 at most 8), interleaved call by call in one process; then the Q8_0 head, float inputs against its 8-bit dot form.
-Usage: `.venv/bin/python bench/panel_forms.py` (~40 s)."""
+Usage: `.venv/bin/python experiments/panel_forms.py` (~40 s)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ the orchestrator), for `primary` and `tandem-speed` in turn.
 
 Usage: start `tandem serve --state-file /tmp/tandem.json` (add `--no-payoff` to the orchestrator, e.g. a second one
 on the same model services as in README's Load test, so tandem-speed requests speculate), then
-`.venv/bin/python bench/service_split.py [STATE_FILE] [ORCHESTRATOR]` (~1 min). Prints one line per mode and pass.
+`.venv/bin/python experiments/service_split.py [STATE_FILE] [ORCHESTRATOR]` (~1 min). Prints one line per mode and pass.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _metric(url: str, name: str) -> float:
 def main(state_file: str = "/tmp/tandem.json", target: str | None = None, passes: int = 2) -> None:
     with open(state_file) as f:
         state = json.load(f)
-    with open("bench/prompts.jsonl") as f:
+    with open("prompts/bench.jsonl") as f:
         prompts = [json.loads(line)["prompt"] for line in f][:8]
     metrics = state["metrics"]
     stub = pb_grpc.OrchestratorStub(grpc.insecure_channel(target or state["orchestrator"]))

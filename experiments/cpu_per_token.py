@@ -1,7 +1,7 @@
 """CPU time per generated token of each service process and of the client, for single-stream requests against a
 running `tandem serve` (where the per-token cost of the hops goes).
 
-Usage: `.venv/bin/python bench/cpu_per_token.py STATE.json [MODE] [PROMPTS.jsonl]`, STATE.json being what
+Usage: `.venv/bin/python experiments/cpu_per_token.py STATE.json [MODE] [PROMPTS.jsonl]`, STATE.json being what
 `tandem serve --state-file` writes (Linux: reads /proc/PID/stat).
 """
 
@@ -25,7 +25,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (stat fields 14 and 15)
 
 
-def main(state_path: str, mode: str = "primary", prompts_path: str = "bench/prompts.jsonl", n: int = 6) -> None:
+def main(state_path: str, mode: str = "primary", prompts_path: str = "prompts/bench.jsonl", n: int = 6) -> None:
     with open(state_path, encoding="utf-8") as f:
         state = json.load(f)
     client = TandemClient(state["orchestrator"])

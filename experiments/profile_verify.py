@@ -1,7 +1,7 @@
 """Where a verify's time goes: a `jax.profiler` trace of 20 `PrimaryRunner.forward` calls of k tokens after 256 cached
 ones, its XLA ops and custom calls summed per kind (custom calls by their FFI target: `tandem_qmatmul4_dot` the 30
 layers' products, `tandem_qmatmul8_dot` the head, `tandem_attention`, `tandem_rms_norm`, `tandem_argmax`).
-Usage: `.venv/bin/python bench/profile_verify.py [K]` (default 8; ~30 s). The trace's own overhead inflates every
+Usage: `.venv/bin/python experiments/profile_verify.py [K]` (default 8; ~30 s). The trace's own overhead inflates every
 figure a little; compare kinds within one run.
 """
 
@@ -25,7 +25,7 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tandem import bench  # noqa: E402
+from tandem.decoding import costs  # noqa: E402
 from tandem.decoding.bundle import BundleConfig, load_primary  # noqa: E402
 
 _CUSTOM_CALL = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*custom_call_target=\"(\w+)\"")
@@ -33,7 +33,7 @@ _CUSTOM_CALL = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*custom_call_target=\"(
 
 def main(k: int = 8, context: int = 256, calls: int = 20) -> None:
     runner, _ = load_primary(BundleConfig(slots=1, max_len=2 * context))
-    runner.forward(bench._context_ids(context, runner.cfg.vocab_size), [0])
+    runner.forward(costs._context_ids(context, runner.cfg.vocab_size), [0])
     runner.commit(0, context)
     block = np.ones((1, k), np.int32)
     for _ in range(3):  # compiles

@@ -5,7 +5,7 @@ configurations, interleaved, then how far a 2-token verify's logits and states l
 8-bit inputs but XLA's attention the rounding turns XLA's last-bit differences into different tokens; in fixed order
 they are bitwise equal; last, what the 8-bit inputs cost in accuracy: cross-entropy of both input forms on a text
 (default: this README) and how often their top-1 predictions agree.
-Usage: `.venv/bin/python bench/int8_activations.py [TEXT]` (~5 min)."""
+Usage: `.venv/bin/python experiments/int8_activations.py [TEXT]` (~5 min)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""The primary's block cost alone: ms per `PrimaryRunner.forward` of k = 1..8 tokens after 256 cached tokens (median
-of 15 interleaved calls, as `tandem bench` measures it), as one JSON line. Usage: `bench/block_cost.py [SLOTS]`; with
+"""The primary's block cost alone: ms per `PrimaryRunner.forward` of k = 1..8 tokens after 256 cached tokens (median of
+15 interleaved calls, as `tandem bench` measures it), as one JSON line. Usage: `experiments/block_cost.py [SLOTS]`; with
 1 slot (the default, as `tandem bench` runs) the call reads the cache in place, with more it gathers its row. Compare
 two commits in alternating processes (a kernel or flag changes per process), e.g. `for r in 1 2 3; do git checkout -q
-BASE; .venv/bin/python bench/block_cost.py; git checkout -q -; .venv/bin/python bench/block_cost.py; done` (~1 min per
-process; the dev install is editable, so it outranks PYTHONPATH; the kernel library is cached per source)."""
+BASE; .venv/bin/python experiments/block_cost.py; git checkout -q -; .venv/bin/python experiments/block_cost.py; done`
+(~1 min per process; the dev install is editable, so it outranks PYTHONPATH; the kernel library is cached per
+source)."""
 
 from __future__ import annotations
 

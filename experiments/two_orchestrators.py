@@ -2,8 +2,8 @@
 output tokens/s of each mode in A B B A order, with the drafts the responses report. Usage: start `tandem serve
 --state-file /tmp/tandem.json`, a second orchestrator on the same model services (`python -m orchestrator --port 50060
 --primary "$(jq -r .primary /tmp/tandem.json)" --secondary "$(jq -r .secondary /tmp/tandem.json)"` plus the serve's
-`--max-len`), then `bench/two_orchestrators.py 127.0.0.1:50050,127.0.0.1:50060 [REQUESTS_PER_STREAM]`: one JSON line
-per run (after one unmeasured primary run). Each stream sends the bench prompts as chat, 64 tokens each, greedy."""
+`--max-len`), then `experiments/two_orchestrators.py 127.0.0.1:50050,127.0.0.1:50060 [REQUESTS_PER_STREAM]`: one JSON
+line per run (after one unmeasured primary run). Each stream sends the bench prompts as chat, 64 tokens each, greedy."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tandemrpc.client import TandemClient
 
-PROMPTS = [json.loads(line)["prompt"] for line in (Path(__file__).parent / "prompts.jsonl").read_text().splitlines()]
+PROMPTS_FILE = Path(__file__).parents[1] / "prompts" / "bench.jsonl"
+PROMPTS = [json.loads(line)["prompt"] for line in PROMPTS_FILE.read_text().splitlines()]
 
 
 def run(targets: list[str], mode: str, requests: int) -> dict[str, object]:

@@ -1,5 +1,5 @@
 """Prefill time with and without the Primary's prefix cache, on the bench prompts as chat, and whether the greedy
-tokens after it are the same. Usage: `.venv/bin/python bench/prefix_prefill.py [PROMPTS.jsonl]` (~1 min)."""
+tokens after it are the same. Usage: `.venv/bin/python experiments/prefix_prefill.py [PROMPTS.jsonl]` (~1 min)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tandem.decoding.workers import PrimaryWorker
 GREEDY = SamplingParams()
 
 
-def main(path: str = "bench/prompts.jsonl", passes: int = 3, tokens: int = 64) -> None:
+def main(path: str = "prompts/bench.jsonl", passes: int = 3, tokens: int = 64) -> None:
     runner, tok = load_primary(BundleConfig(slots=2, max_len=256))
     workers = {rows: PrimaryWorker(runner, prefix_rows=rows) for rows in (4, 0)}
     prompts = [list(p.ids) for p in tokenize_prompts(read_prompts(path), tok)]
