@@ -1,4 +1,4 @@
-"""Session-affine routing: which primary and secondary pod a request's rounds go to.
+"""Session-affine routing: which Primary and Secondary pod a request's rounds go to.
 
 A model service's pods hold each session's KV cache, so every round of a request must reach the pod that served its
 prefill. The orchestrator therefore resolves a model service to its pods itself (Kubernetes headless Service: one DNS

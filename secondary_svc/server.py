@@ -1,4 +1,5 @@
-"""Builds and runs the Secondary service. `python -m secondary_svc --help` lists the flags (each also an env var)."""
+"""Builds and runs the Secondary service (the drafters). `python -m secondary_svc --help` lists the flags (each also
+an env var)."""
 
 from __future__ import annotations
 

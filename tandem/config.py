@@ -70,7 +70,7 @@ def default_layer_map(n_drafter_layers: int, n_primary_layers: int) -> tuple[int
 
 @dataclasses.dataclass(frozen=True)
 class DrafterConfig:
-    """Shape of a secondary (drafter). With `tandem=True` it reads the primary's representations.
+    """Shape of a drafter. With `tandem=True` it reads the primary's representations.
 
     Attention at drafter layer j (0-indexed) takes keys/values for positions the primary has processed from
     `proj[j] @ h_primary[layer_map[j]]`, and from the drafter's own residual stream for the positions the primary has

@@ -1,4 +1,5 @@
-"""Session-holding workers around the model runners: what the Primary and Secondary services serve.
+"""Session-holding workers around the model runners: what the Primary service (the primary) and the Secondary
+service (the drafters) serve.
 
 A worker owns a runner whose cache has one slot per concurrent session, maps session ids to slots, and turns the
 request loop's calls (`rounds.PrimaryAPI` / `DrafterAPI`) into block passes. Calls from different sessions that arrive

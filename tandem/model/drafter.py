@@ -1,4 +1,4 @@
-"""The secondary (drafter): a small Llama decoder that, in Tandem mode, attends to the primary's representations.
+"""The drafter: a small Llama decoder that, in Tandem mode, attends to the primary's representations.
 
 Indexing convention (pinned here, reproduced by the training mask and by inference):
     The drafter's position i holds token x_i and predicts x_{i+1}. Let b(i) be the last position the primary had

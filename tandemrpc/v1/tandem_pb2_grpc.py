@@ -283,7 +283,7 @@ class Primary:
 
 class SecondaryStub:
     """---------------------------------------------------------------------------------------------------------------
-    Internal: the drafter
+    Internal: the Secondary service serves the drafters (Tandem and vanilla), one stream per request
 
     """
 
@@ -302,7 +302,7 @@ class SecondaryStub:
 
 class SecondaryServicer:
     """---------------------------------------------------------------------------------------------------------------
-    Internal: the drafter
+    Internal: the Secondary service serves the drafters (Tandem and vanilla), one stream per request
 
     """
 
@@ -332,7 +332,7 @@ def add_SecondaryServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Secondary:
     """---------------------------------------------------------------------------------------------------------------
-    Internal: the drafter
+    Internal: the Secondary service serves the drafters (Tandem and vanilla), one stream per request
 
     """
 
