@@ -22,8 +22,8 @@ How a run goes:
   machine hits them alike), and `summary` gives each mode's median over its repeats and its ratio to the first mode.
 
 Ray: `ray_address` joins a running cluster (whose nodes need this project installed, as in its container image);
-otherwise a local instance with a few CPUs, a capped object store, no dashboard and token auth off (DESIGN.md) is
-started and shut down again. An instance already initialised in this process is used as it is.
+otherwise a local instance with a few CPUs, a capped object store, no dashboard and token auth off (docs/design.md,
+Method) is started and shut down again. An instance already initialised in this process is used as it is.
 """
 
 from __future__ import annotations

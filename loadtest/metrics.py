@@ -1,8 +1,8 @@
 """The load test's figures from per-request chunk timings, and the speculation counters diffed from the orchestrator's
 Prometheus text. Pure: no Ray, no gRPC, no clock.
 
-Definitions (ANCHORS.md, as vLLM's `bench serve`, so the numbers compare with published ones), over the completed
-requests of one run:
+Definitions (docs/design.md, Metric definitions; as vLLM's `bench serve`, so the numbers compare with published
+ones), over the completed requests of one run:
 
 - TTFT: request sent → first chunk carrying tokens. E2EL: request sent → last chunk (the final one may carry none).
 - ITL: the gaps between consecutive chunks carrying tokens; per-token ITL: each gap ÷ the tokens of the chunk that

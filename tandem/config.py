@@ -53,7 +53,7 @@ class LlamaConfig:
 
 
 def default_layer_map(n_drafter_layers: int, n_primary_layers: int) -> tuple[int, ...]:
-    """PAPER.md's uniform spread l(j) = round((j+1) * L_L / L_S), 1-indexed primary layers.
+    """The paper's uniform spread l(j) = round((j+1) * L_L / L_S), 1-indexed primary layers (docs/design.md, Method).
 
     Args:
         n_drafter_layers: L_S.
@@ -74,8 +74,8 @@ class DrafterConfig:
 
     Attention at drafter layer j (0-indexed) takes keys/values for positions the primary has processed from
     `proj[j] @ h_primary[layer_map[j]]`, and from the drafter's own residual stream for the positions the primary has
-    not processed yet (PAPER.md). With `tandem=False` every position uses the drafter's own states (the vanilla
-    baseline).
+    not processed yet (docs/design.md, Method). With `tandem=False` every position uses the drafter's own states (the
+    vanilla baseline).
     """
 
     vocab_size: int = 49152  # must equal the primary's

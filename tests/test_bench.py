@@ -51,7 +51,8 @@ def test_ttft_tpot_and_throughput_of_a_sample() -> None:
     s = Sample(token_ids=(5, 6, 7, 8, 9), ttft_s=0.2, e2el_s=1.0)
     assert s.output_tokens == 5
     assert s.tokens_per_s == pytest.approx(5.0)
-    assert s.tpot_s == pytest.approx((1.0 - 0.2) / 4)  # ANCHORS.md: (E2EL - TTFT) / (output tokens - 1)
+    # docs/design.md, Metric definitions: TPOT = (E2EL - TTFT) / (output tokens - 1)
+    assert s.tpot_s == pytest.approx((1.0 - 0.2) / 4)
     assert Sample(token_ids=(5,), ttft_s=0.2, e2el_s=0.3).tpot_s is None  # needs > 1 output token
     assert Sample(token_ids=(), ttft_s=None, e2el_s=0.3).tpot_s is None
     assert Sample(token_ids=(1,), ttft_s=0.1, e2el_s=0.0).tokens_per_s == 0.0

@@ -1,4 +1,5 @@
-"""The checked-in stubs match the .proto, and the import rules of DESIGN.md hold."""
+"""The checked-in stubs match the .proto, and the import rules hold when run (pyproject.toml's import-linter
+contracts state them statically; docs/design.md, Method)."""
 
 from __future__ import annotations
 

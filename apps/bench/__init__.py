@@ -18,7 +18,7 @@
     report.py    the JSON report, its markdown and plot, progress lines
     stack.py     the three services started for a gRPC run (`apps.launch.ServeStack`)
 
-What is measured (ANCHORS.md definitions, vLLM's `bench serve`):
+What is measured (docs/design.md, Metric definitions, as vLLM's `bench serve`):
 
 - Greedy, batch 1, one request at a time. Prompts are token ids (the command line renders each prompt with the chat
   template, as `tandem generate --chat` does, and sends the same ids in process and through gRPC).

@@ -65,7 +65,8 @@ class Bundle:
 
 
 def default_drafter_config(primary: LlamaConfig, tandem: bool, d_model: int = 256, n_layers: int = 4) -> DrafterConfig:
-    """A drafter sized for this CPU (DESIGN.md: d = 256, 4 layers costs ~3.4 ms per token with the full head)."""
+    """A drafter sized for this CPU: d = 256, 4 layers costs ~3.4 ms per token with the full head (docs/design.md,
+    Measured facts about the CPU)."""
     return DrafterConfig(
         vocab_size=primary.vocab_size,
         d_model=d_model,

@@ -3,7 +3,7 @@
 The same `run_request` drives the in-process engine (workers called directly) and the orchestrator service (workers
 behind gRPC stubs), so the two produce the same tokens and the microservice tax is a plain ratio. JAX-free.
 
-Modes (DESIGN.md):
+Modes (docs/design.md, Method):
     primary       the primary alone, one token per block pass.
     speed         speculative decoding with the vanilla drafter.
     tandem        standalone Tandem: drafts are kept unverified; the primary's block pass over them yields the
@@ -108,7 +108,7 @@ class DrafterAPI(Protocol):
 
 @dataclasses.dataclass
 class GenerationStats:
-    """Per-request speculation statistics (ANCHORS.md definitions)."""
+    """Per-request speculation statistics (docs/design.md, Metric definitions)."""
 
     rounds: int = 0  # speculative rounds (verify passes after the prefill)
     drafted_tokens: int = 0

@@ -6,7 +6,8 @@ exactly. Conventions:
       pass, giving k + 1 target rows: row i is the primary's distribution for the token after position i, so row i-1
       judges d_i and row k yields the bonus token when all drafts are accepted.
     * Greedy requests compare token ids only; sampled requests use the standard speculative rejection rule with the
-      drafter's truncated distribution q as the proposal (DESIGN.md: q is sent sparse, K ids + K probabilities).
+      drafter's truncated distribution q as the proposal (docs/design.md, Method: q is sent sparse, K ids + K
+      probabilities).
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ class Router(Protocol):
 
 
 class MaxProbRouter(Router):
-    """PAPER.md's fallback without a trained router: the drafter's own top probability."""
+    """The paper's fallback without a trained router (docs/design.md, Method): the drafter's own top probability."""
 
     def confidence(self, draft_logits: np.ndarray) -> float:
         return float(softmax(draft_logits).max())

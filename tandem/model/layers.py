@@ -4,11 +4,11 @@ Axis names used in every einsum and shape comment of the model files:
     B batch, T new tokens in this call, N = B*T tokens (b-major), S attended context slots, L layers, D model width,
     K key/value heads, G query heads per key/value head, H head dim, F SwiGLU width, V vocabulary.
 
-Layout (DESIGN.md, measured on this CPU): activations are feature-major, `x [D, N]`, and weights are `[out, in]`, so
-every projection is one `W @ x` matrix product whose cost barely grows from 1 to 8 tokens; the row-major `x @ W`
-layout costs ~2x more at 4-8 tokens. The query/key/value and the gate/up projections are fused into one product each.
-Layers are a tuple run by an unrolled Python loop: scanning over stacked weights slices every layer's weights out of
-the stack on each call, which XLA on CPU pays as a copy.
+Layout (docs/design.md, Measured facts about the CPU): activations are feature-major, `x [D, N]`, and weights are
+`[out, in]`, so every projection is one `W @ x` matrix product whose cost barely grows from 1 to 8 tokens; the
+row-major `x @ W` layout costs ~2x more at 4-8 tokens. The query/key/value and the gate/up projections are fused into
+one product each. Layers are a tuple run by an unrolled Python loop: scanning over stacked weights slices every layer's
+weights out of the stack on each call, which XLA on CPU pays as a copy.
 
 Attention always has two parts: a *context* (keys/values already computed: the KV cache for inference, the primary's
 projected states for drafter training) and the *block* (keys/values of the T tokens of this call). A softmax over both

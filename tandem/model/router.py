@@ -1,4 +1,5 @@
-"""The adaptive-γ router (PAPER.md): a 2-layer MLP that predicts, after each drafted token, whether the primary agrees.
+"""The adaptive-γ router (docs/design.md, Method): a 2-layer MLP that predicts, after each drafted token, whether the
+primary agrees.
 
 Inputs, from the drafter's distribution q at the drafted position: its entropy, its top-k probabilities and the
 drafter's embeddings of those top-k tokens. Output: a confidence in [0, 1]; drafting continues while it is >= τ.
@@ -89,8 +90,9 @@ def router_logit(params: Any, feats: Any, xp: Any = jnp) -> Any:
 
 
 def confidence(params: RouterParams | None, logits: jax.Array, embed: jax.Array, top_k: int) -> jax.Array:
-    """[..., V] logits -> [...] the chance the primary agrees: the trained router's, or PAPER.md's max-probability
-    fallback when params is None. embed: [V, D] the drafter's embedding rows for the V scored tokens."""
+    """[..., V] logits -> [...] the chance the primary agrees: the trained router's, or the paper's max-probability
+    fallback (docs/design.md, Method) when params is None. embed: [V, D] the drafter's embedding rows for the V scored
+    tokens."""
     if params is None:
         return jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
     return jax.nn.sigmoid(router_logit(params, features(logits, embed, top_k)))

@@ -1,15 +1,17 @@
 """Evaluation of drafters against the frozen primary on held-out text.
 
 Two families of figures:
-    * PAPER.md's Table 1 on teacher-forced windows with the training round mask (γ = 2): next-token accuracy against
-      the text, top-1 agreement with the primary, total-variation distance to the primary, cross-entropy on the text.
-    * Greedy SPEED mean acceptance length (1 + accepted / rounds, ANCHORS.md) at fixed γ and with the adaptive router.
-      Greedy SPEED is deterministic, so it is computed exactly without running rounds one by one: the primary's greedy
-      continuation of each prompt is generated once; a round that starts at position m drafts from the primary's
-      states of positions < m and its own states from m on, which is `tandem.model.drafter.train_forward` with a round
-      starting at m (`offset`); while drafts match the continuation the drafter is fed exactly the continuation, so the
-      accepted prefix and the τ stops before the first mismatch are those of a real run.
-      (tests/test_evaluate.py checks the simulation against the engine.)
+    * The paper's Table 1 (docs/design.md, Method) on teacher-forced windows with the training round mask (γ = 2):
+      next-token accuracy against the text, top-1 agreement with the primary, total-variation distance to the primary,
+      cross-entropy on the text.
+    * Greedy SPEED mean acceptance length (1 + accepted / rounds; docs/design.md, Metric definitions) at fixed γ and
+      with the adaptive router. Greedy SPEED is deterministic, so it is computed exactly without running rounds one by
+      one: the primary's greedy continuation of each prompt is generated once; a round that starts at position m
+      drafts from the primary's states of positions < m and its own states from m on, which is
+      `tandem.model.drafter.train_forward` with a round starting at m (`offset`); while drafts match the continuation
+      the drafter is fed exactly the continuation, so the accepted prefix and the τ stops before the first mismatch are
+      those of a real run.
+      (tests/test_train.py::test_speed_simulation_equals_the_engine checks the simulation against the engine.)
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def confidence_fn(d: Drafter) -> Callable[[jax.Array], jax.Array]:
 def table_metrics(
     pcfg: LlamaConfig, pparams: LlamaParams, drafters: dict[str, Drafter], windows: np.ndarray, cfg: EvalConfig
 ) -> dict[str, dict[str, float]]:
-    """PAPER.md Table 1 per drafter: accuracy, agreement (percent), tv, ce over teacher-forced windows [N, T].
+    """The paper's Table 1 per drafter (docs/design.md, Method): accuracy, agreement (percent), tv, ce over
+    teacher-forced windows [N, T].
 
     The drafter's full-vocabulary distribution is scored (a restricted draft head is a serving choice; with it, CE on
     tokens outside the head would be infinite). Acceptance lengths use the head as served.

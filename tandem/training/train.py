@@ -2,7 +2,7 @@
 
 All three drafters train in one loop on the same batches, so they see the same tokens (the same budget) and the
 primary's forward pass (its tapped states for Tandem attention, its distribution for distillation) is paid once per
-batch. PAPER.md's recipe:
+batch. The paper's recipe (docs/design.md, Method):
     tandem-ce   cross-entropy against the ground-truth next token for every step.
     tandem      Tandem-Distil: stage 1 as tandem-ce; stage 2 (from `distil_from` of the steps on)
                 (1 - w) * CE(ground truth) + w * CE(primary's soft targets), w = 0.5.
@@ -52,7 +52,7 @@ class TrainConfig:
     steps: int = 2000  # optimizer steps in total (both stages)
     batch_size: int = 32  # sequences per step
     seq_len: int = 512  # tokens per sequence (windows drawn at random offsets of the training split)
-    block_len: int = 2  # γ of the training round mask (PAPER.md: γ = 2)
+    block_len: int = 2  # γ of the training round mask (docs/design.md, Method: γ = 2)
     distil_from: float = 0.5  # fraction of steps after which stage 2 (distillation) starts
     distil_weight: float = 0.5  # w in (1 - w) * CE + w * soft CE during stage 2
     lr: float = 1e-3  # AdamW peak learning rate
