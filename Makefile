@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= The capital of France is
 
-.PHONY: setup demo test lint protos
+.PHONY: setup demo test test-quick lint protos
 setup: $(BIN)/tandem
 
 # docker/install.sh is the one install path: the container image runs it too (docker/Dockerfile).
@@ -22,9 +22,15 @@ lint: setup
 	$(BIN)/mypy
 
 # pytest exits 5 when a selection collects no tests; that is not a failure of the code under test.
+# The whole suite: tests/unit, tests/services (gRPC services in process, faults, soak, load test), tests/real_model
+# (the SmolLM2 GGUF, fetched once into the cache), tests/deploy (Kubernetes manifests, the Docker install).
 test: lint
 	$(BIN)/python -m pytest -q || [ $$? -eq 5 ]
 
-# Regenerate the checked-in stubs from protos/ (grpcio-tools is pinned in pyproject.toml; tests/test_protos.py diffs).
+# The quick tier: the library on tiny models, no services, no real model.
+test-quick: setup
+	$(BIN)/python -m pytest -q tests/unit || [ $$? -eq 5 ]
+
+# Regenerate the checked-in stubs from protos/ (grpcio-tools is pinned in pyproject.toml; tests/unit/test_protos.py diffs).
 protos: setup
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/tandemrpc/v1/tandem.proto

@@ -8,7 +8,7 @@ in-memory configs and state dicts (`HF_HUB_OFFLINE=1` is set before `transformer
 
 Needs the `peer` extra (`pip install -e .[peer]`: torch 2.13 CPU, transformers 5.18).
 
-Layer math, checked against HF Llama (and by tests/test_peer_hf.py on tiny random models):
+Layer math, checked against HF Llama (and by tests/real_model/test_peer_hf.py on tiny random models):
     * RMSNorm: `x * rsqrt(mean(x^2) + eps) * w` in float32 on both sides; eps taken from the config (1e-5).
     * RoPE: rotate-half, `inv_freq = theta^(-2j/H)` over the H/2 frequencies, positions 0.. for the prompt; theta from
       the config (100000 for SmolLM2 and the drafters), default rope type (no scaling).

@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny random models small enough to compile in a second or two."""
+"""Shared fixtures: tiny random models small enough to compile in a second or two.
+
+The tests come in tiers, one folder each: unit/ (the library on tiny models, the stubs, the import rules; `make
+test-quick`), services/ (the gRPC services in process, faults, fuzzing, soak, the benchmark and the load test),
+real_model/ (the SmolLM2 GGUF, fetched once into the cache) and deploy/ (Kubernetes manifests, the install script).
+This file, helpers.py, reference_numpy.py and data/ serve every tier; they are imported by module name (`from
+conftest import TINY`), so a test module's name must be unique across the tiers.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import tempfile
 import jax
 import numpy as np
 import pytest
+from helpers import sample_documents
 
 import tandem  # noqa: F401  (sets XLA flags before JAX is imported)
 from orchestrator.payoff import PayoffConfig
@@ -47,7 +55,7 @@ TINY = LlamaConfig(
     vocab_size=48, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=512
 )
 # For orchestrators in tests that check how requests speculate: never swap speculation for the primary alone on
-# timing grounds (orchestrator/payoff.py; tests/test_payoff.py turns it on).
+# timing grounds (orchestrator/payoff.py; tests/services/test_payoff.py turns it on).
 SPECULATE_ALWAYS = PayoffConfig(enabled=False)
 
 
@@ -75,6 +83,13 @@ def drafter_config(tandem_mode: bool, cfg: LlamaConfig = TINY, **kw) -> DrafterC
     )
     base.update(kw)
     return DrafterConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def sample_docs() -> dict[str, list[str]]:
+    """tests/data/corpus_sample.txt as two sources (for tests/unit/test_corpus.py and
+    tests/real_model/test_smollm2_corpus.py)."""
+    return sample_documents()
 
 
 @pytest.fixture(scope="session")

@@ -96,3 +96,15 @@ def reference_forward(
     head = sd["model.embed_tokens.weight"] if config.tie_embeddings else sd["lm_head.weight"]
     logits = rms_norm(h, sd["model.norm.weight"], config.rms_eps) @ head.T
     return logits, np.stack(hidden)
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter, restated: per head, HF row s*H/2 + j (half s, j < H/2) goes to row 2j + s."""
+    rows = w.shape[0]
+    h = rows // n_heads
+    out = np.empty_like(w)
+    for head in range(n_heads):
+        for s in range(2):
+            for j in range(h // 2):
+                out[head * h + 2 * j + s] = w[head * h + s * h // 2 + j]
+    return out

@@ -12,7 +12,7 @@ Indexing convention (pinned here, reproduced by the training mask and by inferen
 
     Training with block length P: rounds start at multiples of P, so b(i) = floor(i / P) * P - 1. Query i reads the
     primary's states for positions before its round and its own states for its round's positions up to i. The
-    parallel training forward and the incremental path agree exactly on this pattern (tests/test_secondary.py).
+    parallel training forward and the incremental path agree exactly on this pattern (tests/unit/test_drafter.py).
 
 Both paths run `layers.decoder_stack`: the primary's projected states form the attention context, the drafter's
 own tokens the block. At inference the context is a KV cache whose slots < m hold primary-derived keys/values and

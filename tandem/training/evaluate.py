@@ -11,7 +11,7 @@ Two families of figures:
       `tandem.model.drafter.train_forward` with a round starting at m (`offset`); while drafts match the continuation
       the drafter is fed exactly the continuation, so the accepted prefix and the τ stops before the first mismatch are
       those of a real run.
-      (tests/test_train.py::test_speed_simulation_equals_the_engine checks the simulation against the engine.)
+      (tests/unit/test_train.py::test_speed_simulation_equals_the_engine checks the simulation against the engine.)
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """`tandem tune`: the speculation settings (τ_first, τ, γ_max) that a cost model of this machine favours.
 
 Greedy SPEED is replayed exactly on the primary's own greedy answers to a prompt set (`evaluate.simulate_greedy_speed`,
-the replay `tandem eval` uses, checked against the engine in tests/test_train.py), and each setting's rounds are priced
-with costs measured here, relative to a one-token primary step: the primary's verify of k tokens
+the replay `tandem eval` uses, checked against the engine in tests/unit/test_train.py), and each setting's rounds are
+priced with costs measured here, relative to a one-token primary step: the primary's verify of k tokens
 (`costs.measure_block_cost`) and one drafter step (`costs.measure_drafter_step`). A setting's figure is
-`RoundCosts.relative_speed`: tokens per unit of time over the primary alone's, at batch 1. The model leaves out what
-the settings do not change (the prefill, the request loop, gRPC), so it ranks settings; `tandem bench` measures them.
-Tune on prompts the benchmark does not use (prompts/tune.jsonl).
+`RoundCosts.relative_speed`: tokens per unit of time over the primary alone's, at batch 1. The model leaves out what the
+settings do not change (the prefill, the request loop, gRPC), so it ranks settings; `tandem bench` measures them. Tune
+on prompts the benchmark does not use (prompts/tune.jsonl).
 """
 
 from __future__ import annotations

