@@ -13,7 +13,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge
 
 from primary_svc.servicer import PrimaryServicer
-from tandem.decoding.workers import BatchingConfig, PrimaryWorker
+from tandem.config import BatchingConfig
+from tandem.decoding.workers import PrimaryWorker
 from tandem.model.kvcache import MIN_ATTEND, buckets
 from tandem.model.primary import PrimaryRunner
 from tandemrpc.process import die_with_parent

@@ -15,7 +15,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge
 
 from secondary_svc.servicer import SecondaryServicer
-from tandem.decoding.workers import BatchingConfig, DrafterWorker
+from tandem.config import BatchingConfig
+from tandem.decoding.workers import DrafterWorker
 from tandemrpc.process import die_with_parent
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
 from tandemrpc.server import ServiceServer, add_batching_flags, add_compile_flag, batching_from_args

@@ -205,5 +205,17 @@ class SpecConfig:
         return self.tau_first if self.tau > 0 else 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchingConfig:
+    """Continuous batching in the model workers (`tandem.decoding.workers`) and the model services' flags."""
+
+    max_batch: int = 16  # most sessions' calls in one batched model call
+    # How long an idle model waits for the calls of live sessions that are due within it (the workers' `_Batcher`).
+    # Behind gRPC the next calls of a batch's sessions come back spread over tens of ms; with 2 ms the batches split
+    # into two halves that alternated for good (16 streams: mean batch 8.0, 57 tokens/s), with 40 ms they stay whole
+    # (mean batch 15.8, 100 tokens/s).
+    window_s: float = 0.040
+
+
 def save_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

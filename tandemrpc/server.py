@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from tandem.config import BatchingConfig
 from tandem.errors import (
     InvalidRequestError,
     PoolExhaustedError,
@@ -172,7 +173,7 @@ class ServiceServer:
 
 
 def add_batching_flags(parser: Any, env_prefix: str) -> None:
-    """The model services' continuous-batching flags (`tandem.decoding.workers.BatchingConfig`), each an env var too."""
+    """The model services' continuous-batching flags (`tandem.config.BatchingConfig`), each an env var too."""
     env = os.environ.get
     parser.add_argument(
         "--max-batch",
@@ -199,10 +200,8 @@ def add_compile_flag(parser: Any) -> None:
     )
 
 
-def batching_from_args(parser: Any, args: Any) -> Any:
+def batching_from_args(parser: Any, args: Any) -> BatchingConfig:
     """A BatchingConfig from the flags of `add_batching_flags` (a parser error for bad values)."""
-    from tandem.decoding.workers import BatchingConfig
-
     if args.max_batch < 1 or args.batch_window_ms < 0:
         parser.error("--max-batch must be >= 1 and --batch-window-ms >= 0")
     return BatchingConfig(max_batch=args.max_batch, window_s=args.batch_window_ms / 1000)

@@ -20,9 +20,8 @@ from helpers import sample_documents
 
 import tandem  # noqa: F401  (sets XLA flags before JAX is imported)
 from orchestrator.payoff import PayoffConfig
-from tandem.config import DrafterConfig, LlamaConfig
+from tandem.config import BatchingConfig, DrafterConfig, LlamaConfig
 from tandem.decoding.engine import Engine
-from tandem.decoding.workers import BatchingConfig
 from tandem.formats.checkpoints import random_llama_state
 from tandem.model import drafter as drafter_model
 from tandem.model.primary import LlamaParams, PrimaryRunner, params_from_state_dict

@@ -9,10 +9,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Generator, Sequence
 
-from tandem.config import SamplingParams, SpecConfig
+from tandem.config import BatchingConfig, SamplingParams, SpecConfig
 from tandem.decoding.rounds import GenerationResult, GenerationStats, Request, run_request
 from tandem.decoding.speculative import Router
-from tandem.decoding.workers import BatchingConfig, DrafterWorker, PrimaryWorker
+from tandem.decoding.workers import DrafterWorker, PrimaryWorker
 from tandem.errors import InvalidRequestError
 from tandem.model.drafter import DrafterRunner
 from tandem.model.primary import PrimaryRunner

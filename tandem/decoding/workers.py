@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from tandem.config import SamplingParams, SpecConfig
+from tandem.config import BatchingConfig, SamplingParams, SpecConfig
 from tandem.decoding.rounds import MAX_STEPS, Drafts, PrimaryStep
 from tandem.decoding.speculative import (
     MaxProbRouter,
@@ -46,16 +46,6 @@ from tandem.model.primary import BlockOutput, PrimaryRunner
 from tandem.model.router import MLPRouter
 
 _T = TypeVar("_T")
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchingConfig:
-    max_batch: int = 16  # most sessions' calls in one batched model call
-    # How long an idle model waits for the calls of live sessions that are due within it (`_Batcher._gather`).
-    # Behind gRPC the next calls of a batch's sessions come back spread over tens of ms; with 2 ms the batches split
-    # into two halves that alternated for good (16 streams: mean batch 8.0, 57 tokens/s), with 40 ms they stay whole
-    # (mean batch 15.8, 100 tokens/s).
-    window_s: float = 0.040
 
 
 @dataclasses.dataclass

@@ -13,9 +13,8 @@ from conftest import make_engine
 from test_services import Stack
 
 from orchestrator.load import LoadPolicy
-from tandem.config import SamplingParams
+from tandem.config import BatchingConfig, SamplingParams
 from tandem.decoding.rounds import MAX_STEPS, GenerationStats, Request, run_request
-from tandem.decoding.workers import BatchingConfig
 from tandem.errors import ContextFullError, InvalidRequestError
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import TINY, drafter_config, make_engine
 
-from tandem.config import SamplingParams, SpecConfig
-from tandem.decoding.workers import BatchingConfig, PrimaryWorker, _Batcher, _Call
+from tandem.config import BatchingConfig, SamplingParams, SpecConfig
+from tandem.decoding.workers import PrimaryWorker, _Batcher, _Call
 from tandem.errors import SessionNotFoundError
 from tandem.model import drafter as drafter_model
 from tandem.model.primary import PrimaryRunner

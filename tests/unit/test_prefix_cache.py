@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import TINY, make_engine
 
-from tandem.config import SamplingParams
+from tandem.config import BatchingConfig, SamplingParams
 from tandem.decoding.workers import PrimaryWorker
 
 GREEDY = SamplingParams()
@@ -112,8 +112,6 @@ def test_reuse_stops_at_the_first_segment(pair) -> None:
 def test_prefills_batched_together_reuse_alike(tiny_params) -> None:
     """Prefills that meet in one batch, some reusing a row and one filling it, give the cold prefills' tokens."""
     import threading
-
-    from tandem.decoding.workers import BatchingConfig
 
     batching = BatchingConfig(window_s=0.2)
     warm = PrimaryWorker(make_engine(tiny_params, max_len=128, slots=3).primary, batching, prefix_rows=2)
