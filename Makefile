@@ -20,6 +20,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # pytest exits 5 when a selection collects no tests; that is not a failure of the code under test.
 # The whole suite: tests/unit, tests/services (gRPC services in process, faults, soak, load test), tests/real_model
