@@ -7,7 +7,8 @@
   counts when it starts with one of the repository's top-level folders (TOP_LEVEL); URLs, absolute paths, `~/...`,
   `runs/...`, globs and placeholders (`OUT.json`, `NAME`) are left alone, and `{a,b}` alternatives are expanded.
 - Every such path ending in .py, .md, .json or .jsonl in a comment or docstring of the project's Python files exists
-  (with its `#anchor`, when it names one of a markdown file's headings).
+  (with its `#anchor` or `::function`), and a docs section named in one ("docs/design.md, Method") is a heading of
+  that page.
 - No file names the background notes the docs replaced.
 """
 
@@ -53,6 +54,8 @@ LINK_RE = re.compile(r"(?<!!)\[(?:[^\]\[]|\[[^\]]*\])*\]\((?P<target>[^)\s]+)(?:
 CODE_SPAN_RE = re.compile(r"`([^`\n]+)`")
 FENCE_RE = re.compile(r"^\s*(```|~~~)")
 SCHEME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+# A comment naming a section of a docs page by its heading: "docs/design.md, Measured facts about the CPU".
+SECTION_RE = re.compile(r"(?<![\w./-])(?P<page>docs/[\w-]+\.md),\s+(?P<section>[A-Z][A-Za-z0-9 \n-]*?)\s*(?=[);:,.]|$)")
 
 
 # --- extraction ------------------------------------------------------------------------------------------------------
@@ -214,13 +217,26 @@ def repo_files(root: Path) -> list[Path]:
 
 
 def python_comments(source: str) -> Iterator[tuple[int, str]]:
-    """(line, text) of every comment and docstring of a Python file."""
+    """(first line, text) of every comment block (consecutive comment lines, `#` stripped) and every docstring of a
+    Python file."""
+    block: list[str] = []
+    first = last = 0
     try:
         for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type == tokenize.COMMENT:
-                yield tok.start[0], tok.string
+            if tok.type != tokenize.COMMENT:
+                continue
+            row = tok.start[0]
+            if block and row != last + 1:
+                yield first, "\n".join(block)
+                block = []
+            if not block:
+                first = row
+            block.append(tok.string.lstrip("#").strip())
+            last = row
     except (tokenize.TokenError, SyntaxError):
         pass
+    if block:
+        yield first, "\n".join(block)
     try:
         tree = ast.parse(source)
     except SyntaxError:
@@ -228,24 +244,29 @@ def python_comments(source: str) -> Iterator[tuple[int, str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-                value = body[0].value.value
-                if isinstance(value, str):
-                    for offset, line in enumerate(value.splitlines()):
-                        yield body[0].lineno + offset, line
+            doc = body[0] if body else None
+            if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str):
+                yield doc.lineno, doc.value.value
 
 
 def check_python(source: str, name: str, root: Path) -> list[str]:
-    """Paths in one Python file's comments and docstrings that do not exist."""
-    problems = []
-    for line, text in python_comments(source):
-        for path, part in find_paths(text):
-            if not path.endswith(CODE_EXTENSIONS):
-                continue
-            problem = check_target(path, part, root, root)
-            if problem:
-                problems.append(f"{name}:{line}: {problem}")
-    return problems
+    """Paths in one Python file's comments and docstrings that do not exist, and docs sections they name
+    (`docs/design.md, Method`) that are not headings of that page."""
+    problems: list[tuple[int, str]] = []
+    for first, text in python_comments(source):
+        for m in PATH_RE.finditer(text):
+            line = first + text.count("\n", 0, m.start())
+            for path, part in find_paths(m.group(0)):
+                problem = check_target(path, part, root, root) if path.endswith(CODE_EXTENSIONS) else None
+                if problem:
+                    problems.append((line, f"{name}:{line}: {problem}"))
+        for m in SECTION_RE.finditer(text):
+            line = first + text.count("\n", 0, m.start())
+            page = root / m.group("page")
+            section = " ".join(m.group("section").split())
+            if page.is_file() and slug(section) not in anchors(page.read_text(encoding="utf-8")):
+                problems.append((line, f"{name}:{line}: {m.group('page')} has no section {section!r}"))
+    return [problem for _, problem in sorted(problems)]
 
 
 def doc_files() -> list[Path]:
@@ -304,8 +325,15 @@ def test_the_checker_reports_broken_links_and_paths(tmp_path: Path) -> None:
         "README.md: code path prompts/tune.jsonl does not exist",
         "README.md: code path tests/test_x.py::test_gone: no such function",
     ]
-    code = '"""Module: see docs/a.md#known-section."""\n\nx = 1  # measured in experiments/gone.py\n'
-    assert check_python(code, "m.py", tmp_path) == ["m.py:3: experiments/gone.py does not exist"]
+    code = (
+        '"""Module: see docs/a.md#known-section and\ndocs/a.md, Known section; docs/a.md, Other section."""\n\n'
+        "x = 1  # measured in experiments/gone.py\n"
+        "# (docs/a.md,\n# Known\n# section)\n"
+    )
+    assert check_python(code, "m.py", tmp_path) == [
+        "m.py:2: docs/a.md has no section 'Other section'",
+        "m.py:4: experiments/gone.py does not exist",
+    ]
 
 
 @pytest.mark.parametrize("doc", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
