@@ -117,6 +117,11 @@ def _add_distill_data(sub: argparse._SubParsersAction) -> None:
         default="corpus",
         help="templated instructions: from the corpus's documents, or chat-style (advice, stories, plans, code)",
     )
+    p.add_argument(
+        "--record-taps",
+        default="",
+        help="comma-separated primary layers (1..30) whose states to record while writing, e.g. 8,15,23,30",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--instructions", metavar="FILE.jsonl", type=Path, default=None, help='answer these {"prompt": ...} lines'
@@ -522,6 +527,7 @@ def distill_data(args: argparse.Namespace) -> int:
     from tandem import selfdistill
     from tandem.bench import read_prompts
     from tandem.models import BundleConfig, load_primary
+    from tandem.primary import PrimaryRunner
 
     cfg = selfdistill.DistillConfig(prompts=args.prompts, max_new=args.max_new, slots=args.slots)
     templated = (
@@ -536,6 +542,11 @@ def distill_data(args: argparse.Namespace) -> int:
         return 0
     prompts = [p for p, _ in read_prompts(args.instructions)] if args.instructions else templated()
     runner, tokenizer = load_primary(BundleConfig(slots=cfg.slots, max_len=512 + cfg.max_new))
+    try:
+        taps = tuple(int(x) for x in _csv(args.record_taps))
+    except ValueError:
+        raise SystemExit(f"tandem distill-data: --record-taps wants layer numbers, got {args.record_taps!r}") from None
+    runner = PrimaryRunner(runner.cfg, runner.params, taps=taps, batch=cfg.slots, max_len=runner.max_len)
     progress = selfdistill.build(args.out, runner, tokenizer, cfg, prompts=prompts, max_minutes=args.max_minutes)
     print(json.dumps(progress, indent=2))
     if progress["done"] < cfg.prompts:

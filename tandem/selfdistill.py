@@ -8,6 +8,10 @@ template) and from a list of small programming tasks; none comes from the benchm
 
 Generation is greedy and batched over the cache's slots (a finished row takes the next prompt at once), and
 resumable: examples are appended batch by batch and `progress.json` records how many prompts are done.
+
+When the primary taps layers, the same passes record its tapped states: `train.states.f16` / `val.states.f16` hold
+float16 [n_tokens, n_taps, P] rows aligned token for token with `train.bin` / `val.bin` (see
+`tandem.training.states`), so training a drafter that reads them never runs the primary again.
 """
 
 from __future__ import annotations
@@ -108,46 +112,154 @@ _TASKS = (
 # Chat instructions in the styles users send (advice, stories, explanations, how-tos, lists, letters, code), built by
 # crossing templates with hand-written subjects; `chat_instructions` draws from them. None is a benchmark prompt.
 _SITUATIONS = (
-    "I start a new job next week", "my roommate never does the dishes", "I failed an exam I studied hard for",
-    "my sister is getting married and I have to give a speech", "I keep procrastinating on my thesis",
-    "my best friend moved to another country", "I want to ask for a raise", "I feel lonely in the evenings",
-    "my teenage son spends all day on his phone", "I have too many meetings at work", "I am afraid of flying",
-    "my neighbour plays loud music late at night", "I want to learn to cook but I have no time",
-    "I spend too much money on takeaway food", "my parents are getting older and need more help",
-    "I have to give a presentation to my whole department", "I can't decide between two job offers",
-    "I want to run a marathon next year", "my cat scratches the furniture", "I often forget people's names",
-    "I want to change careers at forty", "my colleague takes credit for my work", "I have trouble sleeping",
-    "I want to save money for a house", "my daughter is being bullied at school", "I feel stressed every Monday",
-    "I moved to a country where I don't speak the language", "my partner and I argue about chores",
-    "I was invited to a wedding where I know nobody", "I want to read more books", "my garden keeps dying",
-    "I have a long train journey tomorrow", "I want to volunteer in my community", "I am starting university",
-    "my old laptop is very slow", "I need to tell my boss I made a mistake", "I want to get fit without a gym",
-    "my friend keeps cancelling our plans", "I am planning my first trip abroad", "I want to stop biting my nails",
+    "I start a new job next week",
+    "my roommate never does the dishes",
+    "I failed an exam I studied hard for",
+    "my sister is getting married and I have to give a speech",
+    "I keep procrastinating on my thesis",
+    "my best friend moved to another country",
+    "I want to ask for a raise",
+    "I feel lonely in the evenings",
+    "my teenage son spends all day on his phone",
+    "I have too many meetings at work",
+    "I am afraid of flying",
+    "my neighbour plays loud music late at night",
+    "I want to learn to cook but I have no time",
+    "I spend too much money on takeaway food",
+    "my parents are getting older and need more help",
+    "I have to give a presentation to my whole department",
+    "I can't decide between two job offers",
+    "I want to run a marathon next year",
+    "my cat scratches the furniture",
+    "I often forget people's names",
+    "I want to change careers at forty",
+    "my colleague takes credit for my work",
+    "I have trouble sleeping",
+    "I want to save money for a house",
+    "my daughter is being bullied at school",
+    "I feel stressed every Monday",
+    "I moved to a country where I don't speak the language",
+    "my partner and I argue about chores",
+    "I was invited to a wedding where I know nobody",
+    "I want to read more books",
+    "my garden keeps dying",
+    "I have a long train journey tomorrow",
+    "I want to volunteer in my community",
+    "I am starting university",
+    "my old laptop is very slow",
+    "I need to tell my boss I made a mistake",
+    "I want to get fit without a gym",
+    "my friend keeps cancelling our plans",
+    "I am planning my first trip abroad",
+    "I want to stop biting my nails",
 )
 _SUBJECTS = (
-    "photosynthesis", "black holes", "the water cycle", "inflation", "vaccines", "the Roman Empire", "earthquakes",
-    "how bees make honey", "the stock market", "climate change", "the internet", "electric cars", "volcanoes",
-    "the human heart", "compound interest", "the French Revolution", "rainbows", "how airplanes fly", "DNA",
-    "the Moon's phases", "recycling", "solar panels", "the immune system", "the printing press", "gravity",
-    "machine learning", "the Great Wall of China", "tides", "how a refrigerator works", "democracy", "coral reefs",
-    "the pyramids of Egypt", "sleep", "antibiotics", "the speed of light", "chess", "coffee", "the Olympic Games",
-    "bread baking", "the seasons", "batteries", "whales", "the Renaissance", "cryptocurrency", "memory",
-    "the periodic table", "hurricanes", "jazz music", "dinosaurs", "the metric system", "meditation", "glaciers",
+    "photosynthesis",
+    "black holes",
+    "the water cycle",
+    "inflation",
+    "vaccines",
+    "the Roman Empire",
+    "earthquakes",
+    "how bees make honey",
+    "the stock market",
+    "climate change",
+    "the internet",
+    "electric cars",
+    "volcanoes",
+    "the human heart",
+    "compound interest",
+    "the French Revolution",
+    "rainbows",
+    "how airplanes fly",
+    "DNA",
+    "the Moon's phases",
+    "recycling",
+    "solar panels",
+    "the immune system",
+    "the printing press",
+    "gravity",
+    "machine learning",
+    "the Great Wall of China",
+    "tides",
+    "how a refrigerator works",
+    "democracy",
+    "coral reefs",
+    "the pyramids of Egypt",
+    "sleep",
+    "antibiotics",
+    "the speed of light",
+    "chess",
+    "coffee",
+    "the Olympic Games",
+    "bread baking",
+    "the seasons",
+    "batteries",
+    "whales",
+    "the Renaissance",
+    "cryptocurrency",
+    "memory",
+    "the periodic table",
+    "hurricanes",
+    "jazz music",
+    "dinosaurs",
+    "the metric system",
+    "meditation",
+    "glaciers",
 )
 _CHARACTERS = (
-    "a lighthouse keeper", "a young dragon", "a retired astronaut", "a shy robot", "a clever fox", "a baker",
-    "a lost kitten", "a time traveller", "a girl who can talk to trees", "an old fisherman", "a brave mouse",
-    "a detective", "a musician", "a grandmother", "a wizard's apprentice", "a street artist", "a ship's cook",
-    "a little cloud", "a forgetful king", "two best friends",
+    "a lighthouse keeper",
+    "a young dragon",
+    "a retired astronaut",
+    "a shy robot",
+    "a clever fox",
+    "a baker",
+    "a lost kitten",
+    "a time traveller",
+    "a girl who can talk to trees",
+    "an old fisherman",
+    "a brave mouse",
+    "a detective",
+    "a musician",
+    "a grandmother",
+    "a wizard's apprentice",
+    "a street artist",
+    "a ship's cook",
+    "a little cloud",
+    "a forgetful king",
+    "two best friends",
 )
 _PLACES = (
-    "a small village in the mountains", "a space station", "a busy city market", "an island", "a haunted library",
-    "the bottom of the sea", "a desert town", "a snowy forest", "a train at night", "a school on the Moon",
+    "a small village in the mountains",
+    "a space station",
+    "a busy city market",
+    "an island",
+    "a haunted library",
+    "the bottom of the sea",
+    "a desert town",
+    "a snowy forest",
+    "a train at night",
+    "a school on the Moon",
 )
 _THINGS = (
-    "a garden", "a birthday party", "a job interview", "a camping trip", "a budget", "a home office",
-    "a vegetable soup", "a study schedule", "a weekend in Paris", "a book club", "a small business", "a wedding toast",
-    "a morning routine", "a picnic", "a science fair project", "a podcast", "a bike ride", "a family reunion",
+    "a garden",
+    "a birthday party",
+    "a job interview",
+    "a camping trip",
+    "a budget",
+    "a home office",
+    "a vegetable soup",
+    "a study schedule",
+    "a weekend in Paris",
+    "a book club",
+    "a small business",
+    "a wedding toast",
+    "a morning routine",
+    "a picnic",
+    "a science fair project",
+    "a podcast",
+    "a bike ride",
+    "a family reunion",
 )
 _CHAT_TEMPLATES = (
     "{situation_cap}. Any advice?",
@@ -220,6 +332,8 @@ def chat_instructions(n: int, seed: int, exclude: Collection[str] = ()) -> list[
     return list(out)
 
 
+STATES_SUFFIX = "states.f16"  # <split>.states.f16: the tapped states of <split>.bin's tokens
+
 _SENTENCE = re.compile(r"[A-Z][^.!?\n]{40,200}[.!?]")
 _TOPIC = re.compile(r"\b[A-Z][a-z]{4,14}\b")
 
@@ -267,15 +381,25 @@ def instructions(docs: Sequence[str], n: int, seed: int) -> list[str]:
 
 
 def greedy_answers(
-    runner: PrimaryRunner, prompts: Sequence[Sequence[int]], max_new: int, stop_ids: Collection[int]
-) -> Iterator[tuple[int, list[int]]]:
-    """The primary's greedy answers, decoding every cache slot together; yields (prompt index, answer ids).
+    runner: PrimaryRunner,
+    prompts: Sequence[Sequence[int]],
+    max_new: int,
+    stop_ids: Collection[int],
+    *,
+    record: bool = False,
+) -> Iterator[tuple[int, list[int], np.ndarray | None]]:
+    """The primary's greedy answers, decoding every cache slot together; yields (prompt index, answer ids, states).
 
     An answer ends after a stop token (kept) or `max_new` tokens; its slot then takes the next prompt. Slots freed
     in the same step are prefilled together in one ragged call, so an accelerator stays busy with wide batches.
+
+    Args:
+        record: also yield the runner's tapped states of prompt + answer, [n, n_taps, P] float16 (None otherwise),
+            taken from the very passes that wrote the answer; the answer's last token is never fed, so its row is 0.
     """
     queue = iter(enumerate(prompts))
     active: dict[int, tuple[int, list[int]]] = {}  # slot -> (prompt index, answer so far)
+    states: dict[int, list[np.ndarray]] = {}  # slot -> tapped states of the positions fed so far
 
     def fill(slots: Sequence[int]) -> None:
         taken = list(zip(slots, queue, strict=False))  # zip takes a slot first: no prompt is drawn and dropped
@@ -290,20 +414,32 @@ def greedy_answers(
         for b, (slot, (i, _)) in enumerate(taken):
             runner.commit(slot, sizes[b])
             active[slot] = (i, [int(out.top[b, sizes[b] - 1])])
+            if record:
+                states[slot] = [out.hidden[b, : sizes[b]].astype(np.float16)]
+
+    def finished(slot: int) -> tuple[int, list[int], np.ndarray | None]:
+        i, answer = active.pop(slot)
+        if not record:
+            return i, answer, None
+        fed = states.pop(slot)
+        return i, answer, np.concatenate([*fed, np.zeros_like(fed[0][:1])])  # the last token's row: never fed
 
     fill(range(runner.batch))
     while active:
         done = [s for s, (_, ans) in active.items() if ans[-1] in stop_ids or len(ans) >= max_new]
         for slot in done:
-            yield active.pop(slot)
+            yield finished(slot)
         fill(done)
         if not active:
             break
         rows = sorted(active)
         out = runner.forward(np.asarray([[active[s][1][-1]] for s in rows]), rows=rows)
+        hidden = out.hidden.astype(np.float16) if record else None  # [B, 1, n_taps, P]
         for b, slot in enumerate(rows):
             runner.commit(slot, 1)
             active[slot][1].append(int(out.top[b, 0]))
+            if hidden is not None:
+                states[slot].append(hidden[b])
 
 
 def corpus_instructions(cfg: DistillConfig) -> list[str]:
@@ -337,13 +473,29 @@ def build(
     is_val = validation_mask("self-distill", cfg.prompts, cfg.val_fraction, cfg.seed)
     todo = list(range(progress["done"], cfg.prompts))
     start = time.monotonic()
-    results: dict[int, list[int]] = {}
-    for i, answer in greedy_answers(runner, [chats[j] for j in todo], cfg.max_new, tokenizer.stop_token_ids):
-        results[todo[i]] = answer
+    record = bool(runner.taps)
+    if record:
+        progress.setdefault("taps", list(runner.taps))
+        if progress["taps"] != list(runner.taps):
+            raise ValueError(f"{out_dir} records taps {progress['taps']}, the runner taps {list(runner.taps)}")
+        for split in ("train", "val"):  # an interrupted run may have written states past its last recorded example
+            tokens_file, states_file = out_dir / f"{split}.bin", out_dir / f"{split}.{STATES_SUFFIX}"
+            rows = tokens_file.stat().st_size // TOKEN_DTYPE.itemsize if tokens_file.exists() else 0
+            with states_file.open("ab") as f:
+                f.truncate(rows * len(runner.taps) * runner.cfg.d_model * 2)
+    results: dict[int, tuple[list[int], np.ndarray | None]] = {}
+    answers = greedy_answers(runner, [chats[j] for j in todo], cfg.max_new, tokenizer.stop_token_ids, record=record)
+    for i, answer, states in answers:
+        results[todo[i]] = answer, states
         while progress["done"] in results:  # append in prompt order so a resumed run continues exactly
             j = progress["done"]
-            example = np.asarray([*chats[j], *results.pop(j)], dtype=TOKEN_DTYPE)
-            with (out_dir / ("val.bin" if is_val[j] else "train.bin")).open("ab") as f:
+            answer, states = results.pop(j)
+            example = np.asarray([*chats[j], *answer], dtype=TOKEN_DTYPE)
+            split = "val" if is_val[j] else "train"
+            if states is not None:  # states first: a run stopped between the two writes leaves extra states rows
+                with (out_dir / f"{split}.{STATES_SUFFIX}").open("ab") as f:
+                    f.write(states.tobytes())
+            with (out_dir / f"{split}.bin").open("ab") as f:
                 f.write(example.tobytes())
             progress.update(done=j + 1, tokens=progress["tokens"] + int(example.size), config=dataclasses.asdict(cfg))
             progress_path.write_text(json.dumps(progress) + "\n")
@@ -353,6 +505,9 @@ def build(
         "format": "self-distill",
         "dtype": "uint16 little-endian",
         "layout": "each example: the chat-templated prompt, then the primary's greedy answer (ending in EOS or cut)",
+        "states": {"taps": list(runner.taps), "dtype": "float16", "file": f"<split>.{STATES_SUFFIX}"}
+        if record
+        else None,
         "prompts_done": progress["done"],
         "tokens": progress["tokens"],
         "config": dataclasses.asdict(cfg),
