@@ -2,6 +2,7 @@
 and the bundle that loads the shipped models into it.
 
     speculative.py  host-side math of one round: target distributions, verification, τ stopping (NumPy, no JAX)
+    lookup.py       prompt-lookup drafts copied from the request's own tokens (NumPy, no JAX)
     rounds.py       the request loop over a PrimaryAPI and a DrafterAPI (no JAX: the orchestrator runs it too)
     workers.py      the Primary and Drafter workers: sessions, batching, what the two model services serve
     engine.py       the in-process engine: the request loop over workers called directly

@@ -2,6 +2,7 @@
 
     corpus.py       the training corpus: fetched from package registries, tokenized, split
     selfdistill.py  the primary's own greedy answers to instructions, as a corpus
+    states.py       the primary's tapped states recorded once over a corpus, so a drafter trains without it
     train.py        trains the Tandem, Tandem-CE and vanilla drafters (and their routers)
     evaluate.py     Table 1 metrics and the exact greedy-SPEED acceptance replay
     tuning.py       ranks speculation settings by this machine's measured costs (`tandem tune`)
