@@ -28,9 +28,10 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q || [ $$? -eq 5 ]
 
-# The quick tier: the library on tiny models, no services, no real model.
+# The quick tier: the library on tiny models, no services, no real model. The unit tests marked slow (the statistical
+# and compile-everything ones, ten seconds and more each) are left to `make test` and `pytest tests/unit`.
 test-quick: setup
-	$(BIN)/python -m pytest -q tests/unit || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -q -m "not slow" tests/unit || [ $$? -eq 5 ]
 
 # Regenerate the checked-in stubs from protos/ (grpcio-tools is pinned in pyproject.toml; tests/unit/test_protos.py diffs).
 protos: setup

@@ -84,6 +84,7 @@ def _requests() -> list[dict]:
     return reqs
 
 
+@pytest.mark.slow
 def test_concurrent_requests_equal_one_at_a_time(tiny_params) -> None:
     """Six requests of every mode (one sampled with a seed) run at once on six slots; each gets exactly the tokens
     it gets alone, and the workers did batch them."""
@@ -201,6 +202,7 @@ def test_batching_config_is_checked() -> None:
         _Batcher(lambda b: None, BatchingConfig(max_batch=0), live=lambda: ())
 
 
+@pytest.mark.slow
 def test_compiling_buckets_at_start_covers_serving_shapes_and_changes_no_cache(tiny_params) -> None:
     from tandem.model.primary import _forward_block_jit
 
@@ -223,6 +225,7 @@ def test_compiling_buckets_at_start_covers_serving_shapes_and_changes_no_cache(t
     assert _forward_block_jit._cache_size() == compiled
 
 
+@pytest.mark.slow
 def test_start_up_compile_covers_batched_prefills_ingests_and_drafting(tiny_params) -> None:
     """After the primary's and the Tandem drafter's start-up compile, a serving round of two sessions at once (a
     ragged prefill of 9 and 11 tokens, their ingest, drafting on device, a ragged verify) compiles nothing."""

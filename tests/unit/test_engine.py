@@ -63,6 +63,7 @@ def _spy_on_resumed_rounds(worker: DrafterWorker) -> list[tuple[int, int, Sparse
     return resumed
 
 
+@pytest.mark.slow
 def test_a_paused_drafter_catches_up_exactly(tiny_params) -> None:
     """The first round after a pause proposes what a fresh session started on the whole sequence so far proposes: the
     skipped tokens (and, Tandem, their primary states) reach the drafter's cache as if it had seen every step.
@@ -103,6 +104,7 @@ def test_a_paused_drafter_catches_up_exactly(tiny_params) -> None:
             np.testing.assert_allclose([got_p[t] for t in common], [want_p[t] for t in common], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_oracle_drafter_accepts_everything(tiny_params) -> None:
     """A vanilla drafter holding the primary's own weights agrees at every position: every round is fully accepted
     and ends with the primary's bonus token, and the drafter's backlog (last draft + bonus) is fed the next round."""

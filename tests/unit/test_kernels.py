@@ -323,6 +323,7 @@ np.savez(sys.argv[1], **{k: np.asarray(v) for k, v in out.items()})
 """
 
 
+@pytest.mark.slow
 @needs_kernel
 @pytest.mark.skipif(kernels.isa() == "avx2", reason="this CPU runs only the AVX2 build")
 def test_every_build_gives_bitwise_the_same_results(tmp_path: Path) -> None:

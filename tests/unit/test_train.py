@@ -115,6 +115,7 @@ def test_head_ids_by_frequency() -> None:
     np.testing.assert_array_equal(head_ids_by_frequency(counts, 3, always=(1,)), [1, 2, 4])
 
 
+@pytest.mark.slow
 def test_export_reloads_with_restricted_head_and_router(trained, tiny_params: LlamaParams, tmp_path: Path) -> None:
     trainer, out = trained
     state = load_checkpoint(out, trainer)
@@ -203,6 +204,7 @@ def test_settings_are_ranked_by_the_cost_model(tiny_engine: Engine, tiny_params:
     assert pick["relative_speed"] == pytest.approx(costs.relative_speed(total)) and pick["declined"] == total.declined
 
 
+@pytest.mark.slow
 def test_evaluate_reports_every_figure(tiny_engine: Engine, tiny_params: LlamaParams) -> None:
     drafters = _engine_drafters(tiny_engine)
     cfg = EvalConfig(seq_len=16, windows=4, prompts=3, prompt_len=5, max_new=12, gammas=(2, 4), gamma_max=6, batch=2)
