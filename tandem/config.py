@@ -70,12 +70,18 @@ def default_layer_map(n_drafter_layers: int, n_primary_layers: int) -> tuple[int
 
 @dataclasses.dataclass(frozen=True)
 class DrafterConfig:
-    """Shape of a drafter. With `tandem=True` it reads the primary's representations.
+    """Shape of a drafter. With `tandem=True` it reads the primary's representations, in one of two forms (`reads`):
 
-    Attention at drafter layer j (0-indexed) takes keys/values for positions the primary has processed from
-    `proj[j] @ h_primary[layer_map[j]]`, and from the drafter's own residual stream for the positions the primary has
-    not processed yet (docs/design.md, Method). With `tandem=False` every position uses the drafter's own states (the
-    vanilla baseline).
+    "layers" (the paper's form): attention at drafter layer j (0-indexed) takes keys/values for positions the primary
+    has processed from `proj[j] @ h_primary[layer_map[j]]`, and from the drafter's own residual stream for the
+    positions the primary has not processed yet (docs/design.md, Method).
+
+    "features" (the feature-level form): the drafter's input at position i is its token's embedding plus one product
+    of the primary's states at position i - 1 (the layers in `feature_layers`, concatenated); where the primary has
+    not processed position i - 1 yet (inside a drafting round) the drafter's own output there takes their place. Its
+    keys/values are its own everywhere (docs/design.md, Feature-level drafting).
+
+    With `tandem=False` every position uses the drafter's own states (the vanilla baseline).
     """
 
     vocab_size: int = 49152  # must equal the primary's
@@ -98,8 +104,18 @@ class DrafterConfig:
     # 0: the output head covers the whole vocabulary. N: it covers the N token ids stored with the weights (the
     # training corpus's most frequent); other tokens are never drafted, so verification stays exact.
     head_vocab: int = 0
+    reads: str = "layers"  # "layers" or "features" (see above); ignored when tandem is False
+    # "features": the primary layers (1-indexed) fused at the input, in this order; empty = the last layer.
+    feature_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.reads not in ("layers", "features"):
+            raise ValueError(f"reads={self.reads!r} must be 'layers' or 'features'")
+        if self.reads == "features" and not self.feature_layers:
+            object.__setattr__(self, "feature_layers", (self.primary_n_layers,))
+        object.__setattr__(self, "feature_layers", tuple(int(x) for x in self.feature_layers))
+        if any(not 1 <= x <= self.primary_n_layers for x in self.feature_layers):
+            raise ValueError(f"feature_layers {self.feature_layers} must lie in 1..{self.primary_n_layers}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if not 0 <= self.head_vocab <= self.vocab_size:
@@ -117,25 +133,35 @@ class DrafterConfig:
         return self.n_heads // self.n_kv_heads
 
     @property
+    def features(self) -> bool:
+        """True for a Tandem drafter of the feature-level form."""
+        return self.tandem and self.reads == "features"
+
+    @property
     def tapped_layers(self) -> tuple[int, ...]:
         """Distinct primary layers this drafter reads, sorted; the primary returns exactly these."""
-        return tuple(sorted(set(self.layer_map))) if self.tandem else ()
+        if not self.tandem:
+            return ()
+        return tuple(sorted(set(self.feature_layers if self.features else self.layer_map)))
 
     @property
     def tap_index(self) -> tuple[int, ...]:
-        """For each drafter layer, its index into `tapped_layers`."""
+        """For each drafter layer ("layers") or fused input ("features"), its index into `tapped_layers`."""
+        if not self.tandem:
+            return ()
         taps = self.tapped_layers
-        return tuple(taps.index(x) for x in self.layer_map) if self.tandem else ()
+        return tuple(taps.index(x) for x in (self.feature_layers if self.features else self.layer_map))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["layer_map"] = list(self.layer_map)
+        d["layer_map"], d["feature_layers"] = list(self.layer_map), list(self.feature_layers)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DrafterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {k: (tuple(v) if k == "layer_map" else v) for k, v in d.items() if k in names}
+        tuples = ("layer_map", "feature_layers")
+        kwargs: dict[str, Any] = {k: (tuple(v) if k in tuples else v) for k, v in d.items() if k in names}
         return cls(**kwargs)
 
 

@@ -103,9 +103,11 @@ def make_engine(
     vocab_embed_scale: float = 20.0,
     slots: int = 1,
     batching: BatchingConfig = BatchingConfig(),
+    reads: str = "layers",
 ) -> Engine:
-    """A tiny primary with a random Tandem drafter and a random vanilla drafter, `slots` sessions each."""
-    tcfg, vcfg = drafter_config(True), drafter_config(False)
+    """A tiny primary with a random Tandem drafter (of the `reads` form) and a random vanilla drafter, `slots`
+    sessions each."""
+    tcfg, vcfg = drafter_config(True, reads=reads), drafter_config(False)
 
     def drafter(cfg: DrafterConfig, s: int) -> drafter_model.DrafterRunner:
         p = drafter_model.init_params(cfg, s)

@@ -494,6 +494,10 @@ class _DrafterSession(_Session):
     tokens: list[int] = dataclasses.field(default_factory=list)  # prompt + committed tokens + pending t_0
     round_start: int = -1  # position of the last round's t_0; -1 before start
     drafts: list[int] = dataclasses.field(default_factory=list)  # the last round's drafts
+    # A feature-level drafter's inputs still to come: the primary's states of positions feat_start.. (through the
+    # newest position the primary has processed), [n, n_taps, P].
+    feats: np.ndarray | None = None
+    feat_start: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -582,21 +586,23 @@ class DrafterWorker(_SessionWorker):
                 except Exception as e:
                     c.error = e
         device = self._device_router is not False
-        on_device, on_host, to_ingest = [], [], []
+        on_device: list[tuple[_Round, _DrafterSession, np.ndarray | None]] = []
+        on_host: list[tuple[_Round, _DrafterSession, np.ndarray | None]] = []
+        to_ingest: list[tuple[_Round, _DrafterSession, np.ndarray]] = []
         for c, st, h in rounds:
             if st.sampling.greedy and device:
-                on_device.append((c, st, h))  # its primary states are written in the drafting call
-            elif h is None:
-                on_host.append((c, st))
+                on_device.append((c, st, h))  # its primary states are written (or read) in the drafting call
+            elif h is None or self.runner.cfg.features:  # a feature-level drafter's states are its step's inputs
+                on_host.append((c, st, h))
             else:
                 to_ingest.append((c, st, h))
         for group in _groups(to_ingest, lambda r: r[2].shape[0]):
-            on_host += self._ingest(group)
+            on_host += [(c, st, None) for c, st in self._ingest(group)]
         for drafting in _groups(on_device, lambda r: len(self._pending(r[1], r[2]))):
             self._draft_on_device(drafting)
-        for c, st in on_host:
+        for c, st, h in on_host:
             try:
-                c.result = self._draft_on_host(st, c.max_drafts)
+                c.result = self._draft_on_host(st, c.max_drafts, h)
             except Exception as e:
                 c.error = e
 
@@ -614,6 +620,10 @@ class DrafterWorker(_SessionWorker):
             h = self._check_hidden(c.hidden, len(c.tokens))
             self.runner.truncate(st.slot, 0)
             st.tokens = [*c.tokens, c.next_token]
+            if self.runner.cfg.features:
+                assert h is not None
+                st.feats, st.feat_start = h, 0
+                return c, st, self._features(st)
             return c, st, h
         if st.round_start < 0:
             raise SessionStateError(f"session {c.session!r} has not started")
@@ -622,8 +632,26 @@ class DrafterWorker(_SessionWorker):
         h = self._check_hidden(c.hidden, 1 + c.accepted + len(c.tokens))
         m = st.round_start
         st.tokens = [*st.tokens, *st.drafts[: c.accepted], *c.tokens, c.next_token]
+        if self.runner.cfg.features:
+            # t_0 (position m) read the primary's states when fed; every later position read the drafter's own
+            # outputs and is fed again with the primary's states of the positions before it
+            assert h is not None and st.feats is not None
+            self.runner.truncate(st.slot, min(int(self.runner.lengths[st.slot]), m + 1))
+            st.feats = np.concatenate([st.feats[: m - st.feat_start], h])
+            return c, st, self._features(st)
         self.runner.truncate(st.slot, m if h is not None else m + 1 + c.accepted)
         return c, st, h
+
+    def _features(self, st: _DrafterSession) -> np.ndarray:
+        """A feature-level drafter's inputs for the session's pending tokens: at each, the primary's states of the
+        position before it (zeros before position 0), [n_pending, n_taps, P]. Forgets older states."""
+        assert st.feats is not None
+        first = int(self.runner.lengths[st.slot]) - 1  # the position the first pending token reads
+        rows = st.feats[max(first, 0) - st.feat_start :]
+        if first < 0:
+            rows = np.concatenate([np.zeros_like(st.feats[:1]), rows])
+        st.feats, st.feat_start = st.feats[max(first, 0) - st.feat_start :], max(first, 0)
+        return rows
 
     def _ingest(self, group: list[tuple[_Round, _DrafterSession, np.ndarray]]) -> list[tuple[_Round, _DrafterSession]]:
         """Writes the group's primary states into their rows in one call; returns the rounds that can draft."""
@@ -656,8 +684,10 @@ class DrafterWorker(_SessionWorker):
         return None if isinstance(self.router, MaxProbRouter) else False
 
     def _pending(self, st: _DrafterSession, states: np.ndarray | None = None) -> list[int]:
-        """What the drafter has not seen: t_0, plus a vanilla backlog (after the positions `states` will fill)."""
-        return st.tokens[int(self.runner.lengths[st.slot]) + (0 if states is None else states.shape[0]) :]
+        """What the drafter has not seen: t_0, plus a vanilla (or feature-level) backlog, after the positions a
+        layer-map Tandem drafter's `states` will fill."""
+        written = 0 if states is None or self.runner.cfg.features else states.shape[0]
+        return st.tokens[int(self.runner.lengths[st.slot]) + written :]
 
     def _gamma(self, st: _DrafterSession, max_drafts: int) -> int:
         return max(1, min(max_drafts, st.spec.gamma_max))
@@ -687,12 +717,14 @@ class DrafterWorker(_SessionWorker):
             st.drafts = d
             c.result = Drafts(d, [])
 
-    def _draft_on_host(self, st: _DrafterSession, max_drafts: int) -> Drafts:
-        """Feeds what the drafter has not seen, then drafts step by step until τ or the budget (sampled rounds, and
-        routers without a device form); no drafts when the first one's confidence is below τ_first."""
+    def _draft_on_host(self, st: _DrafterSession, max_drafts: int, features: np.ndarray | None = None) -> Drafts:
+        """Feeds what the drafter has not seen (a feature-level drafter with `features`, see `_features`), then drafts
+        step by step until τ or the budget (sampled rounds, and routers without a device form); no drafts when the
+        first one's confidence is below τ_first."""
         gamma = self._gamma(st, max_drafts)
         st.round_start = len(st.tokens) - 1
-        logits = self.runner.step(np.asarray([self._pending(st)]), rows=[st.slot])[0]
+        inputs = None if features is None else features[None]  # [1, n_pending, n_taps, P]
+        logits = self.runner.step(np.asarray([self._pending(st)]), rows=[st.slot], features=inputs)[0]
         drafts: list[int] = []
         proposals: list[SparseDist] = []
         if not speculates(self.router, logits, st.spec.first_tau):
@@ -704,7 +736,8 @@ class DrafterWorker(_SessionWorker):
             proposals.append(q)
             if not keep_drafting(self.router, logits, len(drafts), gamma, st.spec.tau):
                 break
-            logits = self.runner.step(np.asarray([[drafts[-1]]]), rows=[st.slot])[0]
+            own = self.runner.last_outputs[:, None] if self.runner.cfg.features else None  # [1, 1, D]
+            logits = self.runner.step(np.asarray([[drafts[-1]]]), rows=[st.slot], own=own)[0]
         st.drafts = drafts
         return Drafts(drafts, [] if st.sampling.greedy else proposals)
 

@@ -45,6 +45,7 @@ from tandem.model.layers import (
     Weight,
     cached_decoder_stack,
     causal_block_mask,
+    decoder_layer,
     decoder_stack,
     embed_tokens,
     fuse_layer,
@@ -75,6 +76,8 @@ class DrafterParams:
     embed_proj: jax.Array | None = None  # [P, D] when cfg.shared_embed: embed = primary_embed @ embed_proj
     head_ids: jax.Array | None = None  # [N] int32 token ids of a restricted head (cfg.head_vocab == N)
     head: Weight | None = None  # [N, D] = embed[head_ids] (Q8_0 blocks once `quantize`d)
+    fuse_feat: Weight | None = None  # [D, n_taps * P] the primary's states -> input ("features" form)
+    fuse_emb: Weight | None = None  # [D, D] the token embedding -> input ("features" form)
 
 
 def init_params(cfg: DrafterConfig, seed: int = 0, dtype: jnp.dtype = jnp.float32) -> DrafterParams:
@@ -97,8 +100,11 @@ def init_params(cfg: DrafterConfig, seed: int = 0, dtype: jnp.dtype = jnp.float3
 
     layers = tuple(layer() for _ in range(n))
     p = cfg.primary_d_model
-    proj = tuple(normal((d, p), p**-0.5) for _ in range(n)) if cfg.tandem else None
+    proj = tuple(normal((d, p), p**-0.5) for _ in range(n)) if cfg.tandem and not cfg.features else None
     embed_proj = normal((p, d), p**-0.5) if cfg.shared_embed else None
+    taps = len(cfg.feature_layers)
+    fuse_feat = normal((d, taps * p), (taps * p) ** -0.5) if cfg.features else None
+    fuse_emb = normal((d, d), d**-0.5) if cfg.features else None
     return DrafterParams(
         embed=None if cfg.shared_embed else normal((cfg.vocab_size, d)),
         layers=layers,
@@ -106,6 +112,8 @@ def init_params(cfg: DrafterConfig, seed: int = 0, dtype: jnp.dtype = jnp.float3
         proj=proj,
         embed_proj=embed_proj,
         head_ids=jnp.arange(cfg.head_vocab, dtype=jnp.int32) if cfg.head_vocab else None,
+        fuse_feat=fuse_feat,
+        fuse_emb=fuse_emb,
     )
 
 
@@ -163,7 +171,9 @@ def quantize(params: DrafterParams) -> DrafterParams:
     )
     proj = None if params.proj is None else tuple(q8(w) for w in params.proj)
     head = None if params.head is None else q8(params.head)
-    return dataclasses.replace(params, layers=layers, proj=proj, head=head)
+    fuse_feat = None if params.fuse_feat is None else q8(params.fuse_feat)
+    fuse_emb = None if params.fuse_emb is None else q8(params.fuse_emb)
+    return dataclasses.replace(params, layers=layers, proj=proj, head=head, fuse_feat=fuse_feat, fuse_emb=fuse_emb)
 
 
 def primary_context_kv(
@@ -192,6 +202,90 @@ def primary_context_kv(
         ks.append(jnp.transpose(k.reshape(*k.shape[:2], batch, length), (2, 0, 3, 1)))  # [B, K, S, H]
         vs.append(jnp.transpose(v.reshape(*v.shape[:2], batch, length), (2, 0, 3, 1)))
     return jnp.stack(ks), jnp.stack(vs)
+
+
+def _inputs(
+    params: DrafterParams,
+    cfg: DrafterConfig,
+    tokens: jax.Array,
+    features: jax.Array | None = None,
+    own: jax.Array | None = None,
+) -> jax.Array:
+    """The first layer's input [D, N] for [B, T] tokens.
+
+    The "features" form adds one product of the primary's states at each token's previous position (`features`
+    [B, T, n_taps, P], taps ordered as cfg.tapped_layers), or, inside a drafting round, the drafter's own output there
+    (`own` [D, N]); other drafters embed the tokens alone.
+    """
+    assert params.embed is not None, "call materialize() first"
+    emb = embed_tokens(params.embed, tokens)  # [D, N]
+    if not cfg.features:
+        return emb
+    assert params.fuse_feat is not None and params.fuse_emb is not None
+    if own is None:
+        assert features is not None, "a feature-level drafter needs the primary's states or its own outputs"
+        order = jnp.asarray(cfg.tap_index)  # the fused layers' order among the primary's taps
+        feats = features[:, :, order].reshape(tokens.size, -1).T  # [n_taps * P, N]
+        own = params.fuse_feat @ feats.astype(params.final_norm.dtype)  # [D, N]
+    return own + params.fuse_emb @ emb
+
+
+def shift_features(primary_hidden: jax.Array) -> jax.Array:
+    """[B, T, n_taps, P] states of positions 0..T-1 -> the features of positions 0..T-1: position i reads the states
+    of position i - 1 (zeros at position 0, which nothing precedes)."""
+    return jnp.pad(primary_hidden, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :-1]
+
+
+def feature_round_steps(
+    params: DrafterParams, cfg: DrafterConfig, tokens: jax.Array, features: jax.Array, steps: int
+) -> list[jax.Array]:
+    """A feature-level drafter's parallel forward for every depth of a drafting round ("training-time test").
+
+    At depth s every position i is taken as the (s + 1)-th position of a round that starts at m = i - s: the round's
+    first position reads the primary's states (`features`), later ones the drafter's own output one position back at
+    depth s - 1. Attention matches the incremental path exactly: positions <= m hold keys/values computed from the
+    primary's states (depth 0), position m + t those of depth t.
+
+    Args:
+        params: drafter weights (materialized).
+        cfg: a "features" drafter config.
+        tokens: [B, T] token ids at positions 0..T-1.
+        features: [B, T, n_taps, P] the primary's states at each position's previous one (`shift_features`).
+        steps: how many depths (>= 1).
+
+    Returns:
+        Per depth s, the last layer's output [D, N] (before the final norm); row i at depth s predicts token i + 1.
+    """
+    batch, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (batch, t))
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    i = jnp.arange(t)
+    causal = jnp.broadcast_to(i[None, :] <= i[:, None], (batch, t, t))
+    itself = jnp.broadcast_to(i[None, :] == i[:, None], (batch, t, t))
+    depth_kv: list[list[tuple[jax.Array, jax.Array]]] = []  # [depth][layer] -> (k, v) [B, K, T, H]
+    outs: list[jax.Array] = []
+    own = None
+    for s in range(steps):
+        x = _inputs(params, cfg, tokens, features, own)
+        layer_kv = []
+        for j, p in enumerate(params.layers):
+            if s == 0:
+                ctx: tuple[tuple, tuple, tuple] = ((), (), ())
+                blk = causal
+            else:  # depth 0's keys up to the round's start m = i - s, depth u's at position m + u, its own at i
+                ks = [depth_kv[u][j][0] for u in range(s)]
+                vs = [depth_kv[u][j][1] for u in range(s)]
+                masks = [jnp.broadcast_to(i[None, :] <= i[:, None] - s, (batch, t, t))]
+                masks += [jnp.broadcast_to(i[None, :] == i[:, None] - s + u, (batch, t, t)) for u in range(1, s)]
+                ctx, blk = (tuple(ks), tuple(vs), tuple(masks)), itself
+            x, k, v = decoder_layer(p, x, cos, sin, *ctx, blk, cfg.rms_eps)
+            layer_kv.append((k, v))
+        depth_kv.append(layer_kv)
+        outs.append(x)
+        # the next depth's feature at position i is this depth's output at position i - 1
+        shifted = jnp.pad(x.reshape(x.shape[0], batch, t), ((0, 0), (0, 0), (1, 0)))[:, :, :t]
+        own = shifted.reshape(x.shape[0], batch * t)
+    return outs
 
 
 def _logits(params: DrafterParams, cfg: DrafterConfig, x: jax.Array) -> jax.Array:
@@ -231,6 +325,12 @@ def train_forward(
     positions = jnp.broadcast_to(jnp.arange(t), (batch, t))
     i = jnp.arange(t)
     last_seen = ((i - offset) // block_len) * block_len + offset - 1  # b(i), [T]
+    if cfg.features:
+        assert primary_hidden is not None, "a feature-level drafter needs the primary's states"
+        outs = feature_round_steps(params, cfg, tokens, shift_features(primary_hidden), block_len)
+        depth = jnp.where(i >= offset, (i - offset) % block_len, 0)  # [T] each position's depth in its round
+        x = jnp.stack(outs)[depth[None, :].repeat(batch, 0).reshape(-1), :, jnp.arange(batch * t)].T  # [D, N]
+        return tokens_major(_logits(params, cfg, x), batch)
     if cfg.tandem:
         assert primary_hidden is not None, "a Tandem drafter needs the primary's states"
         ctx_k, ctx_v = primary_context_kv(params, cfg, primary_hidden, positions)
@@ -269,13 +369,15 @@ def _advance(
     attend_len: int,
     whole_pool: bool = False,
     fixed_order: bool = False,
+    features: jax.Array | None = None,
+    own: jax.Array | None = None,
 ) -> tuple[jax.Array, KVBuffers, KVBuffers]:
     """The stack over T new tokens per row: (x [D, N] before the final norm, cache_k, cache_v). fixed_order: the CPU
-    kernels' attention and norms (`layers.cached_decoder_stack`), which read each row's cache slot in place."""
-    assert params.embed is not None, "call materialize() first"
+    kernels' attention and norms (`layers.cached_decoder_stack`), which read each row's cache slot in place.
+    features / own: a feature-level drafter's inputs besides the tokens (`_inputs`)."""
     x, _, cache_k, cache_v = cached_decoder_stack(
         params.layers,
-        embed_tokens(params.embed, tokens),  # [D, N]
+        _inputs(params, cfg, tokens, features, own),  # [D, N]
         rows,
         lengths,
         cache_k,
@@ -301,7 +403,9 @@ def step(
     attend_len: int,
     whole_pool: bool = False,
     fixed_order: bool = False,
-) -> tuple[jax.Array, KVBuffers, KVBuffers]:
+    features: jax.Array | None = None,
+    own: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, KVBuffers, KVBuffers]:
     """Incremental forward of T new tokens per row against the cache (causal over cache slots < lengths).
 
     Args:
@@ -314,9 +418,12 @@ def step(
         attend_len: static bucket of attended cache slots.
         whole_pool: static; rows are every slot in order, read in place (see `tandem.model.kvcache.KVCache`).
         fixed_order: static; the CPU kernels' attention and norms (`DrafterRunner.fixed_order`).
+        features: a feature-level drafter's [B, T, n_taps, P] primary states at each token's previous position.
+        own: instead of features, its own last-layer outputs [B, T, D] at the previous positions (inside a round).
 
     Returns:
-        (logits [V, B*T] vocabulary-major, cache_k, cache_v) with the tokens' own keys/values written at lengths.
+        (logits [V, B*T] vocabulary-major, x [D, B*T] the last layer's outputs, cache_k, cache_v) with the tokens'
+        own keys/values written at lengths.
     """
     x, cache_k, cache_v = _advance(
         params,
@@ -329,8 +436,10 @@ def step(
         attend_len=attend_len,
         whole_pool=whole_pool,
         fixed_order=fixed_order,
+        features=features,
+        own=None if own is None else own.reshape(-1, own.shape[-1]).T,  # [D, N]
     )
-    return _logits(params, cfg, x), cache_k, cache_v
+    return _logits(params, cfg, x), x, cache_k, cache_v
 
 
 def ingest(
@@ -404,7 +513,8 @@ def draft_greedy(
         tau_first: [B] the confidence each row's first draft needs (`SpecConfig.first_tau`).
         primary_hidden: [B, S, n_taps, P] the primary's states of each row's last round (t_0, d_1..d_a), written
             from lengths on as `ingest` writes them, before the pending tokens; one device call per round instead of
-            two. None: nothing to write (a vanilla drafter, or states ingested already).
+            two. None: nothing to write (a vanilla drafter, or states ingested already). A feature-level drafter
+            instead takes [B, T, n_taps, P]: the states at each pending token's previous position, its inputs.
         ingested: [B] how many of primary_hidden's positions are real per row (0..S); the pending tokens follow them
             and overwrite the padding's writes.
         cfg: static config.
@@ -419,7 +529,8 @@ def draft_greedy(
     """
     head = params.embed if params.head is None else params.head  # [N_h, D]
     assert head is not None, "call materialize() first"
-    if primary_hidden is not None:
+    features = primary_hidden if cfg.features else None
+    if primary_hidden is not None and not cfg.features:
         assert ingested is not None, "primary_hidden needs ingested"
         cache_k, cache_v = ingest(params, primary_hidden, rows, lengths, cache_k, cache_v, cfg=cfg)
         lengths = lengths + ingested  # [B] where each row's pending tokens go
@@ -436,7 +547,7 @@ def draft_greedy(
         return token.astype(jnp.int32), (drafted < gamma) & ((tau <= 0) | (conf >= tau)), conf
 
     advance = functools.partial(_advance, cfg=cfg, attend_len=attend_len, fixed_order=fixed_order)
-    x, cache_k, cache_v = advance(params, tokens, rows, lengths, cache_k, cache_v)
+    x, cache_k, cache_v = advance(params, tokens, rows, lengths, cache_k, cache_v, features=features)
     last = x.reshape(x.shape[0], batch, t)[:, jnp.arange(batch), fed - 1]  # [D, B] each row's last real token
     first, go, conf = decide(last, jnp.int32(1))
     speculate = (tau_first <= 0) | (conf >= tau_first)  # [B] rows that draft at all this round
@@ -444,16 +555,18 @@ def draft_greedy(
     drafts = jnp.zeros((batch, cap), jnp.int32).at[:, 0].set(first)
 
     def body(carry: tuple) -> tuple:
-        i, prev, length, drafts, ck, cv, go = carry
+        i, prev, before, length, drafts, ck, cv, go = carry
         at = jnp.where(go, length, beyond)  # [B] rows that stopped write nowhere
-        x, ck, cv = advance(params, prev[:, None], rows, at, ck, cv)  # x [D, B]
+        # a feature-level drafter reads its own output at the previous position, the one that drafted `prev`
+        own = before if cfg.features else None
+        x, ck, cv = advance(params, prev[:, None], rows, at, ck, cv, own=own)  # x [D, B]
         token, more, _ = decide(x, i + 1)
         drafts = jnp.where(go[:, None], drafts.at[:, i].set(token), drafts)
         prev = jnp.where(go, token, prev)
-        return i + 1, prev, length + go, drafts, ck, cv, go & more
+        return i + 1, prev, x, length + go, drafts, ck, cv, go & more
 
-    init = (jnp.int32(1), first, lengths + fed, drafts, cache_k, cache_v, go)
-    _, _, length, drafts, cache_k, cache_v, _ = jax.lax.while_loop(lambda c: jnp.any(c[-1]), body, init)
+    init = (jnp.int32(1), first, last, lengths + fed, drafts, cache_k, cache_v, go)
+    _, _, _, length, drafts, cache_k, cache_v, _ = jax.lax.while_loop(lambda c: jnp.any(c[-1]), body, init)
     count = jnp.where(speculate, length - lengths - fed + 1, 0)  # [B] drafts per row: every draft but the last was fed
     return drafts, count, cache_k, cache_v
 
@@ -506,18 +619,35 @@ class DrafterRunner:
     def lengths(self) -> np.ndarray:
         return self.cache.lengths
 
-    def step(self, tokens: np.ndarray, rows: Sequence[int] | None = None) -> np.ndarray:
+    def step(
+        self,
+        tokens: np.ndarray,
+        rows: Sequence[int] | None = None,
+        features: np.ndarray | None = None,
+        own: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Feeds [B, T] tokens to `rows` (default: all slots) and advances their lengths by T.
 
+        Args:
+            tokens: [B, T] token ids.
+            rows: the B slots.
+            features: a feature-level drafter's [B, T, n_taps, P] primary states at each token's previous position.
+            own: instead of features, its own outputs [B, T, D] there (drafted tokens: `last_outputs` of the step
+                that drafted them).
+
         Returns:
-            [B, V] logits of each row's last token.
+            [B, V] logits of each row's last token; its last-layer outputs there are kept in `last_outputs` [B, D].
         """
         t = np.shape(tokens)[1]
-        slots, out_rows, (logits,) = self.cache.apply(
-            _step_jit, self.params, np.asarray(tokens), rows, cfg=self.cfg, fixed_order=self.fixed_order
+        extra = {name: a for name, a in (("features", features), ("own", own)) if a is not None}
+        if self.cfg.features != bool(extra):
+            raise ValueError("a feature-level drafter steps with features or its own outputs, other drafters without")
+        slots, out_rows, (logits, x) = self.cache.apply(
+            _step_jit, self.params, np.asarray(tokens), rows, extra=extra, cfg=self.cfg, fixed_order=self.fixed_order
         )
         self.cache.lengths[slots] += t
         t_pad = bucket(t)
+        self.last_outputs = np.asarray(x)[:, t - 1 :: t_pad].T[out_rows]  # [B, D]
         return np.asarray(logits)[:, t - 1 :: t_pad].T[out_rows]  # each row's last fed token (host slicing)
 
     def draft_greedy(
@@ -543,7 +673,9 @@ class DrafterRunner:
             top_k: the router's feature size.
             tau_first: per row, the confidence the first draft needs, or the row declines the round (None: never).
             hidden: a Tandem drafter's rows' new primary states, [n_b, n_taps, P] each (None for a row with none),
-                written at each row's length before its pending tokens (None: no row has any).
+                written at each row's length before its pending tokens (None: no row has any). A feature-level
+                drafter's are its inputs instead: for every row, the states at each pending token's previous
+                position, [len(pending[b]), n_taps, P].
 
         Returns:
             Per row the drafts d_1..d_k (k <= gamma; 0 when declined); each row's length advances by its states and
@@ -553,8 +685,14 @@ class DrafterRunner:
         fed = np.asarray([len(p) for p in pending], np.int32)
         gammas = np.asarray(gamma, np.int32)
         states = [None] * slots.size if hidden is None else list(hidden)
-        ingested = np.asarray([0 if h is None else h.shape[0] for h in states], np.int32)
         tail = (len(self.cfg.tapped_layers), self.cfg.primary_d_model)
+        features = None
+        if self.cfg.features:
+            if any(h is None or h.shape[0] != n for h, n in zip(states, fed, strict=True)):
+                raise ValueError("a feature-level drafter needs the states at every pending token's previous position")
+            features = stack_states(states, slots.size, int(fed.max()), tail)
+            states = [None] * slots.size  # inputs, not positions to write
+        ingested = np.asarray([0 if h is None else h.shape[0] for h in states], np.int32)
         if ingested.max() > INGEST_WIDTHS[-1]:  # too wide to write in the drafting call: a call of their own first
             big = [b for b, n in enumerate(ingested) if n > INGEST_WIDTHS[-1]]
             wide = stack_states([states[b] for b in big], len(big), int(ingested.max()), tail)
@@ -576,12 +714,15 @@ class DrafterRunner:
         pad_slots, pad_lengths = self.cache.padded_rows(slots)
         b_pad, cap = tokens.shape[0], bucket(int(gammas.max()), _DRAFTS_WIDTH)
         primary_hidden = None
-        if self.cfg.tandem:  # always through the ingesting call, so one compiled shape serves rounds with and without
+        if features is not None:
+            primary_hidden = self.cache.pad_block(features, slots, fed, np.float32)  # laid out like the tokens
+        elif self.cfg.tandem:  # always through the ingesting call, so one compiled shape serves rounds with and without
             width = next(w for w in INGEST_WIDTHS if w >= ingested.max())
             primary_hidden = stack_states(states, b_pad, width, tail)
         elif hidden is not None:
             raise ValueError("a vanilla drafter reads no primary states")
-        ahead = max(tokens.shape[1], int(fed.max()) + cap) + (0 if primary_hidden is None else primary_hidden.shape[1])
+        written = 0 if primary_hidden is None or features is not None else primary_hidden.shape[1]
+        ahead = max(tokens.shape[1], int(fed.max()) + cap) + written
         attend = self.cache.attend_len(slots, ahead=ahead)
         drafts, count, self.cache.k, self.cache.v = _draft_greedy_jit(
             self.params,
@@ -596,7 +737,7 @@ class DrafterRunner:
             np.pad(np.asarray(tau, np.float32), (0, b_pad - gammas.size)),
             np.pad(np.asarray(tau_first or [0.0] * gammas.size, np.float32), (0, b_pad - gammas.size)),
             primary_hidden,
-            None if primary_hidden is None else np.pad(ingested, (0, b_pad - ingested.size)),
+            None if primary_hidden is None or features is not None else np.pad(ingested, (0, b_pad - ingested.size)),
             cfg=self.cfg,
             attend_len=attend,
             cap=cap,
@@ -627,8 +768,8 @@ class DrafterRunner:
         Returns:
             How many shapes were compiled or found compiled.
         """
-        if not self.cfg.tandem:
-            raise ValueError("only a Tandem drafter's serving shapes are compiled ahead")
+        if not self.cfg.tandem or self.cfg.features:
+            raise ValueError("only a Tandem drafter of the layer-map form has its serving shapes compiled ahead")
         shapes = 0
         hidden = (len(self.cfg.tapped_layers), self.cfg.primary_d_model)
         for b in sorted({bucket(n) for n in batches}):
@@ -682,6 +823,8 @@ class DrafterRunner:
             sizes: [B] real positions per row when rows carry different numbers (default: T each); each row's
                 length advances by its own size.
         """
+        if self.cfg.features:
+            raise ValueError("a feature-level drafter reads the primary's states as inputs (step, draft_greedy)")
         t = primary_hidden.shape[1]
         real = None if sizes is None else np.asarray(sizes)
         slots, _, _ = self.cache.apply(
@@ -759,7 +902,12 @@ def save_drafter(directory: Path, cfg: DrafterConfig, params: DrafterParams, dty
     tensors.update(_stored_layers(params.layers, params.proj))
     # A shared-embedding drafter stores its projection; the [V, D] table is derived from the primary at load time.
     embed = None if cfg.shared_embed else params.embed
-    optional = {"embed": embed, "embed_proj": params.embed_proj}
+    optional = {
+        "embed": embed,
+        "embed_proj": params.embed_proj,
+        "fuse_feat": None if params.fuse_feat is None else float_weight(params.fuse_feat),
+        "fuse_emb": None if params.fuse_emb is None else float_weight(params.fuse_emb),
+    }
     tensors.update({k: v for k, v in optional.items() if v is not None})
     # safetensors writes an array's buffer as is, so every array must be C-contiguous (a stack of transposes is not).
     arrays = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in tensors.items()}
@@ -787,7 +935,9 @@ def load_drafter(
     def arr(name: str) -> jax.Array:
         return jnp.asarray(t[name], dtype=dtype)
 
-    if cfg.tandem != ("proj" in t):
+    if cfg.features != ("fuse_feat" in t and "fuse_emb" in t):
+        raise ValueError(f"{directory}: config says reads={cfg.reads!r} but the fused-input weights disagree")
+    if (cfg.tandem and not cfg.features) != ("proj" in t):
         raise ValueError(
             f"{directory}: config says tandem={cfg.tandem} but projections are {'present' if 'proj' in t else 'absent'}"
         )
@@ -799,8 +949,10 @@ def load_drafter(
         embed=None if cfg.shared_embed else arr("embed"),
         layers=_layers_from_stored(t, cfg, dtype),
         final_norm=arr("final_norm"),
-        proj=tuple(jnp.asarray(w.T, dtype) for w in t["proj"]) if cfg.tandem else None,  # [P, D] -> [D, P]
+        proj=tuple(jnp.asarray(w.T, dtype) for w in t["proj"]) if "proj" in t else None,  # [P, D] -> [D, P]
         embed_proj=arr("embed_proj") if cfg.shared_embed else None,
         head_ids=jnp.asarray(t["head_ids"], jnp.int32) if cfg.head_vocab else None,
+        fuse_feat=arr("fuse_feat") if cfg.features else None,
+        fuse_emb=arr("fuse_emb") if cfg.features else None,
     )
     return cfg, materialize(params, cfg, primary_embed)

@@ -145,6 +145,7 @@ class KVCache:
         sizes: np.ndarray | None = None,
         dtype: type = np.int32,
         attends: bool = True,
+        extra: dict[str, np.ndarray] | None = None,
         **static: object,
     ) -> tuple[np.ndarray, np.ndarray, list[jax.Array]]:
         """Runs one jitted block call over this cache and keeps the cache it returns.
@@ -153,27 +154,34 @@ class KVCache:
         (k, v). With `attends`, the attended-length bucket is passed as `attend_len` and whether the call reads the
         whole pool (`pool_call`; its block is then the pool's R rows laid out by slot) as `whole_pool`. Otherwise the
         call runs on the padded batch (see `pad_block` and `padded_rows`). fn's outputs have one row per padded row, of
-        bucket(T) tokens.
+        bucket(T) tokens. `extra` holds more per-token inputs [B, T, ...] (float32), padded and laid out like the block
+        and passed to fn by name.
 
         Returns:
             (the selected slots [B], the rows of fn's outputs that hold them [B], fn's outputs before the cache).
         """
         slots = self.rows(rows)
         padded = self.pad_block(block, slots, sizes, dtype)
+        more = {name: self.pad_block(a, slots, sizes, np.float32) for name, a in (extra or {}).items()}
         if attends:
             static["attend_len"] = self.attend_len(slots)
             static["whole_pool"] = self.pool_call(slots.shape[0])
         if static.get("whole_pool"):
-            by_slot = np.zeros((self.batch, *padded.shape[1:]), dtype)
-            by_slot[slots] = padded[: slots.shape[0]]
-            padded, out_rows = by_slot, slots
+
+            def by_slot(a: np.ndarray) -> np.ndarray:
+                out = np.zeros((self.batch, *a.shape[1:]), a.dtype)
+                out[slots] = a[: slots.shape[0]]
+                return out
+
+            padded, out_rows = by_slot(padded), slots
+            more = {name: by_slot(a) for name, a in more.items()}
             pad_slots, pad_lengths = self.pool_rows(slots)
         else:
             out_rows = np.arange(slots.shape[0])
             pad_slots, pad_lengths = self.padded_rows(slots)
         # Host arrays go to the jitted call as they are: it copies them in its own fast path, where jnp.asarray would
         # dispatch an eager conversion per array (~45 us each on the 2-core CPU; a call makes two).
-        *out, self.k, self.v = fn(params, padded, pad_slots, pad_lengths, self.k, self.v, **static)
+        *out, self.k, self.v = fn(params, padded, pad_slots, pad_lengths, self.k, self.v, **more, **static)
         return slots, out_rows, out
 
     def attend_len(self, rows: np.ndarray, ahead: int = 0) -> int:

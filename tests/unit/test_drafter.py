@@ -51,6 +51,71 @@ def test_tandem_training_forward_equals_incremental(block_len: int) -> None:
     np.testing.assert_allclose(incremental, parallel, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_len", [1, 2, 3])
+def test_feature_training_forward_equals_incremental(block_len: int) -> None:
+    """The feature-level form's parallel forward (every depth of a round at once) equals inference: each round's
+    first position reads the primary's states of the position before it, later ones the drafter's own output there,
+    and after the round its positions are fed again with the primary's states (as the drafter worker does)."""
+    cfg = drafter_config(True, reads="features", feature_layers=(1, TINY.n_layers))
+    params = drafter_model.materialize(drafter_model.init_params(cfg, seed=block_len), cfg)
+    tokens, hidden = _inputs(cfg)
+    parallel = np.asarray(drafter_model.train_forward(params, cfg, jnp.asarray(tokens), jnp.asarray(hidden), block_len))
+    features = np.asarray(drafter_model.shift_features(jnp.asarray(hidden)))  # position i reads states of i - 1
+    runner = drafter_model.DrafterRunner(cfg, params, batch=2, max_len=64)
+    logits, fed = [], 0  # fed: positions holding keys/values from the primary's states
+    for start in range(0, T, block_len):
+        for row in (0, 1):
+            runner.truncate(row, fed)
+        if start > fed:  # the last round's later positions, again with the primary's states
+            runner.step(tokens[:, fed:start], features=features[:, fed:start])
+        logits.append(runner.step(tokens[:, start : start + 1], features=features[:, start : start + 1]))
+        fed = start + 1
+        for i in range(start + 1, min(start + block_len, T)):
+            logits.append(runner.step(tokens[:, i : i + 1], own=runner.last_outputs[:, None]))
+    np.testing.assert_allclose(np.stack(logits, axis=1), parallel, atol=1e-5)
+    with pytest.raises(ValueError, match="feature-level"):
+        runner.step(tokens[:, :1])
+
+
+def test_feature_drafter_round_on_device_equals_step_by_step() -> None:
+    """A greedy round on device (`draft_greedy`: the pending tokens with their states, then drafts fed back with
+    the drafter's own outputs) drafts what host steps draft, and leaves the same cache lengths."""
+    cfg = drafter_config(True, reads="features")
+    params = drafter_model.init_params(cfg, seed=9)
+    params = drafter_model.materialize(params.replace(embed=params.embed * 20.0), cfg)
+    device = drafter_model.DrafterRunner(cfg, params, batch=3, max_len=64)
+    host = drafter_model.DrafterRunner(cfg, params, batch=3, max_len=64)
+    rng = np.random.default_rng(2)
+    taps = (len(cfg.tapped_layers), cfg.primary_d_model)
+    pending = [rng.integers(cfg.vocab_size, size=n).tolist() for n in (5, 1, 3)]
+    feats = [rng.standard_normal((len(p), *taps)).astype(np.float32) for p in pending]
+    rows = [2, 0, 1]
+    got = device.draft_greedy(pending, rows, [4, 2, 3], [0.0] * 3, None, 0, hidden=feats)
+    for b, row in enumerate(rows):
+        want: list[int] = []
+        logits = host.step(np.asarray([pending[b]]), rows=[row], features=feats[b][None])[0]
+        while True:
+            want.append(int(np.argmax(logits)))
+            if len(want) == [4, 2, 3][b]:
+                break
+            logits = host.step(np.asarray([[want[-1]]]), rows=[row], own=host.last_outputs[:, None])[0]
+        assert got[b] == want, b
+    np.testing.assert_array_equal(device.lengths, host.lengths)
+    with pytest.raises(ValueError, match="states at every pending"):
+        device.draft_greedy([[1, 2]], [0], [1], [0.0], None, 0, hidden=[feats[1]])
+
+
+def test_feature_drafter_saves_and_loads(tmp_path) -> None:
+    cfg = drafter_config(True, reads="features", feature_layers=(TINY.n_layers, 1), head_vocab=24)
+    params = drafter_model.materialize(drafter_model.init_params(cfg, seed=4), cfg)
+    drafter_model.save_drafter(tmp_path, cfg, params)
+    loaded_cfg, loaded = drafter_model.load_drafter(tmp_path)
+    assert loaded_cfg == cfg and loaded_cfg.tapped_layers == (1, TINY.n_layers) and loaded_cfg.tap_index == (1, 0)
+    tokens, hidden = _inputs(cfg)
+    a, b = (drafter_model.train_forward(p, cfg, jnp.asarray(tokens), jnp.asarray(hidden), 2) for p in (params, loaded))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
 def test_vanilla_training_forward_equals_incremental() -> None:
     cfg = drafter_config(False)
     params = drafter_model.init_params(cfg, seed=3)

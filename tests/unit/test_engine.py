@@ -48,6 +48,37 @@ def test_greedy_speculation_is_lossless(tiny_engine: Engine, spec: SpecConfig) -
     assert rounds > 0 and (declined > 0) == (spec.first_tau > 0) and (paused > 0) == (spec.min_accepted > 0)
 
 
+@pytest.fixture(scope="module")
+def feature_engine(tiny_params) -> Engine:
+    return make_engine(tiny_params, reads="features", slots=2)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SpecConfig(gamma_max=1, tau=0.0),
+        SpecConfig(gamma_max=4, tau=0.0),
+        SpecConfig(gamma_max=4, tau=0.001, tau_first=0.9),
+        SpecConfig(gamma_max=4, tau=0.0, min_accepted=3.0, pause_steps=3),
+    ],
+)
+def test_feature_level_drafter_is_lossless(feature_engine: Engine, spec: SpecConfig) -> None:
+    """A Tandem drafter of the feature-level form (the primary's states at the previous position fused into its
+    input, its own outputs inside a round) leaves greedy output the primary's own, rounds, declines and pauses alike,
+    and sampled rounds (drafted on the host) run through the same session bookkeeping."""
+    rounds = 0
+    for prompt in PROMPTS[:10]:
+        want = feature_engine.generate(prompt, mode="primary", max_tokens=48)
+        got = feature_engine.generate(prompt, mode="tandem-speed", max_tokens=48, spec=spec)
+        assert got.token_ids == want.token_ids, prompt
+        rounds += got.stats.rounds + got.stats.declined_rounds
+        sampling = SamplingParams(temperature=1.0, seed=len(prompt))
+        a = feature_engine.generate(prompt, mode="tandem-speed", max_tokens=24, sampling=sampling, spec=spec)
+        b = feature_engine.generate(prompt, mode="tandem-speed", max_tokens=24, sampling=sampling, spec=spec)
+        assert a.token_ids == b.token_ids
+    assert rounds > 0
+
+
 def _spy_on_resumed_rounds(worker: DrafterWorker) -> list[tuple[int, int, SparseDist]]:
     """Records (t_0, max drafts, q_1) of every round the worker drafts after a pause, until `del worker.advance`."""
     resumed: list[tuple[int, int, SparseDist]] = []
@@ -221,17 +252,20 @@ def _gof_pvalue(counts: np.ndarray, expected_probs: np.ndarray) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "spec",
+    ("spec", "reads"),
     [
-        SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3),  # q covers 3 of 8 tokens: the residual path is exercised
+        # q covers 3 of 8 tokens: the residual path is exercised
+        (SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3), "layers"),
         # The router declines about a third of the rounds (τ_first): those are plain sampled primary steps.
-        SpecConfig(gamma_max=2, tau=0.3, tau_first=0.17, draft_top_k=3),
+        (SpecConfig(gamma_max=2, tau=0.3, tau_first=0.17, draft_top_k=3), "layers"),
+        # The feature-level drafter's rounds (drafted on the host when sampled, its own outputs fed back)
+        (SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3), "features"),
     ],
-    ids=["every-round-drafts", "some-rounds-declined"],
+    ids=["every-round-drafts", "some-rounds-declined", "feature-level"],
 )
-def test_sampled_speculation_matches_primary_distribution(spec: SpecConfig) -> None:
+def test_sampled_speculation_matches_primary_distribution(spec: SpecConfig, reads: str) -> None:
     params = params_from_state_dict(SMALL, tiny_state(SMALL, seed=3))
-    tcfg, vcfg = drafter_config(True, SMALL), drafter_config(False, SMALL)
+    tcfg, vcfg = drafter_config(True, SMALL, reads=reads), drafter_config(False, SMALL)
     engine = Engine(
         PrimaryRunner(SMALL, params, taps=tcfg.tapped_layers, max_len=32),
         drafter_model.DrafterRunner(tcfg, drafter_model.init_params(tcfg, 1), max_len=32),
