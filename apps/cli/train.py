@@ -206,13 +206,81 @@ def tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_drafter(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-drafter", help="train a feature-level (or vanilla) drafter on distill-data's recorded primary states"
+    )
+    p.add_argument("--data", type=Path, required=True, help="a distill-data directory written with --record-taps")
+    p.add_argument("--out", type=Path, default=Path("runs/feature"), help="checkpoint directory (resumes from here)")
+    p.add_argument("--export", type=Path, default=None, help="write the finished drafter here (float16)")
+    p.add_argument("--kind", choices=("tandem", "vanilla"), default="tandem")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="positions per example (default: 256)")
+    p.add_argument("--depth", type=int, default=3, help="round depths trained at once (default: 3)")
+    p.add_argument("--layers", type=int, default=1, help="drafter layers (default: 1)")
+    p.add_argument("--head-vocab", type=int, default=8192, help="draft vocabulary size (default: 8192)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop at a checkpoint after this long")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate on held-out answers every N steps (0: at end)")
+    p.add_argument("--json", type=Path, default=None, help="write the final evaluation here")
+
+
+def train_drafter(args: argparse.Namespace) -> int:
+    from tandem.decoding.bundle import BundleConfig, load_primary_params
+    from tandem.decoding.lookup import LookupConfig
+    from tandem.training import offline
+
+    try:
+        cfg = offline.OfflineConfig(
+            kind=args.kind,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            depth=args.depth if args.kind == "tandem" else 1,
+            n_layers=args.layers,
+            head_vocab=args.head_vocab,
+            lr=args.lr,
+        )
+        corpus = offline.open_corpus(args.data)
+        pcfg, params, _ = load_primary_params(BundleConfig())
+        trainer = offline.OfflineTrainer(cfg, corpus, pcfg, params)
+        result = trainer.run(args.out, max_minutes=args.max_minutes, eval_every=args.eval_every)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"tandem train-drafter: {e}") from None
+    if not result["finished"]:
+        print(f"stopped at step {result['step']} of {cfg.steps}; run the same command again to continue")
+        return 0
+    report = trainer.evaluate(trainer.params, LookupConfig())
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps({"config": vars_json(args), "evaluation": report}, indent=2) + "\n")
+    if args.export:
+        trainer.export(args.export)
+        print(f"exported to {args.export}")
+    return 0
+
+
+def vars_json(args: argparse.Namespace) -> dict[str, object]:
+    """The command's flags as JSON values."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Registers this module's commands on the `tandem` parser."""
     _add_corpus(sub)
     _add_train(sub)
     _add_distill_data(sub)
+    _add_train_drafter(sub)
     _add_eval(sub)
     _add_tune(sub)
 
 
-COMMANDS = {"corpus": corpus, "train": train, "distill-data": distill_data, "eval": evaluate, "tune": tune}
+COMMANDS = {
+    "corpus": corpus,
+    "train": train,
+    "distill-data": distill_data,
+    "train-drafter": train_drafter,
+    "eval": evaluate,
+    "tune": tune,
+}

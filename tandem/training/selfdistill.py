@@ -505,7 +505,7 @@ def build(
         "format": "self-distill",
         "dtype": "uint16 little-endian",
         "layout": "each example: the chat-templated prompt, then the primary's greedy answer (ending in EOS or cut)",
-        "states": {"taps": list(runner.taps), "dtype": "float16", "file": f"<split>.{STATES_SUFFIX}"}
+        "states": {"taps": list(runner.taps), "width": runner.cfg.d_model, "dtype": "float16", "file": STATES_SUFFIX}
         if record
         else None,
         "prompts_done": progress["done"],

@@ -300,12 +300,12 @@ def _progress(initial: int, total: int, *, enabled: bool) -> Any:
 # --- checkpoints: safetensors + JSON, no pickle ---
 
 
-def _flat(tree: Any) -> dict[str, np.ndarray]:
+def flat_tree(tree: Any) -> dict[str, np.ndarray]:
     leaves = jax.tree_util.tree_leaves(tree)
     return {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
 
 
-def _unflat(template: Any, arrays: dict[str, np.ndarray]) -> Any:
+def unflat_tree(template: Any, arrays: dict[str, np.ndarray]) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten(template)
     if len(arrays) != len(leaves):
         raise ValueError(f"checkpoint has {len(arrays)} arrays, expected {len(leaves)}: a different model or optimizer")
@@ -324,8 +324,8 @@ def save_checkpoint(out_dir: Path, trainer: Trainer, state: TrainState) -> None:
     step_dir = out_dir / f"step-{state.step:06d}"
     step_dir.mkdir(parents=True, exist_ok=True)
     for name in trainer.cfg.drafters:
-        save_file(_flat(state.params[name]), str(step_dir / f"{name}.params.safetensors"))
-        save_file(_flat(state.opt_states[name]), str(step_dir / f"{name}.opt.safetensors"))
+        save_file(flat_tree(state.params[name]), str(step_dir / f"{name}.params.safetensors"))
+        save_file(flat_tree(state.opt_states[name]), str(step_dir / f"{name}.opt.safetensors"))
     meta = {
         "step": state.step,
         "dir": step_dir.name,
@@ -361,11 +361,11 @@ def load_checkpoint(out_dir: Path, trainer: Trainer) -> TrainState:
     step_dir = out_dir / meta["dir"]
     template = trainer.init_state()
     params = {
-        n: _unflat(template.params[n], load_file(str(step_dir / f"{n}.params.safetensors")))
+        n: unflat_tree(template.params[n], load_file(str(step_dir / f"{n}.params.safetensors")))
         for n in trainer.cfg.drafters
     }
     opt = {
-        n: _unflat(template.opt_states[n], load_file(str(step_dir / f"{n}.opt.safetensors")))
+        n: unflat_tree(template.opt_states[n], load_file(str(step_dir / f"{n}.opt.safetensors")))
         for n in trainer.cfg.drafters
     }
     return TrainState(int(meta["step"]), params, opt)
