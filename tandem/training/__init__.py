@@ -4,6 +4,7 @@
     selfdistill.py  the primary's own greedy answers to instructions, as a corpus
     states.py       the primary's tapped states recorded once over a corpus, so a drafter trains without it
     train.py        trains the Tandem, Tandem-CE and vanilla drafters (and their routers)
+    offline.py      trains a feature-level (or vanilla) drafter on the recorded states alone (`tandem train-drafter`)
     evaluate.py     Table 1 metrics and the exact greedy-SPEED acceptance replay
     tuning.py       ranks speculation settings by this machine's measured costs (`tandem tune`)
 
