@@ -226,6 +226,34 @@ def _add_train_drafter(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the final evaluation here")
 
 
+def _add_record_states(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("record-states", help="the primary's states for a distill-data corpus kept without them")
+    p.add_argument("--data", type=Path, required=True, help="a distill-data directory (train.bin, val.bin)")
+    p.add_argument("--taps", default="8,15,23,30", help="primary layers to record (default: 8,15,23,30)")
+    p.add_argument("--slots", type=int, default=8, help="examples prefilled together (default: 8)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this long; rerun to continue")
+
+
+def record_states(args: argparse.Namespace) -> int:
+    from tandem.decoding.bundle import BundleConfig, load_primary_params
+    from tandem.model.primary import PrimaryRunner
+    from tandem.training import states
+
+    try:
+        taps = tuple(int(x) for x in split_csv(args.taps))
+        pcfg, params, _ = load_primary_params(BundleConfig())
+        runner = PrimaryRunner(pcfg, params, taps=taps, batch=args.slots, max_len=1024)
+        for split in ("train", "val"):
+            progress = states.record(args.data, runner, split, max_minutes=args.max_minutes)
+            print(f"{split}: {progress['examples']} of {progress['total_examples']} examples recorded")
+            if progress["examples"] < progress["total_examples"]:
+                print("run the same command again to continue")
+                break
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"tandem record-states: {e}") from None
+    return 0
+
+
 def train_drafter(args: argparse.Namespace) -> int:
     from tandem.decoding.bundle import BundleConfig, load_primary_params
     from tandem.decoding.lookup import LookupConfig
@@ -271,6 +299,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_corpus(sub)
     _add_train(sub)
     _add_distill_data(sub)
+    _add_record_states(sub)
     _add_train_drafter(sub)
     _add_eval(sub)
     _add_tune(sub)
@@ -280,6 +309,7 @@ COMMANDS = {
     "corpus": corpus,
     "train": train,
     "distill-data": distill_data,
+    "record-states": record_states,
     "train-drafter": train_drafter,
     "eval": evaluate,
     "tune": tune,

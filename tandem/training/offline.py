@@ -41,8 +41,7 @@ from tandem.model.drafter import DrafterParams
 from tandem.model.layers import causal_block_mask, decoder_stack, embed_tokens, output_logits, rms_norm
 from tandem.model.primary import LlamaParams, float_only
 from tandem.training.corpus import TOKEN_DTYPE
-from tandem.training.selfdistill import STATES_SUFFIX
-from tandem.training.states import STATE_DTYPE, answer_mask, example_bounds
+from tandem.training.states import STATE_DTYPE, STATES_SUFFIX, answer_mask, example_bounds
 from tandem.training.train import flat_tree, unflat_tree
 
 KINDS = ("tandem", "vanilla")
@@ -92,7 +91,9 @@ def open_corpus(directory: Path, split: str = "train") -> StatesCorpus:
     manifest = json.loads((directory / "manifest.json").read_text())
     states_info = manifest.get("states")
     if not states_info:
-        raise ValueError(f"{directory} has no recorded states: run tandem distill-data with --record-taps")
+        raise ValueError(
+            f"{directory} has no recorded states (tandem distill-data --record-taps or tandem record-states write them)"
+        )
     taps = tuple(int(t) for t in states_info["taps"])
     tokens = np.fromfile(directory / f"{split}.bin", dtype=TOKEN_DTYPE)
     path = directory / f"{split}.{STATES_SUFFIX}"

@@ -29,6 +29,7 @@ import numpy as np
 from tandem.formats.tokenizer import Tokenizer
 from tandem.model.primary import PrimaryRunner
 from tandem.training.corpus import MANIFEST_NAME, TOKEN_DTYPE, fetch_texts, validation_mask
+from tandem.training.states import STATES_SUFFIX
 
 _TEMPLATES = (
     "Explain this passage in simple words: {sentence}",
@@ -332,8 +333,6 @@ def chat_instructions(n: int, seed: int, exclude: Collection[str] = ()) -> list[
     return list(out)
 
 
-STATES_SUFFIX = "states.f16"  # <split>.states.f16: the tapped states of <split>.bin's tokens
-
 _SENTENCE = re.compile(r"[A-Z][^.!?\n]{40,200}[.!?]")
 _TOPIC = re.compile(r"\b[A-Z][a-z]{4,14}\b")
 
@@ -481,8 +480,15 @@ def build(
         for split in ("train", "val"):  # an interrupted run may have written states past its last recorded example
             tokens_file, states_file = out_dir / f"{split}.bin", out_dir / f"{split}.{STATES_SUFFIX}"
             rows = tokens_file.stat().st_size // TOKEN_DTYPE.itemsize if tokens_file.exists() else 0
+            row_bytes = len(runner.taps) * runner.cfg.d_model * 2
+            have = states_file.stat().st_size // row_bytes if states_file.exists() else 0
+            if have < rows:
+                raise ValueError(
+                    f"{tokens_file} holds {rows} tokens but states for {have}: record the rest first "
+                    "(tandem record-states), or write to a new --out"
+                )
             with states_file.open("ab") as f:
-                f.truncate(rows * len(runner.taps) * runner.cfg.d_model * 2)
+                f.truncate(rows * row_bytes)
     results: dict[int, tuple[list[int], np.ndarray | None]] = {}
     answers = greedy_answers(runner, [chats[j] for j in todo], cfg.max_new, tokenizer.stop_token_ids, record=record)
     for i, answer, states in answers:

@@ -1,17 +1,14 @@
 """The primary's states, recorded once, so a drafter trains without running the primary again.
 
 A drafter that reads the primary's representations needs, for every training position, the primary's tapped states
-there. Computing them inside every training step costs a full primary forward per batch; recording them once over a
-self-distilled corpus (`tandem distill-data`: chat-templated prompts with the primary's own greedy answers) costs one
-prefill pass over the data and turns training into a pass over the drafter alone.
+there. `tandem distill-data --record-taps` keeps them while the primary writes its answers; `record` computes them for
+a self-distilled corpus written without them (its token ids kept, its states not): one prefill pass per example.
 
-Layout of a states directory:
-    states.f16       float16 [N, n_taps, P]: row t holds the tapped residual streams at token t of the corpus file
-    progress.json    {"tokens": rows written, "taps": [...], "source": corpus file, "examples": examples done}
-
-Rows follow the corpus file token for token, so a window of tokens [s, s + T) has its states at rows [s, s + T).
-Each example (one chat: system, user, assistant turns) is prefilled on its own (a fresh cache row), exactly as the
-primary sees it when serving that chat; recording is resumable example by example.
+Layout, beside a split's tokens `<split>.bin`:
+    <split>.states.f16   float16 [N, n_taps, P]: row t holds the tapped residual streams at token t of the split
+                         (the last token of each example is never fed while writing, so its row is zero)
+    <split>.states.json  progress of `record`: {"tokens": rows written, "examples": examples done}
+and `manifest.json`'s "states": {"taps", "width", "dtype", "file"} once a split's states are complete.
 """
 
 from __future__ import annotations
@@ -26,8 +23,7 @@ import numpy as np
 
 from tandem.training.corpus import TOKEN_DTYPE
 
-STATES_NAME = "states.f16"
-PROGRESS_NAME = "progress.json"
+STATES_SUFFIX = "states.f16"  # <split>.states.f16
 STATE_DTYPE = np.dtype("<f2")
 
 # Every chat-templated example begins "<|im_start|>system" in SmolLM2's vocabulary (ids 1, 9690): the boundary
@@ -69,44 +65,41 @@ def _batches(bounds: Sequence[tuple[int, int]], rows: int) -> Iterator[list[tupl
 
 
 def record(
-    corpus_file: Path,
-    out_dir: Path,
+    directory: Path,
     runner: Any,
+    split: str = "train",
     *,
     max_minutes: float | None = None,
     log_every: int = 50,
+    example_start: Sequence[int] = EXAMPLE_START,
 ) -> dict[str, Any]:
-    """Records (or resumes recording) the primary's tapped states for every example of `corpus_file`.
+    """Records (or resumes recording) the primary's tapped states for every example of a self-distilled split.
 
     Args:
-        corpus_file: a uint16 token file of chat examples stored back to back (a self-distilled corpus split).
-        out_dir: the states directory (see the module docstring).
-        runner: a `PrimaryRunner` tapping the layers to record, with at least one slot and a context that holds the
-            longest example.
+        directory: a `tandem distill-data` directory (`<split>.bin` of chat examples stored back to back).
+        runner: a `PrimaryRunner` tapping the layers to record, its context long enough for the longest example.
+        split: "train" or "val".
         max_minutes: stop after this long (at an example boundary); run again to continue.
+        example_start: the tokens every example begins with (SmolLM2's chat template by default).
 
     Returns:
-        The progress record.
+        The progress record ({"tokens", "examples", "total_examples"}).
     """
-    tokens = np.fromfile(corpus_file, dtype=TOKEN_DTYPE)
-    bounds = example_bounds(tokens)
+    tokens = np.fromfile(directory / f"{split}.bin", dtype=TOKEN_DTYPE)
+    bounds = example_bounds(tokens, example_start)
     if bounds and bounds[0][0] != 0:
-        raise ValueError(f"{corpus_file} does not begin with a chat example")
-    taps = list(runner.taps)
-    width = runner.cfg.d_model
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress_path = out_dir / PROGRESS_NAME
-    progress = (
-        json.loads(progress_path.read_text())
-        if progress_path.exists()
-        else {"tokens": 0, "examples": 0, "taps": taps, "width": width, "source": str(corpus_file)}
-    )
-    if progress["taps"] != taps:
-        raise ValueError(f"{out_dir} holds taps {progress['taps']}, the runner taps {taps}")
-    path = out_dir / STATES_NAME
-    row_bytes = len(taps) * width * STATE_DTYPE.itemsize
-    with path.open("ab") as f:
-        f.truncate(progress["tokens"] * row_bytes)  # drop a partly written batch of an interrupted run
+        raise ValueError(f"{directory / f'{split}.bin'} does not begin with a chat example")
+    taps, width = list(runner.taps), runner.cfg.d_model
+    manifest_path = directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    recorded = manifest.get("states") or {"taps": taps, "width": width, "dtype": "float16", "file": STATES_SUFFIX}
+    if recorded["taps"] != taps:
+        raise ValueError(f"{directory} records taps {recorded['taps']}, the runner taps {taps}")
+    progress_path = directory / f"{split}.states.json"
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {"tokens": 0, "examples": 0}
+    path = directory / f"{split}.{STATES_SUFFIX}"
+    with path.open("ab") as f:  # drop a partly written batch of an interrupted run
+        f.truncate(progress["tokens"] * len(taps) * width * STATE_DTYPE.itemsize)
     start, done = time.monotonic(), progress["examples"]
     todo = bounds[done:]
     for batch in _batches(todo, runner.batch):
@@ -122,7 +115,9 @@ def record(
         hidden = runner.forward(block, rows=rows, sizes=sizes).hidden  # [B, T, n_taps, P]
         with path.open("ab") as f:
             for b in rows:
-                f.write(np.ascontiguousarray(hidden[b, : sizes[b]], dtype=STATE_DTYPE).tobytes())
+                states = np.array(hidden[b, : sizes[b]], dtype=STATE_DTYPE)
+                states[-1] = 0  # as while writing: the example's last token is never fed
+                f.write(states.tobytes())
         done += len(batch)
         progress.update(tokens=batch[-1][1], examples=done)
         progress_path.write_text(json.dumps(progress) + "\n")
@@ -131,11 +126,7 @@ def record(
             print(f"states: {done}/{len(bounds)} examples, {batch[-1][1]} tokens ({rate:.0f} tokens/s)", flush=True)
         if max_minutes is not None and (time.monotonic() - start) / 60 >= max_minutes:
             break
-    return progress
-
-
-def open_states(out_dir: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """(states [N, n_taps, P] as a read-only memory map, progress record) of a states directory."""
-    progress = json.loads((out_dir / PROGRESS_NAME).read_text())
-    shape = (progress["tokens"], len(progress["taps"]), progress["width"])
-    return np.memmap(out_dir / STATES_NAME, dtype=STATE_DTYPE, mode="r", shape=shape), progress
+    if done == len(bounds):
+        manifest["states"] = recorded
+        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return {**progress, "total_examples": len(bounds)}

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from conftest import TINY
 
 from tandem.decoding.engine import Engine
 from tandem.model.primary import LlamaParams, PrimaryRunner
 from tandem.training.selfdistill import chat_instructions, greedy_answers, instructions
-from tandem.training.states import answer_mask, example_bounds
+from tandem.training.states import STATE_DTYPE, answer_mask, example_bounds, record
 
 DOCS = [
     "The Mississippi River flows south. It carries water from many states into the Gulf of Mexico every year. "
@@ -67,3 +69,25 @@ def test_example_bounds_and_answer_mask() -> None:
     tokens = np.asarray([*one, *one[:-1], 52, 2], np.uint16)
     assert example_bounds(tokens) == [(0, 12), (12, 25)]
     assert answer_mask(tokens).nonzero()[0].tolist() == [9, 10, 11, 21, 22, 23, 24]
+
+
+def test_record_recomputes_the_states_written_with_the_answers(tiny_params: LlamaParams, tmp_path) -> None:
+    """`record` (a prefill pass over a corpus kept without its states) writes, row for row, what recording while
+    writing gives, resumes where it stopped, and marks the manifest once a split is complete."""
+    rng = np.random.default_rng(3)
+    start = [1, 2]
+    prompts = [[*start, *rng.integers(3, TINY.vocab_size, size=int(n)).tolist()] for n in (3, 8, 5, 6, 2)]
+    writer = PrimaryRunner(TINY, tiny_params, taps=(2, TINY.n_layers), batch=2, max_len=64)
+    tokens, want = [], []
+    for i, answer, states in sorted(greedy_answers(writer, prompts, max_new=6, stop_ids=set(), record=True)):
+        tokens += [*prompts[i], *answer]
+        want.append(states)
+    np.asarray(tokens, np.uint16).tofile(tmp_path / "train.bin")
+    runner = PrimaryRunner(TINY, tiny_params, taps=(2, TINY.n_layers), batch=2, max_len=64)
+    first = record(tmp_path, runner, max_minutes=0, log_every=0, example_start=start)  # stops after one batch
+    assert first["examples"] == 2 and not (tmp_path / "manifest.json").exists()
+    done = record(tmp_path, runner, log_every=0, example_start=start)
+    assert done["examples"] == done["total_examples"] == 5
+    got = np.fromfile(tmp_path / "train.states.f16", dtype=STATE_DTYPE).reshape(len(tokens), 2, TINY.d_model)
+    np.testing.assert_allclose(got.astype(np.float32), np.concatenate(want).astype(np.float32), atol=2e-3, rtol=2e-3)
+    assert json.loads((tmp_path / "manifest.json").read_text())["states"]["taps"] == [2, TINY.n_layers]
