@@ -4,7 +4,7 @@ kernel's dot form, `BundleConfig(int8_activations=...)`) and attention and norms
 configurations, interleaved, then how far a 2-token verify's logits and states land from two one-token steps': with
 8-bit inputs but XLA's attention the rounding turns XLA's last-bit differences into different tokens; in fixed order
 they are bitwise equal; last, what the 8-bit inputs cost in accuracy: cross-entropy of both input forms on a text
-(default: this README) and how often their top-1 predictions agree.
+(default: tests/data/corpus_sample.txt, a fixed text) and how often their top-1 predictions agree.
 Usage: `.venv/bin/python experiments/int8_activations.py [TEXT]` (~5 min)."""
 
 from __future__ import annotations
@@ -85,4 +85,4 @@ def main(text: Path, context: int = 256, max_k: int = 16) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parents[1] / "README.md")
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parents[1] / "tests" / "data" / "corpus_sample.txt")

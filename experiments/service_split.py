@@ -3,7 +3,8 @@ Primary's and the Secondary's busy time (their `*_busy_seconds` metrics) and the
 the orchestrator), for `primary` and `tandem-speed` in turn.
 
 Usage: start `tandem serve --state-file /tmp/tandem.json` (add `--no-payoff` to the orchestrator, e.g. a second one
-on the same model services as in README's Load test, so tandem-speed requests speculate), then
+on the same model services, as the through-the-services figures of docs/performance.md were taken, so tandem-speed
+requests speculate), then
 `.venv/bin/python experiments/service_split.py [STATE_FILE] [ORCHESTRATOR]` (~1 min). Prints one line per mode and pass.
 """
 

@@ -196,8 +196,9 @@ class SpecConfig:
     """How a speculative round drafts."""
 
     # Defaults: the setting `tandem tune` ranked first for the shipped Tandem drafter on this 2-core CPU with the int8
-    # kernel (results/tune/tune_cpu.md; tuned on prompts/tune.jsonl, checked on the benchmark's prompts: README,
-    # Speed). With γ_max = 1, τ only matters where a caller raises γ_max; 0.8 is the paper's.
+    # kernel (results/tune/tune_cpu.md; tuned on prompts/tune.jsonl, checked on the benchmark's prompts:
+    # docs/performance.md, Speculation settings). With γ_max = 1, τ only matters where a caller raises γ_max; 0.8 is
+    # the paper's.
     gamma_max: int = 1  # most tokens drafted per round
     tau: float = 0.8  # keep drafting while the router's confidence >= tau; 0 drafts gamma_max every round
     draft_top_k: int = 16  # the drafter samples from its top-K (renormalised); that truncated q is sent sparse

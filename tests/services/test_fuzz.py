@@ -1,8 +1,8 @@
 """Property-based fuzzing of all three APIs, internal tensor messages included: every request gets a clean status (never
 INTERNAL or UNKNOWN), the servers keep serving, and no session leaks.
 
-`TANDEM_FUZZ_EXAMPLES` sets the examples per API (default 250: 1,000 requests per run); the README's command runs
-2,500 per API (10,000 requests).
+`TANDEM_FUZZ_EXAMPLES` sets the examples per API (default 250: 1,000 requests per run); the command in
+docs/testing.md (Faults, hostile input, soak) runs 2,500 per API (10,000 requests).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Soak: many requests through the three services with random client cancellations and deadlines; resident memory
-stays flat and no session leaks. `TANDEM_SOAK_REQUESTS` sets the count (default 300; the README runs 1,000)."""
+stays flat and no session leaks. `TANDEM_SOAK_REQUESTS` sets the count (default 300; docs/testing.md runs 1,000)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from test_services import Stack
 
 from tandemrpc.client import build_request
 
-REQUESTS = int(os.environ.get("TANDEM_SOAK_REQUESTS", "300"))  # the README's command runs 1,000
+REQUESTS = int(os.environ.get("TANDEM_SOAK_REQUESTS", "300"))  # docs/testing.md's command runs 1,000
 WARMUP = 300  # covers the shape buckets (each compiled drafting round or block adds resident memory once)
 
 

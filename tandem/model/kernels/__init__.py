@@ -13,7 +13,7 @@ float32 they are the float model; XLA then streams 4 bytes per weight on every s
   Q8_0 weights do) and multiplied in integers (vpmaddubsw + vpmaddwd; signed Q8_0 weights through vpsignb), any
   number of columns. On the 2-core Zen 4 EPYC the four layer products of all 30 layers cost 0.61x / 0.50x / 0.45x
   the float-input kernel's time at 1 / 4 / 8 columns (`experiments/panel_forms.py`), the head 0.68x / 0.52x / 0.46x; the
-  model's cross-entropy on the README rises by 0.24% (README, Speed).
+  model's cross-entropy on the project's README of that release rises by 0.24% (CHANGELOG.md).
 
 Every output element is one sum over the inputs in a fixed order, so a column's result is bitwise the same whatever
 the other columns are (tests/unit/test_kernels.py). `attention` and `rms_norm` do the same for the rest of a pass: each
