@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from apps.bench.prompts import read_prompts
+from benchmark.prompts import read_prompts
 from tandemrpc.client import TandemClient
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from apps.bench.prompts import read_prompts, tokenize_prompts
+from benchmark.prompts import read_prompts, tokenize_prompts
 from tandem.config import SamplingParams
 from tandem.decoding.bundle import BundleConfig, load_primary
 from tandem.decoding.workers import PrimaryWorker

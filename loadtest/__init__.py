@@ -8,7 +8,7 @@ E2EL, throughput, goodput) together with the orchestrator's speculation counters
 
 A client like any other: it speaks the public API only. Ray is imported when a test runs (pip install '.[loadtest]').
 It shares the benchmark's statistics, metrics scraping, machine description, report helpers and stack launch
-(`apps.bench`), and only the command line (`apps.cli`) imports it.
+(`benchmark`), and only the command line (`apps.cli`) imports it.
 """
 
 from loadtest.harness import (

@@ -38,10 +38,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from apps.bench.machine import machine_info
-from apps.bench.metrics import fetch_metrics
-from apps.bench.report import jsonable, log_stderr
-from apps.bench.stack import launch_stack, wait_serving
+from benchmark.machine import machine_info
+from benchmark.metrics import fetch_metrics
+from benchmark.report import jsonable, log_stderr
+from benchmark.stack import launch_stack, wait_serving
 from loadtest.metrics import (
     RequestRecord,
     metrics_delta,
@@ -152,7 +152,7 @@ def arrival_gaps(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) ->
 
 
 def chat_prompts(rows: Sequence[tuple[str, str]]) -> list[Prompt]:
-    """apps.bench.prompts.read_prompts' (prompt, category) rows as user messages: the orchestrator renders them with the
+    """benchmark.prompts.read_prompts' (prompt, category) rows as user messages: the orchestrator renders them with the
     chat template, giving the token ids `tandem bench` sends."""
     return [[{"role": "user", "content": text}] for text, _ in rows]
 
@@ -495,7 +495,7 @@ def run_loadtest(
 
     Raises:
         ValueError: no prompts.
-        apps.launch.ServeError: the stack started here did not come up.
+        tandemrpc.launch.ServeError: the stack started here did not come up.
     """
     if not prompts:
         raise ValueError("no prompts")

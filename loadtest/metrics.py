@@ -25,8 +25,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from apps.bench.metrics import FALLBACK_COUNTERS
-from apps.bench.stats import mean, percentile, sum_positions, tpot
+from benchmark.metrics import FALLBACK_COUNTERS
+from benchmark.stats import mean, percentile, sum_positions, tpot
 
 OUTCOMES = ("completed", "rejected", "failed")
 MAX_ERRORS = 5  # distinct error messages kept per run
@@ -242,7 +242,7 @@ def metrics_delta(before: str, after: str) -> dict[str, Any]:
 
     Returns:
         spec: `spec_summary` of the tandem_spec_num_* counters' increases; server_counters: the increases of
-        apps.bench.metrics.FALLBACK_COUNTERS (drafter fallbacks, primary failovers); primary_only: those of
+        benchmark.metrics.FALLBACK_COUNTERS (drafter fallbacks, primary failovers); primary_only: those of
         PRIMARY_ONLY_COUNTERS (speculative requests run primary-only by the load or by the speculation payoff).
     """
     old, new = counters(before), counters(after)

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from apps.bench import report as bench_report
+from benchmark import report as bench_report
 
 LATENCIES = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("itl_per_token", "ITL per token"), ("e2el", "E2EL"))
 

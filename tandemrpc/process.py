@@ -1,4 +1,4 @@
-"""The services' side of running as a child process of `apps.launch.ServeStack` (`tandem serve`, `tandem demo`, the
+"""The services' side of running as a child process of `tandemrpc.launch.ServeStack` (`tandem serve`, `tandem demo`, the
 end-to-end tests): each service calls `die_with_parent()` first thing, so a killed parent leaves no model server
 behind. The launcher sets `PARENT_ENV` for its children; this module holds both so the services need not import the
 launcher (an application).
@@ -19,7 +19,7 @@ PARENT_ENV = "TANDEM_DIE_WITH_PARENT"  # set by ServeStack for its children: the
 def die_with_parent() -> None:
     """Asks Linux to SIGTERM this process when its parent dies, if `PARENT_ENV` names the parent (a no-op otherwise).
 
-    ServeStack (apps.launch) sets the variable for the services it starts, and each service calls this first thing,
+    ServeStack (tandemrpc.launch) sets the variable for the services it starts, and each service calls this first thing,
     which keeps a killed `tandem serve` or test run from leaving three model servers behind. It is done here rather
     than in a `preexec_fn`: a preexec_fn makes `subprocess` fork() instead of vfork(), and gRPC's fork handlers in a
     parent that has gRPC loaded then sometimes killed the child before its exec ("epoll_wait error: Bad file

@@ -1,4 +1,4 @@
-"""The measurements: `tandem bench` (`apps.bench`), `tandem bench-report` and `tandem loadtest` (`loadtest`)."""
+"""The measurements: `tandem bench` (`benchmark`), `tandem bench-report` and `tandem loadtest` (`loadtest`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--via", choices=("in-process", "grpc", "both"), default="both", help="where the modes run (default: both)"
     )
-    p.add_argument("--peer", choices=("hf",), default=None, help="also run apps.peer_hf.HFPeer as hf, hf-assisted")
+    p.add_argument("--peer", choices=("hf",), default=None, help="also run benchmark.peer_hf.HFPeer as hf, hf-assisted")
     p.add_argument("--target", default=None, help="orchestrator HOST:PORT for --via grpc (default: start one here)")
     p.add_argument(
         "--metrics-url", default=None, metavar="URL", help="with --target: the orchestrator's metrics (fallback counts)"
@@ -112,10 +112,10 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from apps.bench.config import VIA_CHOICES, BenchConfig
-    from apps.bench.prompts import read_prompts
-    from apps.bench.report import identity_warnings, write_outputs
-    from apps.bench.run import run_with_bundle
+    from benchmark.config import VIA_CHOICES, BenchConfig
+    from benchmark.prompts import read_prompts
+    from benchmark.report import identity_warnings, write_outputs
+    from benchmark.run import run_with_bundle
 
     try:
         cfg = BenchConfig(
@@ -143,8 +143,8 @@ def bench(args: argparse.Namespace) -> int:
         raise SystemExit("tandem bench: --metrics-url and --service-metrics describe a --target")
     import grpc
 
-    from apps.launch import ServeError
     from tandem.errors import InvalidRequestError
+    from tandemrpc.launch import ServeError
 
     try:
         report = run_with_bundle(
@@ -171,7 +171,7 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def bench_report(args: argparse.Namespace) -> int:
-    from apps.bench.report import write_outputs
+    from benchmark.report import write_outputs
 
     try:
         report = json.loads(args.report.read_text(encoding="utf-8"))
@@ -184,7 +184,7 @@ def bench_report(args: argparse.Namespace) -> int:
 
 
 def loadtest(args: argparse.Namespace) -> int:
-    from apps.bench.prompts import read_prompts
+    from benchmark.prompts import read_prompts
     from loadtest import LoadTestConfig, chat_prompts, run_loadtest, write_outputs
 
     try:
@@ -207,7 +207,7 @@ def loadtest(args: argparse.Namespace) -> int:
         prompts = chat_prompts(read_prompts(args.prompts))
     except (ValueError, OSError) as e:
         raise SystemExit(f"tandem loadtest: {e}") from None
-    from apps.launch import ServeError
+    from tandemrpc.launch import ServeError
 
     try:
         report = run_loadtest(

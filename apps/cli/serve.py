@@ -1,4 +1,4 @@
-"""`tandem serve` and `tandem demo`: the three services as local processes (`apps.launch.ServeStack`)."""
+"""`tandem serve` and `tandem demo`: the three services as local processes (`tandemrpc.launch.ServeStack`)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from apps.launch import ServeError, ServeStack, interrupt_on_signals
+    from tandemrpc.launch import ServeError, ServeStack, interrupt_on_signals
 
     def say(msg: str) -> None:
         print(f"tandem serve: {msg}", file=sys.stderr, flush=True)
@@ -76,8 +76,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     """The main job: the services as separate processes, one streamed generation through the public API."""
-    from apps.launch import ServeStack
     from tandemrpc.client import TandemClient, stream_remote
+    from tandemrpc.launch import ServeStack
 
     print("tandem demo: starting primary, secondary and orchestrator (first start loads and compiles)", file=sys.stderr)
     stack = ServeStack(port=0, slots=1, max_len=1024)

@@ -135,7 +135,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def distill_data(args: argparse.Namespace) -> int:
-    from apps.bench.prompts import read_prompts
+    from benchmark.prompts import read_prompts
     from tandem.decoding.bundle import BundleConfig, load_primary
     from tandem.model.primary import PrimaryRunner
     from tandem.training import selfdistill
@@ -192,8 +192,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def tune(args: argparse.Namespace) -> int:
-    from apps.bench.machine import machine_info
-    from apps.bench.prompts import read_prompts
+    from benchmark.machine import machine_info
+    from benchmark.prompts import read_prompts
     from tandem.training.tuning import TuneConfig, render_markdown
     from tandem.training.tuning import tune as run_tune
 

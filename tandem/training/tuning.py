@@ -105,7 +105,7 @@ def tune(
         bundle_cfg: which models (its max_len is replaced by cfg.max_len).
         log: progress lines.
         machine_info: describes the machine for the report (the command line passes the benchmark's
-            `apps.bench.machine.machine_info`); None: no description.
+            `benchmark.machine.machine_info`); None: no description.
 
     Returns:
         The JSON `tandem tune` writes: config, machine, measured costs, and per drafter the ranked settings and the

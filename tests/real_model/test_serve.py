@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
-from apps.launch import ServeError, ServeStack, health_status
 from tandem.decoding.bundle import Bundle, BundleConfig, load_bundle
 from tandemrpc.client import TandemClient, build_request
+from tandemrpc.launch import ServeError, ServeStack, health_status
 from tandemrpc.process import PARENT_ENV
 from tandemrpc.v1 import tandem_pb2 as pb
 

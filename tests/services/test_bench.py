@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from conftest import SPECULATE_ALWAYS, TINY, make_engine
 
-from apps.bench.config import BenchConfig
-from apps.bench.prompts import BenchPrompt, read_prompts
-from apps.bench.report import SCHEMA, build_report, identity_warnings, render_markdown
-from apps.bench.run import run
-from apps.bench.stats import (
+from apps.cli.main import build_parser, main
+from benchmark.config import BenchConfig
+from benchmark.prompts import BenchPrompt, read_prompts
+from benchmark.report import SCHEMA, build_report, identity_warnings, render_markdown
+from benchmark.run import run
+from benchmark.stats import (
     Sample,
     block_cost_ratios,
     first_difference,
@@ -29,7 +30,6 @@ from apps.bench.stats import (
     speedups,
     summarize,
 )
-from apps.cli.main import build_parser, main
 from orchestrator.config import OrchestratorConfig
 from orchestrator.server import OrchestratorServiceConfig
 from orchestrator.server import build_server as build_orchestrator

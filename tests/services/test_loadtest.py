@@ -21,7 +21,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from test_services import PROMPTS, Stack
 
 from apps.cli.main import main
-from apps.launch import free_ports
 from loadtest import (
     LoadTestConfig,
     RequestRecord,
@@ -35,6 +34,7 @@ from loadtest import (
     summarize_repeats,
 )
 from orchestrator.metrics import Metrics
+from tandemrpc.launch import free_ports
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
 

@@ -365,9 +365,9 @@ def test_the_kernel_can_be_switched_off() -> None:
 
 @needs_kernel
 def test_the_bench_times_the_kernel_beside_its_xla_twin() -> None:
-    from apps.bench.config import BenchConfig
-    from apps.bench.micro import xla_twin
-    from apps.bench.report import build_report, render_markdown
+    from benchmark.config import BenchConfig
+    from benchmark.micro import xla_twin
+    from benchmark.report import build_report, render_markdown
     from tandem.decoding.costs import measure_block_costs
 
     _, params = quantized_tiny_params()

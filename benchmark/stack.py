@@ -1,14 +1,14 @@
-"""The three services started here for a run through gRPC (`apps.launch.ServeStack` on free ports)."""
+"""The three services started here for a run through gRPC (`tandemrpc.launch.ServeStack` on free ports)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from apps.bench.report import log_stderr
+from benchmark.report import log_stderr
 
 if TYPE_CHECKING:
-    from apps.launch import ServeStack
+    from tandemrpc.launch import ServeStack
 
 
 def launch_stack(
@@ -24,7 +24,7 @@ def launch_stack(
     Launching first lets the caller do its own start-up (load a bundle, start Ray) while the services load.
     `prefix_cache_rows` sets the Primary's `--prefix-cache-rows` (None: its default).
     """
-    from apps.launch import ServeStack
+    from tandemrpc.launch import ServeStack
 
     # The bench compares the modes themselves: its orchestrator always speculates when asked (orchestrator/payoff.py).
     extra = {"orchestrator": ["--no-payoff"]}
@@ -40,7 +40,7 @@ def wait_serving(stack: ServeStack, log: Callable[[str], None] = log_stderr) -> 
     """Waits until a stack from `launch_stack` serves; returns the orchestrator's address.
 
     Raises:
-        apps.launch.ServeError: a service exited or did not serve within the stack's startup timeout.
+        tandemrpc.launch.ServeError: a service exited or did not serve within the stack's startup timeout.
     """
     stack.wait_ready(on_ready=lambda name, s: log(f"{name} serving after {s:.1f}s"))
     return stack.orchestrator_address

@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from apps.bench.config import BASELINE
+from benchmark.config import BASELINE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """`tandem bench`: every mode on the same prompts, in process and through gRPC, in one run.
 
-    from apps.bench.config import BenchConfig
-    from apps.bench.report import render_markdown
-    from apps.bench.run import run
+    from benchmark.config import BenchConfig
+    from benchmark.report import render_markdown
+    from benchmark.run import run
 
     report = run(BenchConfig(modes=("primary", "tandem-speed"), vias=("in-process",)), prompts, engine=engine)
     print(render_markdown(report))
@@ -10,13 +10,13 @@
     config.py    BenchConfig: the modes (with their own settings, MODE@TAU_FIRST:TAU:GAMMA_MAX) and the vias
     prompts.py   the JSONL prompt set and the token ids it is sent as
     run.py       the interleaved run (`run`), and `run_with_bundle`, what the command line calls
-    backends.py  in process, through the public gRPC API, or a peer (Hugging Face transformers, `apps.peer_hf`)
+    backends.py  in process, through the public gRPC API, or a peer (Hugging Face transformers, `benchmark.peer_hf`)
     stats.py     the figures from the samples: TTFT, TPOT, percentiles, acceptance, speedups, tax (shared by loadtest)
     micro.py     the block-cost curve and the drafter step (measured by `tandem.decoding.costs`)
     machine.py   the machine and the git commit of a run
     metrics.py   the services' Prometheus metrics (busy seconds, fallback counters)
     report.py    the JSON report, its markdown and plot, progress lines
-    stack.py     the three services started for a gRPC run (`apps.launch.ServeStack`)
+    stack.py     the three services started for a gRPC run (`tandemrpc.launch.ServeStack`)
 
 What is measured (docs/design.md, Metric definitions, as vLLM's `bench serve`):
 

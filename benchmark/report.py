@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from apps.bench.config import BASELINE, LOSSY_MODES, VIAS, BenchConfig, split_mode
-from apps.bench.prompts import BenchPrompt
-from apps.bench.stats import Sample, block_cost_ratios, microservice_tax, mismatches, speedups, summarize
+from benchmark.config import BASELINE, LOSSY_MODES, VIAS, BenchConfig, split_mode
+from benchmark.prompts import BenchPrompt
+from benchmark.stats import Sample, block_cost_ratios, microservice_tax, mismatches, speedups, summarize
 
 SCHEMA = "tandem-bench/1"
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from apps.bench.config import BenchConfig
-from apps.bench.report import log_stderr
+from benchmark.config import BenchConfig
+from benchmark.report import log_stderr
 from tandem.decoding.costs import measure_block_costs, measure_drafter_step
 
 if TYPE_CHECKING:

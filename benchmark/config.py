@@ -8,7 +8,7 @@ from tandem.config import MODES, SpecConfig
 
 VIAS = ("in-process", "grpc")
 VIA_CHOICES = {"in-process": ("in-process",), "grpc": ("grpc",), "both": ("in-process", "grpc")}
-PEER_MODES = ("hf", "hf-assisted")  # a peer implementation (apps.peer_hf), run in this process
+PEER_MODES = ("hf", "hf-assisted")  # a peer implementation (benchmark.peer_hf), run in this process
 LOSSY_MODES = frozenset({"tandem"})  # standalone Tandem keeps drafts unverified: differing from primary is by design
 BASELINE = "primary"
 
@@ -56,7 +56,7 @@ class BenchConfig:
         block_cost_context: cached tokens before the block-cost calls (0: an empty cache; None: skip the curve).
         block_cost_max_k: the curve covers k = 1..block_cost_max_k.
         block_cost_calls: timed calls per k (median), after two warm-up calls.
-        peer: "hf" adds the modes hf and hf-assisted (apps.peer_hf.HFPeer, in process); None: no peer.
+        peer: "hf" adds the modes hf and hf-assisted (benchmark.peer_hf.HFPeer, in process); None: no peer.
         prefix_cache_rows: the Primary's prefix cache (`tandem.model.kvcache.PrefixCache`) in process and in services
             started here. 0 (off) by default: the modes run the same prompts one after another, and with the cache
             every mode but the first on a prompt would reuse all of it but its last token.

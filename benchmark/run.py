@@ -9,15 +9,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from apps.bench.backends import Backend, GrpcBackend, InProcessBackend, Peer, PeerBackend, load_peer
-from apps.bench.config import PEER_MODES, BenchConfig, split_mode
-from apps.bench.machine import machine_info
-from apps.bench.metrics import orchestrator_counters
-from apps.bench.micro import call_costs
-from apps.bench.prompts import BenchPrompt, tokenize_prompts
-from apps.bench.report import build_report, jsonable, log_stderr
-from apps.bench.stack import launch_stack, wait_serving
-from apps.bench.stats import Sample
+from benchmark.backends import Backend, GrpcBackend, InProcessBackend, Peer, PeerBackend, load_peer
+from benchmark.config import PEER_MODES, BenchConfig, split_mode
+from benchmark.machine import machine_info
+from benchmark.metrics import orchestrator_counters
+from benchmark.micro import call_costs
+from benchmark.prompts import BenchPrompt, tokenize_prompts
+from benchmark.report import build_report, jsonable, log_stderr
+from benchmark.stack import launch_stack, wait_serving
+from benchmark.stats import Sample
 
 if TYPE_CHECKING:
     from tandem.decoding.engine import Engine

@@ -1,5 +1,5 @@
 """Where a generation runs: the in-process engine, the public gRPC API, or a peer implementation (Hugging Face
-transformers, `apps.peer_hf`); each reports a `Sample` as a client sees it.
+transformers, `benchmark.peer_hf`); each reports a `Sample` as a client sees it.
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from apps.bench.config import PEER_MODES
-from apps.bench.metrics import busy_seconds
-from apps.bench.stats import Sample
+from benchmark.config import PEER_MODES
+from benchmark.metrics import busy_seconds
+from benchmark.stats import Sample
 from tandem.config import SamplingParams, SpecConfig
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ class GrpcBackend:
 
 
 class PeerResultLike(Protocol):
-    """What a peer's generate returns (apps.peer_hf.PeerResult)."""
+    """What a peer's generate returns (benchmark.peer_hf.PeerResult)."""
 
     @property
     def token_ids(self) -> list[int]: ...
@@ -151,7 +151,7 @@ class PeerResultLike(Protocol):
 
 
 class Peer(Protocol):
-    """Another implementation run on the same prompts (apps.peer_hf.HFPeer)."""
+    """Another implementation run on the same prompts (benchmark.peer_hf.HFPeer)."""
 
     def warmup(self) -> None: ...
     def describe(self) -> dict[str, Any]: ...
@@ -187,7 +187,7 @@ def load_peer(name: str, bundle_cfg: BundleConfig) -> Peer:
     if name != "hf":
         raise SystemExit(f"tandem bench: unknown peer {name!r}")
     try:
-        from apps.peer_hf import HFPeer
+        from benchmark.peer_hf import HFPeer
     except ImportError as e:
         missing = getattr(e, "name", None) or str(e)
         raise SystemExit(
