@@ -183,6 +183,10 @@ class SpecConfig:
     # without asking the drafter, then tries a round again. 0: never pause.
     min_accepted: float = 0.0
     pause_steps: int = 4
+    # Prompt lookup (`tandem.decoding.lookup`): a round whose newest `lookup_ngram` or more tokens occurred earlier in
+    # the request takes the tokens that followed them as its drafts (up to γ), with no drafter model call. The
+    # shortest n-gram that counts as a match; 0: off.
+    lookup_ngram: int = 0
 
     def __post_init__(self) -> None:
         if self.gamma_max < 1:
@@ -197,6 +201,8 @@ class SpecConfig:
             raise ValueError(f"pause_steps must be >= 1, got {self.pause_steps}")
         if self.draft_top_k < 1:
             raise ValueError(f"draft_top_k must be >= 1, got {self.draft_top_k}")
+        if self.lookup_ngram < 0:
+            raise ValueError(f"lookup_ngram must be >= 0 (0: prompt lookup off), got {self.lookup_ngram}")
 
     @property
     def first_tau(self) -> float:

@@ -209,6 +209,12 @@ class Request:
     sampling: SamplingParams = SamplingParams()
     spec: SpecConfig = SpecConfig()
 
+    @property
+    def drafter_spec(self) -> SpecConfig:
+        """The settings the request's drafter session opens with: standalone Tandem keeps its drafts unverified, so
+        they come from the Tandem drafter alone (no prompt lookup, whose guesses only verification makes safe)."""
+        return self.spec if self.mode in SPECULATIVE_MODES else dataclasses.replace(self.spec, lookup_ngram=0)
+
     def validate(self, vocab_size: int, max_len: int, max_tokens_limit: int | None = None) -> int:
         """Checks the request against the model and returns the tokens it may generate within max_len.
 

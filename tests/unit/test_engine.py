@@ -219,15 +219,19 @@ def _gof_pvalue(counts: np.ndarray, expected_probs: np.ndarray) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "spec",
+    ("spec", "prompt"),
     [
-        SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3),  # q covers 3 of 8 tokens: the residual path is exercised
+        # q covers 3 of 8 tokens: the residual path is exercised.
+        (SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3), [1, 5, 2]),
         # The router declines about a third of the rounds (τ_first): those are plain sampled primary steps.
-        SpecConfig(gamma_max=2, tau=0.3, tau_first=0.17, draft_top_k=3),
+        (SpecConfig(gamma_max=2, tau=0.3, tau_first=0.17, draft_top_k=3), [1, 5, 2]),
+        # Prompt lookup from 1-grams on a prompt holding every token: every round's drafts are looked up, each
+        # proposed as a point mass (accepted with probability p(d), else a draw from p without d).
+        (SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3, lookup_ngram=1), [1, 5, 2, 7, 3, 0, 4, 6]),
     ],
-    ids=["every-round-drafts", "some-rounds-declined"],
+    ids=["every-round-drafts", "some-rounds-declined", "prompt-lookup"],
 )
-def test_sampled_speculation_matches_primary_distribution(spec: SpecConfig) -> None:
+def test_sampled_speculation_matches_primary_distribution(spec: SpecConfig, prompt: list[int]) -> None:
     params = params_from_state_dict(SMALL, tiny_state(SMALL, seed=3))
     tcfg, vcfg = drafter_config(True, SMALL), drafter_config(False, SMALL)
     engine = Engine(
@@ -235,13 +239,14 @@ def test_sampled_speculation_matches_primary_distribution(spec: SpecConfig) -> N
         drafter_model.DrafterRunner(tcfg, drafter_model.init_params(tcfg, 1), max_len=32),
         drafter_model.DrafterRunner(vcfg, drafter_model.init_params(vcfg, 2), max_len=32),
     )
-    prompt = [1, 5, 2]
     joint = _exact_joint(params, prompt)
     counts, counters = _sample_counts(engine, prompt, "tandem-speed", N_SAMPLES, spec)
     pvalue = _gof_pvalue(counts, joint)
     assert pvalue > 1e-3, pvalue
     assert counters.rounds > 0 and (counters.declined_rounds > 0) == (spec.first_tau > 0), counters
-    if spec.first_tau == 0:
+    worker = engine.drafters["tandem-speed"]
+    assert worker is not None and (worker.lookup_rounds == counters.rounds) == (spec.lookup_ngram > 0)
+    if spec.first_tau == 0 and not spec.lookup_ngram:
         # The test has teeth: standalone Tandem (drafts kept unverified) is not distributed like the primary.
         wrong, _ = _sample_counts(engine, prompt, "tandem", 2_000, spec)
         assert _gof_pvalue(wrong, joint) < 1e-6
