@@ -190,6 +190,7 @@ class RemoteDrafter:
             max_drafts=max_drafts,
             draft_top_k=self.spec.draft_top_k,
             tau_first=self.spec.tau_first,
+            lookup_ngram=self.spec.lookup_ngram,
         )
         return self._exchange(pb.DraftRequest(start=start))
 

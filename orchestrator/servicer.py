@@ -30,6 +30,7 @@ def params_from_proto(r: pb.GenerateRequest) -> GenerateParams:
         tau=r.tau if r.HasField("tau") else None,
         tau_first=r.tau_first if r.HasField("tau_first") else None,
         min_accepted=r.min_accepted if r.HasField("min_accepted") else None,
+        lookup_ngram=r.lookup_ngram if r.HasField("lookup_ngram") else None,
         request_id=r.request_id,
     )
 

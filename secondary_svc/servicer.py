@@ -52,7 +52,11 @@ class SecondaryServicer(pb_grpc.SecondaryServicer):
                     worker = self._worker(s.drafter)
                     try:
                         spec = SpecConfig(
-                            gamma_max=s.gamma_max, tau=s.tau, draft_top_k=s.draft_top_k or 16, tau_first=s.tau_first
+                            gamma_max=s.gamma_max,
+                            tau=s.tau,
+                            draft_top_k=s.draft_top_k or 16,
+                            tau_first=s.tau_first,
+                            lookup_ngram=s.lookup_ngram,
                         )
                     except ValueError as e:
                         raise InvalidRequestError(str(e)) from None
