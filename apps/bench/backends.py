@@ -105,6 +105,7 @@ class GrpcBackend:
             tau=spec.tau,
             tau_first=spec.tau_first,
             min_accepted=spec.min_accepted,
+            lookup_ngram=spec.lookup_ngram,
         )
         for chunk in chunks:  # read to the end: the last chunk carries the counters
             if chunk.token_ids:

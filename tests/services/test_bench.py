@@ -215,6 +215,15 @@ def test_config_is_validated() -> None:
     arms = BenchConfig(modes=("primary", "tandem-speed", "tandem-speed@0:0.8:7"), gamma_max=2, tau=0.3)
     assert arms.spec_of("tandem-speed") == SpecConfig(gamma_max=2, tau=0.3)
     assert arms.spec_of("tandem-speed@0:0.8:7") == SpecConfig(gamma_max=7, tau=0.8, tau_first=0.0)
+    # The optional 4th and 5th settings: min_accepted, then prompt lookup's shortest n-gram.
+    lookup = BenchConfig(modes=("primary", "tandem-speed@0:0.8:4:0:3", "speed@0:0.8:4:1.5"), lookup_ngram=2)
+    assert lookup.spec_of("tandem-speed@0:0.8:4:0:3") == SpecConfig(gamma_max=4, tau=0.8, lookup_ngram=3)
+    assert lookup.spec_of("speed@0:0.8:4:1.5") == SpecConfig(gamma_max=4, tau=0.8, min_accepted=1.5)
+    assert lookup.spec.lookup_ngram == 2
+    with pytest.raises(ValueError, match="lookup_ngram"):
+        BenchConfig(modes=("primary", "speed@0:0.8:4:0:-1"))
+    with pytest.raises(ValueError, match="three to five values"):
+        BenchConfig(modes=("primary", "speed@0:0.8:4:0:3:1"))
     cfg = BenchConfig(modes=("primary",), peer="hf")
     assert cfg.all_modes == ("primary", "hf", "hf-assisted") and cfg.vias_of("hf") == ("in-process",)
     with pytest.raises(dataclasses.FrozenInstanceError):
