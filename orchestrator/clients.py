@@ -171,7 +171,8 @@ class RemoteDrafter:
             _raise_from("secondary", e)
         except StopIteration:
             raise DrafterUnavailableError("secondary: draft stream ended early") from None
-        return Drafts(list(resp.tokens), [sparse_from_proto(q, self.vocab_size) for q in resp.proposals])
+        proposals = [sparse_from_proto(q, self.vocab_size) for q in resp.proposals]
+        return Drafts(list(resp.tokens), proposals, resp.looked_up)
 
     @staticmethod
     def _hidden(hidden: np.ndarray | None) -> pb.Tensor | None:

@@ -292,6 +292,7 @@ class Orchestrator:
             "output_tokens": s.output_tokens,
             "rounds": s.rounds,
             "declined_rounds": s.declined_rounds,
+            "lookup_rounds": s.lookup_rounds,
             "acceptance_rate": round(s.acceptance_rate, 4),
             "mean_acceptance_length": round(s.mean_acceptance_length, 4),
             "ttft_s": round(first_s, 4),

@@ -52,6 +52,9 @@ def chunk_to_proto(c: Chunk, request_id: str) -> pb.GenerateResponse:
                 elapsed_s=s.elapsed_s,
                 declined_rounds=s.declined_rounds,
                 paused_steps=s.paused_steps,
+                lookup_rounds=s.lookup_rounds,
+                lookup_drafted_tokens=s.lookup_drafted_tokens,
+                lookup_accepted_tokens=s.lookup_accepted_tokens,
             )
         )
     return out

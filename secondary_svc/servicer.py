@@ -24,7 +24,9 @@ DRAFTER_NAMES: dict[int, str] = {
 
 
 def _response(drafts: Drafts) -> pb.DraftResponse:
-    return pb.DraftResponse(tokens=drafts.tokens, proposals=[sparse_to_proto(q) for q in drafts.proposals])
+    return pb.DraftResponse(
+        tokens=drafts.tokens, proposals=[sparse_to_proto(q) for q in drafts.proposals], looked_up=drafts.looked_up
+    )
 
 
 class SecondaryServicer(pb_grpc.SecondaryServicer):

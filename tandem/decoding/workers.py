@@ -680,7 +680,7 @@ class DrafterWorker(_SessionWorker):
                 continue  # the ingest failed: `_ingest` gave the call its error
             st.round_start = len(st.tokens) - 1
             st.drafts = drafts
-            c.result = Drafts(drafts, [] if st.sampling.greedy else [_point_mass(d) for d in drafts])
+            c.result = Drafts(drafts, [] if st.sampling.greedy else [_point_mass(d) for d in drafts], looked_up=True)
             self.lookup_rounds += 1
             self.lookup_drafts += len(drafts)
         return rest

@@ -135,7 +135,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "accepted_per_position", "mean_acceptance_length", "ttft_s", "elapsed_s", "declined_rounds", "paused_steps")
+    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "accepted_per_position", "mean_acceptance_length", "ttft_s", "elapsed_s", "declined_rounds", "paused_steps", "lookup_rounds", "lookup_drafted_tokens", "lookup_accepted_tokens")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,9 @@ class SpeculationStats(_message.Message):
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
     DECLINED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     PAUSED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted_tokens: int
     accepted_tokens: int
@@ -154,7 +157,10 @@ class SpeculationStats(_message.Message):
     elapsed_s: float
     declined_rounds: int
     paused_steps: int
-    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., mean_acceptance_length: _Optional[float] = ..., ttft_s: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., declined_rounds: _Optional[int] = ..., paused_steps: _Optional[int] = ...) -> None: ...
+    lookup_rounds: int
+    lookup_drafted_tokens: int
+    lookup_accepted_tokens: int
+    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., mean_acceptance_length: _Optional[float] = ..., ttft_s: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., declined_rounds: _Optional[int] = ..., paused_steps: _Optional[int] = ..., lookup_rounds: _Optional[int] = ..., lookup_drafted_tokens: _Optional[int] = ..., lookup_accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "usage", "stats", "request_id")
@@ -277,9 +283,11 @@ class DraftRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[DraftStart, _Mapping]] = ..., advance: _Optional[_Union[DraftAdvance, _Mapping]] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
-    __slots__ = ("tokens", "proposals")
+    __slots__ = ("tokens", "proposals", "looked_up")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROPOSALS_FIELD_NUMBER: _ClassVar[int]
+    LOOKED_UP_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     proposals: _containers.RepeatedCompositeFieldContainer[SparseDistribution]
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., proposals: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ...) -> None: ...
+    looked_up: bool
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., proposals: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., looked_up: _Optional[bool] = ...) -> None: ...

@@ -104,6 +104,16 @@ def test_summary_pools_speculation_counters_over_prompts() -> None:
     assert s["tpot_s_median"] == pytest.approx(0.4 / 3)  # of 0.9/8, 1.9/10, 0.4/3
     assert s["outputs"] == [list(range(9)), list(range(11)), list(range(4))]
     assert s["deterministic"]
+    assert s["lookup_rounds"] is None  # the samples do not report prompt lookup
+    # Prompt lookup's share of the counters pools like them; the markdown gets a table of it.
+    looked = [
+        dataclasses.replace(x, lookup_rounds=n, lookup_drafted_tokens=3 * n, lookup_accepted_tokens=2 * n)
+        for x, n in ((a, 1), (b, 1), (c, 0))
+    ]
+    s = summarize([[x] for x in looked])
+    assert (s["lookup_rounds"], s["lookup_drafted_tokens"]) == (2, 6) and s["lookup_accepted_tokens"] == 4
+    report = {"modes": {"speed@0:0:4:0:3": s}, "results": {"in-process": {"speed@0:0:4:0:3": s}}}
+    assert "| speed@0:0:4:0:3 | in-process | 2 | 29% | 3.00 | 67% |" in render_markdown(report)
 
 
 def test_summary_without_speculation_and_with_repeats() -> None:

@@ -141,14 +141,21 @@ def test_prompt_lookup_through_grpc_matches_in_process(stack: Stack, sampled: bo
     kw = dict(temperature=1.0, top_p=0.9, seed=7) if sampled else {}
     for mode in ("speed", "tandem-speed"):
         worker = stack.drafters["tandem" if mode == "tandem-speed" else "vanilla"]
-        served = worker.lookup_rounds
+        served, looked_up = worker.lookup_rounds, 0
         for prompt in PROMPTS:
             want = stack.reference.generate(prompt, mode=mode, max_tokens=40, sampling=sampling, spec=spec)
             got, chunks = _tokens(stack.client.generate(prompt, mode=mode, max_tokens=40, lookup_ngram=2, **kw))
             st = chunks[-1].stats
             assert got == want.token_ids, (mode, prompt)
             assert (st.drafted_tokens, st.accepted_tokens) == (want.stats.drafted_tokens, want.stats.accepted_tokens)
-        assert worker.lookup_rounds > served, mode
+            w = want.stats
+            assert (st.lookup_rounds, st.lookup_drafted_tokens, st.lookup_accepted_tokens) == (
+                w.lookup_rounds,
+                w.lookup_drafted_tokens,
+                w.lookup_accepted_tokens,
+            )
+            looked_up += w.lookup_rounds
+        assert worker.lookup_rounds - served == looked_up > 0, mode
         # Unset: the server's default (off here), so the drafter model drafts every round.
         served = worker.lookup_rounds
         _tokens(stack.client.generate(PROMPTS[0], mode=mode, max_tokens=40, **kw))

@@ -85,7 +85,7 @@ def test_greedy_with_lookup_is_lossless(tiny_engine: Engine, spec: SpecConfig) -
         worker = tiny_engine.drafters[mode]
         assert worker is not None
         served, drafts = worker.lookup_rounds, worker.lookup_drafts
-        model_rounds = 0
+        model_rounds = looked_up = looked_up_drafts = 0
         for prompt in PROMPTS:
             want = tiny_engine.generate(prompt, mode="primary", max_tokens=64)
             got = tiny_engine.generate(prompt, mode=mode, max_tokens=64, spec=spec)
@@ -93,10 +93,13 @@ def test_greedy_with_lookup_is_lossless(tiny_engine: Engine, spec: SpecConfig) -
             s = got.stats
             assert s.rounds <= s.drafted_tokens <= spec.gamma_max * s.rounds
             assert s.drafter_calls == s.rounds + s.declined_rounds
-            model_rounds += s.drafter_calls
-        served, drafts = worker.lookup_rounds - served, worker.lookup_drafts - drafts
-        # Both kinds of round ran, interleaved within requests: lookup's and the model's.
-        assert 0 < served < model_rounds and served <= drafts <= spec.gamma_max * served, mode
+            assert s.lookup_accepted_tokens <= s.lookup_drafted_tokens <= s.drafted_tokens
+            model_rounds += s.drafter_calls - s.lookup_rounds
+            looked_up += s.lookup_rounds
+            looked_up_drafts += s.lookup_drafted_tokens
+        # The requests' counters are the worker's; both kinds of round ran: lookup's and the model's.
+        assert (looked_up, looked_up_drafts) == (worker.lookup_rounds - served, worker.lookup_drafts - drafts), mode
+        assert looked_up > 0 and model_rounds > 0 and looked_up <= looked_up_drafts <= spec.gamma_max * looked_up
 
 
 def test_standalone_tandem_never_looks_up(tiny_engine: Engine) -> None:
