@@ -156,9 +156,9 @@ def test_prompt_lookup_through_grpc_matches_in_process(stack: Stack, sampled: bo
             )
             looked_up += w.lookup_rounds
         assert worker.lookup_rounds - served == looked_up > 0, mode
-        # Unset: the server's default (off here), so the drafter model drafts every round.
+        # 0: off, so the drafter model drafts every round.
         served = worker.lookup_rounds
-        _tokens(stack.client.generate(PROMPTS[0], mode=mode, max_tokens=40, **kw))
+        _tokens(stack.client.generate(PROMPTS[0], mode=mode, max_tokens=40, lookup_ngram=0, **kw))
         assert worker.lookup_rounds == served, mode
     assert stack.settled_sessions() == 0
 

@@ -68,7 +68,7 @@ def test_a_paused_drafter_catches_up_exactly(tiny_params) -> None:
     skipped tokens (and, Tandem, their primary states) reach the drafter's cache as if it had seen every step.
     Sampled requests, for varied tokens; the first draft's proposal q_1 depends on the drafter's cache alone."""
     engine = make_engine(tiny_params, slots=2)
-    spec = SpecConfig(gamma_max=3, tau=0.0, min_accepted=3.0, pause_steps=2)
+    spec = SpecConfig(gamma_max=3, tau=0.0, min_accepted=3.0, pause_steps=2, lookup_ngram=0)  # the model's rounds
     for mode in ("speed", "tandem-speed"):
         worker = engine.drafters[mode]
         resumed = _spy_on_resumed_rounds(worker)
@@ -117,7 +117,9 @@ def test_oracle_drafter_accepts_everything(tiny_params) -> None:
     engine = Engine(PrimaryRunner(TINY, tiny_params, max_len=256), None, drafter_model.DrafterRunner(cfg, oracle))
     for prompt in PROMPTS[:5]:
         want = engine.generate(prompt, mode="primary", max_tokens=40)
-        got = engine.generate(prompt, mode="speed", max_tokens=40, spec=SpecConfig(gamma_max=5, tau=0.0))
+        got = engine.generate(
+            prompt, mode="speed", max_tokens=40, spec=SpecConfig(gamma_max=5, tau=0.0, lookup_ngram=0)
+        )
         assert got.token_ids == want.token_ids
         assert got.stats.accepted_tokens == got.stats.drafted_tokens
         assert got.stats.accepted_per_position[:5] == got.stats.drafted_per_position[:5]
@@ -222,9 +224,9 @@ def _gof_pvalue(counts: np.ndarray, expected_probs: np.ndarray) -> float:
     ("spec", "prompt"),
     [
         # q covers 3 of 8 tokens: the residual path is exercised.
-        (SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3), [1, 5, 2]),
+        (SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3, lookup_ngram=0), [1, 5, 2]),
         # The router declines about a third of the rounds (τ_first): those are plain sampled primary steps.
-        (SpecConfig(gamma_max=2, tau=0.3, tau_first=0.17, draft_top_k=3), [1, 5, 2]),
+        (SpecConfig(gamma_max=2, tau=0.3, tau_first=0.17, draft_top_k=3, lookup_ngram=0), [1, 5, 2]),
         # Prompt lookup from 1-grams on a prompt holding every token: every round's drafts are looked up, each
         # proposed as a point mass (accepted with probability p(d), else a draw from p without d).
         (SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3, lookup_ngram=1), [1, 5, 2, 7, 3, 0, 4, 6]),
