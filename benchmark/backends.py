@@ -63,6 +63,9 @@ class InProcessBackend:
             accepted_per_position=tuple(s.accepted_per_position),
             primary_calls=s.primary_calls,
             drafter_calls=s.drafter_calls,
+            lookup_rounds=s.lookup_rounds,
+            lookup_drafted_tokens=s.lookup_drafted_tokens,
+            lookup_accepted_tokens=s.lookup_accepted_tokens,
             model_s=self._busy_s() - busy,
         )
 
@@ -105,6 +108,7 @@ class GrpcBackend:
             tau=spec.tau,
             tau_first=spec.tau_first,
             min_accepted=spec.min_accepted,
+            lookup_ngram=spec.lookup_ngram,
         )
         for chunk in chunks:  # read to the end: the last chunk carries the counters
             if chunk.token_ids:
@@ -130,6 +134,9 @@ class GrpcBackend:
             accepted_per_position=tuple(st.accepted_per_position),
             primary_calls=passes,
             drafter_calls=st.rounds + st.declined_rounds,  # the request loop asks the drafter once per round
+            lookup_rounds=st.lookup_rounds,
+            lookup_drafted_tokens=st.lookup_drafted_tokens,
+            lookup_accepted_tokens=st.lookup_accepted_tokens,
             model_s=None if busy is None or after is None else after - busy,
         )
 

@@ -13,26 +13,34 @@ LOSSY_MODES = frozenset({"tandem"})  # standalone Tandem keeps drafts unverified
 BASELINE = "primary"
 
 
+MODE_SETTINGS = "MODE@TAU_FIRST:TAU:GAMMA_MAX[:MIN_ACCEPTED[:LOOKUP_NGRAM]]"
+
+
 def split_mode(label: str) -> tuple[str, SpecConfig | None]:
-    """A mode label, `MODE` or `MODE@TAU_FIRST:TAU:GAMMA_MAX[:MIN_ACCEPTED]`, as (engine mode, its own settings or
-    None).
+    """A mode label, `MODE` or `MODE@TAU_FIRST:TAU:GAMMA_MAX[:MIN_ACCEPTED[:LOOKUP_NGRAM]]`, as (engine mode, its own
+    settings or None). Unwritten trailing settings take SpecConfig's defaults.
 
     Raises:
-        ValueError: settings that are not three or four numbers, or out of range.
+        ValueError: settings that are not three to five numbers, or out of range.
     """
     mode, sep, settings = label.partition("@")
     if not sep:
         return mode, None
     parts = settings.split(":")
     try:
-        if len(parts) not in (3, 4):
-            raise ValueError("expected three or four values")
-        min_accepted = float(parts[3]) if len(parts) == 4 else SpecConfig.min_accepted
+        if not 3 <= len(parts) <= 5:
+            raise ValueError("expected three to five values")
+        min_accepted = float(parts[3]) if len(parts) >= 4 else SpecConfig.min_accepted
+        lookup_ngram = int(parts[4]) if len(parts) == 5 else SpecConfig.lookup_ngram
         return mode, SpecConfig(
-            tau_first=float(parts[0]), tau=float(parts[1]), gamma_max=int(parts[2]), min_accepted=min_accepted
+            tau_first=float(parts[0]),
+            tau=float(parts[1]),
+            gamma_max=int(parts[2]),
+            min_accepted=min_accepted,
+            lookup_ngram=lookup_ngram,
         )
     except ValueError as e:
-        raise ValueError(f"mode {label!r}: expected MODE@TAU_FIRST:TAU:GAMMA_MAX[:MIN_ACCEPTED] ({e})") from None
+        raise ValueError(f"mode {label!r}: expected {MODE_SETTINGS} ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +49,9 @@ class BenchConfig:
 
     Attributes:
         modes: engine modes (tandem.config.MODES), run in this order; must include "primary" (the baseline). A mode
-            may carry its own speculation settings as `MODE@TAU_FIRST:TAU:GAMMA_MAX[:MIN_ACCEPTED]` (e.g.
-            `tandem-speed@0:0.8:7`),
-            so settings are compared like modes: interleaved, in one run, the label keying every result.
+            may carry its own speculation settings as `MODE@TAU_FIRST:TAU:GAMMA_MAX[:MIN_ACCEPTED[:LOOKUP_NGRAM]]`
+            (e.g. `tandem-speed@0:0.8:7`, or `tandem-speed@0:0.8:4:0:3` with prompt lookup from 3-grams), so
+            settings are compared like modes: interleaved, in one run, the label keying every result.
         vias: "in-process" and/or "grpc".
         max_tokens: tokens generated per prompt.
         gamma_max: most tokens drafted per round (sent explicitly over gRPC too, so both vias draft alike).
@@ -51,6 +59,7 @@ class BenchConfig:
         tau_first: a round drafts at all only if the router's confidence in its first draft reaches this.
         min_accepted: speculation pauses while a request's rounds keep fewer drafts on average
             (`tandem.decoding.rounds.Pacer`).
+        lookup_ngram: prompt lookup's shortest matching n-gram (`tandem.decoding.lookup`; 0: off).
         repeats: passes over the prompt set; per prompt, times are the median over repeats.
         warmup_tokens: tokens of each warm-up generation (None: max_tokens).
         block_cost_context: cached tokens before the block-cost calls (0: an empty cache; None: skip the curve).
@@ -69,6 +78,7 @@ class BenchConfig:
     tau: float = SpecConfig.tau
     tau_first: float = SpecConfig.tau_first
     min_accepted: float = SpecConfig.min_accepted
+    lookup_ngram: int = SpecConfig.lookup_ngram
     repeats: int = 1
     warmup_tokens: int | None = None
     block_cost_context: int | None = 256
@@ -105,12 +115,15 @@ class BenchConfig:
     @property
     def spec(self) -> SpecConfig:
         return SpecConfig(
-            gamma_max=self.gamma_max, tau=self.tau, tau_first=self.tau_first, min_accepted=self.min_accepted
+            gamma_max=self.gamma_max,
+            tau=self.tau,
+            tau_first=self.tau_first,
+            min_accepted=self.min_accepted,
+            lookup_ngram=self.lookup_ngram,
         )
 
     def spec_of(self, mode: str) -> SpecConfig:
-        """The settings a mode label runs with: its own (`MODE@TAU_FIRST:TAU:GAMMA_MAX[:MIN_ACCEPTED]`), else the
-        run's."""
+        """The settings a mode label runs with: its own (`MODE_SETTINGS`), else the run's."""
         own = split_mode(mode)[1]
         return own if own is not None else self.spec
 

@@ -236,7 +236,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "Speedup: tokens/s over `primary` through the same via (peer modes: over the in-process primary). "
         "tok/s: median over prompts of output tokens / end-to-end latency, measured by the client."
         + (
-            " A mode named MODE@τ_first:τ:γ_max ran with those settings instead of the run's."
+            " A mode named MODE@τ_first:τ:γ_max[:min_accepted[:lookup_ngram]] ran with those settings instead of the "
+            "run's."
             if any(split_mode(m)[1] for m in report.get("modes", {}))
             else ""
         )
@@ -283,6 +284,27 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         for mode, via, p in pos_rows:
             cells = [_f(x, ".2f") for x in p] + [""] * (width - len(p))
             out.append(f"| {mode} | {via} | " + " | ".join(cells) + " |")
+    lookup_rows = [
+        (mode, via, r)
+        for mode in report.get("modes", {})
+        for via in VIAS
+        if (r := results.get(via, {}).get(mode)) and r.get("lookup_rounds")
+    ]
+    if lookup_rows:
+        out += [
+            "",
+            "Prompt lookup: the rounds whose drafts came from the request's own tokens (no drafter model call), of "
+            "all rounds; their drafts kept.",
+            "",
+            "| mode | via | lookup rounds | of rounds | drafts per lookup round | lookup accept rate |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for mode, via, r in lookup_rows:
+            n, drafted, kept = r["lookup_rounds"], r["lookup_drafted_tokens"] or 0, r["lookup_accepted_tokens"] or 0
+            out.append(
+                f"| {mode} | {via} | {n} | {_f(n / r['rounds'] if r['rounds'] else None, '.0%')} "
+                f"| {_f(drafted / n, '.2f')} | {_f(kept / drafted if drafted else None, '.0%')} |"
+            )
     block_ms, block = report.get("block_cost_ms"), report.get("block_cost")
     if block_ms and block:
         ks = list(block_ms)

@@ -29,6 +29,9 @@ class Sample:
         accepted_per_position: [j]: rounds that kept draft j+1.
         primary_calls: primary passes (None: unknown).
         drafter_calls: drafting requests (None: unknown).
+        lookup_rounds: rounds whose drafts prompt lookup found (None: unknown).
+        lookup_drafted_tokens: their drafts.
+        lookup_accepted_tokens: and those kept.
         model_s: seconds the model services (or in-process workers) spent running model calls during the generation,
             their batch time summed (None: unknown); the rest of e2el_s is orchestration overhead.
     """
@@ -43,6 +46,9 @@ class Sample:
     accepted_per_position: tuple[int, ...] = ()
     primary_calls: int | None = None
     drafter_calls: int | None = None
+    lookup_rounds: int | None = None
+    lookup_drafted_tokens: int | None = None
+    lookup_accepted_tokens: int | None = None
     model_s: float | None = None
 
     @property
@@ -121,7 +127,8 @@ def summarize(per_prompt: Sequence[Sequence[Sample]]) -> dict[str, Any]:
     Returns:
         tokens_per_s (median over prompts of output tokens / E2EL) and its mean; ttft_s_{median,p90,mean,p99};
         tpot_s_{median,p90,mean}; e2el_s_median; pooled speculation counters (rounds, drafted_tokens,
-        accepted_tokens, accepted_per_position) and the rates derived from them (mean_acceptance_length,
+        accepted_tokens, accepted_per_position, and of them the prompt lookup's: lookup_rounds, lookup_drafted_tokens,
+        lookup_accepted_tokens) and the rates derived from them (mean_acceptance_length,
         acceptance_rate, acceptance_per_position; None without speculation); primary_calls_per_token and
         drafter_calls_per_token (None when unknown); model_s (model services' time, summed over prompts) and
         overhead (1 − model_s / summed E2EL: the share of the client's time spent outside model calls; None when
@@ -140,6 +147,9 @@ def summarize(per_prompt: Sequence[Sequence[Sample]]) -> dict[str, Any]:
     out_tokens = sum(s.output_tokens for s in rows)
     model_s = sum(s.model_s or 0.0 for s in rows) if all(s.model_s is not None for s in rows) else None
     e2el_s = sum(s.e2el_s for s in rows)
+
+    def pooled(counts: list[int | None]) -> int | None:
+        return sum(c or 0 for c in counts) if spec and all(c is not None for c in counts) else None
 
     def per_token(counts: list[int | None]) -> float | None:
         if not out_tokens or any(c is None for c in counts):
@@ -166,6 +176,9 @@ def summarize(per_prompt: Sequence[Sequence[Sample]]) -> dict[str, Any]:
         "mean_acceptance_length": 1.0 + accepted / rounds if rounds else None,
         "acceptance_rate": accepted / drafted if drafted else None,
         "acceptance_per_position": [a / rounds for a in accepted_pos] if rounds else [],
+        "lookup_rounds": pooled([s.lookup_rounds for s in spec]),
+        "lookup_drafted_tokens": pooled([s.lookup_drafted_tokens for s in spec]),
+        "lookup_accepted_tokens": pooled([s.lookup_accepted_tokens for s in spec]),
         "primary_calls_per_token": per_token([s.primary_calls for s in rows]),
         "drafter_calls_per_token": per_token([s.drafter_calls for s in rows]),
         "model_s": model_s,
@@ -185,6 +198,8 @@ def summarize(per_prompt: Sequence[Sequence[Sample]]) -> dict[str, Any]:
                 "accepted_tokens": s.accepted_tokens,
                 "primary_calls": s.primary_calls,
                 "drafter_calls": s.drafter_calls,
+                "lookup_rounds": s.lookup_rounds,
+                "lookup_accepted_tokens": s.lookup_accepted_tokens,
                 "model_s": s.model_s,
             }
             for s in rows

@@ -171,7 +171,8 @@ class RemoteDrafter:
             _raise_from("secondary", e)
         except StopIteration:
             raise DrafterUnavailableError("secondary: draft stream ended early") from None
-        return Drafts(list(resp.tokens), [sparse_from_proto(q, self.vocab_size) for q in resp.proposals])
+        proposals = [sparse_from_proto(q, self.vocab_size) for q in resp.proposals]
+        return Drafts(list(resp.tokens), proposals, resp.looked_up)
 
     @staticmethod
     def _hidden(hidden: np.ndarray | None) -> pb.Tensor | None:
@@ -190,6 +191,7 @@ class RemoteDrafter:
             max_drafts=max_drafts,
             draft_top_k=self.spec.draft_top_k,
             tau_first=self.spec.tau_first,
+            lookup_ngram=self.spec.lookup_ngram,
         )
         return self._exchange(pb.DraftRequest(start=start))
 

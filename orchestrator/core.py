@@ -137,6 +137,7 @@ class Orchestrator:
                 tau_first=d.tau_first if p.tau_first is None else p.tau_first,
                 min_accepted=d.min_accepted if p.min_accepted is None else p.min_accepted,
                 pause_steps=d.pause_steps,
+                lookup_ngram=d.lookup_ngram if p.lookup_ngram is None else p.lookup_ngram,
             )
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
@@ -181,7 +182,9 @@ class Orchestrator:
                 kind = pb.DRAFTER_TANDEM if req.mode.startswith("tandem") else pb.DRAFTER_VANILLA
                 channel = route.secondary_lease.channel
                 stream_s = 600.0 if time_remaining_s is None else min(600.0, time_remaining_s)
-                drafter = RemoteDrafter(channel, session, kind, req.sampling, req.spec, self.cfg.vocab_size, stream_s)
+                drafter = RemoteDrafter(
+                    channel, session, kind, req.sampling, req.drafter_spec, self.cfg.vocab_size, stream_s
+                )
         except BaseException:
             route.release()
             raise
@@ -289,6 +292,7 @@ class Orchestrator:
             "output_tokens": s.output_tokens,
             "rounds": s.rounds,
             "declined_rounds": s.declined_rounds,
+            "lookup_rounds": s.lookup_rounds,
             "acceptance_rate": round(s.acceptance_rate, 4),
             "mean_acceptance_length": round(s.mean_acceptance_length, 4),
             "ttft_s": round(first_s, 4),

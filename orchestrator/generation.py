@@ -30,6 +30,7 @@ class GenerateParams:
     tau: float | None = None
     tau_first: float | None = None
     min_accepted: float | None = None
+    lookup_ngram: int | None = None  # None = server default
     request_id: str = ""
 
 

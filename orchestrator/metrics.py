@@ -17,6 +17,12 @@ class Metrics:
         self.declined_rounds = Counter(
             "tandem_spec_num_declined_rounds", "rounds the router declined to draft (τ_first)", registry=registry
         )
+        self.lookup_rounds = Counter(
+            "tandem_spec_num_lookup_rounds", "speculative rounds whose drafts prompt lookup found", registry=registry
+        )
+        self.lookup_accepted_tokens = Counter(
+            "tandem_spec_num_lookup_accepted_tokens", "accepted drafts that prompt lookup found", registry=registry
+        )
         self.accepted_per_pos = Counter(
             "tandem_spec_num_accepted_tokens_per_pos", "accepted drafts by position", ["position"], registry=registry
         )
@@ -60,6 +66,8 @@ class Metrics:
         self.draft_tokens.inc(s.drafted_tokens)
         self.accepted_tokens.inc(s.accepted_tokens)
         self.declined_rounds.inc(s.declined_rounds)
+        self.lookup_rounds.inc(s.lookup_rounds)
+        self.lookup_accepted_tokens.inc(s.lookup_accepted_tokens)
         for pos, n in enumerate(s.accepted_per_position):
             self.accepted_per_pos.labels(position=str(pos)).inc(n)
         self.ttft.observe(first_token_s)

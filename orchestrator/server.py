@@ -122,6 +122,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
         help="requests' default: pause speculation while their rounds keep fewer drafts on average (0: never)",
     )
     p.add_argument(
+        "--lookup-ngram",
+        type=int,
+        default=int(env("TANDEM_LOOKUP_NGRAM", str(SpecConfig.lookup_ngram))),
+        help="requests' default: prompt lookup drafts when the newest this-many tokens occurred earlier (0: off)",
+    )
+    p.add_argument(
         "--payoff",
         action=argparse.BooleanOptionalAction,
         default=env("TANDEM_PAYOFF", "1") != "0",
@@ -160,9 +166,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OrchestratorServiceCo
     except ValueError as e:
         p.error(f"--payoff-explore-every: {e}")
     try:
-        default_spec = SpecConfig(min_accepted=a.min_accepted)
+        default_spec = SpecConfig(min_accepted=a.min_accepted, lookup_ngram=a.lookup_ngram)
     except ValueError as e:
-        p.error(f"--min-accepted: {e}")
+        p.error(f"--min-accepted/--lookup-ngram: {e}")
     core = OrchestratorConfig(
         primary_target=a.primary,
         secondary_target=a.secondary,

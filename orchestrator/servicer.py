@@ -30,6 +30,7 @@ def params_from_proto(r: pb.GenerateRequest) -> GenerateParams:
         tau=r.tau if r.HasField("tau") else None,
         tau_first=r.tau_first if r.HasField("tau_first") else None,
         min_accepted=r.min_accepted if r.HasField("min_accepted") else None,
+        lookup_ngram=r.lookup_ngram if r.HasField("lookup_ngram") else None,
         request_id=r.request_id,
     )
 
@@ -51,6 +52,9 @@ def chunk_to_proto(c: Chunk, request_id: str) -> pb.GenerateResponse:
                 elapsed_s=s.elapsed_s,
                 declined_rounds=s.declined_rounds,
                 paused_steps=s.paused_steps,
+                lookup_rounds=s.lookup_rounds,
+                lookup_drafted_tokens=s.lookup_drafted_tokens,
+                lookup_accepted_tokens=s.lookup_accepted_tokens,
             )
         )
     return out

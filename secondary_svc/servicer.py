@@ -24,7 +24,9 @@ DRAFTER_NAMES: dict[int, str] = {
 
 
 def _response(drafts: Drafts) -> pb.DraftResponse:
-    return pb.DraftResponse(tokens=drafts.tokens, proposals=[sparse_to_proto(q) for q in drafts.proposals])
+    return pb.DraftResponse(
+        tokens=drafts.tokens, proposals=[sparse_to_proto(q) for q in drafts.proposals], looked_up=drafts.looked_up
+    )
 
 
 class SecondaryServicer(pb_grpc.SecondaryServicer):
@@ -52,7 +54,11 @@ class SecondaryServicer(pb_grpc.SecondaryServicer):
                     worker = self._worker(s.drafter)
                     try:
                         spec = SpecConfig(
-                            gamma_max=s.gamma_max, tau=s.tau, draft_top_k=s.draft_top_k or 16, tau_first=s.tau_first
+                            gamma_max=s.gamma_max,
+                            tau=s.tau,
+                            draft_top_k=s.draft_top_k or 16,
+                            tau_first=s.tau_first,
+                            lookup_ngram=s.lookup_ngram,
                         )
                     except ValueError as e:
                         raise InvalidRequestError(str(e)) from None

@@ -36,6 +36,7 @@ def build_request(
     request_id: str = "",
     tau_first: float | None = None,
     min_accepted: float | None = None,
+    lookup_ngram: int | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from text, token ids, or chat messages ([{"role": ..., "content": ...}])."""
     if mode not in MODE_ENUMS:
@@ -56,6 +57,8 @@ def build_request(
         req.tau_first = tau_first
     if min_accepted is not None:
         req.min_accepted = min_accepted
+    if lookup_ngram is not None:
+        req.lookup_ngram = lookup_ngram
     if isinstance(prompt, str):
         req.text = prompt
     elif prompt and isinstance(prompt[0], dict):
@@ -143,6 +146,9 @@ def stats_from_response(final: pb.GenerateResponse) -> dict[str, Any]:
         "accepted_tokens": s.accepted_tokens,
         "accepted_per_position": list(s.accepted_per_position),
         "declined_rounds": s.declined_rounds,
+        "lookup_rounds": s.lookup_rounds,
+        "lookup_drafted_tokens": s.lookup_drafted_tokens,
+        "lookup_accepted_tokens": s.lookup_accepted_tokens,
         "prompt_tokens": u.prompt_tokens,
         "output_tokens": u.completion_tokens,
         "ttft_s": s.ttft_s,

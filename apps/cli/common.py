@@ -22,4 +22,10 @@ def summary(s: dict[str, Any]) -> str:
     return (
         f"{s['output_tokens']} tokens in {s['elapsed_s']:.2f}s ({s['tokens_per_s']:.1f} tok/s), rounds={s['rounds']}, "
         f"accepted {s['accepted_tokens']}/{s['drafted_tokens']} drafts, declined rounds={s['declined_rounds']}"
+        + (
+            f", lookup rounds={s['lookup_rounds']} (accepted {s['lookup_accepted_tokens']}/"
+            f"{s['lookup_drafted_tokens']})"
+            if s.get("lookup_rounds")
+            else ""
+        )
     )

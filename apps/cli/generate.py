@@ -43,6 +43,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="pause speculation while the rounds keep fewer drafts than this on average, 0 = never "
         f"(default: {SpecConfig.min_accepted})",
     )
+    p.add_argument(
+        "--lookup-ngram",
+        type=int,
+        default=None,
+        help="prompt lookup: a round drafts the tokens that followed the newest earlier occurrence of the context's "
+        f"last N or more tokens, without the drafter model; 0 = off (default: {SpecConfig.lookup_ngram})",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"orchestrator HOST:PORT (default: {DEFAULT_TARGET})")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline per request (default: none)")
@@ -72,6 +79,7 @@ def generate(args: argparse.Namespace) -> int:
                 ("tau", args.tau),
                 ("tau_first", args.tau_first),
                 ("min_accepted", args.min_accepted),
+                ("lookup_ngram", args.lookup_ngram),
             )
             if v is not None
         }
@@ -102,6 +110,7 @@ def _generate_remote(args: argparse.Namespace, prompts: list[str]) -> int:
         tau=args.tau,
         tau_first=args.tau_first,
         min_accepted=args.min_accepted,
+        lookup_ngram=args.lookup_ngram,
     )
     with TandemClient(args.target, timeout_s=args.timeout) as client:
         for prompt in prompts:

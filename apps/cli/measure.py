@@ -21,8 +21,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--modes",
         default=",".join(MODES),
-        help="comma-separated, must include primary; MODE@TAU_FIRST:TAU:GAMMA_MAX runs a mode with its own settings "
-        f"(e.g. tandem-speed@0:0.8:7), so settings compare like modes (default: {','.join(MODES)})",
+        help="comma-separated, must include primary; MODE@TAU_FIRST:TAU:GAMMA_MAX[:MIN_ACCEPTED[:LOOKUP_NGRAM]] runs a "
+        "mode with its own settings (e.g. tandem-speed@0:0.8:7, or tandem-speed@0:0.8:4:0:3 for prompt lookup from "
+        f"3-grams), so settings compare like modes (default: {','.join(MODES)})",
     )
     p.add_argument(
         "--via", choices=("in-process", "grpc", "both"), default="both", help="where the modes run (default: both)"
@@ -43,6 +44,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tau-first", type=float, default=SpecConfig.tau_first, help=f"(default: {SpecConfig.tau_first})")
     p.add_argument(
         "--min-accepted", type=float, default=SpecConfig.min_accepted, help=f"(default: {SpecConfig.min_accepted})"
+    )
+    p.add_argument(
+        "--lookup-ngram",
+        type=int,
+        default=SpecConfig.lookup_ngram,
+        help=f"prompt lookup's shortest matching n-gram, 0 = off (default: {SpecConfig.lookup_ngram})",
     )
     p.add_argument("--repeats", type=int, default=1, help="passes over the prompts; times are per-prompt medians")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
@@ -126,6 +133,7 @@ def bench(args: argparse.Namespace) -> int:
             tau=args.tau,
             tau_first=args.tau_first,
             min_accepted=args.min_accepted,
+            lookup_ngram=args.lookup_ngram,
             repeats=args.repeats,
             warmup_tokens=args.warmup_tokens,
             block_cost_context=None if args.no_block_cost else args.block_cost_context,

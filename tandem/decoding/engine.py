@@ -109,7 +109,7 @@ class Engine:
             worker = self.drafters.get(mode)
             if worker is None:
                 raise InvalidRequestError(f"mode {mode!r} needs a drafter this engine was not given")
-            drafter = worker.open(session, sampling, spec)
+            drafter = worker.open(session, sampling, req.drafter_spec)
         return run_request(
             req, session, self.primary_worker, drafter, max_tokens=limit, stop_token_ids=self.stop_token_ids
         )

@@ -32,6 +32,12 @@ class LookupConfig:
     def enabled(self) -> bool:
         return self.min_ngram > 0
 
+    @classmethod
+    def shortest(cls, min_ngram: int) -> LookupConfig:
+        """A request's lookup (`SpecConfig.lookup_ngram`): n-grams from min_ngram up to the default longest, or
+        min_ngram alone when it is longer."""
+        return cls(min_ngram=min_ngram, max_ngram=max(min_ngram, cls.max_ngram))
+
 
 def lookup_drafts(tokens: Sequence[int], n_drafts: int, cfg: LookupConfig = LookupConfig()) -> list[int]:
     """Up to n_drafts tokens that followed the most recent earlier occurrence of the longest matching suffix.

@@ -57,6 +57,7 @@ class Drafts:
 
     tokens: list[int]  # d_1..d_k
     proposals: list[SparseDist]  # q_1..q_k (empty for greedy requests)
+    looked_up: bool = False  # prompt lookup found them in the request's own tokens (no drafter model call)
 
 
 class PrimaryAPI(Protocol):
@@ -119,6 +120,9 @@ class GenerationStats:
     drafter_calls: int = 0  # drafting requests (one per round)
     declined_rounds: int = 0  # drafting requests the router declined (τ_first): a one-token primary step each
     paused_steps: int = 0  # primary-only steps run while speculation was paused (`Pacer`), the drafter not asked
+    lookup_rounds: int = 0  # of `rounds`, those whose drafts prompt lookup found (`SpecConfig.lookup_ngram`)
+    lookup_drafted_tokens: int = 0  # their drafts
+    lookup_accepted_tokens: int = 0  # and those kept
     drafter_failures: int = 0  # 1 when the drafter failed and the request finished with the primary alone
     primary_failovers: int = 0  # times the request moved to another primary replica (re-prefilled)
     load_shed: bool = False  # the server's load ended speculation early (primary-only rounds from then on)
@@ -141,10 +145,14 @@ class GenerationStats:
         """1 + accepted / rounds: tokens emitted per verify pass, counting the primary's own token."""
         return 1.0 + self.accepted_tokens / self.rounds if self.rounds else 0.0
 
-    def record_round(self, drafted: int, accepted: int) -> None:
+    def record_round(self, drafted: int, accepted: int, looked_up: bool = False) -> None:
         self.rounds += 1
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
+        if looked_up:
+            self.lookup_rounds += 1
+            self.lookup_drafted_tokens += drafted
+            self.lookup_accepted_tokens += accepted
         for counts, n in ((self.drafted_per_position, drafted), (self.accepted_per_position, accepted)):
             counts.extend([0] * (n - len(counts)))
             for j in range(n):
@@ -208,6 +216,12 @@ class Request:
     max_tokens: int = 64
     sampling: SamplingParams = SamplingParams()
     spec: SpecConfig = SpecConfig()
+
+    @property
+    def drafter_spec(self) -> SpecConfig:
+        """The settings the request's drafter session opens with: standalone Tandem keeps its drafts unverified, so
+        they come from the Tandem drafter alone (no prompt lookup, whose guesses only verification makes safe)."""
+        return self.spec if self.mode in SPECULATIVE_MODES else dataclasses.replace(self.spec, lookup_ngram=0)
 
     def validate(self, vocab_size: int, max_len: int, max_tokens_limit: int | None = None) -> int:
         """Checks the request against the model and returns the tokens it may generate within max_len.
@@ -365,7 +379,7 @@ def run_request(
                 )
                 stats.primary_calls += 1
                 if drafts.tokens:
-                    stats.record_round(len(drafts.tokens), step.accepted)
+                    stats.record_round(len(drafts.tokens), step.accepted, drafts.looked_up)
                     if pacer is not None:
                         pacer.observe(step.accepted)
                 else:

@@ -18,6 +18,7 @@ from typing import TypeVar
 import numpy as np
 
 from tandem.config import BatchingConfig, SamplingParams, SpecConfig
+from tandem.decoding.lookup import LookupConfig, lookup_drafts
 from tandem.decoding.rounds import MAX_STEPS, Drafts, PrimaryStep
 from tandem.decoding.speculative import (
     MaxProbRouter,
@@ -486,11 +487,17 @@ class PrimaryWorker(_SessionWorker):
         return PrimaryStep(accepted, nxt, out.hidden[b, : 1 + accepted] if c.want_hidden else None)
 
 
+def _point_mass(token: int) -> SparseDist:
+    """A deterministic draft's proposal: q = one-hot on it."""
+    return SparseDist(ids=np.array([token], np.int64), probs=np.ones(1))
+
+
 @dataclasses.dataclass
 class _DrafterSession(_Session):
     sampling: SamplingParams
     spec: SpecConfig
     rng: np.random.Generator
+    lookup: LookupConfig  # prompt lookup (`SpecConfig.lookup_ngram`)
     tokens: list[int] = dataclasses.field(default_factory=list)  # prompt + committed tokens + pending t_0
     round_start: int = -1  # position of the last round's t_0; -1 before start
     drafts: list[int] = dataclasses.field(default_factory=list)  # the last round's drafts
@@ -521,6 +528,8 @@ class DrafterWorker(_SessionWorker):
         super().__init__(runner.batch, batching)
         self.runner = runner
         self.router = router or MaxProbRouter()
+        self.lookup_rounds = 0  # rounds whose drafts came from prompt lookup, not the model (monotonic)
+        self.lookup_drafts = 0  # the drafts those rounds proposed
 
     @property
     def tandem(self) -> bool:
@@ -528,8 +537,13 @@ class DrafterWorker(_SessionWorker):
 
     def open(self, session: str, sampling: SamplingParams, spec: SpecConfig) -> LocalDrafter:
         """Reserves a slot for a request; returns the in-process handle the request loop drives."""
+        lookup = LookupConfig.shortest(spec.lookup_ngram)
+
+        def session_state(slot: int) -> _DrafterSession:
+            return _DrafterSession(slot, sampling, spec, request_rngs(sampling.seed)[1], lookup)
+
         with self.pool_lock:
-            self.pool.open(session, lambda slot: _DrafterSession(slot, sampling, spec, request_rngs(sampling.seed)[1]))
+            self.pool.open(session, session_state)
         return LocalDrafter(self, session)
 
     def _check_hidden(self, hidden: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -585,6 +599,7 @@ class DrafterWorker(_SessionWorker):
                     rounds.append(self._prepare(c))
                 except Exception as e:
                     c.error = e
+        rounds = self._look_up(rounds)
         device = self._device_router is not False
         on_device: list[tuple[_Round, _DrafterSession, np.ndarray | None]] = []
         on_host: list[tuple[_Round, _DrafterSession, np.ndarray | None]] = []
@@ -664,6 +679,41 @@ class DrafterWorker(_SessionWorker):
                 c.error = e
             return []
         return [(c, st) for c, st, _ in group]
+
+    def _look_up(
+        self, rounds: list[tuple[_Round, _DrafterSession, np.ndarray | None]]
+    ) -> list[tuple[_Round, _DrafterSession, np.ndarray | None]]:
+        """Answers the rounds whose drafts prompt lookup finds in the request's own tokens; returns the others.
+
+        A looked-up round calls no model: a vanilla drafter feeds nothing (the next model round feeds the backlog from
+        its cache length on, `_pending`), nor does a feature-level one (its session keeps the states, `_features`); a
+        layer-map Tandem one writes the round's primary states now, in a call of their own, so that its cache holds
+        every position before this round's t_0 when the next round truncates to it. A sampled
+        round's proposals are point masses on the drafts (q = one-hot): verification accepts d with probability p(d)
+        and otherwise draws from p without d, which keeps the output distributed as the primary's.
+        """
+        rest: list[tuple[_Round, _DrafterSession, np.ndarray | None]] = []
+        served: list[tuple[_Round, _DrafterSession, np.ndarray | None, list[int]]] = []
+        for c, st, h in rounds:
+            drafts = lookup_drafts(st.tokens, self._gamma(st, c.max_drafts), st.lookup) if st.lookup.enabled else []
+            if drafts:
+                served.append((c, st, h, drafts))
+            else:
+                rest.append((c, st, h))
+        if not served:
+            return rest
+        # a feature-level drafter's states are inputs, kept with the session until a model round feeds them
+        writes = [(c, st, h) for c, st, h, _ in served if h is not None and not self.runner.cfg.features]
+        written = {id(c) for group in _groups(writes, lambda r: r[2].shape[0]) for c, _ in self._ingest(group)}
+        for c, st, h, drafts in served:
+            if h is not None and not self.runner.cfg.features and id(c) not in written:
+                continue  # the ingest failed: `_ingest` gave the call its error
+            st.round_start = len(st.tokens) - 1
+            st.drafts = drafts
+            c.result = Drafts(drafts, [] if st.sampling.greedy else [_point_mass(d) for d in drafts], looked_up=True)
+            self.lookup_rounds += 1
+            self.lookup_drafts += len(drafts)
+        return rest
 
     def compile(self) -> int:
         """Compiles a Tandem worker's greedy batches ahead (`DrafterRunner.compile`); returns how many shapes."""

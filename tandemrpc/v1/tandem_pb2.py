@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandemrpc/v1/tandem.proto\x12\ttandem.v1\"\x87\x01\n\x06Tensor\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.tandem.v1.Tensor.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x84\x03\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1d\n\x04mode\x18\x07 \x01(\x0e\x32\x0f.tandem.v1.Mode\x12\x11\n\tgamma_max\x18\x08 \x01(\x05\x12\x10\n\x03tau\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x16\n\ttau_first\x18\x14 \x01(\x02H\x02\x88\x01\x01\x12\x19\n\x0cmin_accepted\x18\x15 \x01(\x02H\x03\x88\x01\x01\x42\x07\n\x05inputB\x06\n\x04_tauB\x0c\n\n_tau_firstB\x0f\n\r_min_acceptedJ\x04\x08\x0b\x10\x14\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xe4\x01\n\x10SpeculationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\x05\x12\x16\n\x0e\x64rafted_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x04 \x03(\x05\x12\x1e\n\x16mean_acceptance_length\x18\x05 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x11\n\telapsed_s\x18\x07 \x01(\x01\x12\x17\n\x0f\x64\x65\x63lined_rounds\x18\x08 \x01(\x05\x12\x14\n\x0cpaused_steps\x18\t \x01(\x05\"\xca\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12*\n\x05stats\x18\x05 \x01(\x0b\x32\x1b.tandem.v1.SpeculationStats\x12\x12\n\nrequest_id\x18\x06 \x01(\tJ\x04\x08\x07\x10\n\"z\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x13\n\x0bwant_hidden\x18\x04 \x01(\x08\"\x9d\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x30\n\tproposals\x18\x03 \x03(\x0b\x32\x1d.tandem.v1.SparseDistribution\x12\x12\n\nstandalone\x18\x04 \x01(\x08\x12\x13\n\x0bwant_hidden\x18\x05 \x01(\x08\x12\r\n\x05steps\x18\x06 \x01(\x05\"~\n\x0bPrimaryStep\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nnext_token\x18\x02 \x01(\x05\x12!\n\x06hidden\x18\x03 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x10\n\x08sessions\x18\x04 \x01(\x05\x12\x14\n\x0cprior_tokens\x18\x05 \x03(\x05\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x9a\x02\n\nDraftStart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x07\x64rafter\x18\x02 \x01(\x0e\x32\x12.tandem.v1.Drafter\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\x12!\n\x06hidden\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x13\n\x0b\x66irst_token\x18\x05 \x01(\x05\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x11\n\tgamma_max\x18\x07 \x01(\x05\x12\x0b\n\x03tau\x18\x08 \x01(\x02\x12\x12\n\nmax_drafts\x18\t \x01(\x05\x12\x13\n\x0b\x64raft_top_k\x18\n \x01(\x05\x12\x11\n\ttau_first\x18\x0b \x01(\x02\"|\n\x0c\x44raftAdvance\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12!\n\x06hidden\x18\x02 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12\x12\n\nmax_drafts\x18\x04 \x01(\x05\x12\x0f\n\x07skipped\x18\x05 \x03(\x05\"j\n\x0c\x44raftRequest\x12&\n\x05start\x18\x01 \x01(\x0b\x32\x15.tandem.v1.DraftStartH\x00\x12*\n\x07\x61\x64vance\x18\x02 \x01(\x0b\x32\x17.tandem.v1.DraftAdvanceH\x00\x42\x06\n\x04kind\"Q\n\rDraftResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x30\n\tproposals\x18\x02 \x03(\x0b\x32\x1d.tandem.v1.SparseDistribution*f\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cMODE_PRIMARY\x10\x01\x12\x0e\n\nMODE_SPEED\x10\x02\x12\x0f\n\x0bMODE_TANDEM\x10\x03\x12\x15\n\x11MODE_TANDEM_SPEED\x10\x04*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*K\n\x07\x44rafter\x12\x17\n\x13\x44RAFTER_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44RAFTER_TANDEM\x10\x01\x12\x13\n\x0f\x44RAFTER_VANILLA\x10\x02\x32U\n\x0cOrchestrator\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x32\xc5\x01\n\x07Primary\x12<\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x16.tandem.v1.PrimaryStep\x12:\n\x06Verify\x12\x18.tandem.v1.VerifyRequest\x1a\x16.tandem.v1.PrimaryStep\x12@\n\x07Release\x12\x19.tandem.v1.ReleaseRequest\x1a\x1a.tandem.v1.ReleaseResponse2K\n\tSecondary\x12>\n\x05\x44raft\x12\x17.tandem.v1.DraftRequest\x1a\x18.tandem.v1.DraftResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandemrpc/v1/tandem.proto\x12\ttandem.v1\"\x87\x01\n\x06Tensor\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.tandem.v1.Tensor.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb0\x03\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1d\n\x04mode\x18\x07 \x01(\x0e\x32\x0f.tandem.v1.Mode\x12\x11\n\tgamma_max\x18\x08 \x01(\x05\x12\x10\n\x03tau\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x16\n\ttau_first\x18\x14 \x01(\x02H\x02\x88\x01\x01\x12\x19\n\x0cmin_accepted\x18\x15 \x01(\x02H\x03\x88\x01\x01\x12\x19\n\x0clookup_ngram\x18\x16 \x01(\x05H\x04\x88\x01\x01\x42\x07\n\x05inputB\x06\n\x04_tauB\x0c\n\n_tau_firstB\x0f\n\r_min_acceptedB\x0f\n\r_lookup_ngramJ\x04\x08\x0b\x10\x14\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xba\x02\n\x10SpeculationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\x05\x12\x16\n\x0e\x64rafted_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x04 \x03(\x05\x12\x1e\n\x16mean_acceptance_length\x18\x05 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x11\n\telapsed_s\x18\x07 \x01(\x01\x12\x17\n\x0f\x64\x65\x63lined_rounds\x18\x08 \x01(\x05\x12\x14\n\x0cpaused_steps\x18\t \x01(\x05\x12\x15\n\rlookup_rounds\x18\n \x01(\x05\x12\x1d\n\x15lookup_drafted_tokens\x18\x0b \x01(\x05\x12\x1e\n\x16lookup_accepted_tokens\x18\x0c \x01(\x05\"\xca\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12*\n\x05stats\x18\x05 \x01(\x0b\x32\x1b.tandem.v1.SpeculationStats\x12\x12\n\nrequest_id\x18\x06 \x01(\tJ\x04\x08\x07\x10\n\"z\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x13\n\x0bwant_hidden\x18\x04 \x01(\x08\"\x9d\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x30\n\tproposals\x18\x03 \x03(\x0b\x32\x1d.tandem.v1.SparseDistribution\x12\x12\n\nstandalone\x18\x04 \x01(\x08\x12\x13\n\x0bwant_hidden\x18\x05 \x01(\x08\x12\r\n\x05steps\x18\x06 \x01(\x05\"~\n\x0bPrimaryStep\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nnext_token\x18\x02 \x01(\x05\x12!\n\x06hidden\x18\x03 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x10\n\x08sessions\x18\x04 \x01(\x05\x12\x14\n\x0cprior_tokens\x18\x05 \x03(\x05\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xb0\x02\n\nDraftStart\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x07\x64rafter\x18\x02 \x01(\x0e\x32\x12.tandem.v1.Drafter\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\x12!\n\x06hidden\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x13\n\x0b\x66irst_token\x18\x05 \x01(\x05\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x11\n\tgamma_max\x18\x07 \x01(\x05\x12\x0b\n\x03tau\x18\x08 \x01(\x02\x12\x12\n\nmax_drafts\x18\t \x01(\x05\x12\x13\n\x0b\x64raft_top_k\x18\n \x01(\x05\x12\x11\n\ttau_first\x18\x0b \x01(\x02\x12\x14\n\x0clookup_ngram\x18\x0c \x01(\x05\"|\n\x0c\x44raftAdvance\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12!\n\x06hidden\x18\x02 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12\x12\n\nmax_drafts\x18\x04 \x01(\x05\x12\x0f\n\x07skipped\x18\x05 \x03(\x05\"j\n\x0c\x44raftRequest\x12&\n\x05start\x18\x01 \x01(\x0b\x32\x15.tandem.v1.DraftStartH\x00\x12*\n\x07\x61\x64vance\x18\x02 \x01(\x0b\x32\x17.tandem.v1.DraftAdvanceH\x00\x42\x06\n\x04kind\"d\n\rDraftResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x30\n\tproposals\x18\x02 \x03(\x0b\x32\x1d.tandem.v1.SparseDistribution\x12\x11\n\tlooked_up\x18\x03 \x01(\x08*f\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cMODE_PRIMARY\x10\x01\x12\x0e\n\nMODE_SPEED\x10\x02\x12\x0f\n\x0bMODE_TANDEM\x10\x03\x12\x15\n\x11MODE_TANDEM_SPEED\x10\x04*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*K\n\x07\x44rafter\x12\x17\n\x13\x44RAFTER_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44RAFTER_TANDEM\x10\x01\x12\x13\n\x0f\x44RAFTER_VANILLA\x10\x02\x32U\n\x0cOrchestrator\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x32\xc5\x01\n\x07Primary\x12<\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x16.tandem.v1.PrimaryStep\x12:\n\x06Verify\x12\x18.tandem.v1.VerifyRequest\x1a\x16.tandem.v1.PrimaryStep\x12@\n\x07Release\x12\x19.tandem.v1.ReleaseRequest\x1a\x1a.tandem.v1.ReleaseResponse2K\n\tSecondary\x12>\n\x05\x44raft\x12\x17.tandem.v1.DraftRequest\x1a\x18.tandem.v1.DraftResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandemrpc.v1.tandem_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=2435
-  _globals['_MODE']._serialized_end=2537
-  _globals['_FINISHREASON']._serialized_start=2539
-  _globals['_FINISHREASON']._serialized_end=2634
-  _globals['_DRAFTER']._serialized_start=2636
-  _globals['_DRAFTER']._serialized_end=2711
+  _globals['_MODE']._serialized_start=2606
+  _globals['_MODE']._serialized_end=2708
+  _globals['_FINISHREASON']._serialized_start=2710
+  _globals['_FINISHREASON']._serialized_end=2805
+  _globals['_DRAFTER']._serialized_start=2807
+  _globals['_DRAFTER']._serialized_end=2882
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=176
   _globals['_TENSOR_DTYPE']._serialized_start=120
@@ -52,35 +52,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=435
   _globals['_TOKENIDS']._serialized_end=458
   _globals['_GENERATEREQUEST']._serialized_start=461
-  _globals['_GENERATEREQUEST']._serialized_end=849
-  _globals['_USAGE']._serialized_start=851
-  _globals['_USAGE']._serialized_end=908
-  _globals['_SPECULATIONSTATS']._serialized_start=911
-  _globals['_SPECULATIONSTATS']._serialized_end=1139
-  _globals['_GENERATERESPONSE']._serialized_start=1142
-  _globals['_GENERATERESPONSE']._serialized_end=1344
-  _globals['_PREFILLREQUEST']._serialized_start=1346
-  _globals['_PREFILLREQUEST']._serialized_end=1468
-  _globals['_VERIFYREQUEST']._serialized_start=1471
-  _globals['_VERIFYREQUEST']._serialized_end=1628
-  _globals['_PRIMARYSTEP']._serialized_start=1630
-  _globals['_PRIMARYSTEP']._serialized_end=1756
-  _globals['_RELEASEREQUEST']._serialized_start=1758
-  _globals['_RELEASEREQUEST']._serialized_end=1794
-  _globals['_RELEASERESPONSE']._serialized_start=1796
-  _globals['_RELEASERESPONSE']._serialized_end=1831
-  _globals['_DRAFTSTART']._serialized_start=1834
-  _globals['_DRAFTSTART']._serialized_end=2116
-  _globals['_DRAFTADVANCE']._serialized_start=2118
-  _globals['_DRAFTADVANCE']._serialized_end=2242
-  _globals['_DRAFTREQUEST']._serialized_start=2244
-  _globals['_DRAFTREQUEST']._serialized_end=2350
-  _globals['_DRAFTRESPONSE']._serialized_start=2352
-  _globals['_DRAFTRESPONSE']._serialized_end=2433
-  _globals['_ORCHESTRATOR']._serialized_start=2713
-  _globals['_ORCHESTRATOR']._serialized_end=2798
-  _globals['_PRIMARY']._serialized_start=2801
-  _globals['_PRIMARY']._serialized_end=2998
-  _globals['_SECONDARY']._serialized_start=3000
-  _globals['_SECONDARY']._serialized_end=3075
+  _globals['_GENERATEREQUEST']._serialized_end=893
+  _globals['_USAGE']._serialized_start=895
+  _globals['_USAGE']._serialized_end=952
+  _globals['_SPECULATIONSTATS']._serialized_start=955
+  _globals['_SPECULATIONSTATS']._serialized_end=1269
+  _globals['_GENERATERESPONSE']._serialized_start=1272
+  _globals['_GENERATERESPONSE']._serialized_end=1474
+  _globals['_PREFILLREQUEST']._serialized_start=1476
+  _globals['_PREFILLREQUEST']._serialized_end=1598
+  _globals['_VERIFYREQUEST']._serialized_start=1601
+  _globals['_VERIFYREQUEST']._serialized_end=1758
+  _globals['_PRIMARYSTEP']._serialized_start=1760
+  _globals['_PRIMARYSTEP']._serialized_end=1886
+  _globals['_RELEASEREQUEST']._serialized_start=1888
+  _globals['_RELEASEREQUEST']._serialized_end=1924
+  _globals['_RELEASERESPONSE']._serialized_start=1926
+  _globals['_RELEASERESPONSE']._serialized_end=1961
+  _globals['_DRAFTSTART']._serialized_start=1964
+  _globals['_DRAFTSTART']._serialized_end=2268
+  _globals['_DRAFTADVANCE']._serialized_start=2270
+  _globals['_DRAFTADVANCE']._serialized_end=2394
+  _globals['_DRAFTREQUEST']._serialized_start=2396
+  _globals['_DRAFTREQUEST']._serialized_end=2502
+  _globals['_DRAFTRESPONSE']._serialized_start=2504
+  _globals['_DRAFTRESPONSE']._serialized_end=2604
+  _globals['_ORCHESTRATOR']._serialized_start=2884
+  _globals['_ORCHESTRATOR']._serialized_end=2969
+  _globals['_PRIMARY']._serialized_start=2972
+  _globals['_PRIMARY']._serialized_end=3169
+  _globals['_SECONDARY']._serialized_start=3171
+  _globals['_SECONDARY']._serialized_end=3246
 # @@protoc_insertion_point(module_scope)

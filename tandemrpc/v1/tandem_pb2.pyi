@@ -97,7 +97,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "chat", "sampling", "max_tokens", "stop", "mode", "gamma_max", "tau", "request_id", "tau_first", "min_accepted")
+    __slots__ = ("text", "token_ids", "chat", "sampling", "max_tokens", "stop", "mode", "gamma_max", "tau", "request_id", "tau_first", "min_accepted", "lookup_ngram")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TAU_FIRST_FIELD_NUMBER: _ClassVar[int]
     MIN_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_NGRAM_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     chat: ChatMessages
@@ -122,7 +123,8 @@ class GenerateRequest(_message.Message):
     request_id: str
     tau_first: float
     min_accepted: float
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., gamma_max: _Optional[int] = ..., tau: _Optional[float] = ..., request_id: _Optional[str] = ..., tau_first: _Optional[float] = ..., min_accepted: _Optional[float] = ...) -> None: ...
+    lookup_ngram: int
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., gamma_max: _Optional[int] = ..., tau: _Optional[float] = ..., request_id: _Optional[str] = ..., tau_first: _Optional[float] = ..., min_accepted: _Optional[float] = ..., lookup_ngram: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -133,7 +135,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "accepted_per_position", "mean_acceptance_length", "ttft_s", "elapsed_s", "declined_rounds", "paused_steps")
+    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "accepted_per_position", "mean_acceptance_length", "ttft_s", "elapsed_s", "declined_rounds", "paused_steps", "lookup_rounds", "lookup_drafted_tokens", "lookup_accepted_tokens")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +145,9 @@ class SpeculationStats(_message.Message):
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
     DECLINED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     PAUSED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted_tokens: int
     accepted_tokens: int
@@ -152,7 +157,10 @@ class SpeculationStats(_message.Message):
     elapsed_s: float
     declined_rounds: int
     paused_steps: int
-    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., mean_acceptance_length: _Optional[float] = ..., ttft_s: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., declined_rounds: _Optional[int] = ..., paused_steps: _Optional[int] = ...) -> None: ...
+    lookup_rounds: int
+    lookup_drafted_tokens: int
+    lookup_accepted_tokens: int
+    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., mean_acceptance_length: _Optional[float] = ..., ttft_s: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., declined_rounds: _Optional[int] = ..., paused_steps: _Optional[int] = ..., lookup_rounds: _Optional[int] = ..., lookup_drafted_tokens: _Optional[int] = ..., lookup_accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "usage", "stats", "request_id")
@@ -225,7 +233,7 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class DraftStart(_message.Message):
-    __slots__ = ("session_id", "drafter", "prompt_ids", "hidden", "first_token", "sampling", "gamma_max", "tau", "max_drafts", "draft_top_k", "tau_first")
+    __slots__ = ("session_id", "drafter", "prompt_ids", "hidden", "first_token", "sampling", "gamma_max", "tau", "max_drafts", "draft_top_k", "tau_first", "lookup_ngram")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +245,7 @@ class DraftStart(_message.Message):
     MAX_DRAFTS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOP_K_FIELD_NUMBER: _ClassVar[int]
     TAU_FIRST_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_NGRAM_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     drafter: Drafter
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -248,7 +257,8 @@ class DraftStart(_message.Message):
     max_drafts: int
     draft_top_k: int
     tau_first: float
-    def __init__(self, session_id: _Optional[str] = ..., drafter: _Optional[_Union[Drafter, str]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., first_token: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., gamma_max: _Optional[int] = ..., tau: _Optional[float] = ..., max_drafts: _Optional[int] = ..., draft_top_k: _Optional[int] = ..., tau_first: _Optional[float] = ...) -> None: ...
+    lookup_ngram: int
+    def __init__(self, session_id: _Optional[str] = ..., drafter: _Optional[_Union[Drafter, str]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., first_token: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., gamma_max: _Optional[int] = ..., tau: _Optional[float] = ..., max_drafts: _Optional[int] = ..., draft_top_k: _Optional[int] = ..., tau_first: _Optional[float] = ..., lookup_ngram: _Optional[int] = ...) -> None: ...
 
 class DraftAdvance(_message.Message):
     __slots__ = ("accepted", "hidden", "next_token", "max_drafts", "skipped")
@@ -273,9 +283,11 @@ class DraftRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[DraftStart, _Mapping]] = ..., advance: _Optional[_Union[DraftAdvance, _Mapping]] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
-    __slots__ = ("tokens", "proposals")
+    __slots__ = ("tokens", "proposals", "looked_up")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROPOSALS_FIELD_NUMBER: _ClassVar[int]
+    LOOKED_UP_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     proposals: _containers.RepeatedCompositeFieldContainer[SparseDistribution]
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., proposals: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ...) -> None: ...
+    looked_up: bool
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., proposals: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., looked_up: _Optional[bool] = ...) -> None: ...

@@ -118,7 +118,8 @@ def test_greedy_speculation_is_lossless_on_smollm2(bundle: Bundle) -> None:
     primary's greedy tokens; the shipped (trained) drafters are accepted far more often than chance, the Tandem one
     more than the vanilla one."""
     engine, tok = bundle.engine, bundle.tokenizer
-    spec = SpecConfig(gamma_max=3, tau=0.0)  # always draft 3 (a 4-token verify): every round can roll back
+    # Always draft 3 (a 4-token verify): every round can roll back. The drafters' own rounds: prompt lookup off.
+    spec = SpecConfig(gamma_max=3, tau=0.0, lookup_ngram=0)
     accepted = {"speed": 0, "tandem-speed": 0}
     rounds = dict.fromkeys(accepted, 0)
     for prompt in PROMPTS[::3] + PROMPTS[1:6:4]:
@@ -132,6 +133,23 @@ def test_greedy_speculation_is_lossless_on_smollm2(bundle: Bundle) -> None:
             rounds[mode] += got.stats.rounds
     mal = {mode: 1 + accepted[mode] / rounds[mode] for mode in accepted}
     assert mal["speed"] > 1.3 and mal["tandem-speed"] > mal["speed"], mal
+
+
+@pytest.mark.slow
+def test_prompt_lookup_is_lossless_on_smollm2(bundle: Bundle) -> None:
+    """Two prompts whose answers repeat themselves (a count, code) x 48 tokens with prompt lookup from 3-grams and up
+    to 3 drafts a round: both speculative modes emit the primary's greedy tokens, and lookup served some rounds."""
+    engine, tok = bundle.engine, bundle.tokenizer
+    spec = SpecConfig(gamma_max=3, tau=0.0, lookup_ngram=3)
+    looked_up = 0
+    for prompt in (PROMPTS[9], PROMPTS[17]):
+        ids = tok.encode(prompt)
+        want = engine.generate(ids, mode="primary", max_tokens=48)
+        for mode in ("speed", "tandem-speed"):
+            got = engine.generate(ids, mode=mode, max_tokens=48, spec=spec)
+            assert got.token_ids == want.token_ids, (mode, prompt, tok.decode(got.token_ids))
+            looked_up += got.stats.lookup_rounds
+    assert looked_up > 0
 
 
 def test_shipped_drafters_are_loaded_with_their_routers(bundle: Bundle) -> None:

@@ -104,6 +104,16 @@ def test_summary_pools_speculation_counters_over_prompts() -> None:
     assert s["tpot_s_median"] == pytest.approx(0.4 / 3)  # of 0.9/8, 1.9/10, 0.4/3
     assert s["outputs"] == [list(range(9)), list(range(11)), list(range(4))]
     assert s["deterministic"]
+    assert s["lookup_rounds"] is None  # the samples do not report prompt lookup
+    # Prompt lookup's share of the counters pools like them; the markdown gets a table of it.
+    looked = [
+        dataclasses.replace(x, lookup_rounds=n, lookup_drafted_tokens=3 * n, lookup_accepted_tokens=2 * n)
+        for x, n in ((a, 1), (b, 1), (c, 0))
+    ]
+    s = summarize([[x] for x in looked])
+    assert (s["lookup_rounds"], s["lookup_drafted_tokens"]) == (2, 6) and s["lookup_accepted_tokens"] == 4
+    report = {"modes": {"speed@0:0:4:0:3": s}, "results": {"in-process": {"speed@0:0:4:0:3": s}}}
+    assert "| speed@0:0:4:0:3 | in-process | 2 | 29% | 3.00 | 67% |" in render_markdown(report)
 
 
 def test_summary_without_speculation_and_with_repeats() -> None:
@@ -215,6 +225,15 @@ def test_config_is_validated() -> None:
     arms = BenchConfig(modes=("primary", "tandem-speed", "tandem-speed@0:0.8:7"), gamma_max=2, tau=0.3)
     assert arms.spec_of("tandem-speed") == SpecConfig(gamma_max=2, tau=0.3)
     assert arms.spec_of("tandem-speed@0:0.8:7") == SpecConfig(gamma_max=7, tau=0.8, tau_first=0.0)
+    # The optional 4th and 5th settings: min_accepted, then prompt lookup's shortest n-gram.
+    lookup = BenchConfig(modes=("primary", "tandem-speed@0:0.8:4:0:3", "speed@0:0.8:4:1.5"), lookup_ngram=2)
+    assert lookup.spec_of("tandem-speed@0:0.8:4:0:3") == SpecConfig(gamma_max=4, tau=0.8, lookup_ngram=3)
+    assert lookup.spec_of("speed@0:0.8:4:1.5") == SpecConfig(gamma_max=4, tau=0.8, min_accepted=1.5)
+    assert lookup.spec.lookup_ngram == 2
+    with pytest.raises(ValueError, match="lookup_ngram"):
+        BenchConfig(modes=("primary", "speed@0:0.8:4:0:-1"))
+    with pytest.raises(ValueError, match="three to five values"):
+        BenchConfig(modes=("primary", "speed@0:0.8:4:0:3:1"))
     cfg = BenchConfig(modes=("primary",), peer="hf")
     assert cfg.all_modes == ("primary", "hf", "hf-assisted") and cfg.vias_of("hf") == ("in-process",)
     with pytest.raises(dataclasses.FrozenInstanceError):

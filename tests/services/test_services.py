@@ -132,6 +132,37 @@ def test_seeded_sampling_matches_in_process(stack: Stack, min_accepted: float) -
     assert (paused > 0) == (min_accepted > 0)
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_prompt_lookup_through_grpc_matches_in_process(stack: Stack, sampled: bool) -> None:
+    """lookup_ngram travels from the public request to the drafter (GenerateRequest, then DraftStart): through gRPC a
+    request drafts, keeps and emits what it does in process, and the served drafters answer rounds by lookup."""
+    spec = SpecConfig(gamma_max=4, tau=0.0, lookup_ngram=2)
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, seed=7) if sampled else SamplingParams()
+    kw = dict(temperature=1.0, top_p=0.9, seed=7) if sampled else {}
+    for mode in ("speed", "tandem-speed"):
+        worker = stack.drafters["tandem" if mode == "tandem-speed" else "vanilla"]
+        served, looked_up = worker.lookup_rounds, 0
+        for prompt in PROMPTS:
+            want = stack.reference.generate(prompt, mode=mode, max_tokens=40, sampling=sampling, spec=spec)
+            got, chunks = _tokens(stack.client.generate(prompt, mode=mode, max_tokens=40, lookup_ngram=2, **kw))
+            st = chunks[-1].stats
+            assert got == want.token_ids, (mode, prompt)
+            assert (st.drafted_tokens, st.accepted_tokens) == (want.stats.drafted_tokens, want.stats.accepted_tokens)
+            w = want.stats
+            assert (st.lookup_rounds, st.lookup_drafted_tokens, st.lookup_accepted_tokens) == (
+                w.lookup_rounds,
+                w.lookup_drafted_tokens,
+                w.lookup_accepted_tokens,
+            )
+            looked_up += w.lookup_rounds
+        assert worker.lookup_rounds - served == looked_up > 0, mode
+        # 0: off, so the drafter model drafts every round.
+        served = worker.lookup_rounds
+        _tokens(stack.client.generate(PROMPTS[0], mode=mode, max_tokens=40, lookup_ngram=0, **kw))
+        assert worker.lookup_rounds == served, mode
+    assert stack.settled_sessions() == 0
+
+
 def test_cancel_releases_every_session(stack: Stack) -> None:
     call = stack.client.stub.Generate(build_request(PROMPTS[1], max_tokens=120, mode="tandem-speed"))
     next(call), next(call)  # the prefill's token, then a round's: both model services hold the session
@@ -197,6 +228,7 @@ def test_health_and_reflection(stack: Stack) -> None:
         (dict(prompt=[1, 2], temperature=1.0, top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         (dict(prompt=[1, 2], gamma_max=99), grpc.StatusCode.INVALID_ARGUMENT, "gamma_max"),
         (dict(prompt=[1, 2], min_accepted=9.0), grpc.StatusCode.INVALID_ARGUMENT, "min_accepted"),
+        (dict(prompt=[1, 2], lookup_ngram=-1), grpc.StatusCode.INVALID_ARGUMENT, "lookup_ngram must be >= 0"),
         (dict(prompt=[1, TINY.vocab_size]), grpc.StatusCode.INVALID_ARGUMENT, "token ids"),
         (dict(prompt="hello"), grpc.StatusCode.INVALID_ARGUMENT, "tokenizer"),
     ],
@@ -239,6 +271,10 @@ def test_internal_api_errors(stack: Stack) -> None:
             with pytest.raises(grpc.RpcError) as err:
                 list(secondary.Draft(iter([pb.DraftRequest(start=start)])))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, t.shape
+        start = pb.DraftStart(session_id="s3", prompt_ids=[1, 2, 3], first_token=4, gamma_max=2, lookup_ngram=-2)
+        with pytest.raises(grpc.RpcError) as err:
+            list(secondary.Draft(iter([pb.DraftRequest(start=start)])))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "lookup_ngram" in err.value.details()
         adv = pb.DraftRequest(advance=pb.DraftAdvance(accepted=0, next_token=1))
         with pytest.raises(grpc.RpcError) as err:
             list(secondary.Draft(iter([adv])))

@@ -100,7 +100,7 @@ def test_a_paused_drafter_catches_up_exactly(tiny_params) -> None:
     skipped tokens (and, Tandem, their primary states) reach the drafter's cache as if it had seen every step.
     Sampled requests, for varied tokens; the first draft's proposal q_1 depends on the drafter's cache alone."""
     engine = make_engine(tiny_params, slots=2)
-    spec = SpecConfig(gamma_max=3, tau=0.0, min_accepted=3.0, pause_steps=2)
+    spec = SpecConfig(gamma_max=3, tau=0.0, min_accepted=3.0, pause_steps=2, lookup_ngram=0)  # the model's rounds
     for mode in ("speed", "tandem-speed"):
         worker = engine.drafters[mode]
         resumed = _spy_on_resumed_rounds(worker)
@@ -150,7 +150,9 @@ def test_oracle_drafter_accepts_everything(tiny_params) -> None:
     engine = Engine(PrimaryRunner(TINY, tiny_params, max_len=256), None, drafter_model.DrafterRunner(cfg, oracle))
     for prompt in PROMPTS[:5]:
         want = engine.generate(prompt, mode="primary", max_tokens=40)
-        got = engine.generate(prompt, mode="speed", max_tokens=40, spec=SpecConfig(gamma_max=5, tau=0.0))
+        got = engine.generate(
+            prompt, mode="speed", max_tokens=40, spec=SpecConfig(gamma_max=5, tau=0.0, lookup_ngram=0)
+        )
         assert got.token_ids == want.token_ids
         assert got.stats.accepted_tokens == got.stats.drafted_tokens
         assert got.stats.accepted_per_position[:5] == got.stats.drafted_per_position[:5]
@@ -252,18 +254,21 @@ def _gof_pvalue(counts: np.ndarray, expected_probs: np.ndarray) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("spec", "reads"),
+    ("spec", "prompt", "reads"),
     [
-        # q covers 3 of 8 tokens: the residual path is exercised
-        (SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3), "layers"),
+        # q covers 3 of 8 tokens: the residual path is exercised.
+        (SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3, lookup_ngram=0), [1, 5, 2], "layers"),
         # The router declines about a third of the rounds (τ_first): those are plain sampled primary steps.
-        (SpecConfig(gamma_max=2, tau=0.3, tau_first=0.17, draft_top_k=3), "layers"),
-        # The feature-level drafter's rounds (drafted on the host when sampled, its own outputs fed back)
-        (SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3), "features"),
+        (SpecConfig(gamma_max=2, tau=0.3, tau_first=0.17, draft_top_k=3, lookup_ngram=0), [1, 5, 2], "layers"),
+        # Prompt lookup from 1-grams on a prompt holding every token: every round's drafts are looked up, each
+        # proposed as a point mass (accepted with probability p(d), else a draw from p without d).
+        (SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3, lookup_ngram=1), [1, 5, 2, 7, 3, 0, 4, 6], "layers"),
+        # The feature-level drafter's rounds (drafted on the host when sampled, its own outputs fed back).
+        (SpecConfig(gamma_max=2, tau=0.0, draft_top_k=3, lookup_ngram=0), [1, 5, 2], "features"),
     ],
-    ids=["every-round-drafts", "some-rounds-declined", "feature-level"],
+    ids=["every-round-drafts", "some-rounds-declined", "prompt-lookup", "feature-level"],
 )
-def test_sampled_speculation_matches_primary_distribution(spec: SpecConfig, reads: str) -> None:
+def test_sampled_speculation_matches_primary_distribution(spec: SpecConfig, prompt: list[int], reads: str) -> None:
     params = params_from_state_dict(SMALL, tiny_state(SMALL, seed=3))
     tcfg, vcfg = drafter_config(True, SMALL, reads=reads), drafter_config(False, SMALL)
     engine = Engine(
@@ -271,13 +276,14 @@ def test_sampled_speculation_matches_primary_distribution(spec: SpecConfig, read
         drafter_model.DrafterRunner(tcfg, drafter_model.init_params(tcfg, 1), max_len=32),
         drafter_model.DrafterRunner(vcfg, drafter_model.init_params(vcfg, 2), max_len=32),
     )
-    prompt = [1, 5, 2]
     joint = _exact_joint(params, prompt)
     counts, counters = _sample_counts(engine, prompt, "tandem-speed", N_SAMPLES, spec)
     pvalue = _gof_pvalue(counts, joint)
     assert pvalue > 1e-3, pvalue
     assert counters.rounds > 0 and (counters.declined_rounds > 0) == (spec.first_tau > 0), counters
-    if spec.first_tau == 0:
+    worker = engine.drafters["tandem-speed"]
+    assert worker is not None and (worker.lookup_rounds == counters.rounds) == (spec.lookup_ngram > 0)
+    if spec.first_tau == 0 and not spec.lookup_ngram:
         # The test has teeth: standalone Tandem (drafts kept unverified) is not distributed like the primary.
         wrong, _ = _sample_counts(engine, prompt, "tandem", 2_000, spec)
         assert _gof_pvalue(wrong, joint) < 1e-6
