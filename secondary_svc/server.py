@@ -107,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     workers = {name: DrafterWorker(r, routers[name], cfg.batching) for name, r in runners.items()}
     if cfg.compile_at_start:
         start = time.perf_counter()
-        n = sum(w.compile() for w in workers.values() if w.tandem)
+        # a feature-level drafter's shapes compile on first use, like the vanilla drafter's
+        n = sum(w.compile() for w in workers.values() if w.tandem and not w.runner.cfg.features)
         logging.getLogger("secondary_svc").info("compiled %d shape buckets in %.1f s", n, time.perf_counter() - start)
     server = build_server(workers, cfg).start()
     logging.getLogger("secondary_svc").info(

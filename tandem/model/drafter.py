@@ -321,6 +321,19 @@ def train_forward(
     Returns:
         [B, T, V] logits; row i predicts token i + 1.
     """
+    x = train_outputs(params, cfg, tokens, primary_hidden, block_len, offset)
+    return tokens_major(_logits(params, cfg, x), tokens.shape[0])
+
+
+def train_outputs(
+    params: DrafterParams,
+    cfg: DrafterConfig,
+    tokens: jax.Array,
+    primary_hidden: jax.Array | None,
+    block_len: int,
+    offset: jax.Array | int = 0,
+) -> jax.Array:
+    """`train_forward`'s last-layer outputs [D, N] (before the final norm and the head); same arguments."""
     batch, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (batch, t))
     i = jnp.arange(t)
@@ -329,8 +342,7 @@ def train_forward(
         assert primary_hidden is not None, "a feature-level drafter needs the primary's states"
         outs = feature_round_steps(params, cfg, tokens, shift_features(primary_hidden), block_len)
         depth = jnp.where(i >= offset, (i - offset) % block_len, 0)  # [T] each position's depth in its round
-        x = jnp.stack(outs)[depth[None, :].repeat(batch, 0).reshape(-1), :, jnp.arange(batch * t)].T  # [D, N]
-        return tokens_major(_logits(params, cfg, x), batch)
+        return jnp.stack(outs)[jnp.tile(depth, batch), :, jnp.arange(batch * t)].T  # [D, N]
     if cfg.tandem:
         assert primary_hidden is not None, "a Tandem drafter needs the primary's states"
         ctx_k, ctx_v = primary_context_kv(params, cfg, primary_hidden, positions)
@@ -354,7 +366,7 @@ def train_forward(
         rope_theta=cfg.rope_theta,
         eps=cfg.rms_eps,
     )
-    return tokens_major(_logits(params, cfg, x), batch)
+    return x
 
 
 def _advance(

@@ -38,7 +38,7 @@ from tandem.config import DrafterConfig, LlamaConfig
 from tandem.decoding.lookup import LookupConfig, lookup_drafts
 from tandem.model import drafter as drafter_model
 from tandem.model.drafter import DrafterParams
-from tandem.model.layers import causal_block_mask, decoder_stack, embed_tokens, output_logits, rms_norm
+from tandem.model.layers import output_logits, rms_norm
 from tandem.model.primary import LlamaParams, float_only
 from tandem.training.corpus import TOKEN_DTYPE
 from tandem.training.states import STATE_DTYPE, STATES_SUFFIX, answer_mask, example_bounds
@@ -209,29 +209,10 @@ class OfflineTrainer:
         runnable = drafter_model.materialize(params, self.dcfg, self.embed)
         tokens = batch["tokens"]
         if not self.dcfg.tandem:
-            return [self._vanilla_outputs(runnable, tokens)]
+            return [drafter_model.train_outputs(runnable, self.dcfg, tokens, None, 1)]
         states = batch["states"][:, :, jnp.asarray(self.feature_taps)]
         feats = drafter_model.shift_features(states)
         return drafter_model.feature_round_steps(runnable, self.dcfg, tokens, feats, self.cfg.depth)
-
-    def _vanilla_outputs(self, params: DrafterParams, tokens: jax.Array) -> jax.Array:
-        """[D, N] a vanilla drafter's last-layer outputs: causal over its own tokens."""
-        batch, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t), (batch, t))
-        empty = jnp.zeros((self.dcfg.n_layers, batch, self.dcfg.n_kv_heads, 0, self.dcfg.head_dim))
-        assert params.embed is not None
-        x, _, _, _ = decoder_stack(
-            params.layers,
-            embed_tokens(params.embed, tokens),
-            positions,
-            empty,
-            empty,
-            jnp.zeros((batch, t, 0), bool),
-            causal_block_mask(batch, t),
-            rope_theta=self.dcfg.rope_theta,
-            eps=self.dcfg.rms_eps,
-        )
-        return x
 
     def _head(self, params: DrafterParams) -> jax.Array:
         """[N_h, D] the draft head: the shared embedding's rows of the draft vocabulary."""
