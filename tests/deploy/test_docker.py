@@ -81,7 +81,7 @@ def test_dockerfile_builds_both_variants_with_the_install_script() -> None:
     # The CPU image ships the int8 kernel prebuilt where the runtime looks for it (it has no compiler).
     assert len(re.findall(r"TANDEM_KERNEL_CACHE=/opt/tandem/cache/kernels", text)) == 2
     # The image copies every package pyproject.toml installs (and the readme it declares).
-    packages = ("tandem", "tandemrpc", "primary_svc", "secondary_svc", "orchestrator", "loadtest", "apps")
+    packages = ("tandem", "tandemrpc", "primary_svc", "secondary_svc", "orchestrator", "loadtest", "benchmark", "apps")
     for path in ("pyproject.toml", "README.md", "docker/install.sh", *packages):
         assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, re.M), path
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
