@@ -126,7 +126,8 @@ def drafter_shape(primary: LlamaConfig, cfg: OfflineConfig) -> DrafterConfig:
 
 def init_params(dcfg: DrafterConfig, primary: LlamaParams, head_ids: np.ndarray, seed: int) -> DrafterParams:
     """Trainable start: the primary's last layers and final norm, its embedding as is (`embed_proj` = I), its states
-    passed through (`fuse_feat` = I) and the token's embedding added by a small random product."""
+    passed through (`fuse_feat` = I) and the token's embedding added by a small random product (std 0.02, so the
+    primary's states dominate the first input)."""
     params = drafter_model.init_params(dcfg, seed)
     layers = float_only(primary).layers[len(primary.layers) - dcfg.n_layers :]
     eye = jnp.eye(dcfg.d_model, dtype=jnp.float32)
@@ -136,6 +137,7 @@ def init_params(dcfg: DrafterConfig, primary: LlamaParams, head_ids: np.ndarray,
         final_norm=jnp.asarray(primary.final_norm),
         embed_proj=eye,
         fuse_feat=eye if dcfg.features else None,
+        fuse_emb=None if params.fuse_emb is None else params.fuse_emb * (0.02 * dcfg.d_model**0.5),
         head_ids=jnp.asarray(head_ids, jnp.int32),
     )
 
