@@ -53,6 +53,7 @@ def feature_engine(tiny_params) -> Engine:
     return make_engine(tiny_params, reads="features", slots=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec",
     [

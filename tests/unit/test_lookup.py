@@ -124,6 +124,7 @@ def _sequence(seed: int, n: int = 72) -> list[int]:
     return [int(t) for t in seq]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
 @pytest.mark.parametrize(
     ("mode", "reads"), [("speed", "layers"), ("tandem-speed", "layers"), ("tandem-speed", "features")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import TINY
 
 from tandem.decoding.engine import Engine
@@ -71,6 +72,7 @@ def test_example_bounds_and_answer_mask() -> None:
     assert answer_mask(tokens).nonzero()[0].tolist() == [9, 10, 11, 21, 22, 23, 24]
 
 
+@pytest.mark.slow
 def test_record_recomputes_the_states_written_with_the_answers(tiny_params: LlamaParams, tmp_path) -> None:
     """`record` (a prefill pass over a corpus kept without its states) writes, row for row, what recording while
     writing gives, resumes where it stopped, and marks the manifest once a split is complete."""
