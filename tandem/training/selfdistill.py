@@ -29,7 +29,7 @@ import numpy as np
 from tandem.formats.tokenizer import Tokenizer
 from tandem.model.primary import PrimaryRunner
 from tandem.training.corpus import MANIFEST_NAME, TOKEN_DTYPE, fetch_texts, validation_mask
-from tandem.training.states import STATES_SUFFIX
+from tandem.training.states import STATE_DTYPE, STATES_SUFFIX, states_entry
 
 _TEMPLATES = (
     "Explain this passage in simple words: {sentence}",
@@ -414,7 +414,7 @@ def greedy_answers(
             runner.commit(slot, sizes[b])
             active[slot] = (i, [int(out.top[b, sizes[b] - 1])])
             if record:
-                states[slot] = [out.hidden[b, : sizes[b]].astype(np.float16)]
+                states[slot] = [out.hidden[b, : sizes[b]].astype(STATE_DTYPE)]
 
     def finished(slot: int) -> tuple[int, list[int], np.ndarray | None]:
         i, answer = active.pop(slot)
@@ -433,7 +433,7 @@ def greedy_answers(
             break
         rows = sorted(active)
         out = runner.forward(np.asarray([[active[s][1][-1]] for s in rows]), rows=rows)
-        hidden = out.hidden.astype(np.float16) if record else None  # [B, 1, n_taps, P]
+        hidden = out.hidden.astype(STATE_DTYPE) if record else None  # [B, 1, n_taps, P]
         for b, slot in enumerate(rows):
             runner.commit(slot, 1)
             active[slot][1].append(int(out.top[b, 0]))
@@ -480,7 +480,7 @@ def build(
         for split in ("train", "val"):  # an interrupted run may have written states past its last recorded example
             tokens_file, states_file = out_dir / f"{split}.bin", out_dir / f"{split}.{STATES_SUFFIX}"
             rows = tokens_file.stat().st_size // TOKEN_DTYPE.itemsize if tokens_file.exists() else 0
-            row_bytes = len(runner.taps) * runner.cfg.d_model * 2
+            row_bytes = len(runner.taps) * runner.cfg.d_model * STATE_DTYPE.itemsize
             have = states_file.stat().st_size // row_bytes if states_file.exists() else 0
             if have < rows:
                 raise ValueError(
@@ -511,9 +511,7 @@ def build(
         "format": "self-distill",
         "dtype": "uint16 little-endian",
         "layout": "each example: the chat-templated prompt, then the primary's greedy answer (ending in EOS or cut)",
-        "states": {"taps": list(runner.taps), "width": runner.cfg.d_model, "dtype": "float16", "file": STATES_SUFFIX}
-        if record
-        else None,
+        "states": states_entry(runner.taps, runner.cfg.d_model) if record else None,
         "prompts_done": progress["done"],
         "tokens": progress["tokens"],
         "config": dataclasses.asdict(cfg),

@@ -33,6 +33,11 @@ EXAMPLE_START = (1, 9690)
 ANSWER_START = (1, 520, 9531, 198)
 
 
+def states_entry(taps: Sequence[int], width: int) -> dict[str, Any]:
+    """manifest.json's "states" entry for a split recorded at `taps`, `width` wide."""
+    return {"taps": list(taps), "width": width, "dtype": "float16", "file": STATES_SUFFIX}
+
+
 def example_bounds(tokens: np.ndarray, start: Sequence[int] = EXAMPLE_START) -> list[tuple[int, int]]:
     """[(begin, end)] of the chat examples stored back to back in `tokens` (each begins with `start`).
 
@@ -92,7 +97,7 @@ def record(
     taps, width = list(runner.taps), runner.cfg.d_model
     manifest_path = directory / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    recorded = manifest.get("states") or {"taps": taps, "width": width, "dtype": "float16", "file": STATES_SUFFIX}
+    recorded = manifest.get("states") or states_entry(taps, width)
     if recorded["taps"] != taps:
         raise ValueError(f"{directory} records taps {recorded['taps']}, the runner taps {taps}")
     progress_path = directory / f"{split}.states.json"
