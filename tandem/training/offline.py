@@ -280,6 +280,7 @@ class OfflineTrainer:
         accepted = np.zeros(self.cfg.depth if self.dcfg.tandem else 1)
         tried = np.zeros_like(accepted)
         replays: dict[str, np.ndarray] = {}
+        causal = not self.dcfg.tandem  # a vanilla drafter's every depth is its depth 0
         for i in range(0, len(self.val_examples), self.cfg.batch_size):
             examples = self.val_examples[i : i + self.cfg.batch_size]
             batch = example_batch(self.corpus, examples, self.cfg.seq_len)
@@ -292,7 +293,6 @@ class OfflineTrainer:
                 tried[s] += (before & mask).sum()
                 chain = ok[s] & before
             for r, (b, e) in enumerate(examples):
-                causal = not self.dcfg.tandem
                 for key, counts in replay(self.corpus, b, e, ok[:, r], self.cfg.seq_len, lookup, causal).items():
                     replays[key] = replays.get(key, np.zeros(4)) + counts
         out: dict[str, Any] = {"acceptance_per_position": (accepted / np.maximum(tried, 1)).round(4).tolist()}
