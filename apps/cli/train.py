@@ -220,6 +220,9 @@ def _add_train_drafter(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth", type=int, default=3, help="round depths trained at once (default: 3)")
     p.add_argument("--layers", type=int, default=1, help="drafter layers (default: 1)")
     p.add_argument("--head-vocab", type=int, default=8192, help="draft vocabulary size (default: 8192)")
+    p.add_argument(
+        "--feature-layers", default="30", help="recorded primary layers fused into the drafter's input (default: 30)"
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-minutes", type=float, default=None, help="stop at a checkpoint after this long")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate on held-out answers every N steps (0: at end)")
@@ -268,6 +271,7 @@ def train_drafter(args: argparse.Namespace) -> int:
             depth=args.depth if args.kind == "tandem" else 1,
             n_layers=args.layers,
             head_vocab=args.head_vocab,
+            feature_layers=tuple(int(x) for x in split_csv(args.feature_layers)),
             lr=args.lr,
         )
         corpus = offline.open_corpus(args.data)

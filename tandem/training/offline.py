@@ -63,6 +63,7 @@ class OfflineConfig:
     weight_decay: float = 0.0
     clip: float = 1.0  # global gradient-norm clip
     n_layers: int = 1  # drafter layers, at the primary's width, initialised from its last layers
+    feature_layers: tuple[int, ...] = (30,)  # primary layers fused into the first input (all must be recorded)
     head_vocab: int = 8192  # draft vocabulary: the training answers' most frequent tokens
     val_fraction: float = 0.05  # examples held out for evaluation
     seed: int = 0
@@ -73,6 +74,7 @@ class OfflineConfig:
             raise ValueError(f"kind {self.kind!r} must be one of {KINDS}")
         if self.depth < 1 or self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("depth, steps and batch_size must be >= 1 and seq_len >= 2")
+        object.__setattr__(self, "feature_layers", tuple(int(x) for x in self.feature_layers))
 
 
 @dataclasses.dataclass
@@ -120,23 +122,26 @@ def drafter_shape(primary: LlamaConfig, cfg: OfflineConfig) -> DrafterConfig:
         shared_embed=True,
         head_vocab=cfg.head_vocab,
         reads="features",
-        feature_layers=(primary.n_layers,),
+        feature_layers=cfg.feature_layers,
     )
 
 
 def init_params(dcfg: DrafterConfig, primary: LlamaParams, head_ids: np.ndarray, seed: int) -> DrafterParams:
-    """Trainable start: the primary's last layers and final norm, its embedding as is (`embed_proj` = I), its states
-    passed through (`fuse_feat` = I) and the token's embedding added by a small random product (std 0.02, so the
-    primary's states dominate the first input)."""
+    """Trainable start: the primary's last layers and final norm, its embedding as is (`embed_proj` = I), its top
+    state passed through (`fuse_feat` = I on the top layer's columns, 0 on the others') and the token's embedding
+    added by a small random product (std 0.02, so the primary's states dominate the first input)."""
     params = drafter_model.init_params(dcfg, seed)
     layers = float_only(primary).layers[len(primary.layers) - dcfg.n_layers :]
     eye = jnp.eye(dcfg.d_model, dtype=jnp.float32)
+    if dcfg.features:
+        top = dcfg.tapped_layers.index(max(dcfg.tapped_layers))
+        fuse = jnp.zeros((dcfg.d_model, len(dcfg.tapped_layers), dcfg.d_model), jnp.float32).at[:, top].set(eye)
     return dataclasses.replace(
         params,
         layers=tuple(layers),
         final_norm=jnp.asarray(primary.final_norm),
         embed_proj=eye,
-        fuse_feat=eye if dcfg.features else None,
+        fuse_feat=fuse.reshape(dcfg.d_model, -1) if dcfg.features else None,
         fuse_emb=None if params.fuse_emb is None else params.fuse_emb * (0.02 * dcfg.d_model**0.5),
         head_ids=jnp.asarray(head_ids, jnp.int32),
     )
@@ -181,6 +186,9 @@ class OfflineTrainer:
             raise ValueError(
                 f"the corpus records layers {corpus.taps}, not the primary's top layer {primary_cfg.n_layers}"
             )
+        missing = sorted(set(cfg.feature_layers) - set(corpus.taps))
+        if missing:
+            raise ValueError(f"feature layers {missing} are not recorded in the corpus (it records {corpus.taps})")
         self.cfg, self.corpus, self.primary = cfg, corpus, primary
         self.train_examples, self.val_examples = _split(corpus, cfg)
         self.head_ids = head_ids_for(corpus, cfg.head_vocab, self.train_examples)
