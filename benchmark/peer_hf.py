@@ -65,7 +65,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.initialization import no_init_weights
 
 from tandem.config import DrafterConfig, LlamaConfig
-from tandem.decoding.bundle import WEIGHTS_DIR, BundleConfig, drafter_config
+from tandem.decoding.bundle import BundleConfig, drafter_config
 from tandem.formats.checkpoints import check_state_dict, hf_config_dict, load_gguf
 from tandem.formats.tokenizer import Tokenizer
 from tandem.model import drafter as drafter_model
@@ -265,7 +265,7 @@ class HFPeer:
         bundle_cfg: Where the GGUF is (`gguf_path`; None: the cached SmolLM2). Its other fields are unused except
             `drafter_d_model` / `drafter_layers` / `drafter_seed` when no drafter is shipped (a random vanilla
             drafter is then built exactly like `tandem.decoding.bundle.load_drafters` builds it).
-        drafter_dir: The vanilla drafter to export for assisted generation (default `tandem/weights/vanilla`).
+        drafter_dir: The vanilla drafter to export for assisted generation (default: `bundle_cfg.drafters_dir`'s).
         threads: `torch.set_num_threads` (default 2, this machine's cores; the setting is process-wide).
     """
 
@@ -278,7 +278,7 @@ class HFPeer:
         tokenizer = Tokenizer.from_gguf(reader)
         primary = build_hf_llama(pcfg, state)
         embed = state["model.embed_tokens.weight"]
-        directory = WEIGHTS_DIR / "vanilla" if drafter_dir is None else Path(drafter_dir)
+        directory = bundle_cfg.drafters_dir / "vanilla" if drafter_dir is None else Path(drafter_dir)
         if drafter_dir is None and not (directory / "config.json").exists():
             # No shipped drafter: the random one `tandem.decoding.bundle.load_drafters` builds, exported through its
             # files.

@@ -221,9 +221,12 @@ def _add_train_drafter(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=1, help="drafter layers (default: 1)")
     p.add_argument("--head-vocab", type=int, default=8192, help="draft vocabulary size (default: 8192)")
     p.add_argument(
-        "--feature-layers", default="30", help="recorded primary layers fused into the drafter's input (default: 30)"
+        "--feature-layers", default="", help="recorded primary layers fused into the drafter's input (default: the top)"
     )
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--init-from", type=Path, default=None, help="fine-tune this stored drafter (its shape and head) instead"
+    )
     p.add_argument("--max-minutes", type=float, default=None, help="stop at a checkpoint after this long")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate on held-out answers every N steps (0: at end)")
     p.add_argument("--json", type=Path, default=None, help="write the final evaluation here")
@@ -273,6 +276,7 @@ def train_drafter(args: argparse.Namespace) -> int:
             head_vocab=args.head_vocab,
             feature_layers=tuple(int(x) for x in split_csv(args.feature_layers)),
             lr=args.lr,
+            init_from=str(args.init_from or ""),
         )
         corpus = offline.open_corpus(args.data)
         pcfg, params, _ = load_primary_params(BundleConfig())

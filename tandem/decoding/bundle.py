@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import gguf
@@ -31,6 +32,13 @@ from tandem.model.router import MLPRouter, load_router
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"  # tandem/weights: data shipped with the package
 DRAFTERS = {"tandem": True, "vanilla": False}  # name -> reads the primary's states
+DRAFTERS_ENV = "TANDEM_DRAFTERS"  # another directory of drafters for every process (benchmarks of other drafters)
+
+
+def default_drafters_dir() -> Path:
+    """Where drafters load from: $TANDEM_DRAFTERS if set (so the three services of a stack agree), else the shipped
+    ones."""
+    return Path(os.environ.get(DRAFTERS_ENV) or WEIGHTS_DIR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +46,7 @@ class BundleConfig:
     """Which models to load and how large their caches are."""
 
     gguf_path: Path | None = None  # None: the SmolLM2 GGUF fetched into the cache by tandem.formats.assets
+    drafters_dir: Path = dataclasses.field(default_factory=default_drafters_dir)  # holds tandem/ and vanilla/
     max_len: int = 2048  # KV cache positions per sequence (prompt + generated + one block)
     slots: int = 1  # concurrent sequences per cache
     drafter_d_model: int = 256  # shape of randomly initialised drafters (shipped ones carry their own config)
@@ -83,8 +92,8 @@ def default_drafter_config(primary: LlamaConfig, tandem: bool, d_model: int = 25
 
 
 def drafter_config(primary: LlamaConfig, name: str, cfg: BundleConfig) -> DrafterConfig:
-    """The config of drafter `name` ("tandem" or "vanilla"): the shipped one, else the default shape."""
-    shipped = WEIGHTS_DIR / name / "config.json"
+    """The config of drafter `name` ("tandem" or "vanilla"): the stored one, else the default shape."""
+    shipped = cfg.drafters_dir / name / "config.json"
     if shipped.exists():
         return DrafterConfig.from_dict(json.loads(shipped.read_text()))
     return default_drafter_config(primary, DRAFTERS[name], cfg.drafter_d_model, cfg.drafter_layers)
@@ -146,7 +155,7 @@ def load_drafters(
     routers: dict[str, Router | None] = {}
     sources: dict[str, str] = {}
     for i, name in enumerate(DRAFTERS):
-        shipped = WEIGHTS_DIR / name
+        shipped = cfg.drafters_dir / name
         router: Router | None = None
         if (shipped / "config.json").exists():
             if primary_embed is None and drafter_config(primary, name, cfg).shared_embed:

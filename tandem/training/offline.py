@@ -10,6 +10,11 @@ Here a drafter learns from them alone:
                 loss weighs decay**s.
     vanilla     the same shape without the primary's states (the `speed` baseline): the same data and budget.
 
+`init_from` fine-tunes a stored drafter instead, keeping its shape and draft vocabulary: a vanilla one, a
+feature-level one, or the paper's layer-map Tandem drafter (`DrafterConfig.reads == "layers"`), whose layers attend to
+the recorded states of the positions before its round; its depth s at position i is then the round that began at
+i - s, one pass per round phase (`train_outputs` with offsets 0 .. depth - 1).
+
 Targets: the primary's distribution at each position (from its recorded top-layer state through its own final norm
 and head, over the draft vocabulary) mixed with the token it wrote: (1 - w) * soft CE + w * CE. The draft
 vocabulary is the training answers' most frequent tokens. The primary's embedding, final norm and last layers give
@@ -63,9 +68,10 @@ class OfflineConfig:
     weight_decay: float = 0.0
     clip: float = 1.0  # global gradient-norm clip
     n_layers: int = 1  # drafter layers, at the primary's width, initialised from its last layers
-    feature_layers: tuple[int, ...] = (30,)  # primary layers fused into the first input (all must be recorded)
+    feature_layers: tuple[int, ...] = ()  # primary layers fused into the first input (recorded ones); (): the top
     head_vocab: int = 8192  # draft vocabulary: the training answers' most frequent tokens
     val_fraction: float = 0.05  # examples held out for evaluation
+    init_from: str = ""  # a stored drafter to fine-tune (its shape, head and kind); "": the shape above, fresh
     seed: int = 0
     checkpoint_every: int = 200
 
@@ -122,7 +128,7 @@ def drafter_shape(primary: LlamaConfig, cfg: OfflineConfig) -> DrafterConfig:
         shared_embed=True,
         head_vocab=cfg.head_vocab,
         reads="features",
-        feature_layers=cfg.feature_layers,
+        feature_layers=cfg.feature_layers or (primary.n_layers,),
     )
 
 
@@ -134,15 +140,17 @@ def init_params(dcfg: DrafterConfig, primary: LlamaParams, head_ids: np.ndarray,
     layers = float_only(primary).layers[len(primary.layers) - dcfg.n_layers :]
     eye = jnp.eye(dcfg.d_model, dtype=jnp.float32)
     if dcfg.features:
-        top = dcfg.tapped_layers.index(max(dcfg.tapped_layers))
+        top = dcfg.feature_layers.index(max(dcfg.feature_layers))  # inputs are fused in feature_layers order
         fuse = jnp.zeros((dcfg.d_model, len(dcfg.tapped_layers), dcfg.d_model), jnp.float32).at[:, top].set(eye)
+    emb = np.random.default_rng(seed).normal(0.0, 0.02, (dcfg.d_model, dcfg.d_model))  # its own draw: the same start
+    # whichever layers are fused
     return dataclasses.replace(
         params,
         layers=tuple(layers),
         final_norm=jnp.asarray(primary.final_norm),
         embed_proj=eye,
         fuse_feat=fuse.reshape(dcfg.d_model, -1) if dcfg.features else None,
-        fuse_emb=None if params.fuse_emb is None else params.fuse_emb * (0.02 * dcfg.d_model**0.5),
+        fuse_emb=None if params.fuse_emb is None else jnp.asarray(emb, jnp.float32),
         head_ids=jnp.asarray(head_ids, jnp.int32),
     )
 
@@ -186,13 +194,24 @@ class OfflineTrainer:
             raise ValueError(
                 f"the corpus records layers {corpus.taps}, not the primary's top layer {primary_cfg.n_layers}"
             )
-        missing = sorted(set(cfg.feature_layers) - set(corpus.taps))
-        if missing:
-            raise ValueError(f"feature layers {missing} are not recorded in the corpus (it records {corpus.taps})")
         self.cfg, self.corpus, self.primary = cfg, corpus, primary
         self.train_examples, self.val_examples = _split(corpus, cfg)
-        self.head_ids = head_ids_for(corpus, cfg.head_vocab, self.train_examples)
-        self.dcfg = drafter_shape(primary_cfg, dataclasses.replace(cfg, head_vocab=int(self.head_ids.size)))
+        self.embed = jnp.asarray(float_only(primary).embed)  # [V, P]
+        self.start: DrafterParams | None = None
+        if cfg.init_from:
+            self.dcfg, start = drafter_model.load_drafter(Path(cfg.init_from), primary_embed=self.embed)
+            if self.dcfg.tandem != (cfg.kind == "tandem"):
+                raise ValueError(f"{cfg.init_from} holds a drafter of another kind than {cfg.kind!r}")
+            if not self.dcfg.shared_embed or start.head_ids is None:
+                raise ValueError(f"{cfg.init_from}: only drafters sharing the primary's embedding with a draft head")
+            self.head_ids = np.asarray(start.head_ids)
+            self.start = dataclasses.replace(start, embed=None, head=None, head_ids=None)
+        else:
+            self.head_ids = head_ids_for(corpus, cfg.head_vocab, self.train_examples)
+            self.dcfg = drafter_shape(primary_cfg, dataclasses.replace(cfg, head_vocab=int(self.head_ids.size)))
+        missing = sorted(set(self.dcfg.tapped_layers) - set(corpus.taps))
+        if missing:
+            raise ValueError(f"the drafter reads primary layers {missing}, not recorded in the corpus ({corpus.taps})")
         self.top = corpus.taps.index(primary_cfg.n_layers)  # the recorded top layer: the teacher's state
         self.primary_eps = primary_cfg.rms_eps
         self.feature_taps = [corpus.taps.index(t) for t in self.dcfg.tapped_layers]
@@ -202,7 +221,6 @@ class OfflineTrainer:
             .at[jnp.asarray(self.head_ids)]
             .set(jnp.arange(self.head_ids.size, dtype=jnp.int32))
         )  # token id -> its row in the draft head (-1: outside)
-        self.embed = jnp.asarray(float_only(primary).embed)  # [V, P]
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, cfg.lr, min(cfg.warmup, cfg.steps), max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.1
         )
@@ -221,8 +239,16 @@ class OfflineTrainer:
         if not self.dcfg.tandem:
             return [drafter_model.train_outputs(runnable, self.dcfg, tokens, None, 1)]
         states = batch["states"][:, :, jnp.asarray(self.feature_taps)]
-        feats = drafter_model.shift_features(states)
-        return drafter_model.feature_round_steps(runnable, self.dcfg, tokens, feats, self.cfg.depth)
+        if self.dcfg.features:
+            feats = drafter_model.shift_features(states)
+            return drafter_model.feature_round_steps(runnable, self.dcfg, tokens, feats, self.cfg.depth)
+        b, t = tokens.shape
+        depth = self.cfg.depth
+        by_phase = jnp.stack(  # [depth, D, N]: rounds starting at positions o, o + depth, ...
+            [drafter_model.train_outputs(runnable, self.dcfg, tokens, states, depth, o) for o in range(depth)]
+        )
+        i = jnp.arange(t)
+        return [by_phase[jnp.tile((i - s) % depth, b), :, jnp.arange(b * t)].T for s in range(depth)]
 
     def _head(self, params: DrafterParams) -> jax.Array:
         """[N_h, D] the draft head: the shared embedding's rows of the draft vocabulary."""
@@ -273,6 +299,8 @@ class OfflineTrainer:
     # --- the loop ---
 
     def init(self) -> tuple[DrafterParams, Any]:
+        if self.start is not None:
+            return self.start, self.optimizer.init(self.start)
         params = init_params(self.dcfg, self.primary, self.head_ids, self.cfg.seed)
         params = dataclasses.replace(params, embed=None, head=None, head_ids=None)  # derived at every step
         return params, self.optimizer.init(params)
