@@ -347,10 +347,11 @@ class OfflineTrainer:
         params, opt_state = self.init()
         step = 0
         meta_path = out_dir / "offline.json"
-        settings = dataclasses.asdict(self.cfg)
+        settings = json.loads(json.dumps(dataclasses.asdict(self.cfg)))  # as JSON reads it back (lists)
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
-            if {k: v for k, v in meta["config"].items() if k != "checkpoint_every"} != {
+            defaults = json.loads(json.dumps(dataclasses.asdict(OfflineConfig())))  # fields added since it started
+            if {k: v for k, v in {**defaults, **meta["config"]}.items() if k != "checkpoint_every"} != {
                 k: v for k, v in settings.items() if k != "checkpoint_every"
             }:
                 raise ValueError(f"{out_dir} was trained with other settings: {meta['config']}")
