@@ -72,7 +72,9 @@ def build_report(
         speedup.<mode>: headline tokens/s over the primary's through the same via (a peer's: over the in-process
         primary); speedup_by_via.<via>.<mode>;
         identical.<mode>: every prompt's tokens equal the primary's, through every via (the reference: the primary's
-        in-process outputs, else its gRPC ones); mismatches.<mode>: [{via, prompt, position}];
+        in-process outputs, else its gRPC ones); mismatches.<mode>: [{via, prompt, position, expected, got}], position
+        the first token that differs (the tokens before it agree) and expected / got the primary's and the mode's
+        token ids there (null: that output had ended);
         consistent_across_vias.<mode>: in-process and gRPC outputs equal (when both ran);
         tax.<mode>: in-process tokens/s ÷ gRPC tokens/s (when both ran);
         block_cost.<k>: ms(k) / ms(1); block_cost_ms.<k>; block_cost_context;
@@ -162,18 +164,34 @@ def identity_warnings(report: Mapping[str, Any]) -> list[str]:
         if same:
             continue
         found = report.get("mismatches", {}).get(mode, [])
-        where = ", ".join(f"prompt {d['prompt'] + 1} ({d['via']}) at token {d['position']}" for d in found[:4])
+        where = ", ".join(_where(mode, d) for d in found[:4])
         more = f" and {len(found) - 4} more" if len(found) > 4 else ""
         prompts = len({d["prompt"] for d in found})
         if split_mode(mode)[0] in LOSSY_MODES:
             lines.append(f"note: {mode} (standalone, unverified by design) differs from primary on {prompts}/{n}")
         else:
-            lines.append(f"WARNING: {mode} is NOT identical to primary on {prompts}/{n} prompts: {where}{more}")
+            first = min(d["position"] for d in found)
+            lines.append(
+                f"WARNING: {mode} is NOT identical to primary on {prompts}/{n} prompts (every prompt agrees on its "
+                f"first {first} tokens): {where}{more}"
+            )
     lines.sort(key=lambda s: not s.startswith("WARNING"))
     for key, value in (report.get("server_counters") or {}).items():
         if value:
             lines.append(f"WARNING: the orchestrator counted {value:g} {key} during the run (degraded requests)")
     return lines
+
+
+def _where(mode: str, d: Mapping[str, Any]) -> str:
+    """One mismatch: the prompt, via and first differing token, with both token ids when the report has them."""
+    text = f"prompt {d['prompt'] + 1} ({d['via']}) at token {d['position']}"
+    if "expected" in d:  # reports written before the token ids were recorded have positions only
+
+        def tok(t: int | None) -> str:
+            return "end" if t is None else str(t)
+
+        text += f" (primary {tok(d['expected'])}, {mode} {tok(d['got'])})"
+    return text
 
 
 def _f(x: float | None, fmt: str = ".1f", scale: float = 1.0, suffix: str = "") -> str:

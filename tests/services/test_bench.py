@@ -145,7 +145,8 @@ def test_speedup_tax_identity_and_block_cost() -> None:
     assert first_difference([1, 2, 3], [1, 2]) == 2  # a shorter output differs too
     ref = [[1, 2, 3], [4, 5, 6]]
     assert mismatches(ref, [[1, 2, 3], [4, 5, 6]]) == []
-    assert mismatches(ref, [[1, 2, 3], [4, 9, 6]]) == [{"prompt": 1, "position": 1}]
+    assert mismatches(ref, [[1, 2, 3], [4, 9, 6]]) == [{"prompt": 1, "position": 1, "expected": 5, "got": 9}]
+    assert mismatches(ref, [[1, 2], [4, 5, 6]]) == [{"prompt": 0, "position": 2, "expected": 3, "got": None}]
     with pytest.raises(ValueError):
         mismatches(ref, [[1, 2, 3]])
     assert block_cost_ratios({2: 3.0, 1: 2.0, 4: 5.0}) == {1: 1.0, 2: 1.5, 4: 2.5}
@@ -176,7 +177,7 @@ def test_report_flags_a_mode_that_is_not_lossless() -> None:
     tps |= {("grpc", "speed"): 12.0, ("in-process", "tandem-speed"): 30.0, ("grpc", "tandem-speed"): 24.0}
     report = build_report(cfg, prompts, _samples(outputs, tps), block_ms={1: 2.0, 2: 2.5})
     assert report["identical"] == {"primary": True, "speed": False, "tandem-speed": True}
-    assert report["mismatches"]["speed"] == [{"via": "grpc", "prompt": 1, "position": 1}]
+    assert report["mismatches"]["speed"] == [{"via": "grpc", "prompt": 1, "position": 1, "expected": 5, "got": 0}]
     assert report["consistent_across_vias"] == {"primary": True, "speed": False, "tandem-speed": True}
     assert report["modes"]["speed"]["via"] == "grpc"  # the headline figures are gRPC's
     assert report["modes"]["tandem-speed"]["tokens_per_s"] == pytest.approx(24.0)
@@ -187,7 +188,8 @@ def test_report_flags_a_mode_that_is_not_lossless() -> None:
     assert report["block_cost"] == {"1": 1.0, "2": 1.25} and report["block_cost_ms"] == {"1": 2.0, "2": 2.5}
     warnings = identity_warnings(report)
     assert len(warnings) == 1 and warnings[0].startswith("WARNING: speed is NOT identical")
-    assert "prompt 2 (grpc) at token 1" in warnings[0]
+    assert "prompt 2 (grpc) at token 1 (primary 5, speed 0)" in warnings[0]
+    assert "every prompt agrees on its first 1 tokens" in warnings[0]
     assert "**✗**" in render_markdown(report)
     json.dumps(report)  # JSON-able as it is
 
@@ -504,9 +506,10 @@ def test_a_peer_runs_interleaved_and_is_checked(engine: Engine) -> None:
         TOKENS / 0.1 / report["results"]["in-process"]["primary"]["tokens_per_s"]
     )
     assert report["identical"] == {"primary": True, "hf": True, "hf-assisted": False}
+    want = report["results"]["in-process"]["primary"]["outputs"]
     assert report["mismatches"]["hf-assisted"] == [
-        {"via": "in-process", "prompt": 0, "position": 5},
-        {"via": "in-process", "prompt": 1, "position": 5},
+        {"via": "in-process", "prompt": i, "position": 5, "expected": want[i][5], "got": (want[i][5] + 1) % 48}
+        for i in range(2)
     ]
     assert report["modes"]["hf-assisted"]["drafter_calls_per_token"] == pytest.approx(3 / TOKENS)
     assert identity_warnings(report)[0].startswith("WARNING: hf-assisted is NOT identical")
