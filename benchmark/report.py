@@ -172,8 +172,8 @@ def identity_warnings(report: Mapping[str, Any]) -> list[str]:
         else:
             first = min(d["position"] for d in found)
             lines.append(
-                f"WARNING: {mode} is NOT identical to primary on {prompts}/{n} prompts (every prompt agrees on its "
-                f"first {first} tokens): {where}{more}"
+                f"WARNING: {mode} is NOT identical to primary on {prompts}/{n} prompts, the earliest from token "
+                f"{first}: {where}{more}"
             )
     lines.sort(key=lambda s: not s.startswith("WARNING"))
     for key, value in (report.get("server_counters") or {}).items():

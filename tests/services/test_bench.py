@@ -189,7 +189,7 @@ def test_report_flags_a_mode_that_is_not_lossless() -> None:
     warnings = identity_warnings(report)
     assert len(warnings) == 1 and warnings[0].startswith("WARNING: speed is NOT identical")
     assert "prompt 2 (grpc) at token 1 (primary 5, speed 0)" in warnings[0]
-    assert "every prompt agrees on its first 1 tokens" in warnings[0]
+    assert "1/2 prompts, the earliest from token 1:" in warnings[0]
     assert "**✗**" in render_markdown(report)
     json.dumps(report)  # JSON-able as it is
 
