@@ -59,13 +59,14 @@ def build_report(
         drafter_ms: drafter name -> ms per one-token step.
         machine: `machine_info()`.
         args: the command line's arguments.
-        peer_info: the peer's `describe()`.
+        peer_info: each peer's `describe()`, by name (`benchmark.config.PEERS`).
         server_counters: the orchestrator's fallback counters over the run.
         extra: more top-level entries.
 
     Returns:
         A JSON-able dict:
-        schema; args; config; machine; peer; prompts [{prompt, category, prompt_tokens}]; vias;
+        schema; args; config; machine; peers (name -> its describe(), or null);
+        prompts [{prompt, category, prompt_tokens}]; vias;
         results.<via>.<mode>: `summarize`'s figures;
         modes.<mode>: the headline figures — through gRPC when gRPC ran for the mode, else in process — plus `via`;
         in_process.<mode>: the in-process figures (when in process ran);
@@ -117,7 +118,7 @@ def build_report(
         "args": dict(args or {}),
         "config": jsonable(dataclasses.asdict(cfg)),
         "machine": dict(machine or {}),
-        "peer": dict(peer_info) if peer_info is not None else None,
+        "peers": {name: dict(info) for name, info in peer_info.items()} if peer_info else None,
         "prompts": [{"prompt": p.text, "category": p.category, "prompt_tokens": len(p.ids)} for p in prompts],
         "vias": vias,
         "results": results,
@@ -351,9 +352,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out += ["", "| drafter | ms per 1-token step | ÷ primary k=1 |", "|---|---:|---:|"]
         for name, ms in drafter_ms.items():
             out.append(f"| {name} | {_f(ms, '.2f')} | {_f(drafter_ratio.get(name), '.3f')} |")
-    peer = report.get("peer")
-    if peer:
-        out += ["", "Peer: " + ", ".join(f"{k} = {v}" for k, v in peer.items())]
+    peers = report.get("peers") or {}
+    for name, info in peers.items():
+        out += ["", f"Peer {name}: " + ", ".join(f"{k} = {v}" for k, v in info.items())]
+    if report.get("peer"):  # reports written before peers were named: one unnamed peer
+        out += ["", "Peer: " + ", ".join(f"{k} = {v}" for k, v in report["peer"].items())]
     warnings = identity_warnings(report)
     if warnings:
         out += ["", *[f"> {w}" for w in warnings]]
