@@ -25,7 +25,10 @@ What is compared, and how:
       (its prefix cache is off).
     * TTFT: from calling `generate` to its first token (the prompt's decode and one greedy pick); elapsed: to the last.
     * Threads: `n_threads` and `n_threads_batch` are the cores this process may use (`os.sched_getaffinity`), the
-      size XLA gives the intra-op pool our primary's kernels run on (2 on the development machine).
+      size XLA gives the intra-op pool our primary's kernels run on (2 on the development machine). llama.cpp's
+      threads meet at every operation, so a core taken by another process stalls them: with a training job on one of
+      the 2 cores, greedy decoding ran 8 to 18 times slower on 2 threads than on 1. Measure on quiet cores, or pass
+      `threads=1` when they are shared.
     * Context: `n_ctx` = `BundleConfig.max_len` (the bench's --max-len), the positions our primary's cache has; a
       prompt plus max_tokens beyond it is refused.
 
