@@ -10,7 +10,8 @@
     config.py    BenchConfig: the modes (with their own settings, MODE@TAU_FIRST:TAU:GAMMA_MAX) and the vias
     prompts.py   the JSONL prompt set and the token ids it is sent as
     run.py       the interleaved run (`run`), and `run_with_bundle`, what the command line calls
-    backends.py  in process, through the public gRPC API, or a peer (Hugging Face transformers, `benchmark.peer_hf`)
+    backends.py  in process, through the public gRPC API, or a peer: Hugging Face transformers (`benchmark.peer_hf`)
+                 or llama.cpp (`benchmark.peer_llamacpp`), `--peer hf,llamacpp`
     stats.py     the figures from the samples: TTFT, TPOT, percentiles, acceptance, speedups, tax (shared by loadtest)
     micro.py     the block-cost curve and the drafter step (measured by `tandem.decoding.costs`)
     machine.py   the machine and the git commit of a run

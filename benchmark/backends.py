@@ -1,5 +1,5 @@
 """Where a generation runs: the in-process engine, the public gRPC API, or a peer implementation (Hugging Face
-transformers, `benchmark.peer_hf`); each reports a `Sample` as a client sees it.
+transformers, `benchmark.peer_hf`; llama.cpp, `benchmark.peer_llamacpp`); each reports a `Sample` as a client sees it.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from benchmark.config import PEER_MODES
+from benchmark.config import PEERS
 from benchmark.metrics import busy_seconds
 from benchmark.stats import Sample
 from tandem.config import SamplingParams, SpecConfig
@@ -145,7 +145,7 @@ class GrpcBackend:
 
 
 class PeerResultLike(Protocol):
-    """What a peer's generate returns (benchmark.peer_hf.PeerResult)."""
+    """What a peer's generate returns (benchmark.peer_hf.PeerResult, benchmark.peer_llamacpp.LlamaCppResult)."""
 
     @property
     def token_ids(self) -> list[int]: ...
@@ -155,10 +155,15 @@ class PeerResultLike(Protocol):
     def elapsed_s(self) -> float: ...
     @property
     def assistant_calls(self) -> int: ...
+    @property
+    def primary_calls(self) -> int: ...
 
 
 class Peer(Protocol):
-    """Another implementation run on the same prompts (benchmark.peer_hf.HFPeer)."""
+    """Another implementation run on the same prompts (benchmark.peer_hf.HFPeer, benchmark.peer_llamacpp.LlamaCppPeer).
+
+    `generate(..., assisted=True)` runs the peer's speculative mode (the second of its `PEERS` modes).
+    """
 
     def warmup(self) -> None: ...
     def describe(self) -> dict[str, Any]: ...
@@ -166,39 +171,72 @@ class Peer(Protocol):
 
 
 class PeerBackend:
-    """Modes hf (the peer's plain greedy decoding) and hf-assisted (its assisted generation); the peer times itself."""
+    """A peer's two modes (`benchmark.config.PEERS`): its plain greedy decoding and its speculative one (hf-assisted:
+    a drafter model; llamacpp-lookup: prompt lookup). The peer times itself.
 
-    def __init__(self, peer: Peer) -> None:
-        self.peer = peer
+    Drafter calls per token are the peer's assistant (drafter model) calls. A peer whose result also carries `rounds`,
+    `drafted_tokens`, `accepted_tokens` and `accepted_per_position` (llama.cpp's prompt lookup) reports them as its
+    speculation counters, and as prompt-lookup rounds when `lookup` is set on the result.
+    """
+
+    def __init__(self, peer: Peer, name: str) -> None:
+        self.peer, self.name = peer, name
+        self.plain, self.speculative = PEERS[name]
 
     def generate(self, prompt_ids: Sequence[int], mode: str, max_tokens: int, spec: SpecConfig) -> Sample:
-        if mode not in PEER_MODES:
-            raise ValueError(f"the peer runs modes {', '.join(PEER_MODES)}, not {mode!r}")
-        res = self.peer.generate([int(t) for t in prompt_ids], max_tokens, assisted=mode == "hf-assisted")
+        if mode not in (self.plain, self.speculative):
+            raise ValueError(f"peer {self.name} runs modes {self.plain}, {self.speculative}, not {mode!r}")
+        assisted = mode == self.speculative
+        res = self.peer.generate([int(t) for t in prompt_ids], max_tokens, assisted=assisted)
         ids = tuple(int(t) for t in res.token_ids)
+        rounds: int | None = getattr(res, "rounds", None)
+        lookup = bool(getattr(res, "lookup", False)) and rounds is not None
         return Sample(
             token_ids=ids,
             ttft_s=res.ttft_s if ids else None,
             e2el_s=res.elapsed_s,
             finish_reason="length" if len(ids) >= max_tokens else "stop",
-            drafter_calls=res.assistant_calls if mode == "hf-assisted" else 0,
+            rounds=rounds,
+            drafted_tokens=getattr(res, "drafted_tokens", None),
+            accepted_tokens=getattr(res, "accepted_tokens", None),
+            accepted_per_position=tuple(getattr(res, "accepted_per_position", ())),
+            primary_calls=res.primary_calls if rounds is not None else None,
+            drafter_calls=res.assistant_calls if assisted else 0,
+            lookup_rounds=rounds if lookup else None,
+            lookup_drafted_tokens=getattr(res, "drafted_tokens", None) if lookup else None,
+            lookup_accepted_tokens=getattr(res, "accepted_tokens", None) if lookup else None,
         )
 
 
 def load_peer(name: str, bundle_cfg: BundleConfig) -> Peer:
-    """The peer implementation `name` ("hf"), imported only now.
+    """The peer implementation `name` (a key of `benchmark.config.PEERS`), imported only now.
 
     Raises:
-        SystemExit: its dependencies (torch, transformers) are not installed.
+        SystemExit: an unknown peer, or its dependencies are not installed: torch and transformers (hf), a
+            llama-cpp-python built by docker/build-llamacpp.sh (llamacpp).
     """
-    if name != "hf":
-        raise SystemExit(f"tandem bench: unknown peer {name!r}")
-    try:
-        from benchmark.peer_hf import HFPeer
-    except ImportError as e:
-        missing = getattr(e, "name", None) or str(e)
-        raise SystemExit(
-            f"tandem bench: --peer hf needs torch and transformers ({missing} is missing): pip install '.[peer]'"
-        ) from None
-    peer: Peer = HFPeer(bundle_cfg)
-    return peer
+    if name == "hf":
+        try:
+            from benchmark.peer_hf import HFPeer
+        except ImportError as e:
+            missing = getattr(e, "name", None) or str(e)
+            raise SystemExit(
+                f"tandem bench: --peer hf needs torch and transformers ({missing} is missing): pip install '.[peer]'"
+            ) from None
+        peer: Peer = HFPeer(bundle_cfg)
+        return peer
+    if name == "llamacpp":
+        build = "build it for this host with docker/build-llamacpp.sh (the llamacpp extra)"
+        try:
+            from benchmark.peer_llamacpp import LlamaCppPeer
+        except ImportError as e:
+            missing = getattr(e, "name", None) or str(e)
+            raise SystemExit(
+                f"tandem bench: --peer llamacpp needs llama-cpp-python ({missing} is missing): {build}"
+            ) from None
+        except (OSError, RuntimeError) as e:  # llama_cpp loads its shared library when imported
+            raise SystemExit(
+                f"tandem bench: --peer llamacpp: llama_cpp's library would not load ({e}): {build}"
+            ) from None
+        return LlamaCppPeer(bundle_cfg)
+    raise SystemExit(f"tandem bench: unknown peer {name!r}; expected some of {', '.join(PEERS)}")

@@ -8,7 +8,14 @@ from tandem.config import MODES, SpecConfig
 
 VIAS = ("in-process", "grpc")
 VIA_CHOICES = {"in-process": ("in-process",), "grpc": ("grpc",), "both": ("in-process", "grpc")}
-PEER_MODES = ("hf", "hf-assisted")  # a peer implementation (benchmark.peer_hf), run in this process
+# The peer implementations, run in this process on the same prompts: name -> (plain greedy mode, speculative mode).
+# hf: Hugging Face transformers (benchmark.peer_hf), plain and assisted by the vanilla drafter; llamacpp: llama.cpp
+# through llama-cpp-python (benchmark.peer_llamacpp), plain and with its prompt-lookup drafting.
+PEERS: dict[str, tuple[str, str]] = {
+    "hf": ("hf", "hf-assisted"),
+    "llamacpp": ("llamacpp", "llamacpp-lookup"),
+}
+PEER_MODES = tuple(mode for modes in PEERS.values() for mode in modes)
 LOSSY_MODES = frozenset({"tandem"})  # standalone Tandem keeps drafts unverified: differing from primary is by design
 BASELINE = "primary"
 
@@ -65,7 +72,9 @@ class BenchConfig:
         block_cost_context: cached tokens before the block-cost calls (0: an empty cache; None: skip the curve).
         block_cost_max_k: the curve covers k = 1..block_cost_max_k.
         block_cost_calls: timed calls per k (median), after two warm-up calls.
-        peer: "hf" adds the modes hf and hf-assisted (benchmark.peer_hf.HFPeer, in process); None: no peer.
+        peers: peer implementations (`PEERS`), each adding its two modes after the engine's, in this order: "hf" the
+            modes hf and hf-assisted (benchmark.peer_hf.HFPeer), "llamacpp" the modes llamacpp and llamacpp-lookup
+            (benchmark.peer_llamacpp.LlamaCppPeer); all in process. Empty: no peer.
         prefix_cache_rows: the Primary's prefix cache (`tandem.model.kvcache.PrefixCache`) in process and in services
             started here. 0 (off) by default: the modes run the same prompts one after another, and with the cache
             every mode but the first on a prompt would reuse all of it but its last token.
@@ -84,7 +93,7 @@ class BenchConfig:
     block_cost_context: int | None = 256
     block_cost_max_k: int = 16
     block_cost_calls: int = 9
-    peer: str | None = None
+    peers: tuple[str, ...] = ()
     prefix_cache_rows: int = 0
 
     def __post_init__(self) -> None:
@@ -105,9 +114,14 @@ class BenchConfig:
             raise ValueError("warmup_tokens must be >= 0 (0: no warm-up)")
         if self.block_cost_context is not None and self.block_cost_context < 0:
             raise ValueError("block_cost_context must be >= 0")
-        if self.peer not in (None, "hf"):
-            raise ValueError(f"unknown peer {self.peer!r}; expected 'hf'")
-        if self.peer is not None and "in-process" not in self.vias:
+        if isinstance(self.peers, str):
+            raise ValueError(f"peers is a tuple of names, e.g. ({self.peers!r},), not a string")
+        unknown_peers = [p for p in self.peers if p not in PEERS]
+        if unknown_peers:
+            raise ValueError(f"unknown peer(s) {', '.join(unknown_peers)}; expected some of {', '.join(PEERS)}")
+        if len(set(self.peers)) != len(self.peers):
+            raise ValueError(f"peers repeat: {', '.join(self.peers)}")
+        if self.peers and "in-process" not in self.vias:
             raise ValueError("a peer runs in process and is compared with the in-process primary: add in-process")
         for mode in self.modes:
             self.spec_of(mode)  # raises ValueError for a bad gamma_max, tau or tau_first
@@ -129,9 +143,14 @@ class BenchConfig:
 
     @property
     def all_modes(self) -> tuple[str, ...]:
-        """The engine modes, then the peer's."""
-        return self.modes + (PEER_MODES if self.peer else ())
+        """The engine modes, then each peer's two."""
+        return self.modes + tuple(mode for peer in self.peers for mode in PEERS[peer])
 
     def vias_of(self, mode: str) -> tuple[str, ...]:
         """The vias a mode runs through (a peer only in process)."""
         return ("in-process",) if mode in PEER_MODES else self.vias
+
+
+def peer_of(mode: str) -> str | None:
+    """The peer that runs `mode` (a key of `PEERS`), None for an engine mode."""
+    return next((name for name, modes in PEERS.items() if mode in modes), None)

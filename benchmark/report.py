@@ -59,20 +59,23 @@ def build_report(
         drafter_ms: drafter name -> ms per one-token step.
         machine: `machine_info()`.
         args: the command line's arguments.
-        peer_info: the peer's `describe()`.
+        peer_info: each peer's `describe()`, by name (`benchmark.config.PEERS`).
         server_counters: the orchestrator's fallback counters over the run.
         extra: more top-level entries.
 
     Returns:
         A JSON-able dict:
-        schema; args; config; machine; peer; prompts [{prompt, category, prompt_tokens}]; vias;
+        schema; args; config; machine; peers (name -> its describe(), or null);
+        prompts [{prompt, category, prompt_tokens}]; vias;
         results.<via>.<mode>: `summarize`'s figures;
         modes.<mode>: the headline figures — through gRPC when gRPC ran for the mode, else in process — plus `via`;
         in_process.<mode>: the in-process figures (when in process ran);
         speedup.<mode>: headline tokens/s over the primary's through the same via (a peer's: over the in-process
         primary); speedup_by_via.<via>.<mode>;
         identical.<mode>: every prompt's tokens equal the primary's, through every via (the reference: the primary's
-        in-process outputs, else its gRPC ones); mismatches.<mode>: [{via, prompt, position}];
+        in-process outputs, else its gRPC ones); mismatches.<mode>: [{via, prompt, position, expected, got}], position
+        the first token that differs (the tokens before it agree) and expected / got the primary's and the mode's
+        token ids there (null: that output had ended);
         consistent_across_vias.<mode>: in-process and gRPC outputs equal (when both ran);
         tax.<mode>: in-process tokens/s ÷ gRPC tokens/s (when both ran);
         block_cost.<k>: ms(k) / ms(1); block_cost_ms.<k>; block_cost_context;
@@ -115,7 +118,7 @@ def build_report(
         "args": dict(args or {}),
         "config": jsonable(dataclasses.asdict(cfg)),
         "machine": dict(machine or {}),
-        "peer": dict(peer_info) if peer_info is not None else None,
+        "peers": {name: dict(info) for name, info in peer_info.items()} if peer_info else None,
         "prompts": [{"prompt": p.text, "category": p.category, "prompt_tokens": len(p.ids)} for p in prompts],
         "vias": vias,
         "results": results,
@@ -162,18 +165,34 @@ def identity_warnings(report: Mapping[str, Any]) -> list[str]:
         if same:
             continue
         found = report.get("mismatches", {}).get(mode, [])
-        where = ", ".join(f"prompt {d['prompt'] + 1} ({d['via']}) at token {d['position']}" for d in found[:4])
+        where = ", ".join(_where(mode, d) for d in found[:4])
         more = f" and {len(found) - 4} more" if len(found) > 4 else ""
         prompts = len({d["prompt"] for d in found})
         if split_mode(mode)[0] in LOSSY_MODES:
             lines.append(f"note: {mode} (standalone, unverified by design) differs from primary on {prompts}/{n}")
         else:
-            lines.append(f"WARNING: {mode} is NOT identical to primary on {prompts}/{n} prompts: {where}{more}")
+            first = min(d["position"] for d in found)
+            lines.append(
+                f"WARNING: {mode} is NOT identical to primary on {prompts}/{n} prompts, the earliest from token "
+                f"{first}: {where}{more}"
+            )
     lines.sort(key=lambda s: not s.startswith("WARNING"))
     for key, value in (report.get("server_counters") or {}).items():
         if value:
             lines.append(f"WARNING: the orchestrator counted {value:g} {key} during the run (degraded requests)")
     return lines
+
+
+def _where(mode: str, d: Mapping[str, Any]) -> str:
+    """One mismatch: the prompt, via and first differing token, with both token ids when the report has them."""
+    text = f"prompt {d['prompt'] + 1} ({d['via']}) at token {d['position']}"
+    if "expected" in d:  # reports written before the token ids were recorded have positions only
+
+        def tok(t: int | None) -> str:
+            return "end" if t is None else str(t)
+
+        text += f" (primary {tok(d['expected'])}, {mode} {tok(d['got'])})"
+    return text
 
 
 def _f(x: float | None, fmt: str = ".1f", scale: float = 1.0, suffix: str = "") -> str:
@@ -333,9 +352,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out += ["", "| drafter | ms per 1-token step | ÷ primary k=1 |", "|---|---:|---:|"]
         for name, ms in drafter_ms.items():
             out.append(f"| {name} | {_f(ms, '.2f')} | {_f(drafter_ratio.get(name), '.3f')} |")
-    peer = report.get("peer")
-    if peer:
-        out += ["", "Peer: " + ", ".join(f"{k} = {v}" for k, v in peer.items())]
+    peers = report.get("peers") or {}
+    for name, info in peers.items():
+        out += ["", f"Peer {name}: " + ", ".join(f"{k} = {v}" for k, v in info.items())]
+    if report.get("peer"):  # reports written before peers were named: one unnamed peer
+        out += ["", "Peer: " + ", ".join(f"{k} = {v}" for k, v in report["peer"].items())]
     warnings = identity_warnings(report)
     if warnings:
         out += ["", *[f"> {w}" for w in warnings]]

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from benchmark.backends import Backend, GrpcBackend, InProcessBackend, Peer, PeerBackend, load_peer
-from benchmark.config import PEER_MODES, BenchConfig, split_mode
+from benchmark.config import BenchConfig, peer_of, split_mode
 from benchmark.machine import machine_info
 from benchmark.metrics import orchestrator_counters
 from benchmark.micro import call_costs
@@ -29,7 +29,7 @@ def run(
     *,
     engine: Engine | None = None,
     target: str | None = None,
-    peer: Peer | None = None,
+    peers: Mapping[str, Peer] | None = None,
     args: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     metrics_url: str | None = None,
@@ -43,7 +43,7 @@ def run(
         prompts: the prompt set (token ids are sent as they are).
         engine: the in-process engine (needed for via in-process and for the block-cost curve).
         target: the orchestrator's HOST:PORT (needed for via grpc).
-        peer: the peer implementation when cfg.peer is set.
+        peers: the peer implementations of cfg.peers, by name.
         args: the command line's arguments, recorded in the report (default: the config).
         extra: more top-level report entries (e.g. where the drafters came from).
         metrics_url: the orchestrator's Prometheus endpoint; its fallback counters are recorded if given.
@@ -59,8 +59,10 @@ def run(
         raise ValueError("via in-process needs an engine")
     if "grpc" in cfg.vias and target is None:
         raise ValueError("via grpc needs a target")
-    if cfg.peer is not None and peer is None:
-        raise ValueError(f"cfg.peer={cfg.peer!r} needs a peer")
+    peers = dict(peers or {})
+    missing = [name for name in cfg.peers if name not in peers]
+    if missing:
+        raise ValueError(f"cfg.peers={cfg.peers!r} needs peers {', '.join(missing)}")
     backends: dict[tuple[str, str], Backend] = {}
     grpc_backend = (
         GrpcBackend(target, service_metrics=service_metrics) if "grpc" in cfg.vias and target is not None else None
@@ -68,9 +70,8 @@ def run(
     try:
         for mode in cfg.all_modes:
             for via in cfg.vias_of(mode):
-                if mode in PEER_MODES:
-                    assert peer is not None
-                    backends[via, mode] = PeerBackend(peer)
+                if (name := peer_of(mode)) is not None:
+                    backends[via, mode] = PeerBackend(peers[name], name)
                 elif via == "grpc":
                     assert grpc_backend is not None
                     backends[via, mode] = grpc_backend
@@ -82,8 +83,8 @@ def run(
         warm_tokens = cfg.max_tokens if cfg.warmup_tokens is None else cfg.warmup_tokens
         if warm_tokens:
             longest = max(prompts, key=lambda p: len(p.ids))
-            if peer is not None:
-                peer.warmup()
+            for name in cfg.peers:
+                peers[name].warmup()
             for (via, mode), backend in backends.items():
                 t0 = time.perf_counter()
                 backend.generate(longest.ids, split_mode(mode)[0], warm_tokens, cfg.spec_of(mode))
@@ -129,7 +130,7 @@ def run(
         drafter_ms=drafter_ms,
         machine=machine_info(),
         args=dict(args) if args is not None else jsonable(dataclasses.asdict(cfg)),
-        peer_info=peer.describe() if peer is not None else None,
+        peer_info={name: peers[name].describe() for name in cfg.peers} or None,
         server_counters=counters,
         extra=extra,
     )
@@ -168,7 +169,7 @@ def run_with_bundle(
         bundle_cfg = BundleConfig(max_len=max_len, prefix_rows=cfg.prefix_cache_rows)
         bundle = load_bundle(bundle_cfg)
         log(f"loaded the bundle in process: {bundle.drafter_sources}")
-        peer = load_peer(cfg.peer, bundle_cfg) if cfg.peer else None
+        peers = {name: load_peer(name, bundle_cfg) for name in cfg.peers}
         if stack is not None:
             target = wait_serving(stack, log)
         prompts = tokenize_prompts(rows, bundle.tokenizer)
@@ -177,7 +178,7 @@ def run_with_bundle(
             prompts,
             engine=bundle.engine,
             target=target,
-            peer=peer,
+            peers=peers,
             args=args,
             extra={
                 "bundle": {

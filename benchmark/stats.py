@@ -232,15 +232,24 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def mismatches(reference: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> list[dict[str, int]]:
-    """[{prompt, position}] for each prompt whose tokens differ from the reference's (position: first difference)."""
+def mismatches(reference: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> list[dict[str, int | None]]:
+    """[{prompt, position, expected, got}] for each prompt whose tokens differ from the reference's: position is the
+    first difference (the tokens before it agree), expected and got the two token ids there (None: that output had
+    already ended)."""
     if len(reference) != len(outputs):
         raise ValueError(f"{len(outputs)} outputs for {len(reference)} reference prompts")
-    out = []
+    out: list[dict[str, int | None]] = []
     for i, (want, got) in enumerate(zip(reference, outputs, strict=True)):
         j = first_difference(want, got)
         if j is not None:
-            out.append({"prompt": i, "position": j})
+            out.append(
+                {
+                    "prompt": i,
+                    "position": j,
+                    "expected": int(want[j]) if j < len(want) else None,
+                    "got": int(got[j]) if j < len(got) else None,
+                }
+            )
     return out
 
 

@@ -7,8 +7,8 @@
     config.py, errors.py   frozen configs and typed errors, used by every layer
     weights/    the shipped drafters and routers (data)
 
-The library imports no gRPC, Ray, matplotlib or torch (pyproject.toml's import-linter contracts check it), and what
-the orchestrator imports from it (config, errors, formats.tokenizer, formats.text, decoding.rounds,
+The library imports no gRPC, Ray, matplotlib, torch or llama.cpp (pyproject.toml's import-linter contracts check it),
+and what the orchestrator imports from it (config, errors, formats.tokenizer, formats.text, decoding.rounds,
 decoding.speculative) stays JAX-free. The services, the wire layer (`tandemrpc`) and the applications (`apps`,
 `loadtest`) sit on top; nothing here imports them. The package `__init__` files hold docstrings only, so importing a
 light module loads nothing heavy.

@@ -28,7 +28,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--via", choices=("in-process", "grpc", "both"), default="both", help="where the modes run (default: both)"
     )
-    p.add_argument("--peer", choices=("hf",), default=None, help="also run benchmark.peer_hf.HFPeer as hf, hf-assisted")
+    p.add_argument(
+        "--peer",
+        default=None,
+        metavar="PEER[,PEER]",
+        help="also run peer implementations in process, comma-separated: hf (Hugging Face transformers: modes hf, "
+        "hf-assisted; the peer extra), llamacpp (llama.cpp: modes llamacpp, llamacpp-lookup; built by "
+        "docker/build-llamacpp.sh)",
+    )
     p.add_argument("--target", default=None, help="orchestrator HOST:PORT for --via grpc (default: start one here)")
     p.add_argument(
         "--metrics-url", default=None, metavar="URL", help="with --target: the orchestrator's metrics (fallback counts)"
@@ -137,7 +144,7 @@ def bench(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             warmup_tokens=args.warmup_tokens,
             block_cost_context=None if args.no_block_cost else args.block_cost_context,
-            peer=args.peer,
+            peers=split_csv(args.peer or ""),
             prefix_cache_rows=args.prefix_cache_rows,
         )
         if args.limit is not None and args.limit < 1:

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 from conftest import TINY, drafter_config, tiny_state  # noqa: E402
 from test_real_model import bundle  # noqa: E402, F401  (the real-model fixture, loaded once per module)
 
-from apps import peer_hf  # noqa: E402
+from benchmark import peer_hf  # noqa: E402
 from tandem.decoding.bundle import Bundle, BundleConfig, load_bundle  # noqa: E402
 from tandem.decoding.engine import Engine  # noqa: E402
 from tandem.model import drafter as drafter_model  # noqa: E402

@@ -145,7 +145,8 @@ def test_speedup_tax_identity_and_block_cost() -> None:
     assert first_difference([1, 2, 3], [1, 2]) == 2  # a shorter output differs too
     ref = [[1, 2, 3], [4, 5, 6]]
     assert mismatches(ref, [[1, 2, 3], [4, 5, 6]]) == []
-    assert mismatches(ref, [[1, 2, 3], [4, 9, 6]]) == [{"prompt": 1, "position": 1}]
+    assert mismatches(ref, [[1, 2, 3], [4, 9, 6]]) == [{"prompt": 1, "position": 1, "expected": 5, "got": 9}]
+    assert mismatches(ref, [[1, 2], [4, 5, 6]]) == [{"prompt": 0, "position": 2, "expected": 3, "got": None}]
     with pytest.raises(ValueError):
         mismatches(ref, [[1, 2, 3]])
     assert block_cost_ratios({2: 3.0, 1: 2.0, 4: 5.0}) == {1: 1.0, 2: 1.5, 4: 2.5}
@@ -176,7 +177,7 @@ def test_report_flags_a_mode_that_is_not_lossless() -> None:
     tps |= {("grpc", "speed"): 12.0, ("in-process", "tandem-speed"): 30.0, ("grpc", "tandem-speed"): 24.0}
     report = build_report(cfg, prompts, _samples(outputs, tps), block_ms={1: 2.0, 2: 2.5})
     assert report["identical"] == {"primary": True, "speed": False, "tandem-speed": True}
-    assert report["mismatches"]["speed"] == [{"via": "grpc", "prompt": 1, "position": 1}]
+    assert report["mismatches"]["speed"] == [{"via": "grpc", "prompt": 1, "position": 1, "expected": 5, "got": 0}]
     assert report["consistent_across_vias"] == {"primary": True, "speed": False, "tandem-speed": True}
     assert report["modes"]["speed"]["via"] == "grpc"  # the headline figures are gRPC's
     assert report["modes"]["tandem-speed"]["tokens_per_s"] == pytest.approx(24.0)
@@ -187,7 +188,8 @@ def test_report_flags_a_mode_that_is_not_lossless() -> None:
     assert report["block_cost"] == {"1": 1.0, "2": 1.25} and report["block_cost_ms"] == {"1": 2.0, "2": 2.5}
     warnings = identity_warnings(report)
     assert len(warnings) == 1 and warnings[0].startswith("WARNING: speed is NOT identical")
-    assert "prompt 2 (grpc) at token 1" in warnings[0]
+    assert "prompt 2 (grpc) at token 1 (primary 5, speed 0)" in warnings[0]
+    assert "1/2 prompts, the earliest from token 1:" in warnings[0]
     assert "**✗**" in render_markdown(report)
     json.dumps(report)  # JSON-able as it is
 
@@ -212,7 +214,7 @@ def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="gamma_max"):
         BenchConfig(gamma_max=0)
     with pytest.raises(ValueError, match="in-process"):
-        BenchConfig(vias=("grpc",), peer="hf")
+        BenchConfig(vias=("grpc",), peers=("hf",))
     with pytest.raises(ValueError, match="TAU_FIRST:TAU:GAMMA_MAX"):
         BenchConfig(modes=("primary", "speed@0.5:3"))
     with pytest.raises(ValueError, match="gamma_max"):
@@ -234,7 +236,7 @@ def test_config_is_validated() -> None:
         BenchConfig(modes=("primary", "speed@0:0.8:4:0:-1"))
     with pytest.raises(ValueError, match="three to five values"):
         BenchConfig(modes=("primary", "speed@0:0.8:4:0:3:1"))
-    cfg = BenchConfig(modes=("primary",), peer="hf")
+    cfg = BenchConfig(modes=("primary",), peers=("hf",))
     assert cfg.all_modes == ("primary", "hf", "hf-assisted") and cfg.vias_of("hf") == ("in-process",)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.max_tokens = 3  # type: ignore[misc]
@@ -474,39 +476,99 @@ class _PeerResult:
     assistant_calls: int
 
 
-class _FakePeer:
-    """Replays the engine's primary outputs (assisted: with one token changed at position `wrong_at`)."""
+@dataclasses.dataclass(frozen=True)
+class _LookupResult(_PeerResult):
+    """What benchmark.peer_llamacpp.LlamaCppResult adds: the passes and the prompt lookup's counters."""
 
-    def __init__(self, engine: Engine, wrong_at: int | None = None) -> None:
-        self.engine, self.wrong_at, self.warmed = engine, wrong_at, False
+    primary_calls: int = 0
+    rounds: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: tuple[int, ...] = ()
+    lookup: bool = False
+
+
+class _FakePeer:
+    """Replays the engine's primary outputs (assisted: with one token changed at position `wrong_at`); `calls` records
+    (name, assisted, prompt) in the order they came."""
+
+    def __init__(self, engine: Engine, name: str = "fake", wrong_at: int | None = None, calls: list | None = None):
+        self.engine, self.name, self.wrong_at, self.warmed = engine, name, wrong_at, False
+        self.calls = calls if calls is not None else []
 
     def warmup(self) -> None:
         self.warmed = True
 
     def describe(self) -> dict:
-        return {"name": "fake"}
+        return {"name": self.name}
 
-    def generate(self, prompt_ids: list[int], max_tokens: int, *, assisted: bool) -> _PeerResult:
+    def _ids(self, prompt_ids: list[int], max_tokens: int, assisted: bool) -> list[int]:
+        self.calls.append((self.name, assisted, tuple(prompt_ids)))
         ids = self.engine.generate(prompt_ids, mode="primary", max_tokens=max_tokens).token_ids
         if assisted and self.wrong_at is not None:
             ids = [*ids[: self.wrong_at], (ids[self.wrong_at] + 1) % 48, *ids[self.wrong_at + 1 :]]
-        return _PeerResult(ids, 0.01, 0.1, 3 if assisted else 0)
+        return ids
+
+    def generate(self, prompt_ids: list[int], max_tokens: int, *, assisted: bool) -> _PeerResult:
+        return _PeerResult(self._ids(prompt_ids, max_tokens, assisted), 0.01, 0.1, 3 if assisted else 0)
 
 
-def test_a_peer_runs_interleaved_and_is_checked(engine: Engine) -> None:
-    cfg = BenchConfig(modes=("primary",), vias=("in-process",), max_tokens=TOKENS, block_cost_context=None, peer="hf")
-    peer = _FakePeer(engine, wrong_at=5)
-    report = run(cfg, PROMPTS, engine=engine, peer=peer, log=lambda _: None)
-    assert peer.warmed and report["peer"] == {"name": "fake"}
-    assert list(report["modes"]) == ["primary", "hf", "hf-assisted"]
-    assert report["modes"]["hf"]["via"] == "in-process"
-    assert report["speedup"]["hf"] == pytest.approx(
-        TOKENS / 0.1 / report["results"]["in-process"]["primary"]["tokens_per_s"]
+class _FakeLookupPeer(_FakePeer):
+    """As llama.cpp's peer reports: plain, one pass per token; lookup, 2 rounds of 2 drafts, 3 of them kept."""
+
+    def generate(self, prompt_ids: list[int], max_tokens: int, *, assisted: bool) -> _LookupResult:
+        ids = self._ids(prompt_ids, max_tokens, assisted)
+        if not assisted:
+            return _LookupResult(ids, 0.01, 0.2, 0, primary_calls=len(ids))
+        counters = {"rounds": 2, "drafted_tokens": 4, "accepted_tokens": 3, "accepted_per_position": (2, 1)}
+        return _LookupResult(ids, 0.01, 0.05, 0, primary_calls=len(ids) - 3, lookup=True, **counters)
+
+
+def test_peers_run_interleaved_and_are_checked(engine: Engine) -> None:
+    cfg = BenchConfig(
+        modes=("primary",), vias=("in-process",), max_tokens=TOKENS, block_cost_context=None, peers=("hf", "llamacpp")
     )
-    assert report["identical"] == {"primary": True, "hf": True, "hf-assisted": False}
+    calls: list = []
+    hf = _FakePeer(engine, "hf", wrong_at=5, calls=calls)
+    llama = _FakeLookupPeer(engine, "llamacpp", calls=calls)
+    report = run(cfg, PROMPTS, engine=engine, peers={"hf": hf, "llamacpp": llama}, log=lambda _: None)
+    assert hf.warmed and llama.warmed
+    assert report["peers"] == {"hf": {"name": "hf"}, "llamacpp": {"name": "llamacpp"}}
+    assert list(report["modes"]) == ["primary", "hf", "hf-assisted", "llamacpp", "llamacpp-lookup"]
+    # After the warm-ups, A B B A: the peers' modes in order on the first prompt, reversed on the second.
+    turns = [("hf", False), ("hf", True), ("llamacpp", False), ("llamacpp", True)]
+    measured = calls[len(turns) :]
+    assert [c[:2] for c in measured] == turns + turns[::-1]
+    assert [c[2] for c in measured] == [PROMPTS[0].ids] * 4 + [PROMPTS[1].ids] * 4
+    assert report["modes"]["hf"]["via"] == report["modes"]["llamacpp"]["via"] == "in-process"
+    primary_tps = report["results"]["in-process"]["primary"]["tokens_per_s"]
+    assert report["speedup"]["hf"] == pytest.approx(TOKENS / 0.1 / primary_tps)
+    assert report["speedup"]["llamacpp-lookup"] == pytest.approx(TOKENS / 0.05 / primary_tps)
+    assert report["identical"] == {
+        "primary": True,
+        "hf": True,
+        "hf-assisted": False,
+        "llamacpp": True,
+        "llamacpp-lookup": True,
+    }
+    want = report["results"]["in-process"]["primary"]["outputs"]
     assert report["mismatches"]["hf-assisted"] == [
-        {"via": "in-process", "prompt": 0, "position": 5},
-        {"via": "in-process", "prompt": 1, "position": 5},
+        {"via": "in-process", "prompt": i, "position": 5, "expected": want[i][5], "got": (want[i][5] + 1) % 48}
+        for i in range(2)
     ]
+    assert report["mismatches"]["llamacpp"] == report["mismatches"]["llamacpp-lookup"] == []
     assert report["modes"]["hf-assisted"]["drafter_calls_per_token"] == pytest.approx(3 / TOKENS)
-    assert identity_warnings(report)[0].startswith("WARNING: hf-assisted is NOT identical")
+    assert report["modes"]["hf"]["rounds"] is None  # HF's results carry no counters: reported as unknown
+    plain, lookup = report["modes"]["llamacpp"], report["modes"]["llamacpp-lookup"]
+    assert plain["primary_calls_per_token"] == 1.0 and plain["drafter_calls_per_token"] == 0.0
+    assert plain["mean_acceptance_length"] is None and plain["lookup_rounds"] is None
+    assert lookup["primary_calls_per_token"] == pytest.approx((TOKENS - 3) / TOKENS)
+    assert lookup["drafter_calls_per_token"] == 0.0  # prompt lookup calls no drafter
+    assert lookup["rounds"] == lookup["lookup_rounds"] == 4 and lookup["lookup_accepted_tokens"] == 6
+    assert lookup["mean_acceptance_length"] == pytest.approx(1 + 6 / 4)
+    assert lookup["acceptance_per_position"] == pytest.approx([1.0, 0.5])
+    warning = identity_warnings(report)[0]
+    assert warning.startswith("WARNING: hf-assisted is NOT identical to primary on 2/2 prompts")
+    assert f"prompt 1 (in-process) at token 5 (primary {want[0][5]}, hf-assisted {(want[0][5] + 1) % 48})" in warning
+    markdown = render_markdown(report)
+    assert "| llamacpp-lookup | in-process |" in markdown and "Peer llamacpp: name = llamacpp" in markdown
