@@ -142,8 +142,8 @@ def init_params(dcfg: DrafterConfig, primary: LlamaParams, head_ids: np.ndarray,
     if dcfg.features:
         top = dcfg.feature_layers.index(max(dcfg.feature_layers))  # inputs are fused in feature_layers order
         fuse = jnp.zeros((dcfg.d_model, len(dcfg.tapped_layers), dcfg.d_model), jnp.float32).at[:, top].set(eye)
-    emb = np.random.default_rng(seed).normal(0.0, 0.02, (dcfg.d_model, dcfg.d_model))  # its own draw: the same start
-    # whichever layers are fused
+    # drawn on its own, so the start is the same whichever layers are fused
+    emb = np.random.default_rng(seed).normal(0.0, 0.02, (dcfg.d_model, dcfg.d_model))
     return dataclasses.replace(
         params,
         layers=tuple(layers),
