@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from primary_svc.servicer import PrimaryServicer
 from tandem.config import BatchingConfig
 from tandem.decoding.workers import PrimaryWorker
-from tandem.model.kvcache import MIN_ATTEND, buckets
+from tandem.model.kvcache import MIN_ATTEND, buckets, rows_per_call
 from tandem.model.primary import PrimaryRunner
 from tandemrpc.process import die_with_parent
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
@@ -86,11 +86,13 @@ def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceSer
 
 def compile_buckets(runner: PrimaryRunner, max_batch: int, max_block: int = 8) -> int:
     """Compiles what serving runs: verify blocks (1..max_block tokens) of every batch bucket up to the slots and
-    max_batch against every cache bucket, and prefills of every length bucket at every batch bucket (prompts that
-    arrive together are prefilled together)."""
+    max_batch against every cache bucket, and prefills of every length bucket at every batch bucket a call of that
+    length takes (prompts that arrive together are prefilled together, `rows_per_call` at a time)."""
     batches = buckets(min(runner.batch, max_batch))
-    verify = runner.compile(batches, buckets(max_block), runner.cache.attend_buckets())
-    return verify + runner.compile(batches, buckets(runner.max_len, cap=runner.max_len), [MIN_ATTEND])
+    shapes = runner.shapes(batches, buckets(max_block), runner.cache.attend_buckets())
+    for t in buckets(runner.max_len, cap=runner.max_len):
+        shapes |= runner.shapes([b for b in batches if b <= rows_per_call(t)], [t], [MIN_ATTEND])
+    return runner.compile(shapes)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:

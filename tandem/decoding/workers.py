@@ -42,7 +42,7 @@ from tandem.errors import (
     SessionStateError,
 )
 from tandem.model.drafter import DrafterRunner, stack_states
-from tandem.model.kvcache import PrefixCache, bucket, buckets
+from tandem.model.kvcache import PrefixCache, bucket, buckets, rows_per_call
 from tandem.model.primary import BlockOutput, PrimaryRunner
 from tandem.model.router import MLPRouter
 
@@ -259,11 +259,12 @@ class _SessionWorker:
 
 
 def _groups(items: list[_T], size: Callable[[_T], int]) -> list[list[_T]]:
-    """Items grouped by the block bucket of size(item), so short blocks do not pad up to long ones."""
+    """Items grouped by the block bucket of size(item), so short blocks do not pad up to long ones, each group split
+    into calls of at most `rows_per_call` rows."""
     groups: dict[int, list[_T]] = {}
     for item in items:
         groups.setdefault(bucket(size(item)), []).append(item)
-    return list(groups.values())
+    return [g[i : i + rows_per_call(t)] for t, g in groups.items() for i in range(0, len(g), rows_per_call(t))]
 
 
 def _token_ids(tokens: Sequence[int], vocab_size: int) -> np.ndarray:

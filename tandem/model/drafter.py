@@ -37,7 +37,7 @@ from tandem.config import DrafterConfig
 from tandem.errors import ContextFullError
 from tandem.model import kernels
 from tandem.model.kernels import BLOCK, PANEL, QLinear, float_weight, qlinear, quantize_q8
-from tandem.model.kvcache import KVCache, bucket, buckets
+from tandem.model.kvcache import KVCache, bucket, buckets, rows_per_call
 from tandem.model.layers import (
     KVBuffers,
     LayerParams,
@@ -622,10 +622,11 @@ class DrafterRunner:
         if params.embed is None or (params.head_ids is not None and params.head is None):
             raise ValueError("drafter params are not runnable: call tandem.model.drafter.materialize() first")
         self.cfg, self.params, self.batch, self.max_len = cfg, params, batch, max_len
-        self.cache = KVCache(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
         # Attention and norms in the CPU kernels, which read each row's cache slot in place (XLA's gather the rows'
-        # attended segments out of the pool first); float32 only.
+        # attended segments out of the pool first) and write the block into it; float32 only.
         self.fixed_order = dtype == jnp.float32 and kernels.available()
+        kv = cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype
+        self.cache = KVCache(*kv, attend_all=self.fixed_order)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -811,7 +812,7 @@ class DrafterRunner:
                         fixed_order=self.fixed_order,
                     )
                     shapes += 1
-            for t in buckets(self.max_len, cap=self.max_len):
+            for t in (t for t in buckets(self.max_len, cap=self.max_len) if b <= rows_per_call(t)):
                 self.cache.k, self.cache.v = _ingest_jit(
                     self.params,
                     np.zeros((b, t, *hidden), np.float32),

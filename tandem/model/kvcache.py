@@ -12,11 +12,20 @@ import numpy as np
 from tandem.errors import ContextFullError
 
 MIN_ATTEND = 64  # the smallest attended-length bucket
+# Most padded tokens (batch bucket x block bucket) one call runs: long prompts that arrive together are prefilled in
+# several calls, so the largest compiled prefill is 2,048 tokens, not max_batch x max_len (and its logits 0.4 GB).
+MAX_CALL_TOKENS = 2048
 
 
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum): the shape buckets compiled functions are keyed on."""
     return 1 << max(0, (max(n, minimum) - 1).bit_length())
+
+
+def rows_per_call(block: int) -> int:
+    """Most rows one call of `block`-token blocks takes (a power of two): its padded tokens stay within
+    MAX_CALL_TOKENS."""
+    return max(1, MAX_CALL_TOKENS // bucket(block))
 
 
 def buckets(largest: int, minimum: int = 1, cap: int | None = None) -> list[int]:
@@ -49,13 +58,26 @@ class KVCache:
     in the call as padding, and attention reads the segments in place, with no copy. The fixed-order attention
     kernel (the CPU primary, `kernels.attention`) reads each row's slot in place either way, so its gathered
     calls copy nothing either.
+
+    That kernel reads only each row's own length and writes the block itself (`kernels.attention_write`), so a cache
+    served by it (`attend_all`) passes every segment to every call: one attended length, one compiled program per
+    batch and block bucket instead of one per attended length too. Each program XLA:CPU compiles holds hundreds of
+    memory maps, and a process may hold only `vm.max_map_count` of them (docs/deployment.md, "Warm start").
     """
 
     def __init__(
-        self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: jnp.dtype
+        self,
+        n_layers: int,
+        batch: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: jnp.dtype,
+        attend_all: bool = False,
     ) -> None:
-        self.batch, self.max_len = batch, max_len
-        ends = self.attend_buckets()
+        """attend_all: every call attends the whole cache (the fixed-order kernel's calls; see the class docstring)."""
+        self.batch, self.max_len, self.attend_all = batch, max_len, False
+        ends = self.attend_buckets()  # the segments: every bucket's end
         sizes = np.diff([0, *ends])
 
         def buffers() -> tuple[tuple[jax.Array, ...], ...]:
@@ -66,6 +88,7 @@ class KVCache:
         self.k: tuple[tuple[jax.Array, ...], ...] = buffers()
         self.v: tuple[tuple[jax.Array, ...], ...] = buffers()
         self.lengths = np.zeros(batch, dtype=np.int32)
+        self.attend_all = attend_all
 
     def rows(self, rows: Sequence[int] | None) -> np.ndarray:
         """The selected slots as an int32 array (all slots when None)."""
@@ -186,11 +209,18 @@ class KVCache:
 
     def attend_len(self, rows: np.ndarray, ahead: int = 0) -> int:
         """Cache slots the next call reads: a bucket covering the longest selected row, plus `ahead` positions the
-        call itself writes before it reads them (a drafting round's fed tokens and drafts)."""
-        return min(bucket(int(self.lengths[rows].max()) + ahead, MIN_ATTEND), self.max_len)
+        call itself writes before it reads them (a drafting round's fed tokens and drafts); with attend_all, every
+        slot."""
+        return self.attend_bucket(int(self.lengths[rows].max()) + ahead)
+
+    def attend_bucket(self, n: int) -> int:
+        """The attended length a call reading n positions uses."""
+        return self.max_len if self.attend_all else min(bucket(n, MIN_ATTEND), self.max_len)
 
     def attend_buckets(self) -> list[int]:
         """Every attended length a call over this cache can use (the shapes to compile ahead)."""
+        if self.attend_all:
+            return [self.max_len]
         return buckets(max(self.max_len, MIN_ATTEND), MIN_ATTEND, cap=self.max_len)
 
     def padding_rows(self, b: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,32 +108,40 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, fixed_order: bool = Fa
     return x * jax.lax.rsqrt(var + eps) * weight.reshape(weight.shape + (1,) * (x.ndim - 1))
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_tables(
+    positions: jax.Array, head_dim: int, theta: float, fixed_order: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """cos and sin tables for rotate-half RoPE.
 
     Args:
         positions: [B, T] integer positions.
         head_dim: H (even).
         theta: base frequency.
+        fixed_order: each position's tables the same in any call (`tandem.model.kernels.rope_tables`).
 
     Returns:
         (cos, sin), each [H, N]: the H/2 frequencies repeated over both halves of a head, one column per token.
     """
+    if fixed_order:
+        return kernels.rope_tables(positions, head_dim, theta)
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [H/2]
     angles = inv_freq[:, None] * positions.reshape(1, -1).astype(jnp.float32)  # [H/2, N]
     angles = jnp.concatenate([angles, angles], axis=0)  # [H, N]
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates pairs (i, i + H/2) of every head. x: [..., H, N]; cos, sin: [H, N]."""
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, fixed_order: bool = False) -> jax.Array:
+    """Rotates pairs (i, i + H/2) of every head. x: [..., H, N]; cos, sin: [H, N]. With fixed_order, each output from
+    its own inputs in one fixed order (`tandem.model.kernels.rope`)."""
+    if fixed_order:
+        return kernels.rope(x, cos, sin)
     half = x.shape[-2] // 2
     rotated = jnp.concatenate([-x[..., half:, :], x[..., :half, :]], axis=-2)  # rotate_half
     return x * cos + rotated * sin
 
 
 def qkv_projection(
-    p: LayerParams, x_normed: jax.Array, cos: jax.Array, sin: jax.Array
+    p: LayerParams, x_normed: jax.Array, cos: jax.Array, sin: jax.Array, fixed_order: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Queries and keys (RoPE applied) and values of one layer in one product.
 
@@ -140,6 +149,7 @@ def qkv_projection(
         p: the layer.
         x_normed: [D, N] after the attention norm.
         cos, sin: [H, N].
+        fixed_order: RoPE in the CPU kernel (`apply_rope`).
 
     Returns:
         q [K, G, H, N], k [K, H, N], v [K, H, N].
@@ -150,7 +160,7 @@ def qkv_projection(
     q = qkv[: k_heads * g * h].reshape(k_heads, g, h, n)
     k = qkv[k_heads * g * h : k_heads * (g + 1) * h].reshape(k_heads, h, n)
     v = qkv[k_heads * (g + 1) * h :].reshape(k_heads, h, n)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return apply_rope(q, cos, sin, fixed_order), apply_rope(k, cos, sin, fixed_order), v
 
 
 Context = tuple[jax.Array, ...]  # the context in segments along S (one for training; the cache's buffers in serving)
@@ -218,7 +228,8 @@ def decoder_layer(
     eps: float,
     lengths: jax.Array | None = None,
     rows: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    write: bool = False,
+) -> tuple[jax.Array, Any, Any]:
     """One pre-norm Llama block (attention + SwiGLU MLP).
 
     Args:
@@ -234,19 +245,24 @@ def decoder_layer(
             first lengths[b] context positions and the block causally).
         rows: with lengths, [B] each row's slot when the context segments are a pool's [R, K, S_j, H], read in place
             (None: the segments hold the block's rows).
+        write: static; with lengths and rows, the kernel also writes the block's keys and values into the pool's
+            segments (`kernels.attention_write`).
 
     Returns:
         (x_out [D, N], k [B, K, T, H], v [B, K, T, H]): the new residual stream and the block's own keys/values,
-        which the caller may write to a cache.
+        which the caller may write to a cache; with `write`, (x_out, ctx_k, ctx_v) with the block written instead.
     """
     batch, t = blk_mask.shape[:2]
     fixed = lengths is not None
-    q, k, v = qkv_projection(p, rms_norm(x, p.attn_norm, eps, fixed), cos, sin)
+    q, k, v = qkv_projection(p, rms_norm(x, p.attn_norm, eps, fixed), cos, sin, fixed)
     k_heads, g, h, n = q.shape
     q = q.reshape(k_heads, g, h, batch, t)
     k, v = k.reshape(k_heads, h, batch, t), v.reshape(k_heads, h, batch, t)
     k_rows, v_rows = jnp.transpose(k, (2, 0, 3, 1)), jnp.transpose(v, (2, 0, 3, 1))  # [B, K, T, H]
-    if lengths is not None:
+    if write:
+        assert lengths is not None and rows is not None, "an in-place write needs each row's length and slot"
+        attn, k_rows, v_rows = kernels.attention_write(q, k_rows, v_rows, lengths, rows, ctx_k, ctx_v)
+    elif lengths is not None:
         attn = kernels.attention(q, k_rows, v_rows, lengths, ctx_k, ctx_v, rows)  # [K, G, H, B, T]
     else:
         attn = two_part_attention(q, ctx_k, ctx_v, ctx_mask, k, v, blk_mask)
@@ -271,7 +287,8 @@ def decoder_stack(
     taps: Sequence[int] = (),
     lengths: jax.Array | None = None,
     rows: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    write: bool = False,
+) -> tuple[jax.Array, jax.Array, Any, Any]:
     """Runs all layers (unrolled).
 
     Args:
@@ -286,21 +303,25 @@ def decoder_stack(
         taps: 1-indexed layers whose output residual stream is returned.
         lengths: [B] cached positions per row: attention and norms in one fixed order per token (`decoder_layer`).
         rows: with lengths, [B] each row's slot in context segments that are a whole pool's (`decoder_layer`).
+        write: static; with lengths and rows, each layer's kernel writes the block into its segments (`decoder_layer`).
 
     Returns:
         (x_out [D, N] before the final norm, tapped [n_taps, D, N] residual streams after the tapped layers,
-        new_k [L, B, K, T, H], new_v [L, B, K, T, H]).
+        new_k [L, B, K, T, H], new_v [L, B, K, T, H]); with `write`, the written segments (`KVBuffers`) instead of
+        new_k and new_v.
     """
-    cos, sin = rope_tables(positions, layers[0].head_dim, rope_theta)
+    cos, sin = rope_tables(positions, layers[0].head_dim, rope_theta, lengths is not None)
     masks = _segments(ctx_mask)
     new_k, new_v, hidden = [], [], []
     for i, p in enumerate(layers):
         ctx = _segments(ctx_k[i]), _segments(ctx_v[i])
-        x, k, v = decoder_layer(p, x, cos, sin, *ctx, masks, blk_mask, eps, lengths, rows)
+        x, k, v = decoder_layer(p, x, cos, sin, *ctx, masks, blk_mask, eps, lengths, rows, write)
         new_k.append(k)
         new_v.append(v)
         hidden.append(x)
     tapped = jnp.stack([hidden[t - 1] for t in taps]) if taps else jnp.zeros((0, *x.shape), x.dtype)
+    if write:
+        return x, tapped, tuple(new_k), tuple(new_v)
     return x, tapped, jnp.stack(new_k), jnp.stack(new_v)
 
 
@@ -390,7 +411,8 @@ def cached_decoder_stack(
             order).
         lengths: [B] cached positions of each row.
         cache_k, cache_v: per layer, its segments [R, K, S_j, H], the whole pool (donated by callers).
-        attend_len: static number of attended positions: the end of a segment (>= max(lengths)).
+        attend_len: static number of attended positions: the end of a segment (>= max(lengths)); with fixed_order,
+            the end of the last segment (the kernel reads each row's own length of every segment).
         whole_pool: static; the block is the whole pool by slot (B = R), and attention reads the segments in place
             instead of gathering the rows out of them (see `tandem.model.kvcache.KVCache`); with fixed_order the kernel
             reads every row's slot in place anyway.
@@ -398,7 +420,8 @@ def cached_decoder_stack(
         eps: RMSNorm epsilon.
         taps: 1-indexed layers whose output residual stream is returned.
         fixed_order: static; attention and norms in one fixed order per token (the CPU kernels), so that a token's
-            outputs are bitwise the same in any block and batch.
+            outputs are bitwise the same in any block and batch; the attention kernel also writes the block into the
+            cache, so one compiled call serves every attended length.
 
     Returns:
         (x_out [D, N], tapped [n_taps, D, N], cache_k, cache_v with the block written at lengths).
@@ -407,8 +430,9 @@ def cached_decoder_stack(
     t = x.shape[1] // batch
     positions = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
     starts = segment_starts(cache_k[0])
-    if attend_len not in starts:
-        raise ValueError(f"attend_len {attend_len} must end a cache segment, one of {starts[1:]}")
+    if attend_len not in starts or (fixed_order and attend_len != starts[-1]):
+        ends = starts[-1:] if fixed_order else starts[1:]
+        raise ValueError(f"attend_len {attend_len} must end a cache segment, one of {ends}")
     n = starts.index(attend_len)  # the segments attended
 
     def context(cache: KVBuffers) -> tuple[tuple[jax.Array, ...], ...]:
@@ -431,7 +455,10 @@ def cached_decoder_stack(
         taps=taps,
         lengths=lengths if fixed_order else None,
         rows=rows if fixed_order else None,
+        write=fixed_order,
     )
+    if fixed_order:
+        return x, tapped, new_k, new_v
     reach = attend_len + t  # every real row's length is at most attend_len; padding rows write nowhere
     return (
         x,

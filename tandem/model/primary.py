@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ from tandem.config import LlamaConfig
 from tandem.formats.checkpoints import QuantBlocks
 from tandem.model import kernels
 from tandem.model.kernels import QLinear, QPanels, float_weight, to_panels
-from tandem.model.kvcache import MIN_ATTEND, KVCache, bucket
+from tandem.model.kvcache import KVCache, bucket
 from tandem.model.layers import (
     KVBuffers,
     LayerParams,
@@ -299,11 +299,11 @@ class PrimaryRunner:
         if any(not 1 <= t <= cfg.n_layers for t in taps):
             raise ValueError(f"tapped layers {tuple(taps)} must lie in 1..{cfg.n_layers}")
         self.cfg, self.params, self.taps = cfg, params, tuple(taps)
-        self.cache = KVCache(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
-        self.batch, self.max_len = batch, max_len
         if fixed_order is None:
             fixed_order = dtype == jnp.float32 and params.embed.dtype == jnp.float32 and kernels.available()
         self.fixed_order = fixed_order
+        self.cache = KVCache(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, attend_all=fixed_order)
+        self.batch, self.max_len = batch, max_len
 
     @property
     def lengths(self) -> np.ndarray:
@@ -336,20 +336,21 @@ class PrimaryRunner:
         )
         return BlockOutput(logits, top, hidden, out_rows, tokens.shape[1])
 
-    def compile(self, batches: Sequence[int], blocks: Sequence[int], attends: Sequence[int]) -> int:
-        """Compiles the block pass for every (batch, block, attended-length) bucket given, and the whole-pool call of
-        batches that fill the pool (`KVCache.pool_call`), so requests never wait for a compile (a serving start-up
-        step). Runs each shape once on padding rows only: no slot's cache changes.
+    def shapes(
+        self, batches: Sequence[int], blocks: Sequence[int], attends: Sequence[int]
+    ) -> set[tuple[int, int, int]]:
+        """The (batch, block, attended-length) buckets calls of these sizes use: one compiled program each."""
+        return {(bucket(b), bucket(t), self.cache.attend_bucket(a)) for b in batches for t in blocks for a in attends}
+
+    def compile(self, shapes: Iterable[tuple[int, int, int]]) -> int:
+        """Compiles the block pass for every (batch, block, attended-length) bucket given (`shapes`), and the whole-pool
+        call of batches that fill the pool (`KVCache.pool_call`), so requests never wait for a compile (a serving
+        start-up step). Runs each shape once on padding rows only: no slot's cache changes.
 
         Returns:
             How many shapes were compiled or found compiled.
         """
-        shapes = {
-            (bucket(b), bucket(t), min(bucket(a, MIN_ATTEND), self.max_len))
-            for b in batches
-            for t in blocks
-            for a in attends
-        }
+        shapes = set(shapes)
         for b, t, a in sorted(shapes):
             pool = self.cache.pool_call(b)
             b = self.batch if pool else b  # a whole-pool call has one row per slot

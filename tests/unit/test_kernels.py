@@ -16,7 +16,14 @@ import pytest
 from conftest import TINY, make_engine, tiny_state
 
 from tandem.model import kernels
-from tandem.model.layers import cache_mask, causal_block_mask, rms_norm, two_part_attention
+from tandem.model.layers import (
+    apply_rope,
+    cache_mask,
+    causal_block_mask,
+    rms_norm,
+    rope_tables,
+    two_part_attention,
+)
 from tandem.model.primary import PrimaryRunner, params_from_state_dict
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the int8 kernel cannot run on this machine")
@@ -182,6 +189,40 @@ def test_fixed_order_attention_reads_each_rows_slot_of_a_pool_in_place() -> None
     np.testing.assert_array_equal(np.asarray(in_place), np.asarray(gathered))
     with pytest.raises(Exception, match="outside the context segments"):
         np.asarray(kernels.attention(*block, pool_k, pool_v, jnp.asarray([3, 4], np.int32)))
+
+
+@needs_kernel
+def test_attention_write_attends_as_attention_then_writes_the_block_into_the_pool_in_place() -> None:
+    """Row 0 writes across a segment boundary, row 1 into the first segment, a padding row (full-context length)
+    nowhere; under jit with the pool donated, as the cached stack calls it."""
+    q, blk_k, blk_v, _, _, _ = attention_inputs(3, [0, 0, 0], (16, 32), h=64)
+    _, _, _, _, pool_k, pool_v = attention_inputs(3, [0, 0, 0, 0], (16, 32), seed=5, h=64)
+    lengths, slots = np.asarray([14, 3, 48], np.int32), np.asarray([2, 0, 2], np.int32)
+    block = [jnp.asarray(a) for a in (q, blk_k, blk_v, lengths)]
+    want = np.asarray(kernels.attention(*block, pool_k, pool_v, jnp.asarray(slots)))
+    want_k, want_v = (np.concatenate([np.asarray(c) for c in pool], axis=2) for pool in (pool_k, pool_v))
+    for b in range(2):
+        want_k[slots[b], :, lengths[b] : lengths[b] + 3] = blk_k[b]
+        want_v[slots[b], :, lengths[b] : lengths[b] + 3] = blk_v[b]
+    write = jax.jit(kernels.attention_write, donate_argnums=(5, 6))
+    got, got_k, got_v = write(*block, jnp.asarray(slots), tuple(map(jnp.array, pool_k)), tuple(map(jnp.array, pool_v)))
+    np.testing.assert_array_equal(np.asarray(got), want)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(c) for c in got_k], axis=2), want_k)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(c) for c in got_v], axis=2), want_v)
+
+
+@needs_kernel
+def test_rope_kernels_match_xla_and_give_a_position_the_same_bits_in_any_call() -> None:
+    positions = jnp.asarray(np.arange(5, 69, dtype=np.int32)[None])  # [1, 64]
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 2, 64, 64)).astype(np.float32))  # [K, G, H, N]
+    cos, sin = kernels.rope_tables(positions, 64, 10000.0)
+    want = apply_rope(x, *rope_tables(positions, 64, 10000.0))
+    np.testing.assert_allclose(np.asarray(kernels.rope(x, cos, sin)), np.asarray(want), rtol=1e-5, atol=1e-5)
+    full = np.asarray(kernels.rope(x, cos, sin))
+    for n in (1, 3, 8):  # the last n positions alone
+        c, s = kernels.rope_tables(positions[:, -n:], 64, 10000.0)
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(cos)[:, -n:])
+        np.testing.assert_array_equal(np.asarray(kernels.rope(x[..., -n:], c, s)), full[..., -n:])
 
 
 @needs_kernel

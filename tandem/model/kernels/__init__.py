@@ -62,7 +62,10 @@ _TARGET4 = "tandem_qmatmul4"  # 4-bit panels
 _TARGET_DOT = "tandem_qmatmul4_dot"  # 4-bit panels in the dot layout, inputs quantized to 8 bits
 _TARGET8_DOT = "tandem_qmatmul8_dot"  # 8-bit panels in the dot layout, inputs quantized to 8 bits
 _ATTENTION = "tandem_attention"  # fixed-order attention (attention.cc)
+_ATTENTION_WRITE = "tandem_attention_write"  # the same, then the block written into the cache in place
 _RMS_NORM = "tandem_rms_norm"
+_ROPE_TABLES = "tandem_rope_tables"
+_ROPE = "tandem_rope"
 _ARGMAX = "tandem_argmax"
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "attention.cc"))
 _HEADERS = (Path(__file__).with_name("parallel.h"),)
@@ -253,8 +256,63 @@ def attention(
         [K, G, H, B, T], each query's output bitwise the same whatever block and batch it came in.
     """
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(_ATTENTION, out)(*_attention_operands(q, block_k, block_v, lengths, rows), *ctx_k, *ctx_v)
+
+
+def attention_write(
+    q: jax.Array,
+    block_k: jax.Array,
+    block_v: jax.Array,
+    lengths: jax.Array,
+    rows: jax.Array,
+    ctx_k: tuple[jax.Array, ...],
+    ctx_v: tuple[jax.Array, ...],
+) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """`attention` over a cache pool's segments, then the block's keys and values written into them at each row's
+    positions lengths[b] .. lengths[b] + T - 1 of its slot rows[b] (positions past the last segment are dropped, as a
+    padding row's full-context length sends them there).
+
+    The segments come back aliased to the operands, so a caller that donates the cache updates it in place: the write
+    is part of the call instead of an XLA scatter per layer and segment, each of which XLA:CPU compiles into its own
+    kernel with its own memory maps.
+
+    Returns:
+        (attention output [K, G, H, B, T], the written ctx_k, the written ctx_v).
+    """
+    n = len(ctx_k)
+    out = [jax.ShapeDtypeStruct(q.shape, jnp.float32), *(jax.ShapeDtypeStruct(c.shape, jnp.float32) for c in ctx_k)]
+    out += [jax.ShapeDtypeStruct(c.shape, jnp.float32) for c in ctx_v]
+    first = 5  # the context operands follow q, block_k, block_v, lengths and rows
+    call = jax.ffi.ffi_call(_ATTENTION_WRITE, out, input_output_aliases={first + j: 1 + j for j in range(2 * n)})
+    attn, *written = call(*_attention_operands(q, block_k, block_v, lengths, rows), *ctx_k, *ctx_v)
+    return attn, tuple(written[:n]), tuple(written[n:])
+
+
+def _attention_operands(
+    q: jax.Array, block_k: jax.Array, block_v: jax.Array, lengths: jax.Array, rows: jax.Array | None
+) -> tuple[jax.Array, ...]:
     rows = jnp.arange(q.shape[3], dtype=jnp.int32) if rows is None else rows.astype(jnp.int32)
-    return jax.ffi.ffi_call(_ATTENTION, out)(q, block_k, block_v, lengths.astype(jnp.int32), rows, *ctx_k, *ctx_v)
+    return q, block_k, block_v, lengths.astype(jnp.int32), rows
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """`layers.rope_tables` computed per position in double (`attention.cc`), so a position's tables are bitwise the
+    same in any call: XLA fuses its own sin and cos into each consumer, where their last bits can follow the shape.
+
+    Returns:
+        (cos, sin), each [H, N] for positions [B, T] (N = B * T).
+    """
+    n = positions.size
+    table = jax.ShapeDtypeStruct((head_dim, n), jnp.float32)
+    call = jax.ffi.ffi_call(_ROPE_TABLES, (table, table))
+    cos, sin = call(positions.reshape(-1).astype(jnp.int32), theta=np.float32(theta))
+    return cos, sin
+
+
+def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """`layers.apply_rope` with each output computed from its own inputs in one fixed order (`attention.cc`).
+    x: [..., H, N]; cos, sin: [H, N]."""
+    return jax.ffi.ffi_call(_ROPE, jax.ShapeDtypeStruct(x.shape, jnp.float32))(x.astype(jnp.float32), cos, sin)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -299,7 +357,10 @@ def available() -> bool:
         jax.ffi.register_ffi_target(_TARGET_DOT, jax.ffi.pycapsule(lib.TandemQMatmul4Dot), platform="cpu")
         jax.ffi.register_ffi_target(_TARGET8_DOT, jax.ffi.pycapsule(lib.TandemQMatmul8Dot), platform="cpu")
         jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.TandemAttention), platform="cpu")
+        jax.ffi.register_ffi_target(_ATTENTION_WRITE, jax.ffi.pycapsule(lib.TandemAttentionWrite), platform="cpu")
         jax.ffi.register_ffi_target(_RMS_NORM, jax.ffi.pycapsule(lib.TandemRmsNorm), platform="cpu")
+        jax.ffi.register_ffi_target(_ROPE_TABLES, jax.ffi.pycapsule(lib.TandemRopeTables), platform="cpu")
+        jax.ffi.register_ffi_target(_ROPE, jax.ffi.pycapsule(lib.TandemRope), platform="cpu")
         jax.ffi.register_ffi_target(_ARGMAX, jax.ffi.pycapsule(lib.TandemArgmax), platform="cpu")
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         log.warning("int8 product kernel off: building it failed (%s); products run in XLA on float32 weights", e)

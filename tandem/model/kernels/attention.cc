@@ -201,9 +201,10 @@ void AttendGroup(const Attention& a, int64_t row, int64_t kh, int64_t ti) {
   }
 }
 
-ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> block_k,
-                         ffi::Buffer<ffi::F32> block_v, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> rows,
-                         ffi::RemainingArgs ctx, ffi::ResultBuffer<ffi::F32> out) {
+// Reads the operands into `a` (the context segments from ctx's first 2 * segments entries, keys then values).
+ffi::Error SetUp(Attention& a, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> block_k, ffi::Buffer<ffi::F32> block_v,
+                 ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> rows, const ffi::RemainingArgs& ctx,
+                 float* out) {
   auto qd = q.dimensions();  // [K, G, H, B, T]
   auto kd = block_k.dimensions();  // [B, K, T, H]
   if (qd.size() != 5 || kd.size() != 4 || kd[0] != qd[3] || kd[1] != qd[0] || kd[2] != qd[4] || kd[3] != qd[2] ||
@@ -213,13 +214,12 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
         "attention: expected q [K, G, H, B, T], block keys and values [B, K, T, H], lengths and rows [B] and "
         "context segments [R, K, S_j, H], keys then values");
   }
-  Attention a;
   a.q = q.typed_data();
   a.block_k = block_k.typed_data();
   a.block_v = block_v.typed_data();
   a.lengths = lengths.typed_data();
   a.rows = rows.typed_data();
-  a.out = out->typed_data();
+  a.out = out;
   a.k = qd[0], a.g = qd[1], a.h = qd[2], a.b = qd[3], a.t = qd[4];
   a.scale = 1.0f / std::sqrt(static_cast<float>(a.h));
   const size_t segments = ctx.size() / 2;
@@ -243,12 +243,122 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
       return ffi::Error::InvalidArgument("attention: a row's slot lies outside the context segments");
     }
   }
+  return ffi::Error::Success();
+}
+
+void Attend(ffi::ThreadPool& pool, const Attention& a) {
   // One task per token and key/value head: its work depends on nothing else.
   auto run = a.h == 64 ? AttendGroup<64> : AttendGroup<0>;
   tandem::ParallelFor(pool, a.b * a.k * a.t, [&a, run](int64_t task) {
     const int64_t ti = task % a.t, kh = task / a.t % a.k, row = task / (a.t * a.k);
     run(a, row, kh, ti);
   });
+}
+
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> block_k,
+                         ffi::Buffer<ffi::F32> block_v, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> rows,
+                         ffi::RemainingArgs ctx, ffi::ResultBuffer<ffi::F32> out) {
+  Attention a;
+  if (auto e = SetUp(a, q, block_k, block_v, lengths, rows, ctx, out->typed_data()); e.failure()) return e;
+  Attend(pool, a);
+  return ffi::Error::Success();
+}
+
+// Attention, then the block's keys and values written into the context at each row's positions lengths[b] .. +T - 1
+// (past the last segment: dropped). The results after the output are the context segments, aliased to the operands
+// (`kernels.attention(..., write=True)`), so the cache is updated in place: one write here instead of an XLA scatter
+// per layer and segment, each its own compiled kernel. Written after every query has read, so no query sees the block
+// twice.
+ffi::Error AttentionWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> block_k,
+                              ffi::Buffer<ffi::F32> block_v, ffi::Buffer<ffi::S32> lengths,
+                              ffi::Buffer<ffi::S32> rows, ffi::RemainingArgs ctx, ffi::ResultBuffer<ffi::F32> out,
+                              ffi::RemainingRets written) {
+  Attention a;
+  if (auto e = SetUp(a, q, block_k, block_v, lengths, rows, ctx, out->typed_data()); e.failure()) return e;
+  const size_t segments = a.ctx_len.size();
+  if (written.size() != 2 * segments) {
+    return ffi::Error::InvalidArgument("attention: expected one written result per context segment");
+  }
+  std::vector<float*> dst_k, dst_v;
+  for (size_t j = 0; j < segments; ++j) {
+    auto kj = written.get<ffi::Buffer<ffi::F32>>(j);
+    auto vj = written.get<ffi::Buffer<ffi::F32>>(segments + j);
+    if (kj.has_error() || vj.has_error() || (*kj)->dimensions().size() != 4 ||
+        !SameDims((*kj)->dimensions(), (*vj)->dimensions()) || (*kj)->dimensions()[2] != a.ctx_len[j]) {
+      return ffi::Error::InvalidArgument("attention: the written results must match the context segments");
+    }
+    dst_k.push_back((*kj)->typed_data());
+    dst_v.push_back((*vj)->typed_data());
+  }
+  Attend(pool, a);
+  for (int64_t row = 0; row < a.b; ++row) {
+    for (int64_t ti = 0; ti < a.t; ++ti) {
+      int64_t pos = static_cast<int64_t>(a.lengths[row]) + ti;
+      if (pos < 0 || pos >= a.ctx_total) continue;
+      size_t j = 0;
+      while (pos >= a.ctx_len[j]) pos -= a.ctx_len[j++];
+      for (int64_t kh = 0; kh < a.k; ++kh) {
+        const int64_t src = ((row * a.k + kh) * a.t + ti) * a.h;
+        const int64_t dst = ((a.rows[row] * a.k + kh) * a.ctx_len[j] + pos) * a.h;
+        std::copy_n(a.block_k + src, a.h, dst_k[j] + dst);
+        std::copy_n(a.block_v + src, a.h, dst_v[j] + dst);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// cos and sin [H, N] of rotate-half RoPE at positions [N]: frequency i < H/2 is theta^(-2i/H), repeated over both
+// halves of a head. Each entry is computed in double from its own position and rounded once, so a position's tables
+// are the same in any call (XLA fuses its own sin and cos into each consumer, where their last bits follow the
+// fusion's shape).
+ffi::Error RopeTablesImpl(ffi::Buffer<ffi::S32> positions, ffi::ResultBuffer<ffi::F32> cos,
+                          ffi::ResultBuffer<ffi::F32> sin, float theta) {
+  auto cd = cos->dimensions();
+  if (positions.dimensions().size() != 1 || cd.size() != 2 || cd[1] != positions.dimensions()[0] || cd[0] % 2 != 0 ||
+      !SameDims(sin->dimensions(), cd)) {
+    return ffi::Error::InvalidArgument("rope_tables: expected positions [N] and tables [H, N] with H even");
+  }
+  const int64_t h = cd[0], n = cd[1], half = h / 2;
+  const int32_t* pos = positions.typed_data();
+  float* c = cos->typed_data();
+  float* s = sin->typed_data();
+  for (int64_t i = 0; i < half; ++i) {
+    const double inv = std::pow(static_cast<double>(theta), -2.0 * static_cast<double>(i) / static_cast<double>(h));
+    for (int64_t j = 0; j < n; ++j) {
+      const double angle = static_cast<double>(pos[j]) * inv;
+      c[i * n + j] = c[(i + half) * n + j] = static_cast<float>(std::cos(angle));
+      s[i * n + j] = s[(i + half) * n + j] = static_cast<float>(std::sin(angle));
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// y = x * cos + rotate_half(x) * sin over x [..., H, N], each output from its own inputs in double, rounded once.
+ffi::Error RopeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto cd = cos.dimensions();
+  if (xd.size() < 2 || cd.size() != 2 || cd[0] != xd[xd.size() - 2] || cd[1] != xd[xd.size() - 1] ||
+      cd[0] % 2 != 0 || !SameDims(sin.dimensions(), cd)) {
+    return ffi::Error::InvalidArgument("rope: expected x [..., H, N] and cos, sin [H, N] with H even");
+  }
+  const int64_t h = cd[0], n = cd[1], half = h / 2, heads = x.element_count() / (h * n);
+  const float* xp = x.typed_data();
+  const float* c = cos.typed_data();
+  const float* s = sin.typed_data();
+  float* yp = y->typed_data();
+  for (int64_t r = 0; r < heads; ++r) {
+    const float* xr = xp + r * h * n;
+    float* yr = yp + r * h * n;
+    for (int64_t i = 0; i < half; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        const double a = xr[i * n + j], b = xr[(i + half) * n + j];
+        yr[i * n + j] = static_cast<float>(a * c[i * n + j] - b * s[i * n + j]);
+        yr[(i + half) * n + j] = static_cast<float>(b * c[(i + half) * n + j] + a * s[(i + half) * n + j]);
+      }
+    }
+  }
   return ffi::Error::Success();
 }
 
@@ -319,6 +429,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemAttention, AttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemAttentionWrite, AttentionWriteImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemRopeTables, RopeTablesImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("theta"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemRope, RopeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TandemRmsNorm, RmsNormImpl,
