@@ -14,12 +14,20 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from primary_svc.servicer import PrimaryServicer
 from tandem.config import BatchingConfig
+from tandem.decoding.warmup import compile_all, compiled_programs, enable_compilation_cache, memory_maps
 from tandem.decoding.workers import PrimaryWorker
+from tandem.errors import WarmupError
 from tandem.model.kvcache import MIN_ATTEND, buckets, rows_per_call
 from tandem.model.primary import PrimaryRunner
 from tandemrpc.process import die_with_parent
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
-from tandemrpc.server import ServiceServer, add_batching_flags, add_compile_flag, batching_from_args
+from tandemrpc.server import (
+    ServiceServer,
+    add_batching_flags,
+    add_compile_flag,
+    add_process_gauges,
+    batching_from_args,
+)
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
 
@@ -57,6 +65,7 @@ def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceSer
     batches.set_function(lambda: worker.batcher.batches)
     calls = Gauge("tandem_primary_batched_calls", "session calls those batches served (monotonic)", registry=registry)
     calls.set_function(lambda: worker.batcher.calls)
+    add_process_gauges(registry, "primary", memory_maps, compiled_programs)
     busy = Gauge("tandem_primary_busy_seconds", "seconds spent running model calls (monotonic)", registry=registry)
     busy.set_function(lambda: worker.busy_s)
     prefixes = worker.prefixes
@@ -84,15 +93,15 @@ def build_server(worker: PrimaryWorker, cfg: PrimaryServiceConfig) -> ServiceSer
     )
 
 
-def compile_buckets(runner: PrimaryRunner, max_batch: int, max_block: int = 8) -> int:
-    """Compiles what serving runs: verify blocks (1..max_block tokens) of every batch bucket up to the slots and
+def serving_shapes(runner: PrimaryRunner, max_batch: int, max_block: int = 8) -> list[tuple[int, int, int]]:
+    """What serving runs, smallest first: verify blocks (1..max_block tokens) of every batch bucket up to the slots and
     max_batch against every cache bucket, and prefills of every length bucket at every batch bucket a call of that
     length takes (prompts that arrive together are prefilled together, `rows_per_call` at a time)."""
     batches = buckets(min(runner.batch, max_batch))
     shapes = runner.shapes(batches, buckets(max_block), runner.cache.attend_buckets())
     for t in buckets(runner.max_len, cap=runner.max_len):
         shapes |= runner.shapes([b for b in batches if b <= rows_per_call(t)], [t], [MIN_ATTEND])
-    return runner.compile(shapes)
+    return sorted(shapes, key=lambda s: (s[0] * s[1], s))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PrimaryServiceConfig:
@@ -152,10 +161,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots, int8_activations=cfg.int8_activations
     )
     runner, _ = load_primary(bundle)
+    log = logging.getLogger("primary_svc")
+    log.info("XLA compilation cache: %s", enable_compilation_cache())
     if cfg.compile_at_start:
-        log = logging.getLogger("primary_svc")
         start = time.perf_counter()
-        n = compile_buckets(runner, cfg.batching.max_batch)
+        try:
+            n = compile_all(
+                serving_shapes(runner, cfg.batching.max_batch),
+                lambda shape: runner.compile([shape]),
+                what="primary",
+                smaller=f"--slots ({cfg.slots}), --max-batch ({cfg.batching.max_batch}) or --max-len ({cfg.max_len})",
+            )
+        except WarmupError as e:
+            raise SystemExit(f"primary_svc: {e}") from None
         log.info("compiled %d shape buckets in %.1f s", n, time.perf_counter() - start)
     server = build_server(PrimaryWorker(runner, cfg.batching, cfg.prefix_rows), cfg).start()
     logging.getLogger("primary_svc").info(

@@ -16,10 +16,18 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from secondary_svc.servicer import SecondaryServicer
 from tandem.config import BatchingConfig
+from tandem.decoding.warmup import compile_all, compiled_programs, enable_compilation_cache, memory_maps
 from tandem.decoding.workers import DrafterWorker
+from tandem.errors import WarmupError
 from tandemrpc.process import die_with_parent
 from tandemrpc.security import TlsFiles, add_tls_flags, tls_from_args
-from tandemrpc.server import ServiceServer, add_batching_flags, add_compile_flag, batching_from_args
+from tandemrpc.server import (
+    ServiceServer,
+    add_batching_flags,
+    add_compile_flag,
+    add_process_gauges,
+    batching_from_args,
+)
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
 
@@ -43,6 +51,7 @@ class SecondaryServiceConfig:
 def build_server(workers: dict[str, DrafterWorker], cfg: SecondaryServiceConfig) -> ServiceServer:
     """The Secondary service around drafter workers keyed "tandem" / "vanilla" (tests pass tiny ones)."""
     registry = CollectorRegistry()
+    add_process_gauges(registry, "secondary", memory_maps, compiled_programs)
     used = Gauge("tandem_secondary_slots_used", "drafter cache slots held", ["drafter"], registry=registry)
     total = Gauge("tandem_secondary_slots_total", "drafter cache slots", ["drafter"], registry=registry)
     queued = Gauge("tandem_secondary_queue_depth", "calls waiting for a drafter", ["drafter"], registry=registry)
@@ -105,11 +114,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     bundle = BundleConfig(gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots)
     runners, routers, sources = load_drafters(primary_config(bundle), bundle)
     workers = {name: DrafterWorker(r, routers[name], cfg.batching) for name, r in runners.items()}
+    log = logging.getLogger("secondary_svc")
+    log.info("XLA compilation cache: %s", enable_compilation_cache())
     if cfg.compile_at_start:
         start = time.perf_counter()
         # a feature-level drafter's shapes compile on first use, like the vanilla drafter's
-        n = sum(w.compile() for w in workers.values() if w.tandem and not w.runner.cfg.features)
-        logging.getLogger("secondary_svc").info("compiled %d shape buckets in %.1f s", n, time.perf_counter() - start)
+        plan = [(w, s) for w in workers.values() if w.tandem and not w.runner.cfg.features for s in w.serving_shapes()]
+        try:
+            n = compile_all(
+                plan,
+                lambda item: item[0].compile_shape(item[1]),
+                what="secondary",
+                smaller=f"--slots ({cfg.slots}), --max-batch ({cfg.batching.max_batch}) or --max-len ({cfg.max_len})",
+            )
+        except WarmupError as e:
+            raise SystemExit(f"secondary_svc: {e}") from None
+        log.info("compiled %d shape buckets in %.1f s", n, time.perf_counter() - start)
     server = build_server(workers, cfg).start()
     logging.getLogger("secondary_svc").info(
         "serving %s on %s (metrics :%s, drafters %s)", SERVICE_NAME, server.address, server.metrics_port, sources

@@ -57,3 +57,7 @@ class DrafterUnavailableError(TandemError):
 
 class PrimaryUnavailableError(TandemError):
     """The primary replica serving a request is unreachable; the request loop may re-prefill on another replica."""
+
+
+class WarmupError(TandemError):
+    """A service's warm-up cannot fit within this process's limits (`tandem.decoding.warmup`): it refuses to start."""

@@ -112,6 +112,8 @@ class ServeStack:
         stop_grace_s: how long stop() waits after SIGTERM before SIGKILL, per tier (orchestrator, then the models).
         die_with_parent: on Linux, children get SIGTERM if this process dies without stopping them.
         extra_args: more flags per service name, e.g. {"orchestrator": ["--max-tokens-limit", "4096"]}.
+        warm: the model services compile every shape their configuration reaches before reporting SERVING
+            (`--compile-at-start`), so no request waits for a compile; False starts them cold (faster, for tests).
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class ServeStack:
         stop_grace_s: float = 10.0,
         die_with_parent: bool = True,
         extra_args: Mapping[str, Sequence[str]] | None = None,
+        warm: bool = True,
     ) -> None:
         if slots < 1 or max_len < 1:
             raise ValueError(f"slots and max_len must be >= 1, got {slots} and {max_len}")
@@ -138,6 +141,7 @@ class ServeStack:
         self.startup_timeout_s, self.stop_grace_s = startup_timeout_s, stop_grace_s
         self.die_with_parent = die_with_parent
         self.extra_args = {k: list(v) for k, v in (extra_args or {}).items()}
+        self.warm = warm
         self.ports: dict[str, int] = {}
         self.metrics_ports: dict[str, int] = {}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -239,7 +243,7 @@ class ServeStack:
             args += ["--primary", self.addresses["primary"], "--secondary", self.addresses["secondary"]]
             args += ["--max-running", str(self.slots)]  # admission matches the sessions the model services hold
         else:
-            args += ["--slots", str(self.slots)]
+            args += ["--slots", str(self.slots)] + (["--compile-at-start"] if self.warm else [])
         if self.gguf_path is not None:
             args += ["--gguf", str(self.gguf_path)]
         return args + self.extra_args.get(name, [])

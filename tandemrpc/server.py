@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from tandem.config import BatchingConfig
 from tandem.errors import (
@@ -189,14 +189,31 @@ def add_batching_flags(parser: Any, env_prefix: str) -> None:
     )
 
 
+def add_process_gauges(
+    registry: CollectorRegistry, service: str, maps: Callable[[], int | None], programs: Callable[[], int]
+) -> None:
+    """A model service's warm-up gauges (`tandem.decoding.warmup`): its memory maps (against vm.max_map_count) and the
+    programs it has compiled or loaded (monotonic: a rise after SERVING is a request that waited for a compile)."""
+    used = Gauge(
+        f"tandem_{service}_memory_maps", "memory maps this process holds (vm.max_map_count bounds)", registry=registry
+    )
+    used.set_function(lambda: maps() or 0)
+    compiled = Gauge(
+        f"tandem_{service}_compiled_programs",
+        "XLA programs compiled or loaded from the cache (monotonic)",
+        registry=registry,
+    )
+    compiled.set_function(programs)
+
+
 def add_compile_flag(parser: Any) -> None:
     """The model services' `--compile-at-start` (env TANDEM_COMPILE_AT_START, shared by both services)."""
     parser.add_argument(
         "--compile-at-start",
         action="store_true",
         default=os.environ.get("TANDEM_COMPILE_AT_START", "") not in ("", "0", "false"),
-        help="compile every shape bucket serving runs before SERVING, so no request waits for a compile (minutes on "
-        "a CPU the first time, seconds with a warm JAX_COMPILATION_CACHE_DIR or on a TPU)",
+        help="compile every shape bucket serving runs before SERVING, so no request waits for a compile (a minute or "
+        "two on a CPU the first time, seconds with a warm compilation cache)",
     )
 
 

@@ -22,6 +22,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--startup-timeout", type=float, default=600.0, metavar="S", help="wait this long for SERVING (default: 600)"
     )
+    p.add_argument(
+        "--no-warm",
+        dest="warm",
+        action="store_false",
+        help="report SERVING before compiling (the first requests then wait for compiles)",
+    )
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +50,7 @@ def serve(args: argparse.Namespace) -> int:
             max_len=args.max_len,
             log_dir=args.log_dir,
             startup_timeout_s=args.startup_timeout,
+            warm=args.warm,
         )
     except ValueError as e:
         raise SystemExit(f"tandem serve: {e}") from None
@@ -79,7 +86,7 @@ def demo(args: argparse.Namespace) -> int:
     from tandemrpc.client import TandemClient, stream_remote
     from tandemrpc.launch import ServeStack
 
-    print("tandem demo: starting primary, secondary and orchestrator (first start loads and compiles)", file=sys.stderr)
+    print("tandem demo: starting primary, secondary and orchestrator (they compile before serving)", file=sys.stderr)
     stack = ServeStack(port=0, slots=1, max_len=1024)
     try:
         stack.start(on_ready=lambda name, s: print(f"tandem demo: {name} serving after {s:.1f}s", file=sys.stderr))

@@ -716,11 +716,21 @@ class DrafterWorker(_SessionWorker):
             self.lookup_drafts += len(drafts)
         return rest
 
-    def compile(self) -> int:
-        """Compiles a Tandem worker's greedy batches ahead (`DrafterRunner.compile`); returns how many shapes."""
+    def serving_shapes(self) -> list[tuple[str, int, int]]:
+        """A Tandem worker's greedy serving shapes (`DrafterRunner.serving_shapes`), to compile ahead."""
+        return self.runner.serving_shapes(buckets(min(self.runner.batch, self.batcher.cfg.max_batch)))
+
+    def compile_shape(self, shape: tuple[str, int, int]) -> None:
+        """Compiles one of `serving_shapes` with the router the greedy rounds use (`DrafterRunner.compile_shape`)."""
         router = self._device_router
-        batches = buckets(min(self.runner.batch, self.batcher.cfg.max_batch))
-        return self.runner.compile(batches, None if router is False else router, self._top_k)  # type: ignore[arg-type]
+        self.runner.compile_shape(shape, None if router is False else router, self._top_k)  # type: ignore[arg-type]
+
+    def compile(self) -> int:
+        """Compiles a Tandem worker's greedy batches ahead; returns how many shapes."""
+        shapes = self.serving_shapes()
+        for shape in shapes:
+            self.compile_shape(shape)
+        return len(shapes)
 
     @property
     def _top_k(self) -> int:

@@ -765,13 +765,9 @@ class DrafterRunner:
     def compile(self, batches: Sequence[int], router: RouterParams | None, top_k: int) -> int:
         """Compiles a Tandem drafter's greedy serving path, so requests never wait for it (a start-up step): drafting
         rounds (`draft_greedy` writing states of each `INGEST_WIDTHS` and feeding t_0 alone, drafts buffer 8) and
-        ingests of every length bucket, for every batch bucket given and attended-length bucket. Runs each shape on
-        padding rows only: no slot's cache changes.
-
-        A vanilla drafter's rounds (which feed whole prompts) and sampled rounds compile on first use: compiling every
-        shape of both drafters (~270 at 16 slots and max_len 256) in one process failed on XLA:CPU with LLVM's
-        "Cannot allocate memory" while RAM was free (each executable holds memory maps; the default per-process map
-        limit is 65,530).
+        ingests of every length bucket, for every batch bucket given and attended-length bucket (`serving_shapes`).
+        Runs each shape on padding rows only: no slot's cache changes. A vanilla drafter's rounds (which feed whole
+        prompts) and sampled rounds compile on first use.
 
         Args:
             batches: batch sizes (bucketed).
@@ -781,49 +777,60 @@ class DrafterRunner:
         Returns:
             How many shapes were compiled or found compiled.
         """
+        for shape in self.serving_shapes(batches):
+            self.compile_shape(shape, router, top_k)
+        return len(self.serving_shapes(batches))
+
+    def serving_shapes(self, batches: Sequence[int]) -> list[tuple[str, int, int]]:
+        """What `compile` compiles, smallest first: ("round", batch, ingest width) for every attended-length bucket
+        and ("ingest", batch, length)."""
         if not self.cfg.tandem or self.cfg.features:
             raise ValueError("only a Tandem drafter of the layer-map form has its serving shapes compiled ahead")
-        shapes = 0
-        hidden = (len(self.cfg.tapped_layers), self.cfg.primary_d_model)
+        shapes = []
         for b in sorted({bucket(n) for n in batches}):
-            # Host arrays, as draft_greedy's and ingest's callers pass them (the compiled-function cache tells host
-            # and device arguments apart).
-            pad_rows, pad_lengths = self.cache.padding_rows(b)
-            for a in self.cache.attend_buckets():
-                for width in INGEST_WIDTHS:
-                    *_, self.cache.k, self.cache.v = _draft_greedy_jit(
-                        self.params,
-                        router,
-                        np.zeros((b, 1), np.int32),
-                        np.ones(b, np.int32),
-                        pad_rows,
-                        pad_lengths,
-                        self.cache.k,
-                        self.cache.v,
-                        np.zeros(b, np.int32),
-                        np.zeros(b, np.float32),
-                        np.zeros(b, np.float32),
-                        np.zeros((b, width, *hidden), np.float32),
-                        np.zeros(b, np.int32),
-                        cfg=self.cfg,
-                        attend_len=a,
-                        cap=_DRAFTS_WIDTH,
-                        top_k=top_k,
-                        fixed_order=self.fixed_order,
-                    )
-                    shapes += 1
-            for t in (t for t in buckets(self.max_len, cap=self.max_len) if b <= rows_per_call(t)):
-                self.cache.k, self.cache.v = _ingest_jit(
-                    self.params,
-                    np.zeros((b, t, *hidden), np.float32),
-                    pad_rows,
-                    pad_lengths,
-                    self.cache.k,
-                    self.cache.v,
-                    cfg=self.cfg,
-                )
-                shapes += 1
-        return shapes
+            shapes += [("round", b, width) for width in INGEST_WIDTHS]
+            shapes += [("ingest", b, t) for t in buckets(self.max_len, cap=self.max_len) if b <= rows_per_call(t)]
+        return sorted(shapes, key=lambda s: (s[1] * s[2], s))
+
+    def compile_shape(self, shape: tuple[str, int, int], router: RouterParams | None, top_k: int) -> None:
+        """Compiles one of `serving_shapes` on padding rows only: no slot's cache changes."""
+        kind, b, t = shape
+        hidden = (len(self.cfg.tapped_layers), self.cfg.primary_d_model)
+        # Host arrays, as draft_greedy's and ingest's callers pass them (the compiled-function cache tells host and
+        # device arguments apart).
+        pad_rows, pad_lengths = self.cache.padding_rows(b)
+        if kind == "ingest":
+            self.cache.k, self.cache.v = _ingest_jit(
+                self.params,
+                np.zeros((b, t, *hidden), np.float32),
+                pad_rows,
+                pad_lengths,
+                self.cache.k,
+                self.cache.v,
+                cfg=self.cfg,
+            )
+            return
+        for a in self.cache.attend_buckets():
+            *_, self.cache.k, self.cache.v = _draft_greedy_jit(
+                self.params,
+                router,
+                np.zeros((b, 1), np.int32),
+                np.ones(b, np.int32),
+                pad_rows,
+                pad_lengths,
+                self.cache.k,
+                self.cache.v,
+                np.zeros(b, np.int32),
+                np.zeros(b, np.float32),
+                np.zeros(b, np.float32),
+                np.zeros((b, t, *hidden), np.float32),
+                np.zeros(b, np.int32),
+                cfg=self.cfg,
+                attend_len=a,
+                cap=_DRAFTS_WIDTH,
+                top_k=top_k,
+                fixed_order=self.fixed_order,
+            )
 
     def ingest(
         self, primary_hidden: np.ndarray, rows: Sequence[int] | None = None, sizes: Sequence[int] | None = None

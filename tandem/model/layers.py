@@ -259,9 +259,11 @@ def decoder_layer(
     q = q.reshape(k_heads, g, h, batch, t)
     k, v = k.reshape(k_heads, h, batch, t), v.reshape(k_heads, h, batch, t)
     k_rows, v_rows = jnp.transpose(k, (2, 0, 3, 1)), jnp.transpose(v, (2, 0, 3, 1))  # [B, K, T, H]
+    keys: Any = k_rows
+    values: Any = v_rows
     if write:
         assert lengths is not None and rows is not None, "an in-place write needs each row's length and slot"
-        attn, k_rows, v_rows = kernels.attention_write(q, k_rows, v_rows, lengths, rows, ctx_k, ctx_v)
+        attn, keys, values = kernels.attention_write(q, k_rows, v_rows, lengths, rows, ctx_k, ctx_v)
     elif lengths is not None:
         attn = kernels.attention(q, k_rows, v_rows, lengths, ctx_k, ctx_v, rows)  # [K, G, H, B, T]
     else:
@@ -270,7 +272,7 @@ def decoder_layer(
     gate_up = p.w_gate_up @ rms_norm(x, p.mlp_norm, eps, fixed)  # [2F, N]
     f = gate_up.shape[0] // 2
     x = x + p.w_down @ (jax.nn.silu(gate_up[:f]) * gate_up[f:])
-    return x, k_rows, v_rows
+    return x, keys, values
 
 
 def decoder_stack(

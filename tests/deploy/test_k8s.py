@@ -689,6 +689,26 @@ def test_invariants_hold(rendered: dict[str, list[Manifest]], exported: dict[str
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_model_pods_warm_up_before_readiness_with_the_cache_on_a_volume(
+    rendered: dict[str, list[Manifest]], name: str
+) -> None:
+    """Primary and Secondary compile every serving shape before they report SERVING (the startup probe allows at
+    least the 5-minute cold start) and keep compiled programs on a mounted volume, so a restarted container loads
+    them."""
+    docs = rendered[name]
+    for module in ("primary_svc", "secondary_svc"):
+        dep = find(docs, "Deployment", deployment_running(docs, module)[0])
+        c = next(x for x in containers(dep) if module_of(x) == module)
+        env = config_env(docs, c)
+        assert env.get("TANDEM_COMPILE_AT_START") == "1", f"{name}: {module} starts cold"
+        cache = Path(env["JAX_COMPILATION_CACHE_DIR"])
+        mounts = [Path(m["mountPath"]) for m in c.get("volumeMounts", [])]
+        assert any(cache.is_relative_to(m) for m in mounts), f"{name}: {module}'s compilation cache is on no volume"
+        probe = c["startupProbe"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= 300, f"{name}: {module} gets < 5 min to warm up"
+
+
 def test_gke_overlay_places_the_primary_on_tpu_and_the_rest_on_cpu(rendered: dict[str, list[Manifest]]) -> None:
     docs = rendered["gke-tpu-v5e"]
     primary = find(docs, "Deployment", "tandem-primary")

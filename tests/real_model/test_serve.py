@@ -165,6 +165,21 @@ def test_cancel_releases_model_service_slots(served: Served) -> None:
         assert _gauge(*primary) == 0 and _gauge(*secondary) == 0
 
 
+def test_a_warm_stack_serves_its_first_greedy_requests_without_compiling(served: Served) -> None:
+    """The stack started warm (ServeStack's default: --compile-at-start): greedy requests of both lengths of prompt,
+    primary-only and speculative, compile nothing in either model service."""
+    urls = served.stack.metrics_urls
+    counters = [(urls[s], f"tandem_{s}_compiled_programs") for s in ("primary", "secondary")]
+    before = [_gauge(*c) for c in counters]
+    assert before[0] > 0 and before[1] > 0
+    assert 0 < _gauge(urls["primary"], "tandem_primary_memory_maps") < 32_765  # half the default vm.max_map_count
+    with TandemClient(served.target, timeout_s=120) as client:
+        for mode in ("primary", "tandem-speed"):
+            for prompt in (PROMPTS[0], PROMPTS[2] * 8):
+                assert list(client.generate(prompt, mode=mode, max_tokens=24))
+    assert [_gauge(*c) for c in counters] == before
+
+
 def test_a_service_that_dies_while_starting_fails_fast(tmp_path: Path) -> None:
     stack = ServeStack(gguf_path=tmp_path / "missing.gguf", log_dir=tmp_path / "logs", startup_timeout_s=60)
     start = time.monotonic()
