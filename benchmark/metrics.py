@@ -29,13 +29,24 @@ def _samples(metrics_url: str, timeout_s: float) -> Iterator[Any]:
         yield from family.samples
 
 
-def busy_seconds(metrics_url: str, timeout_s: float = 5.0) -> float:
-    """A model service's time spent running model calls so far: its `tandem_*_busy_seconds` gauges summed."""
+def _service_gauge(metrics_url: str, suffix: str, timeout_s: float) -> float:
+    """A model service's `tandem_*<suffix>` gauges summed."""
     return sum(
         float(s.value)
         for s in _samples(metrics_url, timeout_s)
-        if s.name.startswith("tandem_") and s.name.endswith("_busy_seconds")
+        if s.name.startswith("tandem_") and s.name.endswith(suffix)
     )
+
+
+def busy_seconds(metrics_url: str, timeout_s: float = 5.0) -> float:
+    """A model service's time spent running model calls so far: its `tandem_*_busy_seconds` gauges summed."""
+    return _service_gauge(metrics_url, "_busy_seconds", timeout_s)
+
+
+def compiled_programs(metrics_url: str, timeout_s: float = 5.0) -> float:
+    """The XLA programs a model service has compiled or loaded so far (`tandem_*_compiled_programs`): a rise while
+    measuring means a request waited for a compile."""
+    return _service_gauge(metrics_url, "_compiled_programs", timeout_s)
 
 
 def orchestrator_counters(metrics_url: str, timeout_s: float = 5.0) -> dict[str, float]:

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from benchmark.machine import machine_info
-from benchmark.metrics import fetch_metrics
+from benchmark.metrics import compiled_programs, fetch_metrics
 from benchmark.report import jsonable, log_stderr
 from benchmark.stack import launch_stack, wait_serving
 from loadtest.metrics import (
@@ -367,6 +367,15 @@ def _scrape(metrics_url: str | None, log: Log) -> str | None:
         return None
 
 
+def _compiled(urls: Sequence[str], log: Log) -> float | None:
+    """The programs the model services at `urls` have compiled so far (None: no URLs, or one cannot be read)."""
+    try:
+        return sum(compiled_programs(u) for u in urls) if urls else None
+    except OSError as e:
+        log(f"cannot read the model services' metrics: {e}; compiles during the runs are not checked")
+        return None
+
+
 def warm_up(ray: Any, users: Sequence[Any], cfg: LoadTestConfig, prompts: Sequence[Prompt], log: Log) -> None:
     """Unmeasured requests before the runs, for every mode at every max concurrency the test will use (each level
     batches differently, so each compiles its own shapes): a wave of that many requests (cfg.warmup_requests, if
@@ -393,21 +402,28 @@ def measure(
     max_concurrency: int,
     *,
     metrics_url: str | None = None,
+    service_metrics: Sequence[str] = (),
     progress: bool = True,
     log: Log = log_stderr,
 ) -> dict[str, Any]:
     """One measured run: `loadtest.metrics.summarize`'s figures plus mode, max_concurrency, rate, burstiness,
-    num_requests, spec, server_counters and primary_only (from the metrics URL, else None), spec_responses (from the
-    final chunks) and requests (`loadtest.metrics.request_rows`)."""
+    num_requests, spec, server_counters and primary_only (from the metrics URL, else None), compiled_during_run (the
+    programs the model services at `service_metrics` compiled meanwhile: nonzero means requests waited for compiles;
+    None without them), spec_responses (from the final chunks) and requests (`loadtest.metrics.request_rows`)."""
     from tqdm import tqdm
 
     params = {"mode": mode, "max_tokens": cfg.max_tokens}
     gaps = arrival_gaps(cfg.num_requests, cfg.rate, cfg.burstiness, cfg.seed)
     before = _scrape(metrics_url, log)
+    compiled_before = _compiled(service_metrics, log)
     with tqdm(total=cfg.num_requests, desc=f"{mode} c={max_concurrency}", unit="req", disable=not progress) as bar:
         records, duration = drive(ray, users, prompts, params, gaps, max_concurrency, on_done=lambda r: bar.update())
     after = _scrape(metrics_url, log) if before is not None else None
     server = metrics_delta(before, after) if before is not None and after is not None else {}
+    compiled_after = _compiled(service_metrics, log) if compiled_before is not None else None
+    compiled = None if compiled_after is None or compiled_before is None else int(compiled_after - compiled_before)
+    if compiled:
+        log(f"warning: the model services compiled {compiled} programs during this run: requests waited for them")
     summary = summarize(records, duration, slo_ttft_ms=cfg.slo_ttft_ms, slo_tpot_ms=cfg.slo_tpot_ms)
     log(
         f"{mode} at max concurrency {max_concurrency}: {summary['completed']} completed, {summary['rejected']} "
@@ -423,6 +439,7 @@ def measure(
         "spec": server.get("spec"),
         "server_counters": server.get("server_counters"),
         "primary_only": server.get("primary_only"),
+        "compiled_during_run": compiled,
         "spec_responses": spec_from_records(records),
         "requests": request_rows(records),
     }
@@ -466,6 +483,7 @@ def run_loadtest(
     *,
     target: str | None = None,
     metrics_url: str | None = None,
+    service_metrics: Sequence[str] = (),
     ray_address: str | None = None,
     slots: int = 16,
     max_len: int = 2048,
@@ -482,6 +500,8 @@ def run_loadtest(
         target: the orchestrator's HOST:PORT; None: a ServeStack is started here (`slots`, `max_len`) and stopped at
             the end, its orchestrator's metrics URL used unless `metrics_url` is given.
         metrics_url: the orchestrator's Prometheus endpoint, scraped around each run (None: no server counters).
+        service_metrics: the model services' Prometheus endpoints, scraped around each run for compiles (a stack
+            started here: its own).
         ray_address: a Ray cluster to join (None: a local instance).
         slots, max_len, startup_timeout_s: the started stack's (unused with a target).
         args: the command line's arguments, recorded in the report.
@@ -508,12 +528,24 @@ def run_loadtest(
             if stack is not None:
                 target = wait_serving(stack, log)
                 metrics_url = metrics_url or stack.metrics_urls["orchestrator"]
+                service_metrics = [stack.metrics_urls[name] for name in ("primary", "secondary")]
             assert target is not None
             users = start_users(ray, target, cfg.users, max(c for _, c in points), cfg.timeout_s)
             try:
                 warm_up(ray, users, cfg, prompts, log)
                 runs = [
-                    measure(ray, users, cfg, prompts, mode, c, metrics_url=metrics_url, progress=progress, log=log)
+                    measure(
+                        ray,
+                        users,
+                        cfg,
+                        prompts,
+                        mode,
+                        c,
+                        metrics_url=metrics_url,
+                        service_metrics=service_metrics,
+                        progress=progress,
+                        log=log,
+                    )
                     | {"repeat": r}
                     for mode, c, r in cfg.schedule()
                 ]

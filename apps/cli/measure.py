@@ -113,6 +113,12 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
         "--repeats", type=int, default=1, help="runs of every mode at each concurrency, alternating order (default: 1)"
     )
     p.add_argument("--metrics-url", default=None, help="the orchestrator's /metrics, for speculation counters")
+    p.add_argument(
+        "--service-metrics",
+        default=None,
+        metavar="URL,URL",
+        help="with --target: the model services' metrics endpoints; a run during which they compiled is flagged",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the arrival gaps (default: 0)")
     p.add_argument("--users", type=int, default=2, help="virtual users: Ray actors, one gRPC channel each (default: 2)")
     p.add_argument(
@@ -230,6 +236,7 @@ def loadtest(args: argparse.Namespace) -> int:
             prompts,
             target=args.target,
             metrics_url=args.metrics_url,
+            service_metrics=split_csv(args.service_metrics) if args.service_metrics else (),
             ray_address=args.ray_address,
             slots=args.slots,
             max_len=args.max_len,

@@ -53,18 +53,13 @@ def map_limit() -> int | None:
 
 
 class _ProgramCounter:
-    """Counts the programs this process has obtained from XLA (compiled, or loaded from the persistent cache)."""
+    """Counts the programs this process obtains from XLA (compiled, or loaded from the persistent cache) from the
+    import of this module on."""
 
     def __init__(self) -> None:
         self.count = 0
         self._lock = threading.Lock()
-        self._registered = False
-
-    def start(self) -> None:
-        with self._lock:
-            if not self._registered:
-                jax.monitoring.register_event_duration_secs_listener(self._on_event)
-                self._registered = True
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
     def _on_event(self, event: str, duration_secs: float, **_: object) -> None:
         if event == _COMPILE_EVENT:
@@ -72,18 +67,18 @@ class _ProgramCounter:
                 self.count += 1
 
 
-PROGRAMS = _ProgramCounter()
+_PROGRAMS = _ProgramCounter()
 
 
 def compiled_programs() -> int:
-    """Programs this process has obtained from XLA since `enable_compilation_cache` (a Prometheus gauge, monotonic: a
-    rise while serving means a request waited for a compile)."""
-    return PROGRAMS.count
+    """Programs this process has obtained from XLA (a Prometheus gauge, monotonic: a rise while serving means a
+    request waited for a compile)."""
+    return _PROGRAMS.count
 
 
 def enable_compilation_cache(directory: str | os.PathLike[str] | None = None) -> Path:
     """Turns on JAX's persistent compilation cache for this process, in every program (not only those that took over
-    a second, JAX's default), and starts counting compiled programs.
+    a second, JAX's default).
 
     Args:
         directory: the cache (default: $JAX_COMPILATION_CACHE_DIR, else `xla/` in the asset cache).
@@ -96,7 +91,6 @@ def enable_compilation_cache(directory: str | os.PathLike[str] | None = None) ->
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    PROGRAMS.start()
     return path
 
 

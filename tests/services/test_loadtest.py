@@ -326,9 +326,17 @@ def tiny_stack(tiny_params) -> Iterator[Stack]:
 def test_end_to_end_on_the_tiny_stack(ray_local: None, tiny_stack: Stack) -> None:
     cfg = LoadTestConfig(num_requests=6, max_concurrency=2, rate=50.0, max_tokens=16)  # warm-up: 2 requests
     metrics_url = f"http://127.0.0.1:{tiny_stack.orchestrator.metrics_port}/metrics"
+    models = [f"http://127.0.0.1:{s.metrics_port}/metrics" for s in (tiny_stack.primary, tiny_stack.secondary)]
     run = run_loadtest(
-        cfg, PROMPTS, target=tiny_stack.orchestrator.address, metrics_url=metrics_url, progress=False, log=print
+        cfg,
+        PROMPTS,
+        target=tiny_stack.orchestrator.address,
+        metrics_url=metrics_url,
+        service_metrics=models,
+        progress=False,
+        log=print,
     )
+    assert run["compiled_during_run"] is not None and run["compiled_during_run"] >= 0
     assert run["mode"] == "tandem-speed" and run["max_concurrency"] == 2 and "sweep" not in run
     assert (run["completed"], run["rejected"], run["failed"]) == (6, 0, 0), run["errors"]
     assert run["total_output_tokens"] == 6 * 16 and [r["output_tokens"] for r in run["requests"]] == [16] * 6
