@@ -4,7 +4,8 @@ requests right after SERVING against the steady state, at concurrency 1 and 16.
 
 Usage: `.venv/bin/python experiments/warm_start.py [--slots 16] [--max-len 2048] [--json OUT]` (~10 min on the
 2-core VM). The first 16 requests at each concurrency run right after the stack reports SERVING; the steady state is
-the same 16 requests twice more. `tandem-speed`, greedy, 32 tokens, the bench prompts as chat.
+the same 16 requests twice more. `tandem-speed`, greedy, 32 tokens, the bench prompts as chat, the orchestrator's
+payoff off (every request speculates).
 """
 
 from __future__ import annotations
@@ -44,7 +45,16 @@ def batch_ttfts(target: str, concurrency: int, n: int = 16) -> list[float]:
 
 def start(args: argparse.Namespace, log_dir: Path) -> tuple[ServeStack, dict[str, float]]:
     ready: dict[str, float] = {}
-    stack = ServeStack(port=0, slots=args.slots, max_len=args.max_len, log_dir=log_dir, startup_timeout_s=1800)
+    # --no-payoff: every request speculates (with the payoff on, a lone request may run primary-only once the primary
+    # alone measured faster, and then its first token skips the drafter: the runs would compare different paths).
+    stack = ServeStack(
+        port=0,
+        slots=args.slots,
+        max_len=args.max_len,
+        log_dir=log_dir,
+        startup_timeout_s=1800,
+        extra_args={"orchestrator": ["--no-payoff"]},
+    )
     stack.start(on_ready=lambda name, s: ready.__setitem__(name, round(s, 1)))
     return stack, ready
 

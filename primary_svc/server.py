@@ -14,7 +14,13 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from primary_svc.servicer import PrimaryServicer
 from tandem.config import BatchingConfig
-from tandem.decoding.warmup import compile_all, compiled_programs, enable_compilation_cache, memory_maps
+from tandem.decoding.warmup import (
+    RUN_UPTO_TOKENS,
+    compile_all,
+    compiled_programs,
+    enable_compilation_cache,
+    memory_maps,
+)
 from tandem.decoding.workers import PrimaryWorker
 from tandem.errors import WarmupError
 from tandem.model.kvcache import MIN_ATTEND, buckets, rows_per_call
@@ -168,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             n = compile_all(
                 serving_shapes(runner, cfg.batching.max_batch),
-                lambda shape: runner.compile([shape]),
+                lambda shape: runner.compile([shape], run_upto=RUN_UPTO_TOKENS),
                 what="primary",
                 smaller=f"--slots ({cfg.slots}), --max-batch ({cfg.batching.max_batch}) or --max-len ({cfg.max_len})",
             )

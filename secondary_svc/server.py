@@ -16,7 +16,13 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from secondary_svc.servicer import SecondaryServicer
 from tandem.config import BatchingConfig
-from tandem.decoding.warmup import compile_all, compiled_programs, enable_compilation_cache, memory_maps
+from tandem.decoding.warmup import (
+    RUN_UPTO_TOKENS,
+    compile_all,
+    compiled_programs,
+    enable_compilation_cache,
+    memory_maps,
+)
 from tandem.decoding.workers import DrafterWorker
 from tandem.errors import WarmupError
 from tandemrpc.process import die_with_parent
@@ -123,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             n = compile_all(
                 plan,
-                lambda item: item[0].compile_shape(item[1]),
+                lambda item: item[0].compile_shape(item[1], RUN_UPTO_TOKENS),
                 what="secondary",
                 smaller=f"--slots ({cfg.slots}), --max-batch ({cfg.batching.max_batch}) or --max-len ({cfg.max_len})",
             )

@@ -31,6 +31,9 @@ MAP_LIMIT_PATH = Path("/proc/sys/vm/max_map_count")
 # The share of vm.max_map_count a warm-up may fill: the rest is for programs compiled on first use (the vanilla
 # drafter's rounds, sampled rounds) and the process's own libraries.
 WARMUP_MAP_SHARE = 0.5
+# Shapes of at most this many padded tokens are also run once while warming up (cheap): a request's first call of a
+# shape then finds jit's dispatch warm as well as the program compiled. Larger ones (long prefills) only compile.
+RUN_UPTO_TOKENS = 256
 # XLA's compile event: one per program a process obtains, compiled or loaded from the persistent cache.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 

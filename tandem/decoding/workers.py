@@ -720,10 +720,10 @@ class DrafterWorker(_SessionWorker):
         """A Tandem worker's greedy serving shapes (`DrafterRunner.serving_shapes`), to compile ahead."""
         return self.runner.serving_shapes(buckets(min(self.runner.batch, self.batcher.cfg.max_batch)))
 
-    def compile_shape(self, shape: tuple[str, int, int]) -> None:
+    def compile_shape(self, shape: tuple[str, int, int], run_upto: int = 0) -> None:
         """Compiles one of `serving_shapes` with the router the greedy rounds use (`DrafterRunner.compile_shape`)."""
-        router = self._device_router
-        self.runner.compile_shape(shape, None if router is False else router, self._top_k)  # type: ignore[arg-type]
+        router = None if self._device_router is False else self._device_router
+        self.runner.compile_shape(shape, router, self._top_k, run_upto)  # type: ignore[arg-type]
 
     def compile(self) -> int:
         """Compiles a Tandem worker's greedy batches ahead; returns how many shapes."""

@@ -766,7 +766,7 @@ class DrafterRunner:
         """Compiles a Tandem drafter's greedy serving path, so requests never wait for it (a start-up step): drafting
         rounds (`draft_greedy` writing states of each `INGEST_WIDTHS` and feeding t_0 alone, drafts buffer 8) and
         ingests of every length bucket, for every batch bucket given and attended-length bucket (`serving_shapes`).
-        Runs each shape on padding rows only: no slot's cache changes. A vanilla drafter's rounds (which feed whole
+        Compiles without running (`compile_shape`). A vanilla drafter's rounds (which feed whole
         prompts) and sampled rounds compile on first use.
 
         Args:
@@ -792,26 +792,27 @@ class DrafterRunner:
             shapes += [("ingest", b, t) for t in buckets(self.max_len, cap=self.max_len) if b <= rows_per_call(t)]
         return sorted(shapes, key=lambda s: (s[1] * s[2], s))
 
-    def compile_shape(self, shape: tuple[str, int, int], router: RouterParams | None, top_k: int) -> None:
-        """Compiles one of `serving_shapes` on padding rows only: no slot's cache changes."""
+    def compile_shape(
+        self, shape: tuple[str, int, int], router: RouterParams | None, top_k: int, run_upto: int = 0
+    ) -> None:
+        """Compiles one of `serving_shapes`; one of at most `run_upto` padded tokens (batch x length) also runs once, on
+        padding rows only (no slot's cache changes), so its first request finds jit's dispatch warm too."""
         kind, b, t = shape
         hidden = (len(self.cfg.tapped_layers), self.cfg.primary_d_model)
         # Host arrays, as draft_greedy's and ingest's callers pass them (the compiled-function cache tells host and
         # device arguments apart).
         pad_rows, pad_lengths = self.cache.padding_rows(b)
+        run = b * t <= run_upto
         if kind == "ingest":
-            self.cache.k, self.cache.v = _ingest_jit(
-                self.params,
-                np.zeros((b, t, *hidden), np.float32),
-                pad_rows,
-                pad_lengths,
-                self.cache.k,
-                self.cache.v,
-                cfg=self.cfg,
-            )
+            states = np.zeros((b, t, *hidden), np.float32)
+            ingest = (self.params, states, pad_rows, pad_lengths, self.cache.k, self.cache.v)
+            if run:
+                self.cache.k, self.cache.v = _ingest_jit(*ingest, cfg=self.cfg)
+            else:
+                _ingest_jit.lower(*ingest, cfg=self.cfg).compile()
             return
         for a in self.cache.attend_buckets():
-            *_, self.cache.k, self.cache.v = _draft_greedy_jit(
+            args = (
                 self.params,
                 router,
                 np.zeros((b, 1), np.int32),
@@ -825,12 +826,12 @@ class DrafterRunner:
                 np.zeros(b, np.float32),
                 np.zeros((b, t, *hidden), np.float32),
                 np.zeros(b, np.int32),
-                cfg=self.cfg,
-                attend_len=a,
-                cap=_DRAFTS_WIDTH,
-                top_k=top_k,
-                fixed_order=self.fixed_order,
             )
+            static = dict(cfg=self.cfg, attend_len=a, cap=_DRAFTS_WIDTH, top_k=top_k, fixed_order=self.fixed_order)
+            if run:
+                *_, self.cache.k, self.cache.v = _draft_greedy_jit(*args, **static)
+            else:
+                _draft_greedy_jit.lower(*args, **static).compile()
 
     def ingest(
         self, primary_hidden: np.ndarray, rows: Sequence[int] | None = None, sizes: Sequence[int] | None = None

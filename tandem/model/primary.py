@@ -342,10 +342,11 @@ class PrimaryRunner:
         """The (batch, block, attended-length) buckets calls of these sizes use: one compiled program each."""
         return {(bucket(b), bucket(t), self.cache.attend_bucket(a)) for b in batches for t in blocks for a in attends}
 
-    def compile(self, shapes: Iterable[tuple[int, int, int]]) -> int:
+    def compile(self, shapes: Iterable[tuple[int, int, int]], run_upto: int = 0) -> int:
         """Compiles the block pass for every (batch, block, attended-length) bucket given (`shapes`), and the whole-pool
         call of batches that fill the pool (`KVCache.pool_call`), so requests never wait for a compile (a serving
-        start-up step). Runs each shape once on padding rows only: no slot's cache changes.
+        start-up step). A shape of at most `run_upto` padded tokens is also run once, on padding rows only (no slot's
+        cache changes), so its first request finds jit's dispatch warm too; larger ones are compiled without running.
 
         Returns:
             How many shapes were compiled or found compiled.
@@ -355,19 +356,12 @@ class PrimaryRunner:
             pool = self.cache.pool_call(b)
             b = self.batch if pool else b  # a whole-pool call has one row per slot
             rows, lengths = self.cache.padding_rows(b)  # host arrays, as `KVCache.apply` passes them
-            *_, self.cache.k, self.cache.v = _forward_block_jit(
-                self.params,
-                np.zeros((b, t), np.int32),
-                rows,
-                lengths,
-                self.cache.k,
-                self.cache.v,
-                cfg=self.cfg,
-                taps=self.taps,
-                attend_len=a,
-                whole_pool=pool,
-                fixed_order=self.fixed_order,
-            )
+            args = (self.params, np.zeros((b, t), np.int32), rows, lengths, self.cache.k, self.cache.v)
+            static = dict(cfg=self.cfg, taps=self.taps, attend_len=a, whole_pool=pool, fixed_order=self.fixed_order)
+            if b * t <= run_upto:
+                *_, self.cache.k, self.cache.v = _forward_block_jit(*args, **static)
+            else:
+                _forward_block_jit.lower(*args, **static).compile()
         return len(shapes)
 
     def commit(self, row: int, n: int) -> None:

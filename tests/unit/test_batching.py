@@ -13,6 +13,7 @@ import pytest
 from conftest import TINY, drafter_config, make_engine
 
 from tandem.config import BatchingConfig, SamplingParams, SpecConfig
+from tandem.decoding.warmup import compiled_programs
 from tandem.decoding.workers import PrimaryWorker, _Batcher, _Call
 from tandem.errors import SessionNotFoundError
 from tandem.model import drafter as drafter_model
@@ -204,8 +205,6 @@ def test_batching_config_is_checked() -> None:
 
 @pytest.mark.slow
 def test_compiling_buckets_at_start_covers_serving_shapes_and_changes_no_cache(tiny_params) -> None:
-    from tandem.model.primary import _forward_block_jit
-
     runner = PrimaryRunner(TINY, tiny_params, taps=drafter_config(True).tapped_layers, batch=4, max_len=256)
     runner.forward(np.asarray([[1, 2, 3]]), rows=[1])
     runner.commit(1, 3)
@@ -219,11 +218,11 @@ def test_compiling_buckets_at_start_covers_serving_shapes_and_changes_no_cache(t
     for got, want in zip(cache(), before[0], strict=True):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(runner.lengths, before[1])
-    compiled = _forward_block_jit._cache_size()
+    compiled = compiled_programs()
     # batch 4 (the whole pool, laid out by slot), block 4, context 64
     runner.forward(np.asarray([[4, 5, 6], [7, 8, 9], [1, 1, 1]]), rows=[1, 0, 2])
     runner.forward(np.asarray([[4]]), rows=[1])
-    assert _forward_block_jit._cache_size() == compiled
+    assert compiled_programs() == compiled
 
 
 @pytest.mark.slow
@@ -231,7 +230,6 @@ def test_start_up_compile_covers_batched_prefills_ingests_and_drafting(tiny_para
     """After the primary's and the Tandem drafter's start-up compile, a serving round of two sessions at once (a
     ragged prefill of 9 and 11 tokens, their ingest, drafting on device, a ragged verify) compiles nothing."""
     from primary_svc.server import serving_shapes
-    from tandem.model.primary import _forward_block_jit
 
     cfg = drafter_config(True)
     primary = PrimaryRunner(TINY, tiny_params, taps=cfg.tapped_layers, batch=2, max_len=16)
@@ -245,8 +243,7 @@ def test_start_up_compile_covers_batched_prefills_ingests_and_drafting(tiny_para
         drafter_model.DrafterRunner(
             vanilla, drafter_model.materialize(drafter_model.init_params(vanilla), vanilla)
         ).compile([1], None, 0)
-    jitted = (_forward_block_jit, drafter_model._draft_greedy_jit, drafter_model._ingest_jit)
-    compiled = [f._cache_size() for f in jitted]
+    compiled = compiled_programs()
 
     sizes = [9, 11]
     block = np.zeros((2, 11), np.int32)
@@ -261,4 +258,4 @@ def test_start_up_compile_covers_batched_prefills_ingests_and_drafting(tiny_para
     for b, (t, d) in enumerate(zip(first, drafts, strict=True)):
         verify[b, : 1 + len(d)] = [t, *d]
     primary.forward(verify, rows=[0, 1], sizes=[1 + len(d) for d in drafts])
-    assert [f._cache_size() for f in jitted] == compiled
+    assert compiled_programs() == compiled
