@@ -4,6 +4,8 @@ transformers, `benchmark.peer_hf`; llama.cpp, `benchmark.peer_llamacpp`); each r
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -144,19 +146,32 @@ class GrpcBackend:
         self.client.close()
 
 
-class PeerResultLike(Protocol):
-    """What a peer's generate returns (benchmark.peer_hf.PeerResult, benchmark.peer_llamacpp.LlamaCppResult)."""
+@dataclasses.dataclass(frozen=True)
+class PeerResult:
+    """One generation by a peer (`Peer.generate`), in the shape of our engine's results.
 
-    @property
-    def token_ids(self) -> list[int]: ...
-    @property
-    def ttft_s(self) -> float: ...
-    @property
-    def elapsed_s(self) -> float: ...
-    @property
-    def assistant_calls(self) -> int: ...
-    @property
-    def primary_calls(self) -> int: ...
+    Attributes:
+        token_ids: Generated tokens only (no prompt); a stop token ends the generation and is not included.
+        ttft_s: Seconds from the call to its first generated token.
+        elapsed_s: Seconds of the whole generation.
+        assistant_calls: Passes of a drafter model (0 for plain decoding and for prompt lookup, which runs none).
+        primary_calls: Passes of the primary: the prompt's, then one per token (plain) or per round (speculative).
+        rounds: Passes that carried drafted tokens; None where the peer does not count them (hf).
+        drafted_tokens, accepted_tokens: The drafts, and those greedy decoding confirmed (with rounds).
+        accepted_per_position: [j]: rounds that kept draft j+1 (with rounds).
+        lookup: The drafts came from prompt lookup (llamacpp-lookup).
+    """
+
+    token_ids: list[int]
+    ttft_s: float
+    elapsed_s: float
+    assistant_calls: int = 0
+    primary_calls: int = 0
+    rounds: int | None = None
+    drafted_tokens: int | None = None
+    accepted_tokens: int | None = None
+    accepted_per_position: tuple[int, ...] = ()
+    lookup: bool = False
 
 
 class Peer(Protocol):
@@ -167,15 +182,15 @@ class Peer(Protocol):
 
     def warmup(self) -> None: ...
     def describe(self) -> dict[str, Any]: ...
-    def generate(self, prompt_ids: list[int], max_tokens: int, *, assisted: bool) -> PeerResultLike: ...
+    def generate(self, prompt_ids: list[int], max_tokens: int, *, assisted: bool) -> PeerResult: ...
 
 
 class PeerBackend:
     """A peer's two modes (`benchmark.config.PEERS`): its plain greedy decoding and its speculative one (hf-assisted:
     a drafter model; llamacpp-lookup: prompt lookup). The peer times itself.
 
-    Drafter calls per token are the peer's assistant (drafter model) calls. A peer whose result also carries `rounds`,
-    `drafted_tokens`, `accepted_tokens` and `accepted_per_position` (llama.cpp's prompt lookup) reports them as its
+    Drafter calls per token are the peer's assistant (drafter model) calls. A peer whose result counts `rounds` (with
+    `drafted_tokens`, `accepted_tokens` and `accepted_per_position`: llama.cpp's prompt lookup) reports them as its
     speculation counters, and as prompt-lookup rounds when `lookup` is set on the result.
     """
 
@@ -189,23 +204,34 @@ class PeerBackend:
         assisted = mode == self.speculative
         res = self.peer.generate([int(t) for t in prompt_ids], max_tokens, assisted=assisted)
         ids = tuple(int(t) for t in res.token_ids)
-        rounds: int | None = getattr(res, "rounds", None)
-        lookup = bool(getattr(res, "lookup", False)) and rounds is not None
+        lookup = res.lookup and res.rounds is not None
         return Sample(
             token_ids=ids,
             ttft_s=res.ttft_s if ids else None,
             e2el_s=res.elapsed_s,
             finish_reason="length" if len(ids) >= max_tokens else "stop",
-            rounds=rounds,
-            drafted_tokens=getattr(res, "drafted_tokens", None),
-            accepted_tokens=getattr(res, "accepted_tokens", None),
-            accepted_per_position=tuple(getattr(res, "accepted_per_position", ())),
-            primary_calls=res.primary_calls if rounds is not None else None,
+            rounds=res.rounds,
+            drafted_tokens=res.drafted_tokens,
+            accepted_tokens=res.accepted_tokens,
+            accepted_per_position=tuple(res.accepted_per_position),
+            primary_calls=res.primary_calls if res.rounds is not None else None,
             drafter_calls=res.assistant_calls if assisted else 0,
-            lookup_rounds=rounds if lookup else None,
-            lookup_drafted_tokens=getattr(res, "drafted_tokens", None) if lookup else None,
-            lookup_accepted_tokens=getattr(res, "accepted_tokens", None) if lookup else None,
+            lookup_rounds=res.rounds if lookup else None,
+            lookup_drafted_tokens=res.drafted_tokens if lookup else None,
+            lookup_accepted_tokens=res.accepted_tokens if lookup else None,
         )
+
+
+# Per peer: its module and class, what it needs, and how to get it.
+_PEER_IMPLS: dict[str, tuple[str, str, str, str]] = {
+    "hf": ("benchmark.peer_hf", "HFPeer", "torch and transformers", "pip install '.[peer]'"),
+    "llamacpp": (
+        "benchmark.peer_llamacpp",
+        "LlamaCppPeer",
+        "llama-cpp-python",
+        "build it for this host with docker/build-llamacpp.sh (the llamacpp extra)",
+    ),
+}
 
 
 def load_peer(name: str, bundle_cfg: BundleConfig) -> Peer:
@@ -215,28 +241,15 @@ def load_peer(name: str, bundle_cfg: BundleConfig) -> Peer:
         SystemExit: an unknown peer, or its dependencies are not installed: torch and transformers (hf), a
             llama-cpp-python built by docker/build-llamacpp.sh (llamacpp).
     """
-    if name == "hf":
-        try:
-            from benchmark.peer_hf import HFPeer
-        except ImportError as e:
-            missing = getattr(e, "name", None) or str(e)
-            raise SystemExit(
-                f"tandem bench: --peer hf needs torch and transformers ({missing} is missing): pip install '.[peer]'"
-            ) from None
-        peer: Peer = HFPeer(bundle_cfg)
-        return peer
-    if name == "llamacpp":
-        build = "build it for this host with docker/build-llamacpp.sh (the llamacpp extra)"
-        try:
-            from benchmark.peer_llamacpp import LlamaCppPeer
-        except ImportError as e:
-            missing = getattr(e, "name", None) or str(e)
-            raise SystemExit(
-                f"tandem bench: --peer llamacpp needs llama-cpp-python ({missing} is missing): {build}"
-            ) from None
-        except (OSError, RuntimeError) as e:  # llama_cpp loads its shared library when imported
-            raise SystemExit(
-                f"tandem bench: --peer llamacpp: llama_cpp's library would not load ({e}): {build}"
-            ) from None
-        return LlamaCppPeer(bundle_cfg)
-    raise SystemExit(f"tandem bench: unknown peer {name!r}; expected some of {', '.join(PEERS)}")
+    if name not in _PEER_IMPLS:
+        raise SystemExit(f"tandem bench: unknown peer {name!r}; expected some of {', '.join(PEERS)}")
+    module, cls, needs, get = _PEER_IMPLS[name]
+    try:
+        impl = getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        missing = getattr(e, "name", None) or str(e)
+        raise SystemExit(f"tandem bench: --peer {name} needs {needs} ({missing} is missing): {get}") from None
+    except (OSError, RuntimeError) as e:  # llama_cpp loads its shared library when imported
+        raise SystemExit(f"tandem bench: --peer {name}: its library would not load ({e}): {get}") from None
+    peer: Peer = impl(bundle_cfg)
+    return peer

@@ -44,7 +44,6 @@ or pass `threads=1` when they are shared.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import tempfile
@@ -64,6 +63,7 @@ from safetensors.numpy import load_file
 from transformers.generation.streamers import BaseStreamer
 from transformers.initialization import no_init_weights
 
+from benchmark.backends import PeerResult
 from tandem.config import DrafterConfig, LlamaConfig
 from tandem.decoding.bundle import BundleConfig, drafter_config
 from tandem.formats.checkpoints import check_state_dict, hf_config_dict, load_gguf
@@ -79,28 +79,6 @@ DEFAULT_ASSISTED: dict[str, Any] = {
     "num_assistant_tokens_schedule": "constant",
     "assistant_confidence_threshold": 0.8,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class PeerResult:
-    """One HF generation, in the shape of our engine's results.
-
-    Attributes:
-        token_ids: Generated tokens only (no prompt). A stop token ends the generation and is not included, as in
-            `tandem.decoding.rounds.run_request`.
-        ttft_s: Seconds from calling `generate()` to the first generated token reaching the streamer (plain greedy:
-            the prefill forward; assisted: the first round, i.e. the drafter's prefill + drafts + the primary's
-            verification of them, since HF emits tokens only after verification).
-        elapsed_s: Seconds of the whole `generate()` call.
-        assistant_calls: Forward passes of the assistant (drafter) model; 0 for plain greedy.
-        primary_calls: Forward passes of the primary (plain greedy: one per token; assisted: one per round).
-    """
-
-    token_ids: list[int]
-    ttft_s: float
-    elapsed_s: float
-    assistant_calls: int
-    primary_calls: int = 0
 
 
 def hf_llama_config(cfg: LlamaConfig) -> transformers.LlamaConfig:
@@ -344,7 +322,9 @@ class HFPeer:
                 greedy, up to float rounding between a one-token and a multi-token forward).
 
         Returns:
-            The tokens and timings; see `PeerResult`.
+            The tokens and timings (`benchmark.backends.PeerResult`). ttft_s runs to the first token reaching the
+            streamer: plain greedy, the prefill's forward; assisted, the first round (the drafter's prefill and drafts
+            and the primary's verification of them: HF emits tokens only once verified).
 
         Raises:
             ValueError: Empty prompt, max_tokens < 1, or `assisted` without a drafter.

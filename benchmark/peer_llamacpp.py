@@ -54,7 +54,6 @@ README advice for CPU-only machines (10, its default, for GPUs); not tuned here.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -64,6 +63,7 @@ import gguf
 import llama_cpp
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
+from benchmark.backends import PeerResult
 from tandem.decoding.bundle import BundleConfig
 from tandem.formats.tokenizer import Tokenizer
 
@@ -77,35 +77,6 @@ GREEDY: dict[str, Any] = {"top_k": 1, "top_p": 1.0, "min_p": 0.0, "temp": 0.0, "
 def default_threads() -> int:
     """The cores this process may use: the size of XLA's intra-op pool, which runs our primary's kernels."""
     return len(os.sched_getaffinity(0))
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaCppResult:
-    """One llama.cpp generation, in the shape of our engine's results.
-
-    Attributes:
-        token_ids: Generated tokens only (no prompt); a stop token ends the generation and is not included.
-        ttft_s: Seconds from calling `Llama.generate` to its first token.
-        elapsed_s: Seconds to the last token (the generation's end).
-        assistant_calls: Draft-model calls: always 0 (prompt lookup runs no model).
-        primary_calls: `Llama.eval` calls: the prompt's decode, then one per token (plain) or per round (lookup).
-        rounds: Decodes that carried drafted tokens (0 for plain decoding).
-        drafted_tokens: Tokens drafted by prompt lookup.
-        accepted_tokens: Of them, those greedy decoding confirmed.
-        accepted_per_position: [j]: rounds that kept draft j+1.
-        lookup: The drafts came from prompt lookup (the llamacpp-lookup mode).
-    """
-
-    token_ids: list[int]
-    ttft_s: float
-    elapsed_s: float
-    assistant_calls: int = 0
-    primary_calls: int = 0
-    rounds: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
-    accepted_per_position: tuple[int, ...] = ()
-    lookup: bool = False
 
 
 class _CountingLlama(llama_cpp.Llama):
@@ -152,7 +123,7 @@ class LlamaCppPeer:
         )
         self.n_ctx = self.plain.n_ctx()
 
-    def generate(self, prompt_ids: Sequence[int], max_tokens: int, *, assisted: bool) -> LlamaCppResult:
+    def generate(self, prompt_ids: Sequence[int], max_tokens: int, *, assisted: bool) -> PeerResult:
         """Greedy generation of up to `max_tokens` tokens after `prompt_ids`.
 
         Args:
@@ -161,7 +132,7 @@ class LlamaCppPeer:
             assisted: Draft by prompt lookup (the llamacpp-lookup mode); else plain decoding (llamacpp).
 
         Returns:
-            The tokens, timings and counters; see `LlamaCppResult`.
+            The tokens, timings and counters (`benchmark.backends.PeerResult`).
 
         Raises:
             ValueError: Empty prompt, max_tokens < 1, or prompt + max_tokens beyond the context.
@@ -208,7 +179,7 @@ class LlamaCppPeer:
         finally:
             stream.close()
         elapsed = time.perf_counter() - start
-        return LlamaCppResult(
+        return PeerResult(
             token_ids=tokens,
             ttft_s=(first if first is not None else start + elapsed) - start,
             elapsed_s=elapsed,

@@ -142,15 +142,16 @@ def init_params(dcfg: DrafterConfig, primary: LlamaParams, head_ids: np.ndarray,
     if dcfg.features:
         top = dcfg.feature_layers.index(max(dcfg.feature_layers))  # inputs are fused in feature_layers order
         fuse = jnp.zeros((dcfg.d_model, len(dcfg.tapped_layers), dcfg.d_model), jnp.float32).at[:, top].set(eye)
-    # drawn on its own, so the start is the same whichever layers are fused
-    emb = np.random.default_rng(seed).normal(0.0, 0.02, (dcfg.d_model, dcfg.d_model))
+    emb = None
+    if params.fuse_emb is not None:  # drawn on its own, so the start is the same whichever layers are fused
+        emb = jnp.asarray(np.random.default_rng(seed).normal(0.0, 0.02, (dcfg.d_model, dcfg.d_model)), jnp.float32)
     return dataclasses.replace(
         params,
         layers=tuple(layers),
         final_norm=jnp.asarray(primary.final_norm),
         embed_proj=eye,
         fuse_feat=fuse.reshape(dcfg.d_model, -1) if dcfg.features else None,
-        fuse_emb=None if params.fuse_emb is None else jnp.asarray(emb, jnp.float32),
+        fuse_emb=emb,
         head_ids=jnp.asarray(head_ids, jnp.int32),
     )
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import SPECULATE_ALWAYS, TINY, make_engine
 
 from apps.cli.main import build_parser, main
+from benchmark.backends import PeerResult
 from benchmark.config import BenchConfig
 from benchmark.prompts import BenchPrompt, read_prompts
 from benchmark.report import SCHEMA, build_report, identity_warnings, render_markdown
@@ -468,26 +469,6 @@ def test_run_in_process_and_through_grpc(engine: Engine, stack: Stack) -> None:
     assert stack.settled_sessions() == 0
 
 
-@dataclasses.dataclass(frozen=True)
-class _PeerResult:
-    token_ids: list[int]
-    ttft_s: float
-    elapsed_s: float
-    assistant_calls: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _LookupResult(_PeerResult):
-    """What benchmark.peer_llamacpp.LlamaCppResult adds: the passes and the prompt lookup's counters."""
-
-    primary_calls: int = 0
-    rounds: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
-    accepted_per_position: tuple[int, ...] = ()
-    lookup: bool = False
-
-
 class _FakePeer:
     """Replays the engine's primary outputs (assisted: with one token changed at position `wrong_at`); `calls` records
     (name, assisted, prompt) in the order they came."""
@@ -509,19 +490,19 @@ class _FakePeer:
             ids = [*ids[: self.wrong_at], (ids[self.wrong_at] + 1) % 48, *ids[self.wrong_at + 1 :]]
         return ids
 
-    def generate(self, prompt_ids: list[int], max_tokens: int, *, assisted: bool) -> _PeerResult:
-        return _PeerResult(self._ids(prompt_ids, max_tokens, assisted), 0.01, 0.1, 3 if assisted else 0)
+    def generate(self, prompt_ids: list[int], max_tokens: int, *, assisted: bool) -> PeerResult:
+        return PeerResult(self._ids(prompt_ids, max_tokens, assisted), 0.01, 0.1, 3 if assisted else 0)
 
 
 class _FakeLookupPeer(_FakePeer):
     """As llama.cpp's peer reports: plain, one pass per token; lookup, 2 rounds of 2 drafts, 3 of them kept."""
 
-    def generate(self, prompt_ids: list[int], max_tokens: int, *, assisted: bool) -> _LookupResult:
+    def generate(self, prompt_ids: list[int], max_tokens: int, *, assisted: bool) -> PeerResult:
         ids = self._ids(prompt_ids, max_tokens, assisted)
         if not assisted:
-            return _LookupResult(ids, 0.01, 0.2, 0, primary_calls=len(ids))
+            return PeerResult(ids, 0.01, 0.2, primary_calls=len(ids), rounds=0, drafted_tokens=0, accepted_tokens=0)
         counters = {"rounds": 2, "drafted_tokens": 4, "accepted_tokens": 3, "accepted_per_position": (2, 1)}
-        return _LookupResult(ids, 0.01, 0.05, 0, primary_calls=len(ids) - 3, lookup=True, **counters)
+        return PeerResult(ids, 0.01, 0.05, primary_calls=len(ids) - 3, lookup=True, **counters)
 
 
 def test_peers_run_interleaved_and_are_checked(engine: Engine) -> None:

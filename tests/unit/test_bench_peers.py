@@ -3,14 +3,13 @@ becomes in the report (no model is run)."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import pytest
 
 from apps.cli.common import split_csv
 from apps.cli.main import build_parser, main
-from benchmark.backends import PeerBackend, load_peer
+from benchmark.backends import PeerBackend, PeerResult, load_peer
 from benchmark.config import PEER_MODES, PEERS, BenchConfig, peer_of
 from benchmark.prompts import BenchPrompt
 from benchmark.report import build_report, identity_warnings
@@ -64,28 +63,16 @@ def test_llamacpp_missing_names_the_build_script(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delitem(sys.modules, "benchmark.peer_llamacpp", raising=False)
     with pytest.raises(SystemExit, match=r"llama-cpp-python \(llama_cpp is missing\).*docker/build-llamacpp\.sh"):
         load_peer("llamacpp", BundleConfig())
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.delitem(sys.modules, "benchmark.peer_hf", raising=False)
+    with pytest.raises(SystemExit, match=r"--peer hf needs torch and transformers \(torch is missing\).*\[peer\]"):
+        load_peer("hf", BundleConfig())
     with pytest.raises(SystemExit, match="unknown peer 'vllm'"):
         load_peer("vllm", BundleConfig())
 
 
-@dataclasses.dataclass(frozen=True)
-class _Result:
-    """benchmark.peer_llamacpp.LlamaCppResult's fields."""
-
-    token_ids: list[int]
-    ttft_s: float
-    elapsed_s: float
-    assistant_calls: int = 0
-    primary_calls: int = 0
-    rounds: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
-    accepted_per_position: tuple[int, ...] = ()
-    lookup: bool = False
-
-
 class _Peer:
-    def __init__(self, result: _Result) -> None:
+    def __init__(self, result: PeerResult) -> None:
         self.result, self.asked = result, []
 
     def warmup(self) -> None: ...
@@ -93,14 +80,14 @@ class _Peer:
     def describe(self) -> dict:
         return {}
 
-    def generate(self, prompt_ids: list[int], max_tokens: int, *, assisted: bool) -> _Result:
+    def generate(self, prompt_ids: list[int], max_tokens: int, *, assisted: bool) -> PeerResult:
         self.asked.append(assisted)
         return self.result
 
 
 def test_a_lookup_result_becomes_a_sample_with_lookup_counters() -> None:
-    res = _Result([5, 6, 7], 0.02, 0.3, primary_calls=2, rounds=1, drafted_tokens=2, accepted_tokens=1, lookup=True)
-    res = dataclasses.replace(res, accepted_per_position=(1,))
+    counters = {"rounds": 1, "drafted_tokens": 2, "accepted_tokens": 1, "accepted_per_position": (1,)}
+    res = PeerResult([5, 6, 7], 0.02, 0.3, primary_calls=2, lookup=True, **counters)
     peer = _Peer(res)
     s = PeerBackend(peer, "llamacpp").generate([1, 2], "llamacpp-lookup", 3, SpecConfig())
     assert peer.asked == [True]
@@ -119,7 +106,7 @@ def test_a_lookup_result_becomes_a_sample_with_lookup_counters() -> None:
         lookup_drafted_tokens=2,
         lookup_accepted_tokens=1,
     )
-    plain_peer = _Peer(_Result([5], 0.02, 0.1, primary_calls=1))
+    plain_peer = _Peer(PeerResult([5], 0.02, 0.1, primary_calls=1, rounds=0, drafted_tokens=0, accepted_tokens=0))
     plain = PeerBackend(plain_peer, "llamacpp").generate([1], "llamacpp", 3, SpecConfig())
     assert plain.finish_reason == "stop" and plain.rounds == 0 and plain.lookup_rounds is None
     assert plain.primary_calls == 1 and plain.drafter_calls == 0
