@@ -20,6 +20,7 @@ from tandem.decoding.warmup import (
     compiled_programs,
     enable_compilation_cache,
     memory_maps,
+    warm_prefix,
 )
 from tandem.decoding.workers import PrimaryWorker
 from tandem.errors import WarmupError
@@ -166,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     bundle = BundleConfig(
         gguf_path=cfg.gguf_path, max_len=cfg.max_len, slots=cfg.slots, int8_activations=cfg.int8_activations
     )
-    runner, _ = load_primary(bundle)
+    runner, tokenizer = load_primary(bundle)
     log = logging.getLogger("primary_svc")
     log.info("XLA compilation cache: %s", enable_compilation_cache())
     if cfg.compile_at_start:
@@ -181,7 +182,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         except WarmupError as e:
             raise SystemExit(f"primary_svc: {e}") from None
         log.info("compiled %d shape buckets in %.1f s", n, time.perf_counter() - start)
-    server = build_server(PrimaryWorker(runner, cfg.batching, cfg.prefix_rows), cfg).start()
+    worker = PrimaryWorker(runner, cfg.batching, cfg.prefix_rows)
+    if cfg.compile_at_start:
+        log.info("prefix cache: the chat preamble's %d tokens", warm_prefix(worker, tokenizer))
+    server = build_server(worker, cfg).start()
     logging.getLogger("primary_svc").info(
         "serving %s on %s (metrics :%s, %d slots)", SERVICE_NAME, server.address, server.metrics_port, cfg.slots
     )

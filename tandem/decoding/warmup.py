@@ -16,12 +16,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import jax
 
+from tandem.config import SamplingParams
 from tandem.errors import WarmupError
 from tandem.formats.assets import cache_root
+from tandem.formats.tokenizer import Tokenizer, chat_prompt_ids
+
+if TYPE_CHECKING:
+    from tandem.decoding.workers import PrimaryWorker
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +156,25 @@ def compile_all(
             )
             last_log = now
     return len(shapes)
+
+
+def chat_preamble(tokenizer: Tokenizer) -> list[int]:
+    """The token ids every one-message chat starts with under the tokenizer's template (SmolLM2's: its default system
+    message and the user turn's header); [] without a template."""
+    if tokenizer.chat_template is None:
+        return []
+    a, b = chat_prompt_ids(tokenizer, "a"), chat_prompt_ids(tokenizer, "b")
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return a[:n]
+
+
+def warm_prefix(worker: PrimaryWorker, tokenizer: Tokenizer) -> int:
+    """Prefills the chat preamble once through the worker (a serving start-up step), so its prefix cache holds it and
+    the first chat requests reuse it as later ones would; returns its length (0: no template or no prefix cache)."""
+    ids = chat_preamble(tokenizer)
+    if not ids or worker.prefixes is None:
+        return 0
+    session = "tandem-warmup-preamble"
+    worker.prefill(session, ids, SamplingParams(), want_hidden=False)
+    worker.release(session)
+    return len(ids)

@@ -84,6 +84,27 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_a_warm_stack_serves_its_first_greedy_requests_without_compiling(served: Served) -> None:
+    """The stack started warm (ServeStack's default: --compile-at-start): greedy requests of both lengths of prompt,
+    primary-only and speculative, compile nothing in either model service, and a chat's first request reuses the
+    chat template's preamble, prefilled at start-up."""
+    urls = served.stack.metrics_urls
+    counters = [(urls[s], f"tandem_{s}_compiled_programs") for s in ("primary", "secondary")]
+    before = [_gauge(*c) for c in counters]
+    hits = (urls["primary"], "tandem_primary_prefix_hits")
+    reused = _gauge(*hits)
+    with TandemClient(served.target, timeout_s=120) as client:
+        assert list(client.generate([{"role": "user", "content": PROMPTS[1]}], mode="primary", max_tokens=4))
+    assert _gauge(*hits) == reused + 1
+    assert before[0] > 0 and before[1] > 0
+    assert 0 < _gauge(urls["primary"], "tandem_primary_memory_maps") < 32_765  # half the default vm.max_map_count
+    with TandemClient(served.target, timeout_s=120) as client:
+        for mode in ("primary", "tandem-speed"):
+            for prompt in (PROMPTS[0], PROMPTS[2] * 8):
+                assert list(client.generate(prompt, mode=mode, max_tokens=24))
+    assert [_gauge(*c) for c in counters] == before
+
+
 def test_state_file(served: Served) -> None:
     state = json.loads(served.state_file.read_text())
     assert set(state) == {*SERVICES, "pids", "metrics"}
@@ -163,21 +184,6 @@ def test_cancel_releases_model_service_slots(served: Served) -> None:
         while (_gauge(*primary) or _gauge(*secondary)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _gauge(*primary) == 0 and _gauge(*secondary) == 0
-
-
-def test_a_warm_stack_serves_its_first_greedy_requests_without_compiling(served: Served) -> None:
-    """The stack started warm (ServeStack's default: --compile-at-start): greedy requests of both lengths of prompt,
-    primary-only and speculative, compile nothing in either model service."""
-    urls = served.stack.metrics_urls
-    counters = [(urls[s], f"tandem_{s}_compiled_programs") for s in ("primary", "secondary")]
-    before = [_gauge(*c) for c in counters]
-    assert before[0] > 0 and before[1] > 0
-    assert 0 < _gauge(urls["primary"], "tandem_primary_memory_maps") < 32_765  # half the default vm.max_map_count
-    with TandemClient(served.target, timeout_s=120) as client:
-        for mode in ("primary", "tandem-speed"):
-            for prompt in (PROMPTS[0], PROMPTS[2] * 8):
-                assert list(client.generate(prompt, mode=mode, max_tokens=24))
-    assert [_gauge(*c) for c in counters] == before
 
 
 def test_a_service_that_dies_while_starting_fails_fast(tmp_path: Path) -> None:
