@@ -30,9 +30,8 @@ def main(report_path: str, mode: str = "llamacpp") -> None:
         runner.truncate(1, 0)
         margin = logits[m["expected"]] - logits[m["got"]]
         rank = int((logits > logits[m["got"]]).sum())
-        print(
-            f"prompt {m['prompt']} token {p}: ours {m['expected']} over {mode}'s {m['got']} by {margin:.3f}, rank {rank}"
-        )
+        where = f"prompt {m['prompt']} token {p}"
+        print(f"{where}: ours {m['expected']} over {mode}'s {m['got']} by {margin:.3f} logits, rank {rank}")
 
 
 if __name__ == "__main__":
