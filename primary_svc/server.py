@@ -186,7 +186,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     if cfg.compile_at_start:
         log.info("prefix cache: the chat preamble's %d tokens", warm_prefix(worker, tokenizer))
     server = build_server(worker, cfg).start()
-    logging.getLogger("primary_svc").info(
-        "serving %s on %s (metrics :%s, %d slots)", SERVICE_NAME, server.address, server.metrics_port, cfg.slots
-    )
+    log.info("serving %s on %s (metrics :%s, %d slots)", SERVICE_NAME, server.address, server.metrics_port, cfg.slots)
     server.serve_until_signalled()

@@ -137,7 +137,5 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"secondary_svc: {e}") from None
         log.info("compiled %d shape buckets in %.1f s", n, time.perf_counter() - start)
     server = build_server(workers, cfg).start()
-    logging.getLogger("secondary_svc").info(
-        "serving %s on %s (metrics :%s, drafters %s)", SERVICE_NAME, server.address, server.metrics_port, sources
-    )
+    log.info("serving %s on %s (metrics :%s, drafters %s)", SERVICE_NAME, server.address, server.metrics_port, sources)
     server.serve_until_signalled()
