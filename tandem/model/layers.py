@@ -228,7 +228,6 @@ def decoder_layer(
     eps: float,
     lengths: jax.Array | None = None,
     rows: jax.Array | None = None,
-    write: bool = False,
 ) -> tuple[jax.Array, Any, Any]:
     """One pre-norm Llama block (attention + SwiGLU MLP).
 
@@ -240,17 +239,15 @@ def decoder_layer(
         ctx_mask: segments [B, T, S_j].
         blk_mask: [B, T, T].
         eps: RMSNorm epsilon.
-        lengths: [B] cached positions per row, given to run attention and norms in one fixed order per token
-            (`kernels.attention`, `kernels.rms_norm`; the masks are then implied: each row reads its
-            first lengths[b] context positions and the block causally).
-        rows: with lengths, [B] each row's slot when the context segments are a pool's [R, K, S_j, H], read in place
-            (None: the segments hold the block's rows).
-        write: static; with lengths and rows, the kernel also writes the block's keys and values into the pool's
-            segments (`kernels.attention_write`).
+        lengths: [B] cached positions per row, given to run attention and norms in one fixed order per token in the
+            CPU kernels (`kernels.attention_write`, `kernels.rms_norm`; the masks are then implied: each row reads its
+            first lengths[b] context positions and the block causally), the kernel writing the block's keys and
+            values into the pool's segments.
+        rows: with lengths, [B] each row's slot in the context segments, a pool's [R, K, S_j, H], read in place.
 
     Returns:
         (x_out [D, N], k [B, K, T, H], v [B, K, T, H]): the new residual stream and the block's own keys/values,
-        which the caller may write to a cache; with `write`, (x_out, ctx_k, ctx_v) with the block written instead.
+        which the caller may write to a cache; with lengths, (x_out, ctx_k, ctx_v) with the block written instead.
     """
     batch, t = blk_mask.shape[:2]
     fixed = lengths is not None
@@ -261,11 +258,9 @@ def decoder_layer(
     k_rows, v_rows = jnp.transpose(k, (2, 0, 3, 1)), jnp.transpose(v, (2, 0, 3, 1))  # [B, K, T, H]
     keys: Any = k_rows
     values: Any = v_rows
-    if write:
-        assert lengths is not None and rows is not None, "an in-place write needs each row's length and slot"
+    if lengths is not None:
+        assert rows is not None, "the fixed-order kernel writes the block into each row's slot of the pool"
         attn, keys, values = kernels.attention_write(q, k_rows, v_rows, lengths, rows, ctx_k, ctx_v)
-    elif lengths is not None:
-        attn = kernels.attention(q, k_rows, v_rows, lengths, ctx_k, ctx_v, rows)  # [K, G, H, B, T]
     else:
         attn = two_part_attention(q, ctx_k, ctx_v, ctx_mask, k, v, blk_mask)
     x = x + p.wo @ attn.reshape(k_heads * g * h, n)
@@ -289,7 +284,6 @@ def decoder_stack(
     taps: Sequence[int] = (),
     lengths: jax.Array | None = None,
     rows: jax.Array | None = None,
-    write: bool = False,
 ) -> tuple[jax.Array, jax.Array, Any, Any]:
     """Runs all layers (unrolled).
 
@@ -303,13 +297,13 @@ def decoder_stack(
         rope_theta: RoPE base.
         eps: RMSNorm epsilon.
         taps: 1-indexed layers whose output residual stream is returned.
-        lengths: [B] cached positions per row: attention and norms in one fixed order per token (`decoder_layer`).
+        lengths: [B] cached positions per row: attention and norms in one fixed order per token, each layer's kernel
+            writing the block into its segments (`decoder_layer`).
         rows: with lengths, [B] each row's slot in context segments that are a whole pool's (`decoder_layer`).
-        write: static; with lengths and rows, each layer's kernel writes the block into its segments (`decoder_layer`).
 
     Returns:
         (x_out [D, N] before the final norm, tapped [n_taps, D, N] residual streams after the tapped layers,
-        new_k [L, B, K, T, H], new_v [L, B, K, T, H]); with `write`, the written segments (`KVBuffers`) instead of
+        new_k [L, B, K, T, H], new_v [L, B, K, T, H]); with lengths, the written segments (`KVBuffers`) instead of
         new_k and new_v.
     """
     cos, sin = rope_tables(positions, layers[0].head_dim, rope_theta, lengths is not None)
@@ -317,12 +311,12 @@ def decoder_stack(
     new_k, new_v, hidden = [], [], []
     for i, p in enumerate(layers):
         ctx = _segments(ctx_k[i]), _segments(ctx_v[i])
-        x, k, v = decoder_layer(p, x, cos, sin, *ctx, masks, blk_mask, eps, lengths, rows, write)
+        x, k, v = decoder_layer(p, x, cos, sin, *ctx, masks, blk_mask, eps, lengths, rows)
         new_k.append(k)
         new_v.append(v)
         hidden.append(x)
     tapped = jnp.stack([hidden[t - 1] for t in taps]) if taps else jnp.zeros((0, *x.shape), x.dtype)
-    if write:
+    if lengths is not None:
         return x, tapped, tuple(new_k), tuple(new_v)
     return x, tapped, jnp.stack(new_k), jnp.stack(new_v)
 
@@ -457,7 +451,6 @@ def cached_decoder_stack(
         taps=taps,
         lengths=lengths if fixed_order else None,
         rows=rows if fixed_order else None,
-        write=fixed_order,
     )
     if fixed_order:
         return x, tapped, new_k, new_v
