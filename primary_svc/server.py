@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from tandemrpc.server import (
     add_compile_flag,
     add_process_gauges,
     batching_from_args,
+    pool_flags,
 )
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
@@ -171,17 +171,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     log = logging.getLogger("primary_svc")
     log.info("XLA compilation cache: %s", enable_compilation_cache())
     if cfg.compile_at_start:
-        start = time.perf_counter()
         try:
-            n = compile_all(
+            compile_all(
                 serving_shapes(runner, cfg.batching.max_batch),
                 lambda shape: runner.compile([shape], run_upto=RUN_UPTO_TOKENS),
                 what="primary",
-                smaller=f"--slots ({cfg.slots}), --max-batch ({cfg.batching.max_batch}) or --max-len ({cfg.max_len})",
+                smaller=pool_flags(cfg.slots, cfg.batching.max_batch, cfg.max_len),
             )
         except WarmupError as e:
             raise SystemExit(f"primary_svc: {e}") from None
-        log.info("compiled %d shape buckets in %.1f s", n, time.perf_counter() - start)
     worker = PrimaryWorker(runner, cfg.batching, cfg.prefix_rows)
     if cfg.compile_at_start:
         log.info("prefix cache: the chat preamble's %d tokens", warm_prefix(worker, tokenizer))

@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import logging
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tandemrpc.server import (
     add_compile_flag,
     add_process_gauges,
     batching_from_args,
+    pool_flags,
 )
 from tandemrpc.v1 import tandem_pb2 as pb
 from tandemrpc.v1 import tandem_pb2_grpc as pb_grpc
@@ -123,19 +123,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     log = logging.getLogger("secondary_svc")
     log.info("XLA compilation cache: %s", enable_compilation_cache())
     if cfg.compile_at_start:
-        start = time.perf_counter()
         # a feature-level drafter's shapes compile on first use, like the vanilla drafter's
         plan = [(w, s) for w in workers.values() if w.tandem and not w.runner.cfg.features for s in w.serving_shapes()]
         try:
-            n = compile_all(
+            compile_all(
                 plan,
                 lambda item: item[0].compile_shape(item[1], RUN_UPTO_TOKENS),
                 what="secondary",
-                smaller=f"--slots ({cfg.slots}), --max-batch ({cfg.batching.max_batch}) or --max-len ({cfg.max_len})",
+                smaller=pool_flags(cfg.slots, cfg.batching.max_batch, cfg.max_len),
             )
         except WarmupError as e:
             raise SystemExit(f"secondary_svc: {e}") from None
-        log.info("compiled %d shape buckets in %.1f s", n, time.perf_counter() - start)
     server = build_server(workers, cfg).start()
     log.info("serving %s on %s (metrics :%s, drafters %s)", SERVICE_NAME, server.address, server.metrics_port, sources)
     server.serve_until_signalled()

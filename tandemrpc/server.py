@@ -217,6 +217,11 @@ def add_compile_flag(parser: Any) -> None:
     )
 
 
+def pool_flags(slots: int, max_batch: int, max_len: int) -> str:
+    """The model services' flags that size what `--compile-at-start` compiles, with their values (for its errors)."""
+    return f"--slots ({slots}), --max-batch ({max_batch}) or --max-len ({max_len})"
+
+
 def batching_from_args(parser: Any, args: Any) -> BatchingConfig:
     """A BatchingConfig from the flags of `add_batching_flags` (a parser error for bad values)."""
     if args.max_batch < 1 or args.batch_window_ms < 0:

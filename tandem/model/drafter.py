@@ -806,10 +806,7 @@ class DrafterRunner:
         if kind == "ingest":
             states = np.zeros((b, t, *hidden), np.float32)
             ingest = (self.params, states, pad_rows, pad_lengths, self.cache.k, self.cache.v)
-            if run:
-                self.cache.k, self.cache.v = _ingest_jit(*ingest, cfg=self.cfg)
-            else:
-                _ingest_jit.lower(*ingest, cfg=self.cfg).compile()
+            self.cache.warm(_ingest_jit, *ingest, run=run, cfg=self.cfg)
             return
         for a in self.cache.attend_buckets():
             args = (
@@ -828,10 +825,7 @@ class DrafterRunner:
                 np.zeros(b, np.int32),
             )
             static = dict(cfg=self.cfg, attend_len=a, cap=_DRAFTS_WIDTH, top_k=top_k, fixed_order=self.fixed_order)
-            if run:
-                *_, self.cache.k, self.cache.v = _draft_greedy_jit(*args, **static)
-            else:
-                _draft_greedy_jit.lower(*args, **static).compile()
+            self.cache.warm(_draft_greedy_jit, *args, run=run, **static)
 
     def ingest(
         self, primary_hidden: np.ndarray, rows: Sequence[int] | None = None, sizes: Sequence[int] | None = None

@@ -228,6 +228,15 @@ class KVCache:
         context, so its writes land past the cache's end and no slot changes."""
         return np.zeros(b, np.int32), np.full(b, self.max_len, np.int32)
 
+    def warm(self, fn: Any, *args: Any, run: bool, **static: Any) -> None:
+        """Compiles the jitted `fn` for a call of padding rows (`padding_rows`) ahead of serving. With `run` it also
+        runs it once, so its first request finds jit's dispatch warm too, and keeps the cache `fn` returns as its last
+        two outputs (no slot changed, but the call donated the old buffers)."""
+        if run:
+            *_, self.k, self.v = fn(*args, **static)
+        else:
+            fn.lower(*args, **static).compile()
+
     def advance(self, row: int, n: int) -> None:
         """Keeps n more slots of `row` (the first n tokens of the last block)."""
         self.lengths[row] += n

@@ -358,10 +358,7 @@ class PrimaryRunner:
             rows, lengths = self.cache.padding_rows(b)  # host arrays, as `KVCache.apply` passes them
             args = (self.params, np.zeros((b, t), np.int32), rows, lengths, self.cache.k, self.cache.v)
             static = dict(cfg=self.cfg, taps=self.taps, attend_len=a, whole_pool=pool, fixed_order=self.fixed_order)
-            if b * t <= run_upto:
-                *_, self.cache.k, self.cache.v = _forward_block_jit(*args, **static)
-            else:
-                _forward_block_jit.lower(*args, **static).compile()
+            self.cache.warm(_forward_block_jit, *args, run=b * t <= run_upto, **static)
         return len(shapes)
 
     def commit(self, row: int, n: int) -> None:
