@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-REPO_DIR = Path(__file__).resolve().parents[2]  # benchmark/machine.py -> the repository
+REPO_DIR = Path(__file__).resolve().parents[1]  # benchmark/machine.py -> the repository
 
 
 def _proc_field(path: str, key: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,7 +43,8 @@ from tandem.config import SpecConfig
 from tandem.decoding.engine import Engine
 from tandem.decoding.workers import DrafterWorker, PrimaryWorker
 
-FIXTURE = Path(__file__).parents[1] / "data" / "bench_report.json"
+REPO = Path(__file__).parents[2]
+FIXTURE = REPO / "tests" / "data" / "bench_report.json"
 
 
 # -- metrics on hand-made inputs ---------------------------------------------------------------------------------
@@ -254,7 +256,7 @@ def test_read_prompts(tmp_path: Path) -> None:
 
 
 def test_the_shipped_prompt_set() -> None:
-    rows = read_prompts(Path(__file__).parents[2] / "prompts" / "bench.jsonl")
+    rows = read_prompts(REPO / "prompts" / "bench.jsonl")
     assert len(rows) == 12 and len({p for p, _ in rows}) == 12
     assert sorted(c for _, c in rows) == sorted(["chat", "story", "code", "facts"] * 3)
 
@@ -386,6 +388,9 @@ def _check_run(report: dict, modes: Sequence[str], vias: Sequence[str]) -> None:
     assert spec["drafter_calls_per_token"] == pytest.approx(spec["rounds"] / spec["output_tokens"])
     assert spec["primary_calls_per_token"] == pytest.approx((spec["rounds"] + len(PROMPTS)) / spec["output_tokens"])
     assert {"cpu", "cpu_count", "ram_gib", "python", "jax", "date", "git_commit"} <= set(report["machine"])
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI's clean clone is one): the report names its commit
+        assert report["machine"]["git_commit"] == head.stdout.strip()
     json.dumps(report)
 
 
