@@ -53,9 +53,9 @@ class BundleConfig:
     drafter_layers: int = 4
     drafter_seed: int = 0
     prefix_rows: int = 4  # the primary's prefix cache rows (tandem.model.kvcache.PrefixCache); 0 = off
-    quantize_drafters: bool = (
-        True  # drafters' products as Q8_0 for the int8 kernel, where it runs (tandem.model.drafter.quantize)
-    )
+    # drafters' products as Q8_0 for the int8 kernel, where it runs, with 8-bit inputs when the primary's take them
+    # (tandem.model.drafter.quantize)
+    quantize_drafters: bool = True
     # the primary's Q4_1 layer and Q8_0 head products take 8-bit inputs and integer dot products, where the kernel runs
     # (tandem.model.primary.params_from_state_dict); lossless because the pass runs in the kernels' fixed order
     # (PrimaryRunner.fixed_order), which makes a token's outputs bitwise the same in any block and batch
@@ -167,7 +167,7 @@ def load_drafters(
             params = drafter_model.init_params(dcfg, cfg.drafter_seed + i)
             sources[name] = f"random seed {cfg.drafter_seed + i}"
         if cfg.quantize_drafters and kernels.available():
-            params = drafter_model.quantize(params)
+            params = drafter_model.quantize(params, int8_activations=cfg.int8_activations)
         runners[name] = drafter_model.DrafterRunner(dcfg, params, batch=cfg.slots, max_len=cfg.max_len)
         routers[name] = router
     return runners, routers, sources

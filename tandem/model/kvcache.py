@@ -60,10 +60,11 @@ class KVCache:
     calls copy nothing either.
 
     That kernel reads only each row's own length and writes the block itself (`kernels.attention_write`), so a cache
-    served by it (`attend_all`) passes every segment to every call: one attended length, one compiled program per
-    batch and block bucket instead of one per attended length too. Each program XLA:CPU compiles holds hundreds of
-    memory maps, and a process may hold only `vm.max_map_count` of them (docs/deployment.md, "Warm start").
-    """
+    served by it (`attend_all`) passes the whole cache to every call: one attended length, one compiled program per
+    batch and block bucket instead of one per attended length too, and only two segments per layer (the first, which
+    the prefix cache copies, and the rest), so a call passes and returns fewer buffers. Each program XLA:CPU compiles
+    holds hundreds of memory maps, and a process may hold only `vm.max_map_count` of them (docs/deployment.md, "Warm
+    start")."""
 
     def __init__(
         self,
@@ -77,7 +78,10 @@ class KVCache:
     ) -> None:
         """attend_all: every call attends the whole cache (the fixed-order kernel's calls; see the class docstring)."""
         self.batch, self.max_len, self.attend_all = batch, max_len, False
-        ends = self.attend_buckets()  # the segments: every bucket's end
+        # the segments: every attended length's end, or with attend_all the first one's and the cache's
+        ends = self.attend_buckets()
+        if attend_all:
+            ends = sorted({ends[0], max_len})
         sizes = np.diff([0, *ends])
 
         def buffers() -> tuple[tuple[jax.Array, ...], ...]:

@@ -196,6 +196,29 @@ def test_quantized_drafter_runs_its_q8_weights() -> None:
     assert not isinstance(drafter_model.quantize(tiny).layers[0].wqkv, kernels.QLinear)  # d = 16: the kernel takes 32
 
 
+@pytest.mark.skipif(not kernels.available(), reason="the int8 kernel cannot run on this machine")
+def test_int8_activation_drafter_is_batch_invariant() -> None:
+    """With the primary's 8-bit activations (`quantize(int8_activations=True)`) every product of a round takes the
+    dot form, whose 8-bit inputs are quantized per column: a row's logits and drafts are bitwise the same alone or
+    beside another row, and stay near the float-input form's."""
+    cfg = drafter_config(True, d_model=32, n_heads=4, n_kv_heads=2, ffn_dim=64, head_vocab=24)
+    params = drafter_model.materialize(drafter_model.init_params(cfg, seed=6), cfg)
+    dot = drafter_model.quantize(params, int8_activations=True)
+    products = [w for p in dot.layers for w in (p.wqkv, p.wo, p.w_gate_up, p.w_down)]
+    assert all(w.panels.dot for w in [*products, *dot.proj, dot.head])
+    tokens, hidden = _inputs(cfg)
+    pair = drafter_model.DrafterRunner(cfg, dot, batch=2, max_len=64)
+    pair.ingest(hidden[:, :6])
+    both = pair.step(tokens[:, :3])
+    for row in (0, 1):
+        alone = drafter_model.DrafterRunner(cfg, dot, batch=2, max_len=64)
+        alone.ingest(hidden[row : row + 1, :6], rows=[row])
+        np.testing.assert_array_equal(alone.step(tokens[row : row + 1, :3], rows=[row])[0], both[row])
+    float_inputs = drafter_model.DrafterRunner(cfg, drafter_model.quantize(params), batch=2, max_len=64)
+    float_inputs.ingest(hidden[:, :6])
+    np.testing.assert_allclose(both, float_inputs.step(tokens[:, :3]), atol=0.1)
+
+
 def test_tandem_reads_primary_states_and_vanilla_does_not() -> None:
     tcfg, vcfg = drafter_config(True), drafter_config(False)
     tokens, hidden = _inputs(tcfg)

@@ -3,12 +3,14 @@ after a safetensors round trip."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY, tiny_state
 from reference_numpy import reference_forward
 
 from tandem.formats.checkpoints import load_hf_safetensors, save_hf_safetensors
+from tandem.model.kvcache import KVCache
 from tandem.model.primary import PrimaryRunner, params_from_state_dict
 
 TAPS = (1, 3, 4)
@@ -101,3 +103,14 @@ def test_importing_tandem_turns_on_in_place_cache_updates() -> None:
     import tandem
 
     assert tandem._XLA_FLAG in os.environ["XLA_FLAGS"].split()
+
+
+def test_a_cache_every_call_reads_whole_keeps_only_the_prefix_segment_apart() -> None:
+    """Segments exist for calls that read part of the cache; under the fixed-order kernel (attend_all) every call
+    reads it whole, so each layer holds the prefix cache's first segment and one for the rest (fewer buffers a call
+    passes and returns)."""
+    segmented = KVCache(2, 1, 512, 1, 8, jnp.float32)
+    whole = KVCache(2, 1, 512, 1, 8, jnp.float32, attend_all=True)
+    assert [b.shape[2] for b in segmented.k[0]] == [64, 64, 128, 256]
+    assert [b.shape[2] for b in whole.k[0]] == [64, 448] and [b.shape[2] for b in whole.v[1]] == [64, 448]
+    assert whole.attend_buckets() == [512] and whole.attend_len(np.array([0])) == 512

@@ -211,9 +211,10 @@ def to_panels(q: np.ndarray, scale: np.ndarray, offset: np.ndarray, dot: bool = 
     )
 
 
-def qlinear(q: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> QLinear:
-    """A QLinear from row-blocked integers: the float32 weight (`dequantize`) and its panels (`to_panels`)."""
-    return QLinear(w=jnp.asarray(dequantize(q, scale, offset)), panels=to_panels(q, scale, offset))
+def qlinear(q: np.ndarray, scale: np.ndarray, offset: np.ndarray, dot: bool = False) -> QLinear:
+    """A QLinear from row-blocked integers: the float32 weight (`dequantize`) and its panels (`to_panels`, in the dot
+    form where `dot` and the blocks allow it)."""
+    return QLinear(w=jnp.asarray(dequantize(q, scale, offset)), panels=to_panels(q, scale, offset, dot=dot))
 
 
 def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
