@@ -60,7 +60,8 @@ def machine_info() -> dict[str, Any]:
         affinity: int | None = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = None
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # dirty: tracked code or docs changed; results/ is left out, since rerunning a documented command rewrites its file
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return {
         "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
